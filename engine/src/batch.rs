@@ -1,0 +1,665 @@
+//! Batches: checked handles onto reusable slots. Per task, an atomic count of slices
+//! still out and an atomic state; completions from transports update them without
+//! blocking, and a poll only reads them. A slot's generation changes when its batch is
+//! released, so a late completion for a released batch (or a stale [`BatchId`]) touches
+//! nothing.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use ferry_transport_api::{
+    CompletionToken, Completions, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::engine::Inner;
+use crate::segment::{Route, SegmentInner};
+use crate::{Buffer, Error, RemoteBuffer, Result};
+
+const PENDING: u8 = 0;
+const DONE: u8 = 1;
+const FAILED: u8 = 2;
+const TIMED_OUT: u8 = 3;
+
+/// Where one task stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Slices are still out.
+    Pending,
+    /// Every byte arrived (for a WRITE: acknowledged by the target).
+    Completed,
+    /// The task ended without completing.
+    Failed(FailReason),
+    /// The batch's deadline passed first.
+    TimedOut,
+}
+
+/// Counts of a batch's tasks by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Tasks in the batch.
+    pub total: usize,
+    /// Completed tasks.
+    pub completed: usize,
+    /// Failed tasks.
+    pub failed: usize,
+    /// Tasks whose deadline passed.
+    pub timed_out: usize,
+    /// Tasks still under way.
+    pub pending: usize,
+}
+
+impl Progress {
+    /// Whether every task has ended, one way or another.
+    pub fn is_done(&self) -> bool {
+        self.pending == 0
+    }
+}
+
+/// A batch's identity: slot and generation. Plain data, safe to keep; asking about a
+/// released batch is an [`Error::StaleBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    slot: u32,
+    generation: u32,
+}
+
+pub(crate) struct TaskSpec {
+    op: Opcode,
+    local: Arc<RegionMemory>,
+    local_offset: usize,
+    segment: Arc<SegmentInner>,
+    remote_addr: u64,
+    remote_key: u64,
+    len: usize,
+}
+
+#[derive(Default)]
+struct Task {
+    remaining: AtomicU32,
+    state: AtomicU8,
+    reason: AtomicU16,
+}
+
+fn encode_reason(r: FailReason) -> u16 {
+    match r {
+        FailReason::Remote(s) => 0x100 | s as u16,
+        FailReason::ConnectionLost => 1,
+        FailReason::TimedOut => 2,
+        FailReason::Shutdown => 3,
+        FailReason::Unsupported => 4,
+        _ => 1,
+    }
+}
+
+fn decode_reason(code: u16) -> FailReason {
+    match code {
+        c if c & 0x100 != 0 => FailReason::Remote(RemoteStatus::from_u8(c as u8)),
+        2 => FailReason::TimedOut,
+        3 => FailReason::Shutdown,
+        4 => FailReason::Unsupported,
+        _ => FailReason::ConnectionLost,
+    }
+}
+
+struct SlotData {
+    generation: u32,
+    specs: Vec<TaskSpec>,
+    tasks: Vec<Task>,
+    deadline: Instant,
+    /// Tasks not yet ended.
+    open: AtomicU32,
+    has_waiter: AtomicBool,
+    waiter: Mutex<Option<Thread>>,
+}
+
+impl SlotData {
+    fn ntasks(&self) -> usize {
+        self.specs.len()
+    }
+
+    fn end_task(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 && self.has_waiter.load(Ordering::Acquire)
+        {
+            if let Some(t) = self.waiter.lock().as_ref() {
+                t.unpark();
+            }
+        }
+    }
+
+    fn apply(&self, task: usize, result: Result<usize, FailReason>) {
+        let Some(t) = self.tasks.get(task).filter(|_| task < self.ntasks()) else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                if t.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+                    && t.state
+                        .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    self.end_task();
+                }
+            }
+            Err(reason) => {
+                t.remaining.fetch_sub(1, Ordering::AcqRel);
+                let to = if reason == FailReason::TimedOut {
+                    TIMED_OUT
+                } else {
+                    FAILED
+                };
+                t.reason.store(encode_reason(reason), Ordering::Release);
+                if t.state
+                    .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    if reason.suggests_stale_descriptor() {
+                        self.specs[task].segment.mark_stale();
+                    }
+                    self.end_task();
+                }
+            }
+        }
+    }
+
+    fn status(&self, task: usize, now: Instant) -> TaskStatus {
+        let t = &self.tasks[task];
+        let mut state = t.state.load(Ordering::Acquire);
+        if state == PENDING && now >= self.deadline {
+            if t.state
+                .compare_exchange(PENDING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                t.reason
+                    .store(encode_reason(FailReason::TimedOut), Ordering::Release);
+                self.end_task();
+            }
+            state = t.state.load(Ordering::Acquire);
+        }
+        match state {
+            PENDING => TaskStatus::Pending,
+            DONE => TaskStatus::Completed,
+            TIMED_OUT => TaskStatus::TimedOut,
+            _ => TaskStatus::Failed(decode_reason(t.reason.load(Ordering::Acquire))),
+        }
+    }
+
+    fn progress(&self) -> Progress {
+        let now = Instant::now();
+        let mut p = Progress {
+            total: self.ntasks(),
+            ..Progress::default()
+        };
+        for i in 0..self.ntasks() {
+            match self.status(i, now) {
+                TaskStatus::Pending => p.pending += 1,
+                TaskStatus::Completed => p.completed += 1,
+                TaskStatus::Failed(_) => p.failed += 1,
+                TaskStatus::TimedOut => p.timed_out += 1,
+            }
+        }
+        p
+    }
+}
+
+pub(crate) struct Slot {
+    data: RwLock<SlotData>,
+}
+
+/// Every batch slot of an engine; the engine's [`Completions`].
+pub(crate) struct BatchTable {
+    slots: RwLock<Vec<Arc<Slot>>>,
+    free: Mutex<Vec<u32>>,
+}
+
+impl BatchTable {
+    pub(crate) fn new() -> Self {
+        BatchTable {
+            slots: RwLock::new(Vec::new()),
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn acquire(&self) -> (u32, Arc<Slot>, u32) {
+        if let Some(index) = self.free.lock().pop() {
+            let slot = self.slots.read()[index as usize].clone();
+            let generation = slot.data.read().generation;
+            return (index, slot, generation);
+        }
+        let slot = Arc::new(Slot {
+            data: RwLock::new(SlotData {
+                generation: 0,
+                specs: Vec::new(),
+                tasks: Vec::new(),
+                deadline: Instant::now(),
+                open: AtomicU32::new(0),
+                has_waiter: AtomicBool::new(false),
+                waiter: Mutex::new(None),
+            }),
+        });
+        let mut slots = self.slots.write();
+        slots.push(slot.clone());
+        ((slots.len() - 1) as u32, slot, 0)
+    }
+
+    fn release(&self, index: u32, slot: &Slot) {
+        {
+            let mut d = slot.data.write();
+            d.generation = d.generation.wrapping_add(1);
+            d.specs.clear();
+            d.has_waiter.store(false, Ordering::Relaxed);
+            *d.waiter.lock() = None;
+        }
+        self.free.lock().push(index);
+    }
+
+    fn slot(&self, id: BatchId) -> Option<Arc<Slot>> {
+        let slot = self.slots.read().get(id.slot as usize)?.clone();
+        let live = slot.data.read().generation == id.generation;
+        live.then_some(slot)
+    }
+}
+
+impl Completions for BatchTable {
+    fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>) {
+        let slots = self.slots.read_recursive();
+        let Some(slot) = slots.get(token.slot as usize) else {
+            return;
+        };
+        let d = slot.data.read_recursive();
+        if d.generation == token.generation {
+            d.apply(token.task as usize, result);
+        }
+    }
+}
+
+/// Collects requests for one batch; [`submit`](Self::submit) posts them all.
+///
+/// Requests are checked as they are added (bounds on both sides, the peer's access
+/// rights), so a batch that submits only carries requests that can succeed.
+pub struct BatchBuilder<'e> {
+    engine: &'e Arc<Inner>,
+    index: u32,
+    slot: Option<Arc<Slot>>,
+    generation: u32,
+    timeout: Duration,
+}
+
+impl<'e> BatchBuilder<'e> {
+    pub(crate) fn new(engine: &'e Arc<Inner>) -> Self {
+        let (index, slot, generation) = engine.batches.acquire();
+        BatchBuilder {
+            engine,
+            index,
+            slot: Some(slot),
+            generation,
+            timeout: engine.timeout,
+        }
+    }
+
+    /// Sets the batch's deadline, counted from `submit` (default: the engine's).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Adds a WRITE of `len` bytes from `local` at `local_offset` to `remote` at
+    /// `remote_offset`.
+    pub fn write(
+        &mut self,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        self.add(
+            Opcode::Write,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        )
+    }
+
+    /// Adds a READ of `len` bytes from `remote` at `remote_offset` into `local` at
+    /// `local_offset`.
+    pub fn read(
+        &mut self,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        self.add(
+            Opcode::Read,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        )
+    }
+
+    /// Number of requests added so far.
+    pub fn len(&self) -> usize {
+        self.slot.as_ref().map_or(0, |s| s.data.read().specs.len())
+    }
+
+    /// Whether no request was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(
+        &mut self,
+        op: Opcode,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        if !Arc::ptr_eq(&local.inner.engine, self.engine) {
+            return Err(Error::InvalidRequest(
+                "the local buffer belongs to another engine".into(),
+            ));
+        }
+        if !local.memory().contains(local_offset, len) {
+            return Err(Error::InvalidRequest(format!(
+                "local range {local_offset}+{len} runs past the local buffer's {} bytes",
+                local.len()
+            )));
+        }
+        let desc = remote.descriptor();
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > desc.len)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "remote range {remote_offset}+{len} runs past the remote buffer's {} bytes",
+                desc.len
+            )));
+        }
+        let allowed = match op {
+            Opcode::Read => desc.access.remote_read(),
+            Opcode::Write => desc.access.remote_write(),
+        };
+        if !allowed {
+            return Err(Error::InvalidRequest(format!(
+                "the remote buffer does not allow peers to {op} it ({:?})",
+                desc.access
+            )));
+        }
+        let segment = remote.segment.inner.clone();
+        let protocol = match &segment.route {
+            Route::Local => ferry_transport_api::Protocol::Tcp,
+            Route::Remote { protocol, .. } => *protocol,
+        };
+        if !local.location().is_host() {
+            return Err(Error::InvalidRequest(format!(
+                "{} memory cannot travel over {protocol} in this build",
+                local.location()
+            )));
+        }
+        let remote_key = desc.key(protocol).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "the remote buffer has no {protocol} key in its descriptor"
+            ))
+        })?;
+        let slot = self.slot.as_ref().ok_or(Error::StaleBatch)?;
+        slot.data.write().specs.push(TaskSpec {
+            op,
+            local: local.memory().clone(),
+            local_offset,
+            segment,
+            remote_addr: desc.addr + remote_offset,
+            remote_key,
+            len,
+        });
+        Ok(self)
+    }
+
+    /// Posts every request and returns the batch's handle. The deadline starts now.
+    pub fn submit(mut self) -> Result<Batch> {
+        let slot = self.slot.take().ok_or(Error::StaleBatch)?;
+        let engine = self.engine.clone();
+        if engine.is_shut_down() {
+            engine.batches.release(self.index, &slot);
+            return Err(Error::Shutdown);
+        }
+        let now = Instant::now();
+        let deadline = now + self.timeout;
+        {
+            let mut d = slot.data.write();
+            let n = d.specs.len();
+            if d.tasks.len() < n {
+                d.tasks.resize_with(n, Task::default);
+            }
+            d.deadline = deadline;
+            let d = &*d;
+            let mut open = 0;
+            for (spec, t) in d.specs.iter().zip(&d.tasks) {
+                let slices = spec.len.div_ceil(engine.max_slice(spec));
+                t.reason.store(0, Ordering::Relaxed);
+                t.remaining.store(slices as u32, Ordering::Relaxed);
+                if slices == 0 {
+                    t.state.store(DONE, Ordering::Relaxed);
+                } else {
+                    t.state.store(PENDING, Ordering::Relaxed);
+                    open += 1;
+                }
+            }
+            d.open.store(open, Ordering::Release);
+        }
+        let d = slot.data.read();
+        for (task, spec) in d.specs.iter().enumerate() {
+            if spec.len == 0 {
+                continue;
+            }
+            let token = CompletionToken {
+                slot: self.index,
+                generation: self.generation,
+                task: task as u32,
+            };
+            match &spec.segment.route {
+                Route::Local => {
+                    let r = engine.local_copy(
+                        spec.op,
+                        &spec.local,
+                        spec.local_offset,
+                        spec.remote_addr,
+                        spec.remote_key,
+                        spec.len,
+                    );
+                    let remaining = d.tasks[task].remaining.load(Ordering::Relaxed) as usize;
+                    // One completion per slice keeps the accounting uniform.
+                    for _ in 0..remaining {
+                        d.apply(task, r.map(|()| spec.len));
+                    }
+                }
+                Route::Remote { conn, .. } => {
+                    let step = engine.max_slice(spec);
+                    let mut off = 0;
+                    while off < spec.len {
+                        let len = step.min(spec.len - off);
+                        let slice = Slice {
+                            op: spec.op,
+                            local: spec.local.clone(),
+                            local_offset: spec.local_offset + off,
+                            remote_addr: spec.remote_addr + off as u64,
+                            remote_key: spec.remote_key,
+                            len,
+                            token,
+                            deadline,
+                        };
+                        if let Err(reason) = conn.post(slice) {
+                            d.apply(task, Err(reason));
+                        }
+                        off += len;
+                    }
+                }
+            }
+        }
+        drop(d);
+        tracing::trace!(batch = self.index, "submitted");
+        Ok(Batch {
+            engine,
+            index: self.index,
+            slot,
+            generation: self.generation,
+        })
+    }
+}
+
+impl Drop for BatchBuilder<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.engine.batches.release(self.index, &slot);
+        }
+    }
+}
+
+/// A submitted batch. Dropping it releases its slot at once (transfers still in flight
+/// finish in the background and are ignored).
+pub struct Batch {
+    engine: Arc<Inner>,
+    index: u32,
+    slot: Arc<Slot>,
+    generation: u32,
+}
+
+impl Batch {
+    /// The batch's id, for [`crate::Engine::batch_progress`].
+    pub fn id(&self) -> BatchId {
+        BatchId {
+            slot: self.index,
+            generation: self.generation,
+        }
+    }
+
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.slot.data.read().ntasks()
+    }
+
+    /// Whether the batch has no task.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts tasks by state, without waiting.
+    pub fn poll(&self) -> Progress {
+        self.slot.data.read().progress()
+    }
+
+    /// The status of task `index` (in the order requests were added).
+    pub fn task(&self, index: usize) -> Option<TaskStatus> {
+        let d = self.slot.data.read();
+        (index < d.ntasks()).then(|| d.status(index, Instant::now()))
+    }
+
+    /// The status of every task, in order.
+    pub fn statuses(&self) -> Vec<TaskStatus> {
+        let d = self.slot.data.read();
+        let now = Instant::now();
+        (0..d.ntasks()).map(|i| d.status(i, now)).collect()
+    }
+
+    /// Waits until every task has ended or `timeout` passes. `Ok` when every task
+    /// completed; [`Error::TasksFailed`] when some failed or timed out;
+    /// [`Error::WaitTimedOut`] when tasks are still pending after `timeout` (the batch
+    /// goes on; wait again or drop it).
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let end = start + timeout;
+        let spin_until = start + self.engine.busy_poll;
+        let d = self.slot.data.read();
+        let mut registered = false;
+        loop {
+            if d.open.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= d.deadline {
+                // Marks overdue tasks timed out.
+                d.progress();
+                continue;
+            }
+            if now >= end {
+                return Err(Error::WaitTimedOut {
+                    pending: d.open.load(Ordering::Acquire) as usize,
+                });
+            }
+            if now < spin_until {
+                std::thread::yield_now();
+                continue;
+            }
+            if !registered {
+                *d.waiter.lock() = Some(std::thread::current());
+                d.has_waiter.store(true, Ordering::Release);
+                registered = true;
+                continue; // re-check `open` before parking
+            }
+            std::thread::park_timeout(end.min(d.deadline) - now);
+        }
+        self.outcome(&d)
+    }
+
+    fn outcome(&self, d: &SlotData) -> Result<()> {
+        let now = Instant::now();
+        let mut first = None;
+        let (mut failed, mut timed_out) = (0, 0);
+        for i in 0..d.ntasks() {
+            match d.status(i, now) {
+                TaskStatus::Failed(r) => {
+                    failed += 1;
+                    first.get_or_insert((i, r));
+                }
+                TaskStatus::TimedOut => {
+                    timed_out += 1;
+                    first.get_or_insert((i, FailReason::TimedOut));
+                }
+                _ => {}
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some((first_task, first_reason)) => Err(Error::TasksFailed {
+                total: d.ntasks(),
+                failed,
+                timed_out,
+                first_task,
+                first_reason,
+            }),
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.engine.batches.release(self.index, &self.slot);
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("id", &self.id())
+            .field("progress", &self.poll())
+            .finish()
+    }
+}
+
+pub(crate) fn progress_of(table: &BatchTable, id: BatchId) -> Result<Progress> {
+    let slot = table.slot(id).ok_or(Error::StaleBatch)?;
+    let d = slot.data.read();
+    if d.generation != id.generation {
+        return Err(Error::StaleBatch);
+    }
+    Ok(d.progress())
+}

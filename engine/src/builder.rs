@@ -1,0 +1,264 @@
+//! The engine builder: a typestate that only reaches `build()` with a TCP transport, so a
+//! fabric engine always carries its fallback (contract 1), and the run-time path
+//! ([`Engine::from_config`]) that goes through the same builder.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_transport_api::{Protocol, Transport};
+use ferry_transport_tcp::{TcpConfig, TcpTransport};
+use serde::{Deserialize, Serialize};
+
+use crate::{backends, Engine, Error, Result};
+
+/// Builder state: no transport yet.
+#[derive(Debug)]
+pub struct NeedsTransport;
+/// Builder state: a fabric transport without its TCP fallback.
+#[derive(Debug)]
+pub struct NeedsFallback;
+/// Builder state: ready to build.
+#[derive(Debug)]
+pub struct Ready;
+
+/// Builder states from which an engine can be built (only [`Ready`]).
+#[diagnostic::on_unimplemented(
+    message = "an engine in state `{Self}` cannot be built: it has no TCP transport",
+    label = "`build()` needs the builder in state `Ready`",
+    note = "add `.transport(Tcp::new(TcpConfig::default()))`, or for a fabric engine its fallback: `.fallback(Tcp::new(TcpConfig::default()))`"
+)]
+pub trait Buildable: sealed::Sealed {}
+impl Buildable for Ready {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Ready {}
+    impl Sealed for super::NeedsTransport {}
+    impl Sealed for super::NeedsFallback {}
+}
+
+/// A transport to add to an engine, and the builder state it leads to from state `S`.
+pub trait AddTransport<S>: sealed_add::Sealed {
+    /// The state after adding this transport.
+    type Next;
+    #[doc(hidden)]
+    fn add(self, parts: &mut Parts);
+}
+
+mod sealed_add {
+    pub trait Sealed {}
+    impl Sealed for super::Tcp {}
+}
+
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Parts {
+    tcp: Option<TcpConfig>,
+    fabrics: Vec<Arc<dyn Transport>>,
+}
+
+/// The TCP transport, as added to a builder.
+#[derive(Clone, Debug, Default)]
+pub struct Tcp {
+    config: TcpConfig,
+}
+
+impl Tcp {
+    /// TCP with `config`.
+    pub fn new(config: TcpConfig) -> Self {
+        Tcp { config }
+    }
+}
+
+impl<S> AddTransport<S> for Tcp {
+    type Next = Ready;
+    fn add(self, parts: &mut Parts) {
+        parts.tcp = Some(self.config);
+    }
+}
+
+/// How peers find each other's descriptors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Metadata {
+    /// Fetched from the peer's own port; segment names are `host:port`.
+    #[default]
+    P2p,
+}
+
+impl Metadata {
+    /// Parses `p2p`; `etcd://...` and `redis://...` name the feature they need.
+    pub fn parse(text: &str) -> Result<Metadata> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("p2p") || t.is_empty() {
+            return Ok(Metadata::P2p);
+        }
+        let scheme = t.split("://").next().unwrap_or(t).to_ascii_lowercase();
+        match scheme.as_str() {
+            "etcd" | "redis" => Err(Error::FeatureNotCompiled {
+                what: format!("metadata backend `{scheme}`"),
+                feature: if scheme == "etcd" { "etcd" } else { "redis" },
+            }),
+            _ => Err(Error::Config(format!(
+                "unknown metadata backend `{t}` (expected p2p, etcd://HOST:PORT or redis://HOST:PORT)"
+            ))),
+        }
+    }
+}
+
+/// Builds an [`Engine`]. States: [`NeedsTransport`] → ([`NeedsFallback`] →) [`Ready`].
+#[must_use = "an engine builder does nothing until `build()`"]
+pub struct EngineBuilder<S> {
+    parts: Parts,
+    listen: String,
+    metadata: Metadata,
+    timeout: Duration,
+    _state: PhantomData<S>,
+}
+
+impl EngineBuilder<NeedsTransport> {
+    pub(crate) fn new() -> Self {
+        EngineBuilder {
+            parts: Parts::default(),
+            listen: "127.0.0.1:0".into(),
+            metadata: Metadata::P2p,
+            timeout: Duration::from_secs(30),
+            _state: PhantomData,
+        }
+    }
+}
+
+impl<S> EngineBuilder<S> {
+    fn into_state<T>(self) -> EngineBuilder<T> {
+        EngineBuilder {
+            parts: self.parts,
+            listen: self.listen,
+            metadata: self.metadata,
+            timeout: self.timeout,
+            _state: PhantomData,
+        }
+    }
+
+    /// Adds a transport. TCP leads to [`Ready`]; a fabric transport to
+    /// [`NeedsFallback`] until TCP is added.
+    pub fn transport<T: AddTransport<S>>(mut self, transport: T) -> EngineBuilder<T::Next> {
+        transport.add(&mut self.parts);
+        self.into_state()
+    }
+
+    /// The address of the engine's one port (handshake and TCP data), default
+    /// `127.0.0.1:0` (any free port).
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = addr.into();
+        self
+    }
+
+    /// How descriptors are found (default peer-to-peer).
+    pub fn metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Default deadline of a batch, counted from its submission (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Starts the transports and the engine's port.
+    pub fn build(self) -> Result<Engine>
+    where
+        S: Buildable,
+    {
+        let Metadata::P2p = self.metadata;
+        let tcp = self.parts.tcp.ok_or_else(|| {
+            Error::Config("no TCP transport (the builder's state says otherwise)".into())
+        })?;
+        Engine::start(
+            TcpTransport::new(tcp),
+            self.parts.fabrics,
+            &self.listen,
+            self.timeout,
+        )
+    }
+}
+
+impl EngineBuilder<NeedsFallback> {
+    /// Adds the TCP transport a fabric engine falls back to and talks to TCP-only peers
+    /// with.
+    pub fn fallback(mut self, tcp: Tcp) -> EngineBuilder<Ready> {
+        self.parts.tcp = Some(tcp.config);
+        self.into_state()
+    }
+}
+
+/// Engine settings read at run time (from a file, the environment, a command line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// `tcp`, `efa` or `rdma`; honoured exactly. A fabric protocol brings TCP as its
+    /// fallback.
+    pub protocol: String,
+    /// The engine's one port.
+    pub listen: String,
+    /// `p2p` (default).
+    pub metadata: String,
+    /// TCP lanes per peer.
+    pub lanes: usize,
+    /// Largest slice, in bytes.
+    pub max_slice: usize,
+    /// Default batch deadline, in milliseconds.
+    pub timeout_ms: u64,
+    /// Spin before sleeping, in microseconds.
+    pub busy_poll_us: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let tcp = TcpConfig::default();
+        EngineConfig {
+            protocol: "tcp".into(),
+            listen: "127.0.0.1:0".into(),
+            metadata: "p2p".into(),
+            lanes: tcp.lanes,
+            max_slice: tcp.max_slice,
+            timeout_ms: 30_000,
+            busy_poll_us: tcp.busy_poll.as_micros() as u64,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The TCP settings this configuration describes.
+    pub fn tcp_config(&self) -> TcpConfig {
+        TcpConfig {
+            lanes: self.lanes.max(1),
+            max_slice: self.max_slice,
+            busy_poll: Duration::from_micros(self.busy_poll_us),
+            ..TcpConfig::default()
+        }
+    }
+}
+
+impl Engine {
+    /// Builds an engine from run-time configuration, through the same builder. The
+    /// protocol is honoured exactly: `tcp` never touches a fabric library, and a protocol
+    /// this build lacks is an error naming the Cargo feature to enable.
+    pub fn from_config(config: &EngineConfig) -> Result<Engine> {
+        let protocol = Protocol::parse(&config.protocol)?;
+        backends::require_protocol(protocol)?;
+        let metadata = Metadata::parse(&config.metadata)?;
+        let builder = Engine::builder()
+            .listen(config.listen.clone())
+            .metadata(metadata)
+            .timeout(Duration::from_millis(config.timeout_ms));
+        match protocol {
+            Protocol::Tcp => builder.transport(Tcp::new(config.tcp_config())).build(),
+            other => Err(Error::FeatureNotCompiled {
+                what: format!("protocol `{other}`"),
+                feature: other.feature(),
+            }),
+        }
+    }
+}

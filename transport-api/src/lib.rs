@@ -1,0 +1,40 @@
+//! The vocabulary every ferry transport speaks, and the [`Transport`] trait.
+//!
+//! This crate sits at the bottom of ferry's layers: `transport-tcp` (and the fabric
+//! transports) implement [`Transport`]; `ferry-engine` owns the registered memory, routes
+//! requests to transports and turns per-slice completions into per-task status.
+//!
+//! It does no I/O, starts no threads and calls no C library. Its one `unsafe` item is
+//! [`RegionMemory::from_raw`], the point where a pointer becomes registered memory; only
+//! the engine's registration edge calls it, so transports can move bytes between sockets
+//! and registered memory without `unsafe` of their own.
+//!
+//! The model is one-sided, keyed RMA, the common ground of TCP, libfabric and ibverbs:
+//! - a region is registered with every transport, and each returns a 64-bit key that the
+//!   owner publishes in its [`SegmentDescriptor`];
+//! - a transport publishes an [`Endpoint`] that peers use to [`Transport::connect`];
+//! - the engine cuts requests into [`Slice`]s no larger than [`Transport::max_slice`] and
+//!   [`Connection::post`]s them; each slice is reported once through [`Completions`].
+//!
+//! ```
+//! use ferry_transport_api::{Location, Protocol};
+//! assert_eq!(Protocol::parse("TCP").unwrap(), Protocol::Tcp);
+//! assert_eq!(Location::parse("cuda:1").unwrap(), Location::Cuda { device: 1 });
+//! ```
+//!
+//! Every type here is `Send + Sync` where it crosses threads; the traits require it.
+#![deny(unsafe_code)]
+
+mod descriptor;
+mod error;
+mod location;
+mod memory;
+mod request;
+mod transport;
+
+pub use descriptor::{BufferDescriptor, Endpoint, Protocol, SegmentDescriptor, TransportKey};
+pub use error::{ErrorKind, TransportError};
+pub use location::{Access, Location};
+pub use memory::RegionMemory;
+pub use request::{CompletionToken, Completions, FailReason, Opcode, RemoteStatus, Slice};
+pub use transport::{Connection, ControlPlane, Transport, TransportContext};

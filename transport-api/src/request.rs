@@ -1,0 +1,172 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::RegionMemory;
+
+/// One-sided operation, seen from the initiator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    /// Copy remote memory into local memory.
+    Read,
+    /// Copy local memory into remote memory.
+    Write,
+}
+
+impl fmt::Display for Opcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Opcode::Read => "read",
+            Opcode::Write => "write",
+        })
+    }
+}
+
+/// Identifies the task a slice belongs to, so a completion finds its counter. The
+/// generation makes a completion for a released batch slot harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CompletionToken {
+    /// Batch slot index.
+    pub slot: u32,
+    /// Generation of the slot when the slice was posted.
+    pub generation: u32,
+    /// Task index within the batch.
+    pub task: u32,
+}
+
+/// What a target answered for one request; the same codes travel on every transport that
+/// has a software target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RemoteStatus {
+    /// Done.
+    Ok = 0,
+    /// No registered region contains the address.
+    NotRegistered = 1,
+    /// The key does not match the region's.
+    KeyMismatch = 2,
+    /// The range runs past the region's end.
+    OutOfBounds = 3,
+    /// The region does not allow this operation to peers.
+    AccessDenied = 4,
+    /// The request is larger than the target accepts in one piece.
+    TooLarge = 5,
+    /// The target is out of room (e.g. its notification queue is full).
+    Busy = 6,
+    /// The target could not parse the request.
+    Malformed = 7,
+    /// The region is device memory the target cannot reach.
+    Unsupported = 8,
+}
+
+impl RemoteStatus {
+    /// Decodes a wire status byte; unknown codes are `Malformed`.
+    pub fn from_u8(code: u8) -> Self {
+        match code {
+            0 => RemoteStatus::Ok,
+            1 => RemoteStatus::NotRegistered,
+            2 => RemoteStatus::KeyMismatch,
+            3 => RemoteStatus::OutOfBounds,
+            4 => RemoteStatus::AccessDenied,
+            5 => RemoteStatus::TooLarge,
+            6 => RemoteStatus::Busy,
+            8 => RemoteStatus::Unsupported,
+            _ => RemoteStatus::Malformed,
+        }
+    }
+
+    /// Whether the status means the peer's memory layout changed (a restart, a
+    /// deregistration), so a cached descriptor should be fetched again.
+    pub fn suggests_stale_descriptor(self) -> bool {
+        matches!(
+            self,
+            RemoteStatus::NotRegistered | RemoteStatus::KeyMismatch | RemoteStatus::OutOfBounds
+        )
+    }
+}
+
+impl fmt::Display for RemoteStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemoteStatus::Ok => "ok",
+            RemoteStatus::NotRegistered => "address not registered on the target",
+            RemoteStatus::KeyMismatch => "wrong region key",
+            RemoteStatus::OutOfBounds => "range outside the registered region",
+            RemoteStatus::AccessDenied => "region not accessible to peers for this operation",
+            RemoteStatus::TooLarge => "request larger than the target accepts",
+            RemoteStatus::Busy => "target busy",
+            RemoteStatus::Malformed => "malformed request",
+            RemoteStatus::Unsupported => "memory not reachable by this transport on the target",
+        })
+    }
+}
+
+/// Why a slice (and so its task) failed. `Copy`, so failing costs no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailReason {
+    /// The target refused the request.
+    Remote(RemoteStatus),
+    /// The connection broke (peer died, reset, or protocol violation).
+    ConnectionLost,
+    /// The deadline passed before completion.
+    TimedOut,
+    /// The engine or transport shut down.
+    Shutdown,
+    /// The transport cannot carry this request (e.g. device memory without staging).
+    Unsupported,
+}
+
+impl FailReason {
+    /// Whether the failure suggests the cached descriptor of the peer is out of date.
+    pub fn suggests_stale_descriptor(self) -> bool {
+        match self {
+            FailReason::Remote(s) => s.suggests_stale_descriptor(),
+            FailReason::ConnectionLost => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailReason::Remote(s) => write!(f, "rejected by peer: {s}"),
+            FailReason::ConnectionLost => f.write_str("connection to peer lost"),
+            FailReason::TimedOut => f.write_str("deadline passed"),
+            FailReason::Shutdown => f.write_str("transport shut down"),
+            FailReason::Unsupported => f.write_str("transport cannot carry this memory"),
+        }
+    }
+}
+
+impl std::error::Error for FailReason {}
+
+/// A piece of a request no larger than the transport's `max_slice`, ready to post.
+#[derive(Debug)]
+pub struct Slice {
+    /// READ or WRITE.
+    pub op: Opcode,
+    /// Local registered memory (source of a WRITE, destination of a READ).
+    pub local: Arc<RegionMemory>,
+    /// Offset into `local`.
+    pub local_offset: usize,
+    /// Absolute address in the peer's address space.
+    pub remote_addr: u64,
+    /// The peer region's key for this transport.
+    pub remote_key: u64,
+    /// Length in bytes.
+    pub len: usize,
+    /// Where to report completion.
+    pub token: CompletionToken,
+    /// When the task's deadline passes; a transport may fail the slice after it.
+    pub deadline: Instant,
+}
+
+/// Receives per-slice completions. Implemented by the engine; called from transport
+/// threads, so it must be cheap and must not block.
+pub trait Completions: Send + Sync {
+    /// Reports one slice: `Ok(bytes)` or why it failed. Called exactly once per posted
+    /// slice.
+    fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>);
+}

@@ -1,0 +1,239 @@
+//! ferry's TCP wire format: plain encode/decode, no I/O.
+//!
+//! Every message starts with a 16-byte header (little endian):
+//!
+//! | bytes | field | meaning |
+//! |---|---|---|
+//! | 0..2 | magic | `b"FY"` |
+//! | 2 | version | [`VERSION`] |
+//! | 3 | kind | [`Kind`] |
+//! | 4..8 | count | descriptors, statuses or body bytes, by kind |
+//! | 8..16 | seq | sequence number of the first request the message carries |
+//!
+//! Initiator to target: `Write` (count descriptors, then every payload in order), `Read`
+//! (count descriptors), `Notify` (count body bytes), `GetDescriptor`. A descriptor is
+//! 24 bytes: remote address, length, key. Target to initiator: `Ack` (count status
+//! bytes), `ReadData` (count status bytes, then the data of every request whose status
+//! is 0, in order), `Descriptor` (count body bytes). Sequence numbers count requests per
+//! connection; responses come back in request order.
+
+/// First two bytes of every header.
+pub(crate) const MAGIC: [u8; 2] = *b"FY";
+/// Wire format version.
+pub(crate) const VERSION: u8 = 1;
+/// Header length.
+pub(crate) const HEADER_LEN: usize = 16;
+/// Request descriptor length.
+pub(crate) const DESC_LEN: usize = 24;
+/// Most descriptors (and statuses) one message may carry.
+pub(crate) const MAX_DESCS: usize = 256;
+/// Largest notification body.
+pub(crate) const MAX_NOTIFY: usize = 64 * 1024;
+/// Largest descriptor document a peer may send.
+pub(crate) const MAX_DESCRIPTOR: usize = 16 * 1024 * 1024;
+/// Largest single request a target accepts at all; beyond it the stream is treated as
+/// hostile and closed (smaller out-of-range requests are refused one by one).
+pub(crate) const MAX_REQUEST: u64 = 1 << 30;
+
+/// Message kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    Write = 1,
+    Read = 2,
+    Notify = 3,
+    GetDescriptor = 4,
+    Descriptor = 5,
+    Ack = 6,
+    ReadData = 7,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Write,
+            2 => Kind::Read,
+            3 => Kind::Notify,
+            4 => Kind::GetDescriptor,
+            5 => Kind::Descriptor,
+            6 => Kind::Ack,
+            7 => Kind::ReadData,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) kind: Kind,
+    pub(crate) count: u32,
+    pub(crate) seq: u64,
+}
+
+/// Why bytes are not a valid header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    BadMagic,
+    BadVersion(u8),
+    BadKind(u8),
+    /// A count beyond what the kind allows.
+    TooLong {
+        kind: Kind,
+        count: u32,
+    },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::BadMagic => f.write_str("not a ferry frame (bad magic)"),
+            FrameError::BadVersion(v) => write!(f, "unsupported wire version {v}"),
+            FrameError::BadKind(k) => write!(f, "unknown frame kind {k}"),
+            FrameError::TooLong { kind, count } => {
+                write!(f, "{kind:?} frame with count {count} over the limit")
+            }
+        }
+    }
+}
+
+impl Header {
+    pub(crate) fn new(kind: Kind, count: u32, seq: u64) -> Self {
+        Header { kind, count, seq }
+    }
+
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&MAGIC);
+        b[2] = VERSION;
+        b[3] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.count.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header, including the count limit of its kind.
+    pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
+        if b[0..2] != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if b[2] != VERSION {
+            return Err(FrameError::BadVersion(b[2]));
+        }
+        let kind = Kind::from_u8(b[3]).ok_or(FrameError::BadKind(b[3]))?;
+        let count = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let seq = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        let limit = match kind {
+            Kind::Write | Kind::Read | Kind::Ack | Kind::ReadData => MAX_DESCS,
+            Kind::Notify => MAX_NOTIFY,
+            Kind::GetDescriptor => 0,
+            Kind::Descriptor => MAX_DESCRIPTOR,
+        };
+        if count as usize > limit
+            || (count == 0 && matches!(kind, Kind::Write | Kind::Read | Kind::Ack | Kind::ReadData))
+        {
+            return Err(FrameError::TooLong { kind, count });
+        }
+        Ok(Header { kind, count, seq })
+    }
+}
+
+/// One request as it travels: where on the target, how much, and the region's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+    pub(crate) key: u64,
+}
+
+impl Desc {
+    pub(crate) fn encode_into(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.key.to_le_bytes());
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Desc {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        Desc {
+            addr: word(0),
+            len: word(8),
+            key: word(16),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, RngCore};
+
+    #[test]
+    fn header_round_trips() {
+        let h = Header::new(Kind::Write, 17, u64::MAX - 3);
+        assert_eq!(Header::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_what_it_must() {
+        let mut b = Header::new(Kind::Read, 1, 0).encode();
+        b[0] = b'X';
+        assert_eq!(Header::decode(&b), Err(FrameError::BadMagic));
+        let mut b = Header::new(Kind::Read, 1, 0).encode();
+        b[2] = 9;
+        assert_eq!(Header::decode(&b), Err(FrameError::BadVersion(9)));
+        let mut b = Header::new(Kind::Read, 1, 0).encode();
+        b[3] = 200;
+        assert_eq!(Header::decode(&b), Err(FrameError::BadKind(200)));
+        let b = Header::new(Kind::Write, MAX_DESCS as u32 + 1, 0).encode();
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::TooLong { .. })
+        ));
+        let b = Header::new(Kind::Write, 0, 0).encode();
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::TooLong { .. })
+        ));
+        let b = Header::new(Kind::Notify, u32::MAX, 0).encode();
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_rarely_decode() {
+        let mut rng = rand::rng();
+        let mut accepted = 0;
+        for _ in 0..100_000 {
+            let mut b = [0u8; HEADER_LEN];
+            rng.fill_bytes(&mut b);
+            if rng.random_bool(0.5) {
+                b[0..2].copy_from_slice(&MAGIC);
+                b[2] = VERSION;
+            }
+            if let Ok(h) = Header::decode(&b) {
+                accepted += 1;
+                assert_eq!(Header::decode(&h.encode()), Ok(h));
+            }
+        }
+        assert!(accepted < 100_000 / 2);
+    }
+
+    #[test]
+    fn desc_round_trips() {
+        let d = Desc {
+            addr: 0xdead_beef_0000,
+            len: 65536,
+            key: 0x0123_4567_89ab_cdef,
+        };
+        let mut b = [0u8; DESC_LEN];
+        d.encode_into(&mut b);
+        assert_eq!(Desc::decode(&b), d);
+    }
+}

@@ -1,0 +1,639 @@
+//! The initiator: persistent connection lanes to one peer. Each lane has a sender thread
+//! that gathers queued slices into vectored frames (many small requests share one system
+//! call) and a receiver thread that completes them in order, reading READ data straight
+//! into registered memory.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use ferry_transport_api::{
+    Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
+};
+use mio::{Interest, Waker};
+use parking_lot::{Condvar, Mutex};
+
+use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
+use crate::pipe::{Pace, Pipe, Plain};
+use crate::Shared;
+
+/// Most payload bytes gathered into one frame.
+const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Slices queued per lane before `post` waits.
+const QUEUE_DEPTH: usize = 4096;
+
+enum Item {
+    Slice(Slice),
+    Notify {
+        body: Vec<u8>,
+        reply: Sender<Result<(), FailReason>>,
+    },
+}
+
+enum Entry {
+    Slice {
+        seq: u64,
+        slice: Slice,
+    },
+    Notify {
+        seq: u64,
+        reply: Sender<Result<(), FailReason>>,
+    },
+}
+
+impl Entry {
+    fn seq(&self) -> u64 {
+        match self {
+            Entry::Slice { seq, .. } | Entry::Notify { seq, .. } => *seq,
+        }
+    }
+
+    fn fail(self, completions: &dyn Completions, reason: FailReason) {
+        match self {
+            Entry::Slice { slice, .. } => completions.complete(slice.token, Err(reason)),
+            Entry::Notify { reply, .. } => {
+                let _ = reply.send(Err(reason));
+            }
+        }
+    }
+}
+
+struct Inflight {
+    entries: VecDeque<Entry>,
+    /// Set once the lane is dead: nothing more may be added.
+    closed: Option<FailReason>,
+}
+
+struct LaneState {
+    dead: AtomicBool,
+    inflight: Mutex<Inflight>,
+    not_full: Condvar,
+    /// A handle on the socket, to shut it down from any thread.
+    socket: TcpStream,
+    wakers: [Arc<Waker>; 2],
+}
+
+impl LaneState {
+    fn kill(&self, peer: &str, reason: FailReason, why: &dyn std::fmt::Display) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            tracing::debug!(%peer, %reason, %why, "lane closed");
+            let _ = self.socket.shutdown(std::net::Shutdown::Both);
+            for w in &self.wakers {
+                let _ = w.wake();
+            }
+            self.not_full.notify_all();
+        }
+    }
+
+    /// Closes the in-flight table and fails everything in it.
+    fn drain(&self, completions: &dyn Completions, reason: FailReason) {
+        let entries: Vec<Entry> = {
+            let mut g = self.inflight.lock();
+            g.closed.get_or_insert(reason);
+            g.entries.drain(..).collect()
+        };
+        self.not_full.notify_all();
+        for e in entries {
+            e.fail(completions, reason);
+        }
+    }
+}
+
+/// Locks the in-flight table once it has room for `n` more entries, or says why the lane
+/// closed meanwhile.
+fn reserve(
+    state: &LaneState,
+    cap: usize,
+    n: usize,
+) -> Result<parking_lot::MutexGuard<'_, Inflight>, FailReason> {
+    let cap = cap.max(MAX_DESCS);
+    let mut g = state.inflight.lock();
+    loop {
+        if let Some(reason) = g.closed {
+            return Err(reason);
+        }
+        if g.entries.len() + n <= cap {
+            return Ok(g);
+        }
+        state.not_full.wait_for(&mut g, Duration::from_millis(100));
+    }
+}
+
+struct Lane {
+    tx: Sender<Item>,
+    state: Arc<LaneState>,
+}
+
+/// A set of persistent lanes to one peer. Slices are spread over the lanes round-robin;
+/// notifications always take lane 0, so they arrive in the order they were sent.
+pub struct TcpConnection {
+    peer: String,
+    lanes: Vec<Lane>,
+    next: AtomicUsize,
+}
+
+impl TcpConnection {
+    pub(crate) fn open(
+        shared: &Arc<Shared>,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> io::Result<TcpConnection> {
+        let completions = shared
+            .ctx
+            .get()
+            .map(|c| c.completions.clone())
+            .ok_or_else(|| io::Error::other("transport not started"))?;
+        let mut lanes = Vec::with_capacity(shared.config.lanes.max(1));
+        for index in 0..shared.config.lanes.max(1) {
+            let stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
+            let socket = stream.try_clone()?;
+            let recv_stream = stream.try_clone()?;
+            let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;
+            let recv_pipe = Pipe::new(recv_stream, Interest::READABLE)?;
+            let state = Arc::new(LaneState {
+                dead: AtomicBool::new(false),
+                inflight: Mutex::new(Inflight {
+                    entries: VecDeque::with_capacity(shared.config.max_inflight),
+                    closed: None,
+                }),
+                not_full: Condvar::new(),
+                socket,
+                wakers: [send_pipe.waker(), recv_pipe.waker()],
+            });
+            let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
+            let mut sender = Sender_ {
+                shared: shared.clone(),
+                completions: completions.clone(),
+                state: state.clone(),
+                pipe: send_pipe,
+                peer: peer.to_string(),
+                seq: 0,
+                raw: vec![0; HEADER_LEN + MAX_DESCS * DESC_LEN],
+                frame: Vec::with_capacity(MAX_DESCS),
+                regions: Vec::with_capacity(MAX_DESCS),
+                spans: Vec::with_capacity(MAX_DESCS),
+            };
+            std::thread::Builder::new()
+                .name(format!("ferry-tcp-send-{index}"))
+                .spawn(move || sender.run(rx))?;
+            let mut receiver = Receiver_ {
+                shared: shared.clone(),
+                completions: completions.clone(),
+                state: state.clone(),
+                pipe: recv_pipe,
+                peer: peer.to_string(),
+                expected: 0,
+                batch: Vec::with_capacity(MAX_DESCS),
+            };
+            std::thread::Builder::new()
+                .name(format!("ferry-tcp-recv-{index}"))
+                .spawn(move || receiver.run())?;
+            lanes.push(Lane { tx, state });
+        }
+        tracing::debug!(%peer, lanes = lanes.len(), "connected");
+        Ok(TcpConnection {
+            peer: peer.to_string(),
+            lanes,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Sends a small message to the peer's engine and waits until the peer has queued it.
+    /// Messages to one peer arrive in the order they were sent.
+    pub fn notify(&self, from: &str, message: &[u8], timeout: Duration) -> Result<(), FailReason> {
+        let body = crate::target::encode_notification(from, message);
+        if body.len() > MAX_NOTIFY {
+            return Err(FailReason::Remote(RemoteStatus::TooLarge));
+        }
+        let (reply, done) = crossbeam_channel::bounded(1);
+        let lane = &self.lanes[0];
+        if lane.state.dead.load(Ordering::Acquire) {
+            return Err(FailReason::ConnectionLost);
+        }
+        lane.tx
+            .send_timeout(Item::Notify { body, reply }, timeout)
+            .map_err(|_| FailReason::TimedOut)?;
+        match done.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(FailReason::TimedOut),
+            Err(RecvTimeoutError::Disconnected) => Err(FailReason::ConnectionLost),
+        }
+    }
+
+    /// Fails everything queued or in flight with `reason` and closes the lanes.
+    pub(crate) fn close(&self, reason: FailReason) {
+        for lane in &self.lanes {
+            lane.state.kill(&self.peer, reason, &"closed locally");
+        }
+    }
+}
+
+impl Connection for TcpConnection {
+    fn post(&self, slice: Slice) -> Result<(), FailReason> {
+        let lane = &self.lanes[self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len()];
+        if lane.state.dead.load(Ordering::Acquire) {
+            return Err(FailReason::ConnectionLost);
+        }
+        match lane.tx.send(Item::Slice(slice)) {
+            Ok(()) => Ok(()),
+            // The sender thread is gone; the slice was not taken.
+            Err(_) => Err(FailReason::ConnectionLost),
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        self.lanes
+            .iter()
+            .all(|l| !l.state.dead.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.close(FailReason::Shutdown);
+    }
+}
+
+/// The sending half of a lane.
+struct Sender_ {
+    shared: Arc<Shared>,
+    completions: Arc<dyn Completions>,
+    state: Arc<LaneState>,
+    pipe: Pipe,
+    peer: String,
+    seq: u64,
+    raw: Vec<u8>,
+    frame: Vec<Slice>,
+    regions: Vec<Arc<RegionMemory>>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Sender_ {
+    fn run(&mut self, rx: Receiver<Item>) {
+        let span = tracing::debug_span!("lane-send", peer = %self.peer);
+        let _enter = span.enter();
+        let mut held: Option<Item> = None;
+        loop {
+            let first = match held.take() {
+                Some(item) => item,
+                None => match self.next_item(&rx) {
+                    Some(item) => item,
+                    // Every handle on the lane is gone.
+                    None => return,
+                },
+            };
+            if self.state.dead.load(Ordering::Acquire) {
+                self.fail_item(first, self.closed_reason());
+                continue;
+            }
+            let result = match first {
+                Item::Notify { body, reply } => self.send_notify(body, reply),
+                Item::Slice(slice) => {
+                    let op = slice.op;
+                    let mut bytes = slice.len;
+                    self.frame.push(slice);
+                    while self.frame.len() < MAX_DESCS && bytes < MAX_FRAME_BYTES {
+                        match rx.try_recv() {
+                            Ok(Item::Slice(s)) if s.op == op => {
+                                bytes += s.len;
+                                self.frame.push(s);
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.send_frame(op)
+                }
+            };
+            if let Err(e) = result {
+                let reason = if e.kind() == io::ErrorKind::TimedOut {
+                    FailReason::TimedOut
+                } else {
+                    FailReason::ConnectionLost
+                };
+                self.state.kill(&self.peer, reason, &e);
+            }
+        }
+    }
+
+    fn closed_reason(&self) -> FailReason {
+        self.state
+            .inflight
+            .lock()
+            .closed
+            .unwrap_or(FailReason::ConnectionLost)
+    }
+
+    fn fail_item(&self, item: Item, reason: FailReason) {
+        match item {
+            Item::Slice(s) => self.completions.complete(s.token, Err(reason)),
+            Item::Notify { reply, .. } => {
+                let _ = reply.send(Err(reason));
+            }
+        }
+    }
+
+    fn next_item(&self, rx: &Receiver<Item>) -> Option<Item> {
+        let until = Instant::now() + self.shared.config.busy_poll;
+        loop {
+            match rx.try_recv() {
+                Ok(item) => return Some(item),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(item) => return Some(item),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    fn send_frame(&mut self, op: Opcode) -> io::Result<()> {
+        let n = self.frame.len();
+        let first_seq = self.seq;
+        let kind = if op == Opcode::Write {
+            Kind::Write
+        } else {
+            Kind::Read
+        };
+        self.raw[..HEADER_LEN].copy_from_slice(&Header::new(kind, n as u32, first_seq).encode());
+        for (i, s) in self.frame.iter().enumerate() {
+            let d = Desc {
+                addr: s.remote_addr,
+                len: s.len as u64,
+                key: s.remote_key,
+            };
+            d.encode_into(
+                &mut self.raw[HEADER_LEN + i * DESC_LEN..HEADER_LEN + (i + 1) * DESC_LEN],
+            );
+            if op == Opcode::Write {
+                self.regions.push(s.local.clone());
+                self.spans.push((s.local_offset, s.len));
+            }
+        }
+        // Entries go in before the bytes leave: the answer may come back at once.
+        match reserve(&self.state, self.shared.config.max_inflight, n) {
+            Ok(mut g) => {
+                for (i, slice) in self.frame.drain(..).enumerate() {
+                    g.entries.push_back(Entry::Slice {
+                        seq: first_seq + i as u64,
+                        slice,
+                    });
+                }
+            }
+            Err(reason) => {
+                self.regions.clear();
+                self.spans.clear();
+                for s in self.frame.drain(..) {
+                    self.completions.complete(s.token, Err(reason));
+                }
+                return Ok(());
+            }
+        }
+        self.seq += n as u64;
+        let mut bufs: [IoSlice<'_>; MAX_DESCS + 1] = std::array::from_fn(|_| IoSlice::new(&[]));
+        bufs[0] = IoSlice::new(&self.raw[..HEADER_LEN + n * DESC_LEN]);
+        let mut k = 1;
+        if op == Opcode::Write {
+            // Offsets and lengths were checked by the engine against the region.
+            for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
+                if let Some(s) = region.io_slice(offset, len) {
+                    bufs[k] = s;
+                    k += 1;
+                }
+            }
+        }
+        let shared = &self.shared;
+        let state = &self.state;
+        let stop = || shared.stopping() || state.dead.load(Ordering::Acquire);
+        let mut pace = Plain {
+            spin: Duration::ZERO,
+            stop: &stop,
+        };
+        let r = self.pipe.write_all(&mut bufs[..k], &mut pace);
+        self.regions.clear();
+        self.spans.clear();
+        r
+    }
+
+    fn send_notify(
+        &mut self,
+        body: Vec<u8>,
+        reply: Sender<Result<(), FailReason>>,
+    ) -> io::Result<()> {
+        let seq = self.seq;
+        match reserve(&self.state, self.shared.config.max_inflight, 1) {
+            Ok(mut g) => g.entries.push_back(Entry::Notify { seq, reply }),
+            Err(reason) => {
+                let _ = reply.send(Err(reason));
+                return Ok(());
+            }
+        }
+        self.seq += 1;
+        let header = Header::new(Kind::Notify, body.len() as u32, seq).encode();
+        let shared = &self.shared;
+        let mut pace = Plain {
+            spin: Duration::ZERO,
+            stop: &|| shared.stopping(),
+        };
+        self.pipe
+            .write_all(&mut [IoSlice::new(&header), IoSlice::new(&body)], &mut pace)
+    }
+}
+
+/// The receiving half of a lane.
+struct Receiver_ {
+    shared: Arc<Shared>,
+    completions: Arc<dyn Completions>,
+    state: Arc<LaneState>,
+    pipe: Pipe,
+    peer: String,
+    expected: u64,
+    batch: Vec<Entry>,
+}
+
+struct ReceiverPace<'a> {
+    shared: &'a Shared,
+    state: &'a LaneState,
+}
+
+impl Pace for ReceiverPace<'_> {
+    fn spin(&self) -> Duration {
+        if self.state.inflight.lock().entries.is_empty() {
+            Duration::ZERO
+        } else {
+            self.shared.config.busy_poll
+        }
+    }
+
+    fn before_sleep(&mut self) -> io::Result<Duration> {
+        if self.shared.stopping() || self.state.dead.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "lane closed",
+            ));
+        }
+        let oldest = self
+            .state
+            .inflight
+            .lock()
+            .entries
+            .front()
+            .and_then(|e| match e {
+                Entry::Slice { slice, .. } => Some(slice.deadline),
+                Entry::Notify { .. } => None,
+            });
+        let step = Duration::from_millis(100);
+        match oldest {
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    // The peer holds a request past its deadline: treat it as gone, so
+                    // nothing waits on it forever.
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer did not answer before the deadline",
+                    ))
+                } else {
+                    Ok(step.min(deadline - now + Duration::from_millis(1)))
+                }
+            }
+            None => Ok(step),
+        }
+    }
+}
+
+impl Receiver_ {
+    fn run(&mut self) {
+        let span = tracing::debug_span!("lane-recv", peer = %self.peer);
+        let _enter = span.enter();
+        let err = loop {
+            if let Err(e) = self.receive() {
+                break e;
+            }
+        };
+        let reason = if self.shared.stopping() {
+            FailReason::Shutdown
+        } else if err.kind() == io::ErrorKind::TimedOut {
+            FailReason::TimedOut
+        } else {
+            FailReason::ConnectionLost
+        };
+        self.state.kill(&self.peer, reason, &err);
+        for e in self.batch.drain(..) {
+            e.fail(&*self.completions, reason);
+        }
+        self.state.drain(&*self.completions, reason);
+    }
+
+    fn read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let mut pace = ReceiverPace {
+            shared: &self.shared,
+            state: &self.state,
+        };
+        self.pipe.read_exact(bufs, &mut pace)
+    }
+
+    fn receive(&mut self) -> io::Result<()> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.read(&mut [IoSliceMut::new(&mut hb)])?;
+        let header = Header::decode(&hb)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if !matches!(header.kind, Kind::Ack | Kind::ReadData) || header.seq != self.expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "unexpected {:?} frame for sequence {} (expected {})",
+                    header.kind, header.seq, self.expected
+                ),
+            ));
+        }
+        let n = header.count as usize;
+        let mut statuses = [0u8; MAX_DESCS];
+        self.read(&mut [IoSliceMut::new(&mut statuses[..n])])?;
+        {
+            let mut g = self.state.inflight.lock();
+            if g.entries.len() < n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "answer for requests never sent",
+                ));
+            }
+            self.batch.extend(g.entries.drain(..n));
+        }
+        self.state.not_full.notify_one();
+        for (i, e) in self.batch.iter().enumerate() {
+            let is_read = matches!(e, Entry::Slice { slice, .. } if slice.op == Opcode::Read);
+            if e.seq() != header.seq + i as u64 || is_read != (header.kind == Kind::ReadData) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "answer does not match the request",
+                ));
+            }
+        }
+        self.expected += n as u64;
+        if header.kind == Kind::ReadData {
+            let mut bufs: [IoSliceMut<'_>; MAX_DESCS] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut k = 0;
+            for (e, &st) in self.batch.iter().zip(&statuses[..n]) {
+                if let (Entry::Slice { slice, .. }, 0) = (e, st) {
+                    match slice.local.io_slice_mut(slice.local_offset, slice.len) {
+                        Some(b) => {
+                            bufs[k] = b;
+                            k += 1;
+                        }
+                        None => {
+                            return Err(io::Error::other(
+                                "local READ destination is not host memory",
+                            ))
+                        }
+                    }
+                }
+            }
+            let mut pace = ReceiverPace {
+                shared: &self.shared,
+                state: &self.state,
+            };
+            self.pipe.read_exact(&mut bufs[..k], &mut pace)?;
+        }
+        for (e, &st) in self.batch.drain(..).zip(&statuses[..n]) {
+            let status = RemoteStatus::from_u8(st);
+            match e {
+                Entry::Slice { slice, .. } => {
+                    let r = if status == RemoteStatus::Ok {
+                        Ok(slice.len)
+                    } else {
+                        Err(FailReason::Remote(status))
+                    };
+                    self.completions.complete(slice.token, r);
+                }
+                Entry::Notify { reply, .. } => {
+                    let r = if status == RemoteStatus::Ok {
+                        Ok(())
+                    } else {
+                        Err(FailReason::Remote(status))
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        Ok(())
+    }
+}

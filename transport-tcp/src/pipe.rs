@@ -1,0 +1,230 @@
+//! A non-blocking TCP socket with readiness waits: the one place that turns "would block"
+//! into spinning briefly (a blocked thread on another core costs tens of microseconds to
+//! wake) and then sleeping in `epoll` until the socket is ready, a deadline check is due,
+//! or the transport is shutting down.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+
+const SOCKET: Token = Token(0);
+const WAKE: Token = Token(1);
+
+/// How a blocked read or write is paced. The defaults spin for nothing and wait in
+/// 100 ms steps forever.
+pub(crate) trait Pace {
+    /// The socket has no more bytes right now. The target flushes coalesced
+    /// acknowledgements here; the callee may write on `pipe`.
+    fn drained(&mut self, _pipe: &mut Pipe) -> io::Result<()> {
+        Ok(())
+    }
+    /// How long to spin before sleeping.
+    fn spin(&self) -> Duration {
+        Duration::ZERO
+    }
+    /// Called before every sleep: how long to sleep at most, or an error to give up
+    /// (deadline passed, shutting down).
+    fn before_sleep(&mut self) -> io::Result<Duration> {
+        Ok(Duration::from_millis(100))
+    }
+}
+
+/// Pacing with no hooks: wait in 100 ms steps until `stop` says to give up.
+pub(crate) struct Plain<'a> {
+    pub(crate) spin: Duration,
+    pub(crate) stop: &'a dyn Fn() -> bool,
+}
+
+impl Pace for Plain<'_> {
+    fn spin(&self) -> Duration {
+        self.spin
+    }
+    fn before_sleep(&mut self) -> io::Result<Duration> {
+        if (self.stop)() {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "shutting down",
+            ))
+        } else {
+            Ok(Duration::from_millis(100))
+        }
+    }
+}
+
+/// One direction (or both) of a TCP connection, with its own `epoll` instance.
+pub(crate) struct Pipe {
+    stream: mio::net::TcpStream,
+    poll: Poll,
+    events: Events,
+    waker: Arc<Waker>,
+}
+
+impl Pipe {
+    /// Takes a connected socket, makes it non-blocking and registers it for `interest`.
+    pub(crate) fn new(stream: std::net::TcpStream, interest: Interest) -> io::Result<Pipe> {
+        stream.set_nonblocking(true)?;
+        Pipe::from_mio(mio::net::TcpStream::from_std(stream), interest)
+    }
+
+    /// Takes a non-blocking socket and registers it for `interest`.
+    pub(crate) fn from_mio(
+        mut stream: mio::net::TcpStream,
+        interest: Interest,
+    ) -> io::Result<Pipe> {
+        stream.set_nodelay(true)?;
+        let poll = Poll::new()?;
+        poll.registry().register(&mut stream, SOCKET, interest)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        Ok(Pipe {
+            stream,
+            poll,
+            events: Events::with_capacity(4),
+            waker,
+        })
+    }
+
+    /// Wakes this pipe's sleeping thread (for shutdown).
+    pub(crate) fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
+    }
+
+    /// Closes both directions; the peer and any thread on a dup of this socket see it.
+    pub(crate) fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn sleep(&mut self, timeout: Duration) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads until every buffer is full. Empty buffers are skipped.
+    pub(crate) fn read_exact(
+        &mut self,
+        mut bufs: &mut [IoSliceMut<'_>],
+        pace: &mut dyn Pace,
+    ) -> io::Result<()> {
+        IoSliceMut::advance_slices(&mut bufs, 0);
+        let mut spin_until: Option<Instant> = None;
+        while !bufs.is_empty() {
+            match (&self.stream).read_vectored(bufs) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection",
+                    ))
+                }
+                Ok(n) => {
+                    IoSliceMut::advance_slices(&mut bufs, n);
+                    spin_until = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    match spin_until {
+                        None => {
+                            pace.drained(self)?;
+                            spin_until = Some(now + pace.spin());
+                        }
+                        Some(t) if now < t => std::thread::yield_now(),
+                        Some(_) => {
+                            let timeout = pace.before_sleep()?;
+                            self.sleep(timeout)?;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every buffer. Empty buffers are skipped.
+    pub(crate) fn write_all(
+        &mut self,
+        mut bufs: &mut [IoSlice<'_>],
+        pace: &mut dyn Pace,
+    ) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match (&self.stream).write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let timeout = pace.before_sleep()?;
+                    self.sleep(timeout)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn moves_vectored_bytes_and_sees_eof() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut wa = Pipe::new(a, Interest::WRITABLE).unwrap();
+        let mut rb = Pipe::new(b, Interest::READABLE).unwrap();
+        let stop = || false;
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let writer = std::thread::spawn(move || {
+            let mut bufs = [
+                IoSlice::new(&[]),
+                IoSlice::new(&payload[..10]),
+                IoSlice::new(&payload[10..]),
+            ];
+            wa.write_all(
+                &mut bufs,
+                &mut Plain {
+                    spin: Duration::ZERO,
+                    stop: &|| false,
+                },
+            )
+            .unwrap();
+            wa.shutdown();
+            payload
+        });
+        let mut got = vec![0u8; 3_000_000];
+        let (x, y) = got.split_at_mut(1234);
+        let mut bufs = [
+            IoSliceMut::new(x),
+            IoSliceMut::new(&mut []),
+            IoSliceMut::new(y),
+        ];
+        rb.read_exact(
+            &mut bufs,
+            &mut Plain {
+                spin: Duration::from_micros(10),
+                stop: &stop,
+            },
+        )
+        .unwrap();
+        let payload = writer.join().unwrap();
+        assert_eq!(got, payload);
+        let mut one = [0u8; 1];
+        let err = rb
+            .read_exact(
+                &mut [IoSliceMut::new(&mut one)],
+                &mut Plain {
+                    spin: Duration::ZERO,
+                    stop: &stop,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
