@@ -516,6 +516,15 @@ impl<'e> BatchBuilder<'e> {
     }
 }
 
+impl std::fmt::Debug for BatchBuilder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBuilder")
+            .field("requests", &self.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl Drop for BatchBuilder<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {

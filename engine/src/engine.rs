@@ -338,6 +338,15 @@ impl Engine {
         Ok(Segment { inner })
     }
 
+    /// Fetches a segment's descriptor again, whatever the cache holds (e.g. after the
+    /// peer registered more buffers), and caches the result.
+    pub fn refresh_segment(&self, name: &str) -> Result<Segment> {
+        if let Some(old) = self.inner.segments.lock().get(name) {
+            old.mark_stale();
+        }
+        self.open_segment(name)
+    }
+
     fn fetch_segment(&self, name: &str) -> Result<SegmentInner> {
         let open_err = |reason: String| Error::OpenSegment {
             segment: name.to_string(),

@@ -239,7 +239,7 @@ impl TargetConn {
     }
 
     /// Checks that a request frame continues the connection's sequence.
-    fn take_seq(&mut self, header: &Header) -> io::Result<()> {
+    fn take_seq(&mut self, header: &Header, requests: u64) -> io::Result<()> {
         if header.seq != self.next_seq {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -249,7 +249,7 @@ impl TargetConn {
         if self.acks.statuses.is_empty() {
             self.acks.first = header.seq;
         }
-        self.next_seq += u64::from(header.count.max(1));
+        self.next_seq += requests;
         Ok(())
     }
 
@@ -264,7 +264,7 @@ impl TargetConn {
         let r = self.read(&mut [IoSliceMut::new(&mut raw[..n * DESC_LEN])]);
         self.raw_descs = raw;
         r?;
-        self.take_seq(&header)?;
+        self.take_seq(&header, n as u64)?;
         self.descs.clear();
         self.statuses.clear();
         self.resolved.clear();
@@ -393,7 +393,7 @@ impl TargetConn {
     fn notify(&mut self, header: Header) -> io::Result<()> {
         let mut body = vec![0u8; header.count as usize];
         self.read(&mut [IoSliceMut::new(&mut body)])?;
-        self.take_seq(&header)?;
+        self.take_seq(&header, 1)?;
         let status = match parse_notification(&body) {
             Some((from, message)) => match self.shared.control() {
                 Some(c) if c.notification(from, message) => RemoteStatus::Ok,

@@ -1,0 +1,199 @@
+//! `ferry`: the loopback benchmark, a target that serves registered memory, an initiator
+//! that drives transfers against a target, and what this build can do.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod size;
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_engine::{compiled, Access, Engine, EngineConfig, Location, Protocol};
+
+/// ferry: move KV-cache blocks and other buffers between hosts' registered memory.
+#[derive(Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Loopback benchmark: starts a target process and an initiator on 127.0.0.1.
+    Bench(bench::BenchArgs),
+    /// Serve registered memory until interrupted.
+    Target(TargetArgs),
+    /// Drive transfers against a running target.
+    Initiator(bench::InitiatorArgs),
+    /// Compiled-in transports, what is usable here, and why not.
+    Info,
+}
+
+/// Flags shared by every command that starts an engine.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct EngineArgs {
+    /// Transport: tcp, efa or rdma (a fabric brings TCP as its fallback).
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// libfabric provider for `--protocol efa` (efa, 'tcp;ofi_rxm', shm).
+    #[arg(long)]
+    provider: Option<String>,
+    /// Metadata: p2p (default), etcd://HOST:PORT, redis://HOST:PORT.
+    #[arg(long, default_value = "p2p")]
+    metadata: String,
+    /// Memory the buffers live in: cpu, cpu:NUMA or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    location: String,
+    /// Registered buffer size per side (K, M, G suffixes are powers of two).
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    buffer_size: usize,
+    /// TCP connections per peer.
+    #[arg(long, default_value_t = 1)]
+    lanes: usize,
+    /// Microseconds a thread spins for work before it sleeps.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
+}
+
+impl EngineArgs {
+    fn config(&self, listen: &str) -> Result<EngineConfig> {
+        if let Some(p) = &self.provider {
+            if !self.protocol.eq_ignore_ascii_case("efa") {
+                anyhow::bail!(
+                    "--provider {p} applies to --protocol efa only (this run uses {})",
+                    self.protocol
+                );
+            }
+        }
+        Ok(EngineConfig {
+            protocol: self.protocol.clone(),
+            listen: listen.to_string(),
+            metadata: self.metadata.clone(),
+            lanes: self.lanes,
+            busy_poll_us: self.busy_poll_us,
+            ..EngineConfig::default()
+        })
+    }
+
+    fn location(&self) -> Result<Location> {
+        Ok(Location::parse(&self.location)?)
+    }
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// Address of the engine's one port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Exit when standard input closes (used by `ferry bench` for its child).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run_bench(args),
+        Command::Target(args) => target(args),
+        Command::Initiator(args) => bench::run_initiator(args),
+        Command::Info => {
+            info();
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("ferry: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn target(args: TargetArgs) -> Result<()> {
+    let engine =
+        Engine::from_config(&args.engine.config(&args.listen)?).context("starting the engine")?;
+    let location = args.engine.location()?;
+    let buffer = engine
+        .allocate_with(
+            args.engine.buffer_size,
+            location,
+            Access::RemoteReadWrite,
+            "bench",
+        )
+        .context("allocating the served buffer")?;
+    // The first line is read by `ferry bench`: keep `segment ADDR` at its start.
+    println!(
+        "segment {} serving {} at {} over {:?}; Ctrl-C stops",
+        engine.name(),
+        size::format(buffer.len()),
+        buffer.location(),
+        engine.protocols()
+    );
+    std::io::stdout().flush()?;
+    if args.exit_on_stdin_eof {
+        std::thread::spawn(|| {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                if line.is_err() {
+                    break;
+                }
+            }
+            std::process::exit(0);
+        });
+    }
+    loop {
+        if let Some(n) = engine.recv_notification(Duration::from_secs(3600)) {
+            tracing::info!(from = %n.from, bytes = n.message.len(), "notification");
+        }
+    }
+}
+
+fn info() {
+    println!("ferry {}", env!("CARGO_PKG_VERSION"));
+    println!("transports (best first):");
+    for p in Protocol::ALL {
+        if compiled().contains(&p) {
+            let usable = match Engine::from_config(&EngineConfig {
+                protocol: p.name().into(),
+                ..EngineConfig::default()
+            }) {
+                Ok(e) => format!("usable (engine started on {})", e.name()),
+                Err(e) => format!("compiled in but not usable here: {e}"),
+            };
+            println!("  {:<5} {usable}", p.name());
+        } else {
+            println!(
+                "  {:<5} not compiled in; rebuild with `--features {}`",
+                p.name(),
+                p.feature()
+            );
+        }
+    }
+    println!("memory:");
+    println!("  cpu   yes");
+    match Engine::builder()
+        .transport(ferry_engine::Tcp::default())
+        .build()
+        .and_then(|e| e.allocate(1, Location::Cuda { device: 0 }).map(|_| ()))
+    {
+        Ok(()) => println!("  cuda  yes"),
+        Err(e) => println!("  cuda  {e}"),
+    }
+    println!("metadata:");
+    println!("  p2p   yes (descriptors served on each engine's port)");
+    for backend in ["etcd", "redis"] {
+        if let Err(e) = ferry_engine::Metadata::parse(&format!("{backend}://127.0.0.1:1")) {
+            println!("  {backend:<5} {e}");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Two engines in one process over real sockets on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_bytes_eq, engine, engine_with, random, WAIT};
+use ferry_engine::{
+    Access, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, TcpConfig,
+};
+
+/// WRITE random bytes to the peer, READ them back into a different place, compare.
+fn round_trip(initiator: &Engine, target: &Engine, len: usize, local_off: usize, remote_off: u64) {
+    let cap = len + local_off + 8192;
+    let src = initiator.allocate(cap, Location::host()).unwrap();
+    let dst = initiator.allocate(cap, Location::host()).unwrap();
+    let remote_buf = target
+        .allocate(len + remote_off as usize + 4096, Location::host())
+        .unwrap();
+    let data = random(len);
+    src.write_at(local_off, &data).unwrap();
+
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    let seg = if seg.buffers().iter().any(|b| b.addr == remote_buf.addr()) {
+        seg
+    } else {
+        // A buffer registered after the descriptor was cached: fetch it again.
+        initiator.refresh_segment(&target.name()).unwrap()
+    };
+    let i = seg
+        .buffers()
+        .iter()
+        .position(|b| b.addr == remote_buf.addr())
+        .expect("buffer published");
+    let remote = seg.buffer(i).unwrap();
+    let mut b = initiator.batch();
+    b.write(&src, local_off, &remote, remote_off, len).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+
+    // The bytes are in the target's memory once the WRITE completed.
+    let mut on_target = vec![0u8; len];
+    remote_buf
+        .read_at(remote_off as usize, &mut on_target)
+        .unwrap();
+    assert_bytes_eq(
+        &on_target,
+        &data,
+        &format!("target memory after WRITE of {len} bytes"),
+    );
+
+    let mut b = initiator.batch();
+    b.read(&dst, local_off + 3, &remote, remote_off, len)
+        .unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut back = vec![0u8; len];
+    dst.read_at(local_off + 3, &mut back).unwrap();
+    assert_bytes_eq(&back, &data, &format!("READ back of {len} bytes"));
+}
+
+#[test]
+fn write_then_read_every_size_with_unaligned_offsets() {
+    let target = engine();
+    let initiator = engine();
+    for (len, local_off, remote_off) in [
+        (1usize, 0usize, 0u64),
+        (1, 7, 13),
+        (4096, 0, 0),
+        (4096, 1, 4095),
+        (65536, 5, 3),
+        (1 << 20, 4097, 1),
+        ((1 << 20) + 17, 3, 12345),
+        (64 << 20, 11, 4099),
+    ] {
+        round_trip(&initiator, &target, len, local_off, remote_off);
+    }
+}
+
+#[test]
+fn large_requests_are_striped_over_lanes() {
+    let config = TcpConfig {
+        lanes: 3,
+        max_slice: 64 * 1024,
+        ..TcpConfig::default()
+    };
+    let target = engine_with(config.clone());
+    let initiator = engine_with(config);
+    round_trip(&initiator, &target, 5 << 20, 1, 7);
+    // One connection per lane, plus the one that fetched the descriptor.
+    assert_eq!(target.tcp_stats().connections, 3 + 1);
+}
+
+#[test]
+fn many_requests_in_one_batch_mixed_read_and_write() {
+    let target = engine();
+    let initiator = engine();
+    let remote_buf = target.allocate(8 << 20, Location::host()).unwrap();
+    let seed = random(4 << 20);
+    remote_buf.write_at(4 << 20, &seed).unwrap();
+    let local = initiator.allocate(8 << 20, Location::host()).unwrap();
+    let data = random(4 << 20);
+    local.write_at(0, &data).unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    let remote = seg.buffer(0).unwrap();
+
+    let mut b = initiator.batch();
+    // 512 writes of 8 KiB into the lower half, 512 reads of the upper half.
+    for i in 0..512usize {
+        b.write(&local, i * 8192, &remote, (i * 8192) as u64, 8192)
+            .unwrap();
+        b.read(
+            &local,
+            (4 << 20) + i * 8192,
+            &remote,
+            ((4 << 20) + i * 8192) as u64,
+            8192,
+        )
+        .unwrap();
+    }
+    assert_eq!(b.len(), 1024);
+    let batch = b.submit().unwrap();
+    batch.wait(WAIT).unwrap();
+    assert!(batch.statuses().iter().all(|s| *s == TaskStatus::Completed));
+    let p = batch.poll();
+    assert_eq!((p.total, p.completed, p.pending), (1024, 1024, 0));
+
+    let mut got = vec![0u8; 4 << 20];
+    remote_buf.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "written half");
+    local.read_at(4 << 20, &mut got).unwrap();
+    assert_bytes_eq(&got, &seed, "read half");
+}
+
+#[test]
+fn concurrent_batches_from_many_threads_to_one_and_two_peers() {
+    let peers = [engine(), engine()];
+    let initiator = engine();
+    let remotes: Vec<_> = peers
+        .iter()
+        .map(|p| p.allocate(16 << 20, Location::host()).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..6usize {
+            let initiator = &initiator;
+            let peers = &peers;
+            s.spawn(move || {
+                // Threads 0-2 talk to peer 0 only; threads 3-5 alternate between both.
+                let local = initiator.allocate(2 << 20, Location::host()).unwrap();
+                for round in 0..20usize {
+                    let peer = if t < 3 { 0 } else { round % 2 };
+                    let seg = initiator.open_segment(&peers[peer].name()).unwrap();
+                    let remote = seg.buffer(0).unwrap();
+                    let base = (t * (2 << 20)) as u64;
+                    let data = random(1 << 20);
+                    local.write_at(0, &data).unwrap();
+                    let n = 1 + round % 16;
+                    let block = (1 << 20) / n;
+                    let mut b = initiator.batch();
+                    for i in 0..n {
+                        b.write(&local, i * block, &remote, base + (i * block) as u64, block)
+                            .unwrap();
+                    }
+                    b.submit().unwrap().wait(WAIT).unwrap();
+                    let mut b = initiator.batch();
+                    b.read(&local, 1 << 20, &remote, base, n * block).unwrap();
+                    b.submit().unwrap().wait(WAIT).unwrap();
+                    let mut back = vec![0u8; n * block];
+                    local.read_at(1 << 20, &mut back).unwrap();
+                    assert_bytes_eq(
+                        &back,
+                        &data[..n * block],
+                        &format!("thread {t} round {round}"),
+                    );
+                }
+            });
+        }
+    });
+    drop(remotes);
+}
+
+#[test]
+fn own_segment_is_a_memory_copy() {
+    let e = engine();
+    let a = e.allocate(1 << 16, Location::host()).unwrap();
+    let b = e.allocate(1 << 16, Location::host()).unwrap();
+    let data = random(1 << 16);
+    a.write_at(0, &data).unwrap();
+    let seg = e.open_segment(&e.name()).unwrap();
+    assert!(seg.is_local());
+    assert_eq!(seg.protocol(), None);
+    let i = seg
+        .buffers()
+        .iter()
+        .position(|d| d.addr == b.addr())
+        .unwrap();
+    let remote = seg.buffer(i).unwrap();
+    let mut batch = e.batch();
+    batch.write(&a, 0, &remote, 0, 1 << 16).unwrap();
+    batch.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; 1 << 16];
+    b.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "local copy");
+    // No socket was involved: nobody connected to the engine's port.
+    assert_eq!(e.tcp_stats().connections, 0);
+}
+
+#[test]
+fn zero_length_requests_complete_at_once() {
+    let target = engine();
+    let initiator = engine();
+    let _r = target.allocate(4096, Location::host()).unwrap();
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let remote = initiator
+        .open_segment(&target.name())
+        .unwrap()
+        .buffer(0)
+        .unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 4096, 0).unwrap();
+    let batch = b.submit().unwrap();
+    assert_eq!(batch.task(0), Some(TaskStatus::Completed));
+    assert_eq!(batch.task(1), None);
+}
+
+#[test]
+fn requests_are_checked_before_submission() {
+    let target = engine();
+    let initiator = engine();
+    let _rw = target.allocate(4096, Location::host()).unwrap();
+    let _ro = target
+        .allocate_with(4096, Location::host(), Access::RemoteRead, "ro")
+        .unwrap();
+    let _hidden = target
+        .allocate_with(4096, Location::host(), Access::Local, "hidden")
+        .unwrap();
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    // Local-only memory is not published at all.
+    assert_eq!(seg.buffers().len(), 2);
+    assert!(matches!(
+        seg.buffer_named("hidden"),
+        Err(Error::InvalidRequest(_))
+    ));
+    let rw = seg.buffer(0).unwrap();
+    let ro = seg.buffer_named("ro").unwrap();
+    let mut b = initiator.batch();
+    assert!(matches!(
+        b.write(&local, 0, &rw, 1, 4096),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        b.write(&local, 1, &rw, 0, 4096),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        b.write(&local, 0, &rw, u64::MAX, 2),
+        Err(Error::InvalidRequest(_))
+    ));
+    let e = b.write(&local, 0, &ro, 0, 16).unwrap_err();
+    assert!(e.to_string().contains("does not allow"), "{e}");
+    b.read(&local, 0, &ro, 0, 16).unwrap();
+    assert_eq!(b.len(), 1);
+    b.submit().unwrap().wait(WAIT).unwrap();
+}
+
+#[test]
+fn descriptor_is_refreshed_after_an_access_error() {
+    let target = engine();
+    let initiator = engine();
+    let old = target.allocate(1 << 16, Location::host()).unwrap();
+    let local = initiator.allocate(1 << 16, Location::host()).unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    let remote = seg.buffer(0).unwrap();
+    // The target replaces its buffer: the cached descriptor now names memory that is gone.
+    drop(old);
+    let new = target.allocate(1 << 16, Location::host()).unwrap();
+
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 1024).unwrap();
+    let batch = b.submit().unwrap();
+    let err = batch.wait(WAIT).unwrap_err();
+    assert!(
+        matches!(
+            batch.task(0),
+            Some(TaskStatus::Failed(FailReason::Remote(
+                RemoteStatus::NotRegistered | RemoteStatus::KeyMismatch
+            )))
+        ),
+        "{err}"
+    );
+    assert!(target.tcp_stats().rejected_requests >= 1);
+
+    // The first access error made the cache stale; opening again fetches the new layout.
+    let seg2 = initiator.open_segment(&target.name()).unwrap();
+    assert_eq!(seg2.buffer(0).unwrap().descriptor().addr, new.addr());
+    let data = random(1024);
+    local.write_at(0, &data).unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &seg2.buffer(0).unwrap(), 0, 1024)
+        .unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; 1024];
+    new.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "after refresh");
+}
+
+#[test]
+fn stale_batch_ids_are_errors() {
+    let target = engine();
+    let initiator = engine();
+    let _r = target.allocate(4096, Location::host()).unwrap();
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let remote = initiator
+        .open_segment(&target.name())
+        .unwrap()
+        .buffer(0)
+        .unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 4096).unwrap();
+    let batch = b.submit().unwrap();
+    let id = batch.id();
+    batch.wait(WAIT).unwrap();
+    assert_eq!(initiator.batch_progress(id).unwrap().completed, 1);
+    drop(batch);
+    assert!(matches!(
+        initiator.batch_progress(id),
+        Err(Error::StaleBatch)
+    ));
+    // The slot is reused by the next batch; the old id still does not name it.
+    let mut b = initiator.batch();
+    b.read(&local, 0, &remote, 0, 4096).unwrap();
+    let next = b.submit().unwrap();
+    next.wait(WAIT).unwrap();
+    assert!(matches!(
+        initiator.batch_progress(id),
+        Err(Error::StaleBatch)
+    ));
+    assert_eq!(initiator.batch_progress(next.id()).unwrap().completed, 1);
+}
+
+#[test]
+fn notifications_arrive_in_order() {
+    let target = engine();
+    let initiator = engine();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    for i in 0..500u32 {
+        initiator
+            .notify(&seg, format!("kv blocks {i} ready").as_bytes())
+            .unwrap();
+    }
+    for i in 0..500u32 {
+        let n = target.recv_notification(WAIT).expect("notification");
+        assert_eq!(n.from, initiator.name());
+        assert_eq!(n.message, format!("kv blocks {i} ready").as_bytes());
+    }
+    assert!(target.try_recv_notification().is_none());
+    let too_big = vec![7u8; 70 * 1024];
+    assert!(matches!(
+        initiator.notify(&seg, &too_big),
+        Err(Error::Notify { .. })
+    ));
+}
+
+#[test]
+fn a_hung_peer_times_tasks_out_by_their_deadline() {
+    // A listener that accepts and never answers stands in for a peer that hangs.
+    let target = engine();
+    let initiator = engine();
+    let _r = target.allocate(1 << 20, Location::host()).unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    let remote = seg.buffer(0).unwrap();
+    let local = initiator.allocate(1 << 20, Location::host()).unwrap();
+    // Shutting the target's transport down leaves its sockets open but unserved.
+    target.shutdown();
+    let mut b = initiator.batch().timeout(Duration::from_millis(300));
+    for i in 0..16 {
+        b.write(&local, i * 65536, &remote, (i * 65536) as u64, 65536)
+            .unwrap();
+    }
+    let batch = b.submit().unwrap();
+    let start = std::time::Instant::now();
+    let r = batch.wait(Duration::from_secs(20));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "wait returned after {:?}",
+        start.elapsed()
+    );
+    assert!(matches!(r, Err(Error::TasksFailed { .. })), "{r:?}");
+    let p = batch.poll();
+    assert_eq!(p.pending, 0);
+    assert_eq!(p.completed + p.failed + p.timed_out, 16);
+    assert!(p.completed < 16);
+}

@@ -1,0 +1,346 @@
+//! `cargo xtask`: the commands that check and measure ferry. It shells out to cargo, apt
+//! and the benchmark binaries; nothing depends on it.
+//!
+//! - `cargo xtask test [--hw]`: formatting, clippy with `-D warnings`, every test and doc
+//!   test. `--hw` also runs the tests that need hardware (GPU, EFA, RDMA).
+//! - `cargo xtask bench [--duration S] [--rounds N]`: `ferry bench` and `iperf3 -l 1M` on
+//!   loopback, interleaved in one run, with their ratios.
+#![forbid(unsafe_code)]
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r))
+        .unwrap_or(("help", &[]));
+    match task {
+        "test" => test(rest),
+        "bench" => bench(rest),
+        _ => {
+            eprintln!("usage: cargo xtask test [--hw]\n       cargo xtask bench [--duration SECS] [--rounds N]");
+            if task == "help" || task == "--help" {
+                Ok(())
+            } else {
+                bail!("unknown task `{task}`")
+            }
+        }
+    }
+}
+
+fn root() -> std::path::PathBuf {
+    let here = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(|p| p.to_path_buf()).unwrap_or(here)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: $ {}", render(cmd));
+    let start = Instant::now();
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {}", render(cmd)))?;
+    eprintln!("xtask:   ({:.1} s)", start.elapsed().as_secs_f64());
+    if !status.success() {
+        bail!("`{}` failed ({status})", render(cmd));
+    }
+    Ok(())
+}
+
+fn render(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| {
+            let a = a.to_string_lossy();
+            if a.contains(' ') || a.contains(';') {
+                format!("'{a}'")
+            } else {
+                a.into_owned()
+            }
+        }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs Debian packages that are missing (needs root, as on CI).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sudo = if Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
+    let apt = |args: &[&str]| {
+        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let hw = args.iter().any(|a| a == "--hw");
+    if let Some(a) = args.iter().find(|a| *a != "--hw") {
+        bail!("cargo xtask test: unknown flag `{a}` (expected --hw)");
+    }
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut tests = if have("cargo-nextest") {
+        let mut c = cargo();
+        c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        if hw {
+            c.args(["--run-ignored", "all"]);
+        }
+        c
+    } else {
+        let mut c = cargo();
+        c.args([
+            "test",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--no-fail-fast",
+        ]);
+        if hw {
+            c.args(["--", "--include-ignored"]);
+        }
+        c
+    };
+    run(&mut tests)?;
+    run(cargo().args(["test", "--workspace", "--doc"]))?;
+    Ok(())
+}
+
+struct Case {
+    label: &'static str,
+    args: Vec<&'static str>,
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut duration = "3".to_string();
+    let mut rounds = 3usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--duration" => duration = it.next().context("--duration needs seconds")?.clone(),
+            "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
+            other => bail!("cargo xtask bench: unknown flag `{other}`"),
+        }
+    }
+    if !have("iperf3") {
+        apt_install(&["iperf3"])?;
+    }
+    run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
+    let ferry = root().join("target/release/ferry");
+    let cases = [
+        Case {
+            label: "write 1 MiB x128",
+            args: vec![
+                "--operation",
+                "write",
+                "--block-size",
+                "1M",
+                "--batch-size",
+                "128",
+            ],
+        },
+        Case {
+            label: "read  1 MiB x128",
+            args: vec![
+                "--operation",
+                "read",
+                "--block-size",
+                "1M",
+                "--batch-size",
+                "128",
+            ],
+        },
+        Case {
+            label: "write 64 KiB x128",
+            args: vec![
+                "--operation",
+                "write",
+                "--block-size",
+                "64K",
+                "--batch-size",
+                "128",
+            ],
+        },
+        Case {
+            label: "read  64 KiB x128",
+            args: vec![
+                "--operation",
+                "read",
+                "--block-size",
+                "64K",
+                "--batch-size",
+                "128",
+            ],
+        },
+        Case {
+            label: "read  4 KiB x1",
+            args: vec![
+                "--operation",
+                "read",
+                "--block-size",
+                "4K",
+                "--batch-size",
+                "1",
+            ],
+        },
+    ];
+    // results[case] = (throughput, efficiency, p50 latency) per round; iperf per round.
+    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); cases.len()];
+    let mut iperf = Vec::new();
+    for round in 1..=rounds {
+        eprintln!("xtask: round {round}/{rounds}");
+        iperf.push(iperf3(&duration)?);
+        for (i, case) in cases.iter().enumerate() {
+            let out = Command::new(&ferry)
+                .arg("bench")
+                .args(&case.args)
+                .args(["--duration", &duration, "--json"])
+                .current_dir(root())
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running ferry bench")?;
+            if !out.status.success() {
+                bail!(
+                    "ferry bench {} failed ({})",
+                    case.args.join(" "),
+                    out.status
+                );
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("parsing ferry bench --json")?;
+            let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            results[i].push((
+                num("/throughput_gbps"),
+                num("/gb_per_cpu_second"),
+                num("/latency_us/p50"),
+            ));
+        }
+    }
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(|a, b| a.total_cmp(b));
+        xs[xs.len() / 2]
+    };
+    let ip_rate = median(iperf.iter().map(|x: &(f64, f64)| x.0).collect());
+    let ip_eff = median(iperf.iter().map(|x| x.1).collect());
+    println!(
+        "loopback, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)"
+    );
+    println!(
+        "{:<20} {:>9} {:>10} {:>14} {:>12}",
+        "case", "GB/s", "vs iperf3", "GB/CPU-second", "p50 latency"
+    );
+    println!(
+        "{:<20} {:>9.2} {:>10} {:>14.2} {:>12}",
+        "iperf3 -l 1M", ip_rate, "1.00", ip_eff, "-"
+    );
+    for (case, r) in cases.iter().zip(&results) {
+        let rate = median(r.iter().map(|x| x.0).collect());
+        let eff = median(r.iter().map(|x| x.1).collect());
+        let p50 = median(r.iter().map(|x| x.2).collect());
+        println!(
+            "{:<20} {:>9.2} {:>10.2} {:>14.2} {:>9.1} us",
+            case.label,
+            rate,
+            rate / ip_rate,
+            eff,
+            p50
+        );
+    }
+    Ok(())
+}
+
+/// One `iperf3 -l 1M` run on loopback: (GB/s, GB per CPU-second of both ends).
+fn iperf3(duration: &str) -> Result<(f64, f64)> {
+    let port = "5299";
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-p", port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    let mut out = None;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let o = Command::new("iperf3")
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-l",
+                "1M",
+                "-t",
+                duration,
+                "-J",
+            ])
+            .output()
+            .context("running iperf3 -c")?;
+        if o.status.success() {
+            out = Some(o);
+            break;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out.context("iperf3 never connected to its server")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(|x| x.as_f64())
+        .context("iperf3 output")?;
+    let cpu = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0) / 100.0;
+    let cores = cpu("/end/cpu_utilization_percent/host_total")
+        + cpu("/end/cpu_utilization_percent/remote_total");
+    let rate = bps / 8e9;
+    Ok((rate, if cores > 0.0 { rate / cores } else { 0.0 }))
+}
