@@ -20,13 +20,9 @@ fn round_trip(initiator: &Engine, target: &Engine, len: usize, local_off: usize,
     let data = random(len);
     src.write_at(local_off, &data).unwrap();
 
-    let seg = initiator.open_segment(&target.name()).unwrap();
-    let seg = if seg.buffers().iter().any(|b| b.addr == remote_buf.addr()) {
-        seg
-    } else {
-        // A buffer registered after the descriptor was cached: fetch it again.
-        initiator.refresh_segment(&target.name()).unwrap()
-    };
+    // The target registered a buffer after any cached descriptor was fetched (possibly
+    // at the address of one it freed): fetch the descriptor again.
+    let seg = initiator.refresh_segment(&target.name()).unwrap();
     let i = seg
         .buffers()
         .iter()

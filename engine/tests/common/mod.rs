@@ -1,5 +1,5 @@
 //! Helpers shared by the engine's loopback tests.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::time::Duration;
 

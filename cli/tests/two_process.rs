@@ -1,0 +1,261 @@
+//! Target and initiator in two processes: the real `ferry target` binary serves memory,
+//! this test process drives it through `ferry-engine`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_engine::{Engine, Error, Location, Tcp, TcpConfig};
+use rand::RngCore;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+struct Target {
+    child: Child,
+    name: String,
+}
+
+impl Target {
+    fn start(listen: &str, buffer: &str) -> Target {
+        let mut child = Command::new(FERRY)
+            .args([
+                "target",
+                "--listen",
+                listen,
+                "--buffer-size",
+                buffer,
+                "--exit-on-stdin-eof",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ferry target starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let name = line
+            .strip_prefix("segment ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from ferry target: {line:?}"))
+            .to_string();
+        Target { child, name }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+fn initiator() -> Engine {
+    Engine::builder()
+        .transport(Tcp::new(TcpConfig::default()))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn write_then_read_across_processes() {
+    let target = Target::start("127.0.0.1:0", "80M");
+    let e = initiator();
+    let seg = e.open_segment(&target.name).unwrap();
+    let remote = seg.buffer_named("bench").unwrap();
+    let local = e.allocate(70 << 20, Location::host()).unwrap();
+    let back = e.allocate(70 << 20, Location::host()).unwrap();
+    for (len, local_off, remote_off) in [
+        (1usize, 0usize, 0u64),
+        (4096, 3, 5),
+        (65536, 4095, 1),
+        (1 << 20, 1, 7),
+        (64 << 20, 13, 4097),
+    ] {
+        let data = random(len);
+        local.write_at(local_off, &data).unwrap();
+        let mut b = e.batch();
+        b.write(&local, local_off, &remote, remote_off, len)
+            .unwrap();
+        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
+        let mut b = e.batch();
+        b.read(&back, local_off + 1, &remote, remote_off, len)
+            .unwrap();
+        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
+        let mut got = vec![0u8; len];
+        back.read_at(local_off + 1, &mut got).unwrap();
+        assert!(
+            got == data,
+            "{len} bytes at {remote_off} did not come back intact"
+        );
+    }
+}
+
+#[test]
+fn target_death_mid_batch_fails_every_task_and_a_new_target_is_reachable() {
+    let target = Target::start("127.0.0.1:0", "64M");
+    let name = target.name.clone();
+    let e = initiator();
+    let remote = e.open_segment(&name).unwrap().buffer(0).unwrap();
+    let local = e.allocate(64 << 20, Location::host()).unwrap();
+
+    // Stop the target so the batch is certainly in flight, then kill it.
+    target.signal("-STOP");
+    let mut b = e.batch().timeout(Duration::from_secs(20));
+    for i in 0..64usize {
+        b.write(&local, i << 20, &remote, (i << 20) as u64, 1 << 20)
+            .unwrap();
+    }
+    let batch = b.submit().unwrap();
+    // 64 MiB cannot fit in socket buffers: a stopped target leaves the batch in flight.
+    assert!(
+        batch.poll().pending > 0,
+        "the batch must still be in flight"
+    );
+    drop(target); // SIGKILL
+    let start = Instant::now();
+    let r = batch.wait(Duration::from_secs(60));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "tasks ended only after {:?}",
+        start.elapsed()
+    );
+    assert!(matches!(r, Err(Error::TasksFailed { .. })), "{r:?}");
+    let p = batch.poll();
+    assert_eq!(p.pending, 0);
+    assert_eq!(p.failed + p.timed_out + p.completed, 64);
+    assert!(p.failed > 0);
+
+    // A new target on the same address is reachable after open_segment.
+    let again = Target::start(&name, "64M");
+    assert_eq!(again.name, name);
+    let remote = e.open_segment(&name).unwrap().buffer(0).unwrap();
+    let data = random(1 << 20);
+    local.write_at(0, &data).unwrap();
+    let mut b = e.batch();
+    b.write(&local, 0, &remote, 0, 1 << 20).unwrap();
+    b.submit().unwrap().wait(Duration::from_secs(30)).unwrap();
+    let mut b = e.batch();
+    b.read(&local, 1 << 20, &remote, 0, 1 << 20).unwrap();
+    b.submit().unwrap().wait(Duration::from_secs(30)).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    local.read_at(1 << 20, &mut got).unwrap();
+    assert!(got == data);
+}
+
+#[test]
+fn a_stopped_target_times_tasks_out_by_their_deadline() {
+    let target = Target::start("127.0.0.1:0", "16M");
+    let e = initiator();
+    let remote = e.open_segment(&target.name).unwrap().buffer(0).unwrap();
+    let local = e.allocate(16 << 20, Location::host()).unwrap();
+    target.signal("-STOP");
+    let mut b = e.batch().timeout(Duration::from_millis(500));
+    for i in 0..16usize {
+        b.read(&local, i << 20, &remote, (i << 20) as u64, 1 << 20)
+            .unwrap();
+    }
+    let batch = b.submit().unwrap();
+    let start = Instant::now();
+    let r = batch.wait(Duration::from_secs(30));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "wait took {took:?}");
+    assert!(
+        matches!(r, Err(Error::TasksFailed { timed_out: 16, .. })),
+        "{r:?}"
+    );
+    target.signal("-CONT");
+}
+
+#[test]
+fn bench_verifies_and_reports_json() {
+    for op in ["write", "read"] {
+        let out = Command::new(FERRY)
+            .args([
+                "bench",
+                "--operation",
+                op,
+                "--block-size",
+                "64K",
+                "--batch-size",
+                "8",
+                "--threads",
+                "2",
+            ])
+            .args([
+                "--duration",
+                "0.3",
+                "--buffer-size",
+                "8M",
+                "--verify",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        for field in [
+            "protocol",
+            "operation",
+            "block_size",
+            "batch_size",
+            "threads",
+            "duration_s",
+            "bytes",
+            "throughput_gbps",
+            "ops_per_sec",
+            "errors",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field} in {text}");
+        }
+        assert_eq!(v["operation"], op);
+        assert_eq!(v["errors"], 0);
+        assert_eq!(v["verified"], true);
+        assert!(v["bytes"].as_u64().unwrap() > 0);
+        assert!(v["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+        assert!(v["cpu_seconds"]["target"].as_f64().is_some());
+    }
+}
+
+#[test]
+fn unknown_protocols_and_missing_features_are_clear_errors() {
+    let out = Command::new(FERRY)
+        .args(["bench", "--protocol", "efa", "--duration", "0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features efa"), "{err}");
+    let out = Command::new(FERRY)
+        .args(["bench", "--location", "cuda:0", "--duration", "0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features cuda"), "{err}");
+    let out = Command::new(FERRY).arg("info").output().unwrap();
+    assert!(out.status.success());
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(info.contains("tcp   usable"), "{info}");
+    assert!(info.contains("efa   not compiled in"), "{info}");
+}

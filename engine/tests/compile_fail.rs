@@ -1,0 +1,8 @@
+//! The builder's typestate: an engine without a TCP transport does not compile, and the
+//! compiler's message says what to add.
+
+#[test]
+fn builder_typestate() {
+    let t = trybuild::TestCases::new();
+    t.compile_fail("tests/ui/*.rs");
+}

@@ -1,0 +1,141 @@
+//! Run-time configuration: the protocol is honoured exactly, and what a build lacks is a
+//! clear error naming the Cargo feature.
+
+mod common;
+
+use ferry_engine::{Engine, EngineConfig, Error, ErrorKind, Location};
+
+#[test]
+fn from_config_tcp_builds_a_working_engine() {
+    let target = Engine::from_config(&EngineConfig::default()).unwrap();
+    let initiator = Engine::from_config(&EngineConfig {
+        protocol: "TCP".into(),
+        lanes: 2,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    assert_eq!(target.protocols(), vec![ferry_engine::Protocol::Tcp]);
+    let remote_buf = target.allocate(4096, Location::host()).unwrap();
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let data = common::random(4096);
+    local.write_at(0, &data).unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    assert_eq!(seg.protocol(), Some(ferry_engine::Protocol::Tcp));
+    let mut b = initiator.batch();
+    b.write(&local, 0, &seg.buffer(0).unwrap(), 0, 4096)
+        .unwrap();
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+    let mut got = vec![0u8; 4096];
+    remote_buf.read_at(0, &mut got).unwrap();
+    assert_eq!(got, data);
+}
+
+#[test]
+fn fabric_protocols_not_compiled_in_name_their_feature() {
+    for (protocol, feature) in [("efa", "efa"), ("rdma", "rdma")] {
+        let err = Engine::from_config(&EngineConfig {
+            protocol: protocol.into(),
+            ..EngineConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == feature),
+            "{err}"
+        );
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("--features {feature}")), "{msg}");
+    }
+}
+
+#[test]
+fn unknown_protocol_and_metadata_are_errors() {
+    let err = Engine::from_config(&EngineConfig {
+        protocol: "ucx".into(),
+        ..EngineConfig::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown protocol `ucx`"), "{err}");
+    let err = Engine::from_config(&EngineConfig {
+        metadata: "etcd://127.0.0.1:2379".into(),
+        ..EngineConfig::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("--features etcd"), "{err}");
+    let err = Engine::from_config(&EngineConfig {
+        metadata: "zookeeper://x".into(),
+        ..EngineConfig::default()
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+#[test]
+fn device_memory_is_rejected_at_registration_without_cuda() {
+    let e = common::engine();
+    let err = e.allocate(4096, Location::Cuda { device: 0 }).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cuda:0") && msg.contains("--features cuda"),
+        "{msg}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    let mut host = vec![0u8; 64];
+    // SAFETY: registration is refused, so the pointer is never used.
+    let err = unsafe {
+        e.register(
+            host.as_mut_ptr(),
+            host.len(),
+            Location::Cuda { device: 1 },
+            ferry_engine::Access::Local,
+        )
+    }
+    .unwrap_err();
+    assert!(err.to_string().contains("--features cuda"), "{err}");
+    // Nothing was published.
+    assert!(e.descriptor().buffers.is_empty());
+}
+
+#[test]
+fn listening_twice_on_one_port_is_a_clear_error() {
+    let a = common::engine();
+    let err = Engine::builder()
+        .transport(ferry_engine::Tcp::default())
+        .listen(a.name())
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains(&a.name()), "{err}");
+}
+
+#[test]
+fn registered_caller_memory_is_served_to_peers() {
+    let target = common::engine();
+    let initiator = common::engine();
+    let mut tensor = common::random(8192);
+    let want = tensor.clone();
+    // SAFETY: `tensor` outlives `buf` (dropped below, before `tensor`), and this test
+    // does not touch `tensor` while transfers run.
+    let buf = unsafe {
+        target.register(
+            tensor.as_mut_ptr(),
+            tensor.len(),
+            Location::host(),
+            ferry_engine::Access::RemoteRead,
+        )
+    }
+    .unwrap();
+    let local = initiator.allocate(8192, Location::host()).unwrap();
+    let remote = initiator
+        .open_segment(&target.name())
+        .unwrap()
+        .buffer(0)
+        .unwrap();
+    let mut b = initiator.batch();
+    b.read(&local, 0, &remote, 0, 8192).unwrap();
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+    let mut got = vec![0u8; 8192];
+    local.read_at(0, &mut got).unwrap();
+    assert_eq!(got, want);
+    drop(buf);
+    assert!(target.descriptor().buffers.is_empty());
+}
