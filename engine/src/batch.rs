@@ -505,6 +505,17 @@ impl<'e> BatchBuilder<'e> {
                 }
             }
         }
+        // Ring each connection's doorbell once: small batches go out on this thread.
+        let mut last: Option<&Arc<SegmentInner>> = None;
+        for spec in &d.specs {
+            if last.is_some_and(|l| Arc::ptr_eq(l, &spec.segment)) {
+                continue;
+            }
+            if let Route::Remote { conn, .. } = &spec.segment.route {
+                conn.flush();
+            }
+            last = Some(&spec.segment);
+        }
         drop(d);
         tracing::trace!(batch = self.index, "submitted");
         Ok(Batch {

@@ -59,6 +59,11 @@ pub trait Connection: Send + Sync {
     /// exactly once. On `Err`, nothing was posted and nothing will be reported.
     fn post(&self, slice: Slice) -> Result<(), FailReason>;
 
+    /// The doorbell: every slice of a submission has been posted. A transport may start
+    /// sending on the calling thread (for a small submission this saves waking a worker),
+    /// and must make sure everything posted is under way without further calls.
+    fn flush(&self) {}
+
     /// Whether the connection still works; a dead one is replaced on the next
     /// [`Transport::connect`].
     fn is_alive(&self) -> bool;

@@ -10,7 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::atomic::fence;
+use std::sync::OnceLock;
+use std::thread::Thread;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use ferry_transport_api::{
     Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
@@ -25,6 +29,12 @@ use crate::Shared;
 const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Slices queued per lane before `post` waits.
 const QUEUE_DEPTH: usize = 4096;
+/// Bytes a submitting thread sends itself before it leaves the rest to the lane's
+/// sender thread: small submissions skip a thread hand-off, large ones do not block.
+const INLINE_BYTES: usize = 256 * 1024;
+/// In flight below this many bytes, the receiver spins for answers (they come back in
+/// microseconds); above it, it sleeps (they come back at link speed).
+const SPIN_INFLIGHT_BYTES: usize = 256 * 1024;
 
 enum Item {
     Slice(Slice),
@@ -37,6 +47,9 @@ enum Item {
 enum Entry {
     Slice {
         seq: u64,
+        /// For the first slice of a READ frame, the frame's size (its answer is one
+        /// `ReadData` message of that many statuses); otherwise 0.
+        read_frame: u32,
         slice: Slice,
     },
     Notify {
@@ -52,6 +65,13 @@ impl Entry {
         }
     }
 
+    fn len(&self) -> usize {
+        match self {
+            Entry::Slice { slice, .. } => slice.len,
+            Entry::Notify { .. } => 0,
+        }
+    }
+
     fn fail(self, completions: &dyn Completions, reason: FailReason) {
         match self {
             Entry::Slice { slice, .. } => completions.complete(slice.token, Err(reason)),
@@ -64,6 +84,8 @@ impl Entry {
 
 struct Inflight {
     entries: VecDeque<Entry>,
+    /// Payload bytes of the entries.
+    bytes: usize,
     /// Set once the lane is dead: nothing more may be added.
     closed: Option<FailReason>,
 }
@@ -94,6 +116,7 @@ impl LaneState {
         let entries: Vec<Entry> = {
             let mut g = self.inflight.lock();
             g.closed.get_or_insert(reason);
+            g.bytes = 0;
             g.entries.drain(..).collect()
         };
         self.not_full.notify_all();
@@ -123,16 +146,76 @@ fn reserve(
     }
 }
 
+/// Everything one lane shares between the threads that use it.
 struct Lane {
-    tx: Sender<Item>,
     state: Arc<LaneState>,
+    tx: Sender<Item>,
+    rx: Receiver<Item>,
+    /// The sending half; whoever holds it sends (a submitter inline, or the lane's
+    /// sender thread).
+    send: Mutex<SendState>,
+    /// The lane's sender thread, woken only when work is left for it.
+    sender: OnceLock<Thread>,
+    /// Cleared when the connection is dropped: the sender thread then exits.
+    open: AtomicBool,
+}
+
+impl Lane {
+    fn wake_sender(&self) {
+        if let Some(t) = self.sender.get() {
+            t.unpark();
+        }
+    }
+
+    /// Sends what is queued on the calling thread, up to `budget` bytes, unless another
+    /// thread is already sending (it then sends this too); wakes the sender thread for
+    /// whatever is left.
+    fn pump(&self, budget: usize) {
+        loop {
+            fence(Ordering::SeqCst);
+            if self.rx.is_empty() {
+                return;
+            }
+            let Some(mut s) = self.send.try_lock() else {
+                // The holder checks the queue again after letting go.
+                return;
+            };
+            let finished = s.pump(self, budget);
+            drop(s);
+            if !finished {
+                self.wake_sender();
+                return;
+            }
+        }
+    }
+
+    fn sender_loop(self: Arc<Self>) {
+        let span = tracing::debug_span!("lane-send");
+        let _enter = span.enter();
+        loop {
+            let finished = self.send.lock().pump(&self, usize::MAX);
+            fence(Ordering::SeqCst);
+            if !finished || !self.rx.is_empty() {
+                continue;
+            }
+            if !self.open.load(Ordering::Acquire) {
+                // No connection handle is left, so nothing more can be posted.
+                let s = self.send.lock();
+                while let Ok(item) = self.rx.try_recv() {
+                    s.fail_item(item, FailReason::Shutdown);
+                }
+                return;
+            }
+            std::thread::park_timeout(Duration::from_millis(200));
+        }
+    }
 }
 
 /// A set of persistent lanes to one peer. Slices are spread over the lanes round-robin;
 /// notifications always take lane 0, so they arrive in the order they were sent.
 pub struct TcpConnection {
     peer: String,
-    lanes: Vec<Lane>,
+    lanes: Vec<Arc<Lane>>,
     next: AtomicUsize,
 }
 
@@ -157,7 +240,8 @@ impl TcpConnection {
             let state = Arc::new(LaneState {
                 dead: AtomicBool::new(false),
                 inflight: Mutex::new(Inflight {
-                    entries: VecDeque::with_capacity(shared.config.max_inflight),
+                    entries: VecDeque::with_capacity(shared.config.max_inflight.max(MAX_DESCS)),
+                    bytes: 0,
                     closed: None,
                 }),
                 not_full: Condvar::new(),
@@ -165,25 +249,35 @@ impl TcpConnection {
                 wakers: [send_pipe.waker(), recv_pipe.waker()],
             });
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
-            let mut sender = Sender_ {
-                shared: shared.clone(),
-                completions: completions.clone(),
+            let lane = Arc::new(Lane {
                 state: state.clone(),
-                pipe: send_pipe,
-                peer: peer.to_string(),
-                seq: 0,
-                raw: vec![0; HEADER_LEN + MAX_DESCS * DESC_LEN],
-                frame: Vec::with_capacity(MAX_DESCS),
-                regions: Vec::with_capacity(MAX_DESCS),
-                spans: Vec::with_capacity(MAX_DESCS),
-            };
-            std::thread::Builder::new()
+                tx,
+                rx,
+                send: Mutex::new(SendState {
+                    shared: shared.clone(),
+                    completions: completions.clone(),
+                    state: state.clone(),
+                    pipe: send_pipe,
+                    peer: peer.to_string(),
+                    seq: 0,
+                    held: None,
+                    raw: vec![0; HEADER_LEN + MAX_DESCS * DESC_LEN],
+                    frame: Vec::with_capacity(MAX_DESCS),
+                    regions: Vec::with_capacity(MAX_DESCS),
+                    spans: Vec::with_capacity(MAX_DESCS),
+                }),
+                sender: OnceLock::new(),
+                open: AtomicBool::new(true),
+            });
+            let runner = lane.clone();
+            let handle = std::thread::Builder::new()
                 .name(format!("ferry-tcp-send-{index}"))
-                .spawn(move || sender.run(rx))?;
+                .spawn(move || runner.sender_loop())?;
+            let _ = lane.sender.set(handle.thread().clone());
             let mut receiver = Receiver_ {
                 shared: shared.clone(),
                 completions: completions.clone(),
-                state: state.clone(),
+                state,
                 pipe: recv_pipe,
                 peer: peer.to_string(),
                 expected: 0,
@@ -192,7 +286,7 @@ impl TcpConnection {
             std::thread::Builder::new()
                 .name(format!("ferry-tcp-recv-{index}"))
                 .spawn(move || receiver.run())?;
-            lanes.push(Lane { tx, state });
+            lanes.push(lane);
         }
         tracing::debug!(%peer, lanes = lanes.len(), "connected");
         Ok(TcpConnection {
@@ -219,9 +313,8 @@ impl TcpConnection {
         if lane.state.dead.load(Ordering::Acquire) {
             return Err(FailReason::ConnectionLost);
         }
-        lane.tx
-            .send_timeout(Item::Notify { body, reply }, timeout)
-            .map_err(|_| FailReason::TimedOut)?;
+        enqueue(lane, Item::Notify { body, reply })?;
+        lane.pump(INLINE_BYTES);
         match done.recv_timeout(timeout) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(FailReason::TimedOut),
@@ -233,7 +326,20 @@ impl TcpConnection {
     pub(crate) fn close(&self, reason: FailReason) {
         for lane in &self.lanes {
             lane.state.kill(&self.peer, reason, &"closed locally");
+            lane.wake_sender();
         }
+    }
+}
+
+/// Queues an item, waking the sender thread if the queue is full.
+fn enqueue(lane: &Lane, item: Item) -> Result<(), FailReason> {
+    match lane.tx.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(item)) => {
+            lane.wake_sender();
+            lane.tx.send(item).map_err(|_| FailReason::ConnectionLost)
+        }
+        Err(TrySendError::Disconnected(_)) => Err(FailReason::ConnectionLost),
     }
 }
 
@@ -243,10 +349,12 @@ impl Connection for TcpConnection {
         if lane.state.dead.load(Ordering::Acquire) {
             return Err(FailReason::ConnectionLost);
         }
-        match lane.tx.send(Item::Slice(slice)) {
-            Ok(()) => Ok(()),
-            // The sender thread is gone; the slice was not taken.
-            Err(_) => Err(FailReason::ConnectionLost),
+        enqueue(lane, Item::Slice(slice))
+    }
+
+    fn flush(&self) {
+        for lane in &self.lanes {
+            lane.pump(INLINE_BYTES);
         }
     }
 
@@ -259,61 +367,74 @@ impl Connection for TcpConnection {
 
 impl Drop for TcpConnection {
     fn drop(&mut self) {
+        for lane in &self.lanes {
+            lane.open.store(false, Ordering::Release);
+        }
         self.close(FailReason::Shutdown);
     }
 }
 
 /// The sending half of a lane.
-struct Sender_ {
+struct SendState {
     shared: Arc<Shared>,
     completions: Arc<dyn Completions>,
     state: Arc<LaneState>,
     pipe: Pipe,
     peer: String,
     seq: u64,
+    /// An item taken off the queue that did not fit the frame being built.
+    held: Option<Item>,
     raw: Vec<u8>,
     frame: Vec<Slice>,
     regions: Vec<Arc<RegionMemory>>,
     spans: Vec<(usize, usize)>,
 }
 
-impl Sender_ {
-    fn run(&mut self, rx: Receiver<Item>) {
-        let span = tracing::debug_span!("lane-send", peer = %self.peer);
-        let _enter = span.enter();
-        let mut held: Option<Item> = None;
+impl SendState {
+    /// Sends queued items until the queue is empty (returns true) or `budget` bytes went
+    /// out (returns false).
+    fn pump(&mut self, lane: &Lane, budget: usize) -> bool {
+        let mut sent = 0usize;
         loop {
-            let first = match held.take() {
+            if sent >= budget {
+                return self.held.is_none() && lane.rx.is_empty();
+            }
+            let first = match self.held.take() {
                 Some(item) => item,
-                None => match self.next_item(&rx) {
-                    Some(item) => item,
-                    // Every handle on the lane is gone.
-                    None => return,
+                None => match lane.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => return true,
                 },
             };
             if self.state.dead.load(Ordering::Acquire) {
-                self.fail_item(first, self.closed_reason());
+                let reason = self.closed_reason();
+                self.fail_item(first, reason);
                 continue;
             }
             let result = match first {
-                Item::Notify { body, reply } => self.send_notify(body, reply),
+                Item::Notify { body, reply } => {
+                    sent += body.len();
+                    self.send_notify(body, reply)
+                }
                 Item::Slice(slice) => {
                     let op = slice.op;
+                    let limit = MAX_FRAME_BYTES.min(budget - sent);
                     let mut bytes = slice.len;
                     self.frame.push(slice);
-                    while self.frame.len() < MAX_DESCS && bytes < MAX_FRAME_BYTES {
-                        match rx.try_recv() {
+                    while self.frame.len() < MAX_DESCS && bytes < limit {
+                        match lane.rx.try_recv() {
                             Ok(Item::Slice(s)) if s.op == op => {
                                 bytes += s.len;
                                 self.frame.push(s);
                             }
                             Ok(other) => {
-                                held = Some(other);
+                                self.held = Some(other);
                                 break;
                             }
                             Err(_) => break,
                         }
                     }
+                    sent += bytes.max(1);
                     self.send_frame(op)
                 }
             };
@@ -345,25 +466,6 @@ impl Sender_ {
         }
     }
 
-    fn next_item(&self, rx: &Receiver<Item>) -> Option<Item> {
-        let until = Instant::now() + self.shared.config.busy_poll;
-        loop {
-            match rx.try_recv() {
-                Ok(item) => return Some(item),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
-                Err(TryRecvError::Empty) => break,
-            }
-        }
-        loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(item) => return Some(item),
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
-    }
-
     fn send_frame(&mut self, op: Opcode) -> io::Result<()> {
         let n = self.frame.len();
         let first_seq = self.seq;
@@ -390,9 +492,12 @@ impl Sender_ {
         // Entries go in before the bytes leave: the answer may come back at once.
         match reserve(&self.state, self.shared.config.max_inflight, n) {
             Ok(mut g) => {
+                g.bytes += self.frame.iter().map(|s| s.len).sum::<usize>();
+                let read_frame = if op == Opcode::Read { n as u32 } else { 0 };
                 for (i, slice) in self.frame.drain(..).enumerate() {
                     g.entries.push_back(Entry::Slice {
                         seq: first_seq + i as u64,
+                        read_frame: if i == 0 { read_frame } else { 0 },
                         slice,
                     });
                 }
@@ -475,7 +580,8 @@ struct ReceiverPace<'a> {
 
 impl Pace for ReceiverPace<'_> {
     fn spin(&self) -> Duration {
-        if self.state.inflight.lock().entries.is_empty() {
+        let g = self.state.inflight.lock();
+        if g.entries.is_empty() || g.bytes > SPIN_INFLIGHT_BYTES {
             Duration::ZERO
         } else {
             self.shared.config.busy_poll
@@ -551,10 +657,29 @@ impl Receiver_ {
     }
 
     fn receive(&mut self) -> io::Result<()> {
+        // When the oldest request starts a READ frame, its answer is known to be a
+        // ReadData with that many statuses: read header and statuses in one call.
+        let expect = match self.state.inflight.lock().entries.front() {
+            Some(Entry::Slice { read_frame, .. }) => *read_frame as usize,
+            _ => 0,
+        };
         let mut hb = [0u8; HEADER_LEN];
-        self.read(&mut [IoSliceMut::new(&mut hb)])?;
+        let mut statuses = [0u8; MAX_DESCS];
+        self.read(&mut [
+            IoSliceMut::new(&mut hb),
+            IoSliceMut::new(&mut statuses[..expect]),
+        ])?;
         let header = Header::decode(&hb)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if expect > 0 && (header.kind != Kind::ReadData || header.count as usize != expect) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{:?} of {} where the answer to a READ frame of {expect} was due",
+                    header.kind, header.count
+                ),
+            ));
+        }
         if !matches!(header.kind, Kind::Ack | Kind::ReadData) || header.seq != self.expected {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -565,8 +690,9 @@ impl Receiver_ {
             ));
         }
         let n = header.count as usize;
-        let mut statuses = [0u8; MAX_DESCS];
-        self.read(&mut [IoSliceMut::new(&mut statuses[..n])])?;
+        if expect == 0 {
+            self.read(&mut [IoSliceMut::new(&mut statuses[..n])])?;
+        }
         {
             let mut g = self.state.inflight.lock();
             if g.entries.len() < n {
@@ -576,6 +702,8 @@ impl Receiver_ {
                 ));
             }
             self.batch.extend(g.entries.drain(..n));
+            let done: usize = self.batch.iter().map(Entry::len).sum();
+            g.bytes = g.bytes.saturating_sub(done);
         }
         self.state.not_full.notify_one();
         for (i, e) in self.batch.iter().enumerate() {

@@ -20,6 +20,10 @@ const LISTENER: Token = Token(0);
 const WAKE: Token = Token(1);
 /// Coalesced acknowledgements are flushed at the latest when this many are pending.
 const MAX_PENDING_ACKS: usize = MAX_DESCS;
+/// After a message of at most this many payload bytes, the target spins for the next:
+/// small requests come back to back within microseconds; after bulk, the next message
+/// waits on the link anyway and spinning would only take CPU from the copy.
+const SPIN_AFTER_BYTES: u64 = 256 * 1024;
 /// Discarded payload of refused writes goes through this much scratch at a time.
 const SCRATCH: usize = 64 * 1024;
 
@@ -124,6 +128,7 @@ struct PendingAcks {
 struct TargetPace<'a> {
     shared: &'a Shared,
     acks: &'a mut PendingAcks,
+    spin: bool,
 }
 
 impl Pace for TargetPace<'_> {
@@ -131,7 +136,11 @@ impl Pace for TargetPace<'_> {
         flush_acks(pipe, self.acks, self.shared)
     }
     fn spin(&self) -> Duration {
-        self.shared.config.busy_poll
+        if self.spin {
+            self.shared.config.busy_poll
+        } else {
+            Duration::ZERO
+        }
     }
     fn before_sleep(&mut self) -> io::Result<Duration> {
         if self.shared.stopping() {
@@ -166,6 +175,8 @@ struct TargetConn {
     pipe: Pipe,
     acks: PendingAcks,
     next_seq: u64,
+    /// Payload bytes of the last message, for the spin decision.
+    last_bytes: u64,
     raw_descs: Vec<u8>,
     descs: Vec<Desc>,
     statuses: Vec<u8>,
@@ -183,6 +194,7 @@ impl TargetConn {
                 statuses: Vec::with_capacity(MAX_PENDING_ACKS),
             },
             next_seq: 0,
+            last_bytes: 0,
             raw_descs: vec![0; MAX_DESCS * DESC_LEN],
             descs: Vec::with_capacity(MAX_DESCS),
             statuses: Vec::with_capacity(MAX_DESCS),
@@ -195,6 +207,7 @@ impl TargetConn {
         let mut pace = TargetPace {
             shared: &self.shared,
             acks: &mut self.acks,
+            spin: self.last_bytes <= SPIN_AFTER_BYTES,
         };
         self.pipe.read_exact(bufs, &mut pace)
     }
@@ -265,6 +278,7 @@ impl TargetConn {
         self.raw_descs = raw;
         r?;
         self.take_seq(&header, n as u64)?;
+        self.last_bytes = 0;
         self.descs.clear();
         self.statuses.clear();
         self.resolved.clear();
@@ -291,6 +305,7 @@ impl TargetConn {
                     *s
                 }
             };
+            self.last_bytes += d.len;
             self.descs.push(d);
             self.statuses.push(status as u8);
             self.resolved.push(r.ok());
