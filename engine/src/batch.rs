@@ -4,7 +4,7 @@
 //! released, so a late completion for a released batch (or a stale [`BatchId`]) touches
 //! nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -17,6 +17,12 @@ use parking_lot::{Mutex, RwLock};
 use crate::engine::Inner;
 use crate::segment::{Route, SegmentInner};
 use crate::{Buffer, Error, RemoteBuffer, Result};
+
+/// A waiter parked on a batch is woken when this many bytes are left, so it is running
+/// (spinning) when the last slice lands instead of paying a cross-core wake-up after it.
+const EARLY_WAKE_BYTES: u64 = 512 * 1024;
+/// How long a waiter woken early spins before it parks again.
+const EARLY_WAKE_SPIN: Duration = Duration::from_millis(2);
 
 const PENDING: u8 = 0;
 const DONE: u8 = 1;
@@ -111,6 +117,8 @@ struct SlotData {
     deadline: Instant,
     /// Tasks not yet ended.
     open: AtomicU32,
+    /// Bytes of slices not yet completed.
+    bytes_left: AtomicU64,
     has_waiter: AtomicBool,
     waiter: Mutex<Option<Thread>>,
 }
@@ -120,12 +128,17 @@ impl SlotData {
         self.specs.len()
     }
 
-    fn end_task(&self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 && self.has_waiter.load(Ordering::Acquire)
-        {
+    fn wake_waiter(&self) {
+        if self.has_waiter.load(Ordering::Acquire) {
             if let Some(t) = self.waiter.lock().as_ref() {
                 t.unpark();
             }
+        }
+    }
+
+    fn end_task(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake_waiter();
         }
     }
 
@@ -134,7 +147,13 @@ impl SlotData {
             return;
         };
         match result {
-            Ok(_) => {
+            Ok(bytes) => {
+                let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
+                if before > EARLY_WAKE_BYTES
+                    && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
+                {
+                    self.wake_waiter();
+                }
                 if t.remaining.fetch_sub(1, Ordering::AcqRel) == 1
                     && t.state
                         .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
@@ -235,6 +254,7 @@ impl BatchTable {
                 tasks: Vec::new(),
                 deadline: Instant::now(),
                 open: AtomicU32::new(0),
+                bytes_left: AtomicU64::new(0),
                 has_waiter: AtomicBool::new(false),
                 waiter: Mutex::new(None),
             }),
@@ -454,6 +474,10 @@ impl<'e> BatchBuilder<'e> {
                     open += 1;
                 }
             }
+            d.bytes_left.store(
+                d.specs.iter().map(|s| s.len as u64).sum(),
+                Ordering::Relaxed,
+            );
             d.open.store(open, Ordering::Release);
         }
         let d = slot.data.read();
@@ -476,10 +500,13 @@ impl<'e> BatchBuilder<'e> {
                         spec.remote_key,
                         spec.len,
                     );
-                    let remaining = d.tasks[task].remaining.load(Ordering::Relaxed) as usize;
                     // One completion per slice keeps the accounting uniform.
-                    for _ in 0..remaining {
-                        d.apply(task, r.map(|()| spec.len));
+                    let step = engine.max_slice(spec);
+                    let mut off = 0;
+                    while off < spec.len {
+                        let len = step.min(spec.len - off);
+                        d.apply(task, r.map(|()| len));
+                        off += len;
                     }
                 }
                 Route::Remote { conn, .. } => {
@@ -597,7 +624,7 @@ impl Batch {
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let end = start + timeout;
-        let spin_until = start + self.engine.busy_poll;
+        let mut spin_until = start + self.engine.busy_poll;
         let d = self.slot.data.read();
         let mut registered = false;
         loop {
@@ -626,6 +653,10 @@ impl Batch {
                 continue; // re-check `open` before parking
             }
             std::thread::park_timeout(end.min(d.deadline) - now);
+            if d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES {
+                // Woken early: the rest is moments away.
+                spin_until = Instant::now() + EARLY_WAKE_SPIN;
+            }
         }
         self.outcome(&d)
     }

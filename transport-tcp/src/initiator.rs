@@ -418,7 +418,11 @@ impl SendState {
                 }
                 Item::Slice(slice) => {
                     let op = slice.op;
-                    let limit = MAX_FRAME_BYTES.min(budget - sent);
+                    // A WRITE's payload travels now; a READ costs only its descriptor.
+                    let limit = match op {
+                        Opcode::Write => MAX_FRAME_BYTES.min(budget - sent),
+                        Opcode::Read => MAX_FRAME_BYTES,
+                    };
                     let mut bytes = slice.len;
                     self.frame.push(slice);
                     while self.frame.len() < MAX_DESCS && bytes < limit {
@@ -434,7 +438,10 @@ impl SendState {
                             Err(_) => break,
                         }
                     }
-                    sent += bytes.max(1);
+                    sent += match op {
+                        Opcode::Write => bytes.max(1),
+                        Opcode::Read => self.frame.len() * DESC_LEN,
+                    };
                     self.send_frame(op)
                 }
             };

@@ -129,11 +129,17 @@ struct TargetPace<'a> {
     shared: &'a Shared,
     acks: &'a mut PendingAcks,
     spin: bool,
+    mid_frame: bool,
 }
 
 impl Pace for TargetPace<'_> {
     fn drained(&mut self, pipe: &mut Pipe) -> io::Result<()> {
-        flush_acks(pipe, self.acks, self.shared)
+        if self.mid_frame {
+            // The rest of this frame is on its way; its acknowledgements go out together.
+            Ok(())
+        } else {
+            flush_acks(pipe, self.acks, self.shared)
+        }
     }
     fn spin(&self) -> Duration {
         if self.spin {
@@ -204,10 +210,16 @@ impl TargetConn {
     }
 
     fn read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        self.read_in_frame(bufs, false)
+    }
+
+    /// Reads; `mid_frame` holds acknowledgements back while a frame's payloads arrive.
+    fn read_in_frame(&mut self, bufs: &mut [IoSliceMut<'_>], mid_frame: bool) -> io::Result<()> {
         let mut pace = TargetPace {
             shared: &self.shared,
             acks: &mut self.acks,
             spin: self.last_bytes <= SPIN_AFTER_BYTES,
+            mid_frame,
         };
         self.pipe.read_exact(bufs, &mut pace)
     }
@@ -339,7 +351,7 @@ impl TargetConn {
                             .io_slice_mut(r.offset, len)
                             .expect("resolved request lies inside host memory");
                     }
-                    self.read(&mut bufs[..j - i])?;
+                    self.read_in_frame(&mut bufs[..j - i], true)?;
                 }
                 if j < resolved.len() {
                     self.discard(self.descs[j].len)?;
