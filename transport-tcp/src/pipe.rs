@@ -106,12 +106,25 @@ impl Pipe {
     /// Reads until every buffer is full. Empty buffers are skipped.
     pub(crate) fn read_exact(
         &mut self,
-        mut bufs: &mut [IoSliceMut<'_>],
+        bufs: &mut [IoSliceMut<'_>],
         pace: &mut dyn Pace,
     ) -> io::Result<()> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        self.read_min(bufs, total, pace).map(|_| ())
+    }
+
+    /// Reads at least `min` bytes into `bufs` (more if they are already there, up to the
+    /// buffers' size) and returns how many.
+    pub(crate) fn read_min(
+        &mut self,
+        mut bufs: &mut [IoSliceMut<'_>],
+        min: usize,
+        pace: &mut dyn Pace,
+    ) -> io::Result<usize> {
         IoSliceMut::advance_slices(&mut bufs, 0);
+        let mut filled = 0;
         let mut spin_until: Option<Instant> = None;
-        while !bufs.is_empty() {
+        while filled < min && !bufs.is_empty() {
             match (&self.stream).read_vectored(bufs) {
                 Ok(0) => {
                     return Err(io::Error::new(
@@ -121,6 +134,7 @@ impl Pipe {
                 }
                 Ok(n) => {
                     IoSliceMut::advance_slices(&mut bufs, n);
+                    filled += n;
                     spin_until = None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -141,7 +155,7 @@ impl Pipe {
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Writes every buffer. Empty buffers are skipped.

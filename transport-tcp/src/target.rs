@@ -183,6 +183,11 @@ struct TargetConn {
     next_seq: u64,
     /// Payload bytes of the last message, for the spin decision.
     last_bytes: u64,
+    /// Bytes read ahead with a header (at most one descriptor's worth), served before
+    /// the socket.
+    carry: [u8; DESC_LEN],
+    carry_at: usize,
+    carry_end: usize,
     raw_descs: Vec<u8>,
     descs: Vec<Desc>,
     statuses: Vec<u8>,
@@ -201,6 +206,9 @@ impl TargetConn {
             },
             next_seq: 0,
             last_bytes: 0,
+            carry: [0; DESC_LEN],
+            carry_at: 0,
+            carry_end: 0,
             raw_descs: vec![0; MAX_DESCS * DESC_LEN],
             descs: Vec::with_capacity(MAX_DESCS),
             statuses: Vec::with_capacity(MAX_DESCS),
@@ -214,7 +222,24 @@ impl TargetConn {
     }
 
     /// Reads; `mid_frame` holds acknowledgements back while a frame's payloads arrive.
-    fn read_in_frame(&mut self, bufs: &mut [IoSliceMut<'_>], mid_frame: bool) -> io::Result<()> {
+    fn read_in_frame(
+        &mut self,
+        mut bufs: &mut [IoSliceMut<'_>],
+        mid_frame: bool,
+    ) -> io::Result<()> {
+        if self.carry_at < self.carry_end {
+            let mut taken = 0;
+            for b in bufs.iter_mut() {
+                let n = b.len().min(self.carry_end - self.carry_at);
+                b[..n].copy_from_slice(&self.carry[self.carry_at..self.carry_at + n]);
+                self.carry_at += n;
+                taken += n;
+                if self.carry_at == self.carry_end {
+                    break;
+                }
+            }
+            IoSliceMut::advance_slices(&mut bufs, taken);
+        }
         let mut pace = TargetPace {
             shared: &self.shared,
             acks: &mut self.acks,
@@ -230,7 +255,7 @@ impl TargetConn {
                 return Ok(());
             }
             let mut hb = [0u8; HEADER_LEN];
-            match self.read(&mut [IoSliceMut::new(&mut hb)]) {
+            match self.read_header(&mut hb) {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 r => r?,
             }
@@ -261,6 +286,30 @@ impl TargetConn {
                 }
             }
         }
+    }
+
+    /// Reads a header, and with it as much of the first descriptor as is there: READ and
+    /// WRITE frames always carry one, so a one-request frame costs one system call.
+    fn read_header(&mut self, hb: &mut [u8; HEADER_LEN]) -> io::Result<()> {
+        if self.carry_at < self.carry_end {
+            return self.read(&mut [IoSliceMut::new(hb)]);
+        }
+        let mut ahead = [0u8; DESC_LEN];
+        let mut pace = TargetPace {
+            shared: &self.shared,
+            acks: &mut self.acks,
+            spin: self.last_bytes <= SPIN_AFTER_BYTES,
+            mid_frame: false,
+        };
+        let got = self.pipe.read_min(
+            &mut [IoSliceMut::new(hb), IoSliceMut::new(&mut ahead)],
+            HEADER_LEN,
+            &mut pace,
+        )?;
+        self.carry = ahead;
+        self.carry_at = 0;
+        self.carry_end = got - HEADER_LEN;
+        Ok(())
     }
 
     /// Checks that a request frame continues the connection's sequence.
