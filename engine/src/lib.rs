@@ -50,6 +50,11 @@ compile_error!(
      Enable it (it is a default feature) or add `features = [\"tcp\"]` next to `default-features = false`."
 );
 
+// The README's examples are compiled and run with the doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme {}
+
 mod backends;
 mod batch;
 mod builder;

@@ -115,6 +115,10 @@ impl Pipe {
 
     /// Reads at least `min` bytes into `bufs` (more if they are already there, up to the
     /// buffers' size) and returns how many.
+    ///
+    /// A read that returns fewer bytes than asked drained the socket; with edge-triggered
+    /// readiness the next arrival raises a new event, so the reader goes straight to
+    /// spinning or sleeping instead of spending a system call on `EAGAIN`.
     pub(crate) fn read_min(
         &mut self,
         mut bufs: &mut [IoSliceMut<'_>],
@@ -123,8 +127,9 @@ impl Pipe {
     ) -> io::Result<usize> {
         IoSliceMut::advance_slices(&mut bufs, 0);
         let mut filled = 0;
-        let mut spin_until: Option<Instant> = None;
+        let mut idle = Idle::default();
         while filled < min && !bufs.is_empty() {
+            let want: usize = bufs.iter().map(|b| b.len()).sum();
             match (&self.stream).read_vectored(bufs) {
                 Ok(0) => {
                     return Err(io::Error::new(
@@ -135,22 +140,12 @@ impl Pipe {
                 Ok(n) => {
                     IoSliceMut::advance_slices(&mut bufs, n);
                     filled += n;
-                    spin_until = None;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let now = Instant::now();
-                    match spin_until {
-                        None => {
-                            pace.drained(self)?;
-                            spin_until = Some(now + pace.spin());
-                        }
-                        Some(t) if now < t => std::thread::yield_now(),
-                        Some(_) => {
-                            let timeout = pace.before_sleep()?;
-                            self.sleep(timeout)?;
-                        }
+                    idle = Idle::default();
+                    if n < want && filled < min {
+                        idle.wait(self, pace)?;
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => idle.wait(self, pace)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -158,7 +153,8 @@ impl Pipe {
         Ok(filled)
     }
 
-    /// Writes every buffer. Empty buffers are skipped.
+    /// Writes every buffer. Empty buffers are skipped. A short write means the send
+    /// buffer is full: wait for room without asking again first.
     pub(crate) fn write_all(
         &mut self,
         mut bufs: &mut [IoSlice<'_>],
@@ -166,15 +162,52 @@ impl Pipe {
     ) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
+            let want: usize = bufs.iter().map(|b| b.len()).sum();
             match (&self.stream).write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut bufs, n);
+                    if n < want {
+                        let timeout = pace.before_sleep()?;
+                        self.sleep(timeout)?;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let timeout = pace.before_sleep()?;
                     self.sleep(timeout)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a reader does while its socket has nothing: tell the pace once, spin for the
+/// pace's budget (retrying the read), then sleep until readable.
+#[derive(Default)]
+struct Idle {
+    spin_until: Option<Instant>,
+}
+
+impl Idle {
+    fn wait(&mut self, pipe: &mut Pipe, pace: &mut dyn Pace) -> io::Result<()> {
+        let now = Instant::now();
+        match self.spin_until {
+            None => {
+                pace.drained(pipe)?;
+                let spin = pace.spin();
+                self.spin_until = Some(now + spin);
+                if spin.is_zero() {
+                    let timeout = pace.before_sleep()?;
+                    pipe.sleep(timeout)?;
+                }
+            }
+            Some(t) if now < t => std::thread::yield_now(),
+            Some(_) => {
+                let timeout = pace.before_sleep()?;
+                pipe.sleep(timeout)?;
             }
         }
         Ok(())
