@@ -201,15 +201,14 @@ fn own_segment_is_a_memory_copy() {
 
 #[test]
 fn zero_length_requests_complete_at_once() {
-    let target = engine();
-    let initiator = engine();
-    let _r = target.allocate(4096, Location::host()).unwrap();
-    let local = initiator.allocate(4096, Location::host()).unwrap();
-    let remote = initiator
-        .open_segment(&target.name())
-        .unwrap()
-        .buffer(0)
-        .unwrap();
+    // Every field is bound: one left out of the pattern would be dropped at once.
+    let common::Pair {
+        target: _target,
+        target_buf: _target_buf,
+        initiator,
+        local,
+        remote,
+    } = common::pair(4096);
     let mut b = initiator.batch();
     b.write(&local, 0, &remote, 4096, 0).unwrap();
     let batch = b.submit().unwrap();
@@ -301,15 +300,14 @@ fn descriptor_is_refreshed_after_an_access_error() {
 
 #[test]
 fn stale_batch_ids_are_errors() {
-    let target = engine();
-    let initiator = engine();
-    let _r = target.allocate(4096, Location::host()).unwrap();
-    let local = initiator.allocate(4096, Location::host()).unwrap();
-    let remote = initiator
-        .open_segment(&target.name())
-        .unwrap()
-        .buffer(0)
-        .unwrap();
+    // Every field is bound: one left out of the pattern would be dropped at once.
+    let common::Pair {
+        target: _target,
+        target_buf: _target_buf,
+        initiator,
+        local,
+        remote,
+    } = common::pair(4096);
     let mut b = initiator.batch();
     b.write(&local, 0, &remote, 0, 4096).unwrap();
     let batch = b.submit().unwrap();

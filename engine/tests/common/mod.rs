@@ -41,3 +41,36 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// Two engines with one buffer each: the target's is published, the initiator has it
+/// open as `remote`.
+pub struct Pair {
+    pub target: Engine,
+    pub initiator: Engine,
+    pub target_buf: ferry_engine::Buffer,
+    pub local: ferry_engine::Buffer,
+    pub remote: ferry_engine::RemoteBuffer,
+}
+
+pub fn pair(len: usize) -> Pair {
+    let target = engine();
+    let initiator = engine();
+    let target_buf = target
+        .allocate(len, ferry_engine::Location::host())
+        .unwrap();
+    let local = initiator
+        .allocate(len, ferry_engine::Location::host())
+        .unwrap();
+    let remote = initiator
+        .open_segment(&target.name())
+        .unwrap()
+        .buffer(0)
+        .unwrap();
+    Pair {
+        target,
+        initiator,
+        target_buf,
+        local,
+        remote,
+    }
+}
