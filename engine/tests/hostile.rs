@@ -263,3 +263,43 @@ fn many_garbage_connections_at_once_do_not_stop_the_target() {
     assert_bytes_eq(&got, &data, "after garbage");
     assert!(target.tcp_stats().protocol_errors >= 16);
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_others_served() {
+    let target = common::engine_with(ferry_engine::TcpConfig {
+        max_connections: 4,
+        ..ferry_engine::TcpConfig::default()
+    });
+    let name = target.name();
+    let remote_buf = target.allocate(4096, Location::host()).unwrap();
+    // Four idle connections hold every place.
+    let idle: Vec<TcpStream> = (0..4).map(|_| connect(&name)).collect();
+    let mut extra = connect(&name);
+    assert!(
+        closed_by_target(&mut extra),
+        "the fifth connection must be closed"
+    );
+    assert_eq!(target.tcp_stats().refused_connections, 1);
+    // Once the idle ones go, a real client is served.
+    drop(idle);
+    let initiator = common::engine();
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let data = random(4096);
+    local.write_at(0, &data).unwrap();
+    // The target lets go of the idle connections as their threads see them close.
+    let give_up = std::time::Instant::now() + WAIT;
+    while target.tcp_stats().open_connections > 0 {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "idle connections never closed"
+        );
+        std::thread::yield_now();
+    }
+    let remote = initiator.open_segment(&name).unwrap().buffer(0).unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 4096).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; 4096];
+    remote_buf.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "after the limit");
+}

@@ -65,6 +65,9 @@ pub struct TcpConfig {
     /// The address peers should use to reach this engine, when it differs from the bound
     /// one (e.g. listening on `0.0.0.0`).
     pub advertise: Option<String>,
+    /// Most connections the target serves at once (each has a thread); further ones are
+    /// closed at once and counted in [`TcpStats::refused_connections`].
+    pub max_connections: usize,
 }
 
 impl Default for TcpConfig {
@@ -76,6 +79,7 @@ impl Default for TcpConfig {
             busy_poll: Duration::from_micros(50),
             connect_timeout: Duration::from_secs(5),
             advertise: None,
+            max_connections: 1024,
         }
     }
 }
@@ -89,11 +93,17 @@ pub struct TcpStats {
     pub rejected_requests: u64,
     /// Connections closed because the peer broke the protocol.
     pub protocol_errors: u64,
+    /// Connections refused because [`TcpConfig::max_connections`] were open.
+    pub refused_connections: u64,
+    /// Connections being served now.
+    pub open_connections: u64,
 }
 
 #[derive(Default)]
 struct Stats {
     connections: AtomicU64,
+    open_connections: AtomicU64,
+    refused_connections: AtomicU64,
     rejected_requests: AtomicU64,
     protocol_errors: AtomicU64,
 }
@@ -167,6 +177,8 @@ impl TcpTransport {
             connections: s.connections.load(Ordering::Relaxed),
             rejected_requests: s.rejected_requests.load(Ordering::Relaxed),
             protocol_errors: s.protocol_errors.load(Ordering::Relaxed),
+            refused_connections: s.refused_connections.load(Ordering::Relaxed),
+            open_connections: s.open_connections.load(Ordering::Relaxed),
         }
     }
 

@@ -70,6 +70,24 @@ fn accept_loop(shared: Arc<Shared>, listener: mio::net::TcpListener, mut poll: P
 }
 
 fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: SocketAddr) {
+    let open = shared.stats.open_connections.fetch_add(1, Ordering::AcqRel);
+    if open >= shared.config.max_connections as u64 {
+        shared.stats.open_connections.fetch_sub(1, Ordering::AcqRel);
+        shared
+            .stats
+            .refused_connections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, open, "refusing a connection: too many open");
+        return; // dropping the stream closes it
+    }
+    // Counts the connection as open until its thread ends, however it ends.
+    struct Open(Arc<Shared>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.stats.open_connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let open = Open(shared.clone());
     let pipe = match Pipe::from_mio(stream, Interest::READABLE | Interest::WRITABLE) {
         Ok(p) => p,
         Err(e) => {
@@ -87,6 +105,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
     let spawned = std::thread::Builder::new()
         .name("ferry-tcp-target".into())
         .spawn(move || {
+            let _open = open;
             let span = tracing::debug_span!("target", %peer);
             let _enter = span.enter();
             let mut conn = TargetConn::new(shared.clone(), pipe);
