@@ -78,6 +78,7 @@ pub(crate) struct TaskSpec {
     local_offset: usize,
     segment: Arc<SegmentInner>,
     remote_addr: u64,
+    remote_base: u64,
     remote_key: u64,
     len: usize,
 }
@@ -96,12 +97,15 @@ fn encode_reason(r: FailReason) -> u16 {
         FailReason::TimedOut => 2,
         FailReason::Shutdown => 3,
         FailReason::Unsupported => 4,
+        // Fabric error codes are small positive errno-like numbers.
+        FailReason::Fabric(code) => 0x200 | (code.clamp(0, 0xff) as u16),
         _ => 1,
     }
 }
 
 fn decode_reason(code: u16) -> FailReason {
     match code {
+        c if c & 0x200 != 0 => FailReason::Fabric(i32::from(c as u8)),
         c if c & 0x100 != 0 => FailReason::Remote(RemoteStatus::from_u8(c as u8)),
         2 => FailReason::TimedOut,
         3 => FailReason::Shutdown,
@@ -438,6 +442,7 @@ impl<'e> BatchBuilder<'e> {
             local_offset,
             segment,
             remote_addr: desc.addr + remote_offset,
+            remote_base: desc.addr,
             remote_key,
             len,
         });
@@ -519,6 +524,7 @@ impl<'e> BatchBuilder<'e> {
                             local: spec.local.clone(),
                             local_offset: spec.local_offset + off,
                             remote_addr: spec.remote_addr + off as u64,
+                            remote_base: spec.remote_base,
                             remote_key: spec.remote_key,
                             len,
                             token,

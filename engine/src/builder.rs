@@ -46,16 +46,26 @@ pub trait AddTransport<S>: sealed_add::Sealed {
     fn add(self, parts: &mut Parts);
 }
 
-mod sealed_add {
+pub(crate) mod sealed_add {
     pub trait Sealed {}
     impl Sealed for super::Tcp {}
 }
+
+/// Makes a fabric transport once the engine's listen address is known.
+pub(crate) type FabricFactory = Box<dyn FnOnce(&str) -> Arc<dyn Transport> + Send>;
 
 #[doc(hidden)]
 #[derive(Default)]
 pub struct Parts {
     tcp: Option<TcpConfig>,
-    fabrics: Vec<Arc<dyn Transport>>,
+    fabrics: Vec<FabricFactory>,
+}
+
+impl Parts {
+    #[allow(dead_code)] // used by the fabric transports of backends.rs, when compiled in
+    pub(crate) fn add_fabric(&mut self, factory: FabricFactory) {
+        self.fabrics.push(factory);
+    }
 }
 
 /// The TCP transport, as added to a builder.
@@ -175,12 +185,14 @@ impl<S> EngineBuilder<S> {
         let tcp = self.parts.tcp.ok_or_else(|| {
             Error::Config("no TCP transport (the builder's state says otherwise)".into())
         })?;
-        Engine::start(
-            TcpTransport::new(tcp),
-            self.parts.fabrics,
-            &self.listen,
-            self.timeout,
-        )
+        let host = listen_host(&self.listen);
+        let fabrics = self
+            .parts
+            .fabrics
+            .into_iter()
+            .map(|make| make(host))
+            .collect();
+        Engine::start(TcpTransport::new(tcp), fabrics, &self.listen, self.timeout)
     }
 }
 
@@ -191,6 +203,12 @@ impl EngineBuilder<NeedsFallback> {
         self.parts.tcp = Some(tcp.config);
         self.into_state()
     }
+}
+
+/// The host part of `host:port` (`[v6]:port` too).
+fn listen_host(listen: &str) -> &str {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Engine settings read at run time (from a file, the environment, a command line).
@@ -212,6 +230,11 @@ pub struct EngineConfig {
     pub timeout_ms: u64,
     /// Spin before sleeping, in microseconds.
     pub busy_poll_us: u64,
+    /// libfabric provider for `protocol = "efa"`: `efa` (default), `tcp;ofi_rxm`, `shm`.
+    pub provider: String,
+    /// With `protocol = "efa"`: when the provider finds no device, warn and run on TCP
+    /// instead of failing.
+    pub allow_tcp_only: bool,
 }
 
 impl Default for EngineConfig {
@@ -225,6 +248,8 @@ impl Default for EngineConfig {
             max_slice: tcp.max_slice,
             timeout_ms: 30_000,
             busy_poll_us: tcp.busy_poll.as_micros() as u64,
+            provider: "efa".into(),
+            allow_tcp_only: false,
         }
     }
 }
@@ -255,10 +280,23 @@ impl Engine {
             .timeout(Duration::from_millis(config.timeout_ms));
         match protocol {
             Protocol::Tcp => builder.transport(Tcp::new(config.tcp_config())).build(),
-            other => Err(Error::FeatureNotCompiled {
-                what: format!("protocol `{other}`"),
-                feature: other.feature(),
-            }),
+            fabric => {
+                let fallback = Tcp::new(config.tcp_config());
+                match backends::fabric_engine(fabric, config, builder, fallback.clone()) {
+                    Err(e)
+                        if config.allow_tcp_only
+                            && e.kind() == ferry_transport_api::ErrorKind::Unsupported =>
+                    {
+                        tracing::warn!(protocol = %fabric, provider = %config.provider, error = %e, "no fabric device; running on TCP only");
+                        Engine::builder()
+                            .listen(config.listen.clone())
+                            .timeout(Duration::from_millis(config.timeout_ms))
+                            .transport(fallback)
+                            .build()
+                    }
+                    r => r,
+                }
+            }
         }
     }
 }

@@ -115,6 +115,9 @@ pub enum FailReason {
     Shutdown,
     /// The transport cannot carry this request (e.g. device memory without staging).
     Unsupported,
+    /// The fabric reported an error for the operation (a libfabric `FI_E*` code; the
+    /// provider's message is logged where it happened).
+    Fabric(i32),
 }
 
 impl FailReason {
@@ -136,6 +139,7 @@ impl fmt::Display for FailReason {
             FailReason::TimedOut => f.write_str("deadline passed"),
             FailReason::Shutdown => f.write_str("transport shut down"),
             FailReason::Unsupported => f.write_str("transport cannot carry this memory"),
+            FailReason::Fabric(code) => write!(f, "fabric error {code}"),
         }
     }
 }
@@ -153,6 +157,9 @@ pub struct Slice {
     pub local_offset: usize,
     /// Absolute address in the peer's address space.
     pub remote_addr: u64,
+    /// Start address of the peer's buffer that contains `remote_addr` (transports whose
+    /// keys address memory by offset, e.g. libfabric without `FI_MR_VIRT_ADDR`, need it).
+    pub remote_base: u64,
     /// The peer region's key for this transport.
     pub remote_key: u64,
     /// Length in bytes.

@@ -1,0 +1,135 @@
+//! The libfabric transport over the providers that run on any Linux host (`tcp;ofi_rxm`
+//! on 127.0.0.1, and `shm`): the same code that runs on EFA.
+#![cfg(feature = "efa")]
+
+mod common;
+
+use common::{assert_bytes_eq, random, WAIT};
+use ferry_engine::fabrics::{Efa, EfaConfig};
+use ferry_engine::{Engine, EngineConfig, Location, Protocol, Tcp, TcpConfig};
+
+fn efa_engine(provider: &str) -> Engine {
+    Engine::builder()
+        .transport(Efa::new(EfaConfig {
+            provider: provider.into(),
+            ..EfaConfig::default()
+        }))
+        .fallback(Tcp::new(TcpConfig::default()))
+        .build()
+        .unwrap_or_else(|e| panic!("engine over {provider}: {e}"))
+}
+
+fn round_trips(initiator: &Engine, target: &Engine, protocol: Protocol) {
+    let remote_buf = target.allocate(80 << 20, Location::host()).unwrap();
+    let local = initiator.allocate(80 << 20, Location::host()).unwrap();
+    let back = initiator.allocate(80 << 20, Location::host()).unwrap();
+    let seg = initiator.refresh_segment(&target.name()).unwrap();
+    assert_eq!(seg.protocol(), Some(protocol));
+    let i = seg
+        .buffers()
+        .iter()
+        .position(|b| b.addr == remote_buf.addr())
+        .unwrap();
+    let remote = seg.buffer(i).unwrap();
+    for (len, local_off, remote_off) in [
+        (1usize, 0usize, 0u64),
+        (4096, 3, 5),
+        (65536, 4095, 1),
+        ((1 << 20) + 3, 1, 7),
+        (64 << 20, 13, 4097),
+    ] {
+        let data = random(len);
+        local.write_at(local_off, &data).unwrap();
+        let mut b = initiator.batch();
+        b.write(&local, local_off, &remote, remote_off, len)
+            .unwrap();
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut on_target = vec![0u8; len];
+        remote_buf
+            .read_at(remote_off as usize, &mut on_target)
+            .unwrap();
+        assert_bytes_eq(
+            &on_target,
+            &data,
+            &format!("{protocol} WRITE of {len} bytes, in target memory"),
+        );
+        let mut b = initiator.batch();
+        b.read(&back, local_off + 1, &remote, remote_off, len)
+            .unwrap();
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut got = vec![0u8; len];
+        back.read_at(local_off + 1, &mut got).unwrap();
+        assert_bytes_eq(&got, &data, &format!("{protocol} READ of {len} bytes"));
+    }
+}
+
+#[test]
+fn tcp_rxm_provider_moves_every_size_both_ways() {
+    let target = efa_engine("tcp;ofi_rxm");
+    let initiator = efa_engine("tcp;ofi_rxm");
+    assert_eq!(initiator.protocols(), vec![Protocol::Efa, Protocol::Tcp]);
+    round_trips(&initiator, &target, Protocol::Efa);
+}
+
+#[test]
+fn shm_provider_moves_every_size_both_ways() {
+    let target = efa_engine("shm");
+    let initiator = efa_engine("shm");
+    round_trips(&initiator, &target, Protocol::Efa);
+}
+
+#[test]
+fn efa_and_tcp_only_peers_talk_over_tcp_both_ways() {
+    let fabric = efa_engine("tcp;ofi_rxm");
+    let plain = Engine::builder()
+        .transport(Tcp::new(TcpConfig::default()))
+        .build()
+        .unwrap();
+    round_trips(&fabric, &plain, Protocol::Tcp);
+    round_trips(&plain, &fabric, Protocol::Tcp);
+}
+
+#[test]
+fn protocol_tcp_in_an_efa_build_uses_tcp_only() {
+    let e = Engine::from_config(&EngineConfig::default()).unwrap();
+    assert_eq!(e.protocols(), vec![Protocol::Tcp]);
+    assert!(e.descriptor().endpoint(Protocol::Efa).is_none());
+}
+
+#[test]
+fn from_config_efa_brings_its_tcp_fallback() {
+    let e = Engine::from_config(&EngineConfig {
+        protocol: "efa".into(),
+        provider: "tcp;ofi_rxm".into(),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    assert_eq!(e.protocols(), vec![Protocol::Efa, Protocol::Tcp]);
+    let d = e.descriptor();
+    assert!(d.endpoint(Protocol::Efa).is_some() && d.endpoint(Protocol::Tcp).is_some());
+}
+
+#[test]
+fn a_provider_without_devices_is_a_clear_error_or_tcp_when_allowed() {
+    // The `efa` provider lists nothing without EFA hardware.
+    let config = EngineConfig {
+        protocol: "efa".into(),
+        ..EngineConfig::default()
+    };
+    match Engine::from_config(&config) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("`efa`") && msg.contains("no device"), "{msg}");
+            let e = Engine::from_config(&EngineConfig {
+                allow_tcp_only: true,
+                ..config
+            })
+            .unwrap();
+            assert_eq!(e.protocols(), vec![Protocol::Tcp]);
+        }
+        Ok(e) => {
+            // A host with EFA devices: the engine runs on them.
+            assert_eq!(e.protocols()[0], Protocol::Efa);
+        }
+    }
+}
