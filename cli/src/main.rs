@@ -70,6 +70,10 @@ impl EngineArgs {
         }
         Ok(EngineConfig {
             protocol: self.protocol.clone(),
+            provider: self
+                .provider
+                .clone()
+                .unwrap_or_else(|| EngineConfig::default().provider),
             listen: listen.to_string(),
             metadata: self.metadata.clone(),
             lanes: self.lanes,
@@ -165,6 +169,7 @@ fn info() {
         if compiled().contains(&p) {
             let usable = match Engine::from_config(&EngineConfig {
                 protocol: p.name().into(),
+                listen: "127.0.0.1:0".into(),
                 ..EngineConfig::default()
             }) {
                 Ok(e) => format!("usable (engine started on {})", e.name()),
@@ -176,6 +181,21 @@ fn info() {
                 "  {:<5} not compiled in; rebuild with `--features {}`",
                 p.name(),
                 p.feature()
+            );
+        }
+    }
+    let devices = ferry_engine::fabric_devices();
+    if compiled().iter().any(|p| *p != Protocol::Tcp) {
+        println!("fabric providers and devices (RDM endpoints with RMA):");
+        if devices.is_empty() {
+            println!("  none found");
+        }
+        for d in &devices {
+            println!(
+                "  {:<5} provider {:<14} device {}",
+                d.protocol.name(),
+                d.provider,
+                d.device
             );
         }
     }

@@ -15,6 +15,34 @@ pub fn compiled() -> &'static [Protocol] {
     }
 }
 
+/// A fabric device this build can use, as its library lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FabricDevice {
+    /// The ferry protocol it serves.
+    pub protocol: Protocol,
+    /// The provider (libfabric: `efa`, `tcp;ofi_rxm`, `shm`, ...).
+    pub provider: String,
+    /// The device (domain) name.
+    pub device: String,
+}
+
+/// Every fabric device the compiled-in fabric transports find on this host (empty when
+/// none is compiled in).
+pub fn fabric_devices() -> Vec<FabricDevice> {
+    #[allow(unused_mut)]
+    let mut out: Vec<FabricDevice> = Vec::new();
+    #[cfg(feature = "efa")]
+    out.extend(fabrics::efa_providers().into_iter().map(|p| FabricDevice {
+        protocol: Protocol::Efa,
+        provider: p.provider,
+        device: p.domain,
+    }));
+    // libfabric lists a device once per address format and mode.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|d| seen.insert((d.protocol, d.provider.clone(), d.device.clone())));
+    out
+}
+
 /// Builds an engine for a fabric protocol with its TCP fallback (`from_config`).
 pub(crate) fn fabric_engine(
     protocol: Protocol,

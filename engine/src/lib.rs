@@ -63,7 +63,7 @@ mod error;
 mod memory;
 mod segment;
 
-pub use backends::{compiled, fabrics};
+pub use backends::{compiled, fabric_devices, fabrics, FabricDevice};
 pub use batch::{Batch, BatchBuilder, BatchId, Progress, TaskStatus};
 pub use builder::{
     AddTransport, Buildable, EngineBuilder, EngineConfig, Metadata, NeedsFallback, NeedsTransport,

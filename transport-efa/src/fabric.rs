@@ -63,9 +63,11 @@ struct Handles {
     ep: *mut fi::fid_ep,
 }
 
-// SAFETY: the handles are only used under `Device::handles`' lock (FI_THREAD_DOMAIN: the
-// caller serializes access to a domain's objects).
+// SAFETY: with FI_THREAD_SAFE the provider serializes concurrent calls itself; with a
+// weaker threading level every call is made under `Device::gate`.
 unsafe impl Send for Handles {}
+// SAFETY: as above.
+unsafe impl Sync for Handles {}
 
 impl Drop for Handles {
     fn drop(&mut self) {
@@ -96,7 +98,14 @@ impl Drop for Handles {
 
 /// One opened device: fabric, domain, completion queue, address vector, RDM endpoint.
 pub(crate) struct Device {
-    handles: Mutex<Handles>,
+    handles: Handles,
+    /// Taken around every call when the provider did not grant FI_THREAD_SAFE.
+    gate: Mutex<()>,
+    serialize: bool,
+    /// The completion queue has a working wait object: the progress thread can sleep in
+    /// `fi_cq_sread`, during which the provider still progresses incoming RMA. Cleared
+    /// if the provider turns out not to support waiting after all.
+    waitable: AtomicBool,
     mr_mode: u64,
     address: Vec<u8>,
     domain_name: String,
@@ -106,8 +115,11 @@ pub(crate) struct Device {
     progress: Mutex<Option<JoinHandle<()>>>,
 }
 
-// SAFETY: all FFI state is in `handles`, behind a lock.
-unsafe impl Sync for Device {}
+impl Device {
+    fn serial(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        self.serialize.then(|| self.gate.lock())
+    }
+}
 
 /// A registered memory region; closed before its device (it holds the device).
 pub(crate) struct Mr {
@@ -130,7 +142,7 @@ impl Mr {
 
 impl Drop for Mr {
     fn drop(&mut self) {
-        let _guard = self.device.handles.lock();
+        let _serial = self.device.serial();
         // SAFETY: `mr` was opened by fi_mr_reg on the device's domain, which `device`
         // keeps open; closed once.
         unsafe { fi::fi_close(&mut (*self.mr).fid) };
@@ -186,7 +198,7 @@ impl Device {
                 | fi::FI_MR_ALLOCATED
                 | fi::FI_MR_PROV_KEY
                 | fi::FI_MR_ENDPOINT) as i32;
-            (*(*hints).domain_attr).threading = fi::fi_threading_FI_THREAD_DOMAIN;
+            (*(*hints).domain_attr).threading = fi::fi_threading_FI_THREAD_SAFE;
             // fi_freeinfo frees this string with the hints.
             (*(*hints).fabric_attr).prov_name = libc::strdup(provider.as_ptr());
             let (node_ptr, flags) = match &node {
@@ -215,15 +227,32 @@ impl Device {
                 "fi_domain",
                 fi::fi_domain(h.fabric, info, &mut h.domain, null_mut()),
             )?;
+            let serialize = (*(*info).domain_attr).threading != fi::fi_threading_FI_THREAD_SAFE;
+            // IP-based providers move a peer's RMA only while the queue is read: a queue
+            // the progress thread can sleep on (the provider progresses during the wait)
+            // saves spinning. Others (EFA's hardware, shm) are polled: shm's wait blocks
+            // other endpoints of the same process.
+            let mut waitable = !serialize && config.ip_based();
             let mut cq_attr = fi::fi_cq_attr {
                 format: fi::fi_cq_format_FI_CQ_FORMAT_CONTEXT,
-                wait_obj: fi::fi_wait_obj_FI_WAIT_NONE,
+                wait_obj: if waitable {
+                    fi::fi_wait_obj_FI_WAIT_UNSPEC
+                } else {
+                    fi::fi_wait_obj_FI_WAIT_NONE
+                },
                 ..Default::default()
             };
-            opened(
-                "fi_cq_open",
-                fi::fi_cq_open(h.domain, &mut cq_attr, &mut h.cq, null_mut()),
-            )?;
+            if waitable && fi::fi_cq_open(h.domain, &mut cq_attr, &mut h.cq, null_mut()) != 0 {
+                h.cq = null_mut();
+                waitable = false;
+                cq_attr.wait_obj = fi::fi_wait_obj_FI_WAIT_NONE;
+            }
+            if h.cq.is_null() {
+                opened(
+                    "fi_cq_open",
+                    fi::fi_cq_open(h.domain, &mut cq_attr, &mut h.cq, null_mut()),
+                )?;
+            }
             let mut av_attr = fi::fi_av_attr {
                 type_: fi::fi_av_type_FI_AV_TABLE,
                 ..Default::default()
@@ -265,7 +294,10 @@ impl Device {
                     .into_owned()
             };
             let device = Arc::new(Device {
-                handles: Mutex::new(h),
+                handles: h,
+                gate: Mutex::new(()),
+                serialize,
+                waitable: AtomicBool::new(waitable),
                 mr_mode,
                 address,
                 domain_name,
@@ -327,7 +359,8 @@ impl Device {
         } else {
             self.next_key.fetch_add(1, Ordering::Relaxed)
         };
-        let mut h = self.handles.lock();
+        let serial = self.serial();
+        let h = &self.handles;
         let mut mr: *mut fi::fid_mr = null_mut();
         let reg_err = |rc: i32| TransportError::RegisterRegion {
             addr: region.addr(),
@@ -370,7 +403,7 @@ impl Device {
                 });
             }
             let desc = fi::fi_mr_desc(mr);
-            drop(h);
+            drop(serial);
             Ok(Mr {
                 mr,
                 key,
@@ -392,7 +425,8 @@ impl Device {
             .filter(|b| !b.is_empty())
             .ok_or_else(|| TransportError::invalid(format!("`{hex}` is not a fabric address")))?;
         let mut addr: fi::fi_addr_t = fi::FI_ADDR_UNSPEC;
-        let h = self.handles.lock();
+        let _serial = self.serial();
+        let h = &self.handles;
         // SAFETY: `bytes` holds one address of the provider's format (from the peer's
         // fi_getname); `addr` receives one entry.
         let rc =
@@ -445,7 +479,8 @@ impl Device {
         }));
         loop {
             let rc = {
-                let h = self.handles.lock();
+                let _serial = self.serial();
+                let h = &self.handles;
                 // SAFETY: `buf..buf+len` is registered host memory kept alive by the
                 // slice inside `op`; `op` stays valid until its completion is read
                 // (progress_once frees it); the endpoint is open.
@@ -500,20 +535,38 @@ impl Device {
                 drop(unsafe { Box::from_raw(op) });
                 return Err(PostError::Busy);
             }
-            if self.progress_once() == 0 {
+            if self.progress_once(None) == 0 {
                 std::thread::yield_now();
             }
         }
     }
 
-    /// Reads completions once; returns how many were handled.
-    fn progress_once(&self) -> usize {
+    /// Reads completions once, waiting up to `wait_ms` when given (a sleep in which the
+    /// provider keeps progressing); returns how many were handled.
+    fn progress_once(&self, wait_ms: Option<i32>) -> usize {
         let mut entries = [fi::fi_cq_entry::default(); CQ_BATCH];
-        let h = self.handles.lock();
-        // SAFETY: `entries` has room for CQ_BATCH entries of the CQ's format (CONTEXT).
-        let rc = unsafe { fi::fi_cq_read(h.cq, entries.as_mut_ptr().cast(), CQ_BATCH) };
+        let serial = self.serial();
+        let h = &self.handles;
+        // SAFETY: `entries` has room for CQ_BATCH entries of the CQ's format (CONTEXT);
+        // sread is used only on a queue opened with a wait object.
+        let rc = unsafe {
+            match wait_ms {
+                Some(ms) if self.waitable.load(Ordering::Relaxed) => {
+                    fi::fi_cq_sread(h.cq, entries.as_mut_ptr().cast(), CQ_BATCH, null(), ms)
+                }
+                _ => fi::fi_cq_read(h.cq, entries.as_mut_ptr().cast(), CQ_BATCH),
+            }
+        };
+        if wait_ms.is_some()
+            && rc < 0
+            && rc != -(fi::FI_EAGAIN as isize)
+            && rc != -(fi::FI_EAVAIL as isize)
+            && self.waitable.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!(error = %strerror(-rc as i32), "the provider cannot wait on its completion queue; polling it instead");
+        }
         if rc > 0 {
-            drop(h);
+            drop(serial);
             let n = rc as usize;
             for e in &entries[..n] {
                 // SAFETY: every operation is posted with a leaked Box<Op> as its context;
@@ -546,7 +599,7 @@ impl Device {
                     CStr::from_ptr(p).to_string_lossy().into_owned()
                 }
             };
-            drop(h);
+            drop(serial);
             tracing::warn!(error = %strerror(err.err), provider_error = %message, "libfabric operation failed");
             if !err.op_context.is_null() {
                 // SAFETY: as for successful completions.
@@ -563,21 +616,23 @@ impl Device {
         let mut idle_since: Option<Instant> = None;
         let mut nap = Duration::from_micros(20);
         while !self.stop.load(Ordering::Acquire) {
-            if self.progress_once() > 0 {
+            let spinning = idle_since.is_none_or(|t| t.elapsed() < busy_poll);
+            let waitable = self.waitable.load(Ordering::Relaxed);
+            let wait = (!spinning && waitable).then_some(100);
+            if self.progress_once(wait) > 0 {
                 idle_since = None;
                 nap = Duration::from_micros(20);
                 continue;
             }
-            let now = Instant::now();
-            match idle_since {
-                None => idle_since = Some(now),
-                Some(t) if now.duration_since(t) < busy_poll => std::thread::yield_now(),
-                Some(_) => {
-                    // Manual-progress providers need the queue read even when this side
-                    // posted nothing (a peer's RMA lands through it); back off slowly.
-                    std::thread::sleep(nap);
-                    nap = (nap * 2).min(Duration::from_millis(1));
-                }
+            if idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            } else if spinning {
+                std::thread::yield_now();
+            } else if !waitable {
+                // Without a wait object, a manual-progress provider only moves a peer's
+                // RMA while the queue is read: back off slowly.
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(1));
             }
         }
     }

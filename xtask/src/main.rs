@@ -115,11 +115,46 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     run(&mut install)
 }
 
+/// Debian packages the full build needs: libfabric and its headers for the `efa`
+/// feature, libclang for bindgen.
+const BUILD_PACKAGES: &[&str] = &["libfabric-dev", "libfabric-bin", "libclang-dev"];
+
+/// Packages and their feature sets checked one by one (feature unification in a single
+/// `--workspace` build would hide gaps).
+const FEATURE_CHECKS: &[(&str, &str)] = &[("ferry-engine", "efa"), ("ferry-cli", "efa")];
+
+fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
+    let mut c = cargo();
+    if have("cargo-nextest") {
+        c.args(["nextest", "run", "--no-fail-fast"]);
+    } else {
+        c.args(["test", "--lib", "--bins", "--tests", "--no-fail-fast"]);
+    }
+    if packages.is_empty() {
+        c.arg("--workspace");
+    }
+    for p in packages {
+        c.args(["-p", p]);
+    }
+    if let Some(f) = features {
+        c.args(["--features", f]);
+    }
+    if hw {
+        if have("cargo-nextest") {
+            c.args(["--run-ignored", "all"]);
+        } else {
+            c.args(["--", "--include-ignored"]);
+        }
+    }
+    c
+}
+
 fn test(args: &[String]) -> Result<()> {
     let hw = args.iter().any(|a| a == "--hw");
     if let Some(a) = args.iter().find(|a| *a != "--hw") {
         bail!("cargo xtask test: unknown flag `{a}` (expected --hw)");
     }
+    apt_install(BUILD_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -129,29 +164,22 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let mut tests = if have("cargo-nextest") {
-        let mut c = cargo();
-        c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
-        if hw {
-            c.args(["--run-ignored", "all"]);
-        }
-        c
-    } else {
-        let mut c = cargo();
-        c.args([
-            "test",
-            "--workspace",
-            "--lib",
-            "--bins",
-            "--tests",
-            "--no-fail-fast",
-        ]);
-        if hw {
-            c.args(["--", "--include-ignored"]);
-        }
-        c
-    };
-    run(&mut tests)?;
+    for (package, features) in FEATURE_CHECKS {
+        run(cargo().args([
+            "clippy",
+            "-p",
+            package,
+            "--features",
+            features,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    run(&mut nextest_or_test(&[], None, hw))?;
+    let packages: Vec<&str> = FEATURE_CHECKS.iter().map(|(p, _)| *p).collect();
+    run(&mut nextest_or_test(&packages, Some("efa"), hw))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     Ok(())
 }
