@@ -5,4 +5,8 @@
 fn builder_typestate() {
     let t = trybuild::TestCases::new();
     t.compile_fail("tests/ui/*.rs");
+    // A fabric engine must carry its TCP fallback.
+    if cfg!(feature = "efa") {
+        t.compile_fail("tests/ui-efa/*.rs");
+    }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use ferry_engine::{Engine, EngineConfig, Error, ErrorKind, Location};
+use ferry_engine::{Engine, EngineConfig, Error, ErrorKind, Location, Protocol};
 
 #[test]
 fn from_config_tcp_builds_a_working_engine() {
@@ -32,19 +32,27 @@ fn from_config_tcp_builds_a_working_engine() {
 
 #[test]
 fn fabric_protocols_not_compiled_in_name_their_feature() {
-    for (protocol, feature) in [("efa", "efa"), ("rdma", "rdma")] {
+    let missing: Vec<Protocol> = Protocol::ALL
+        .into_iter()
+        .filter(|p| !ferry_engine::compiled().contains(p))
+        .collect();
+    assert!(missing.contains(&Protocol::Rdma));
+    for protocol in missing {
         let err = Engine::from_config(&EngineConfig {
-            protocol: protocol.into(),
+            protocol: protocol.name().into(),
             ..EngineConfig::default()
         })
         .unwrap_err();
         assert!(
-            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == feature),
+            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == protocol.feature()),
             "{err}"
         );
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         let msg = err.to_string();
-        assert!(msg.contains(&format!("--features {feature}")), "{msg}");
+        assert!(
+            msg.contains(&format!("--features {}", protocol.feature())),
+            "{msg}"
+        );
     }
 }
 
