@@ -133,3 +133,11 @@ fn a_provider_without_devices_is_a_clear_error_or_tcp_when_allowed() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs an EFA device"]
+fn efa_devices_move_every_size_both_ways() {
+    let target = efa_engine("efa");
+    let initiator = efa_engine("efa");
+    round_trips(&initiator, &target, Protocol::Efa);
+}

@@ -32,6 +32,7 @@
 //! ```
 
 mod fabric;
+mod rma_loop;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use fabric::{providers, ProviderInfo};
 use fabric::{Device, Mr, PostError};
+pub use rma_loop::{rma_loop, LoopResult};
 
 /// Settings of the libfabric transport.
 #[derive(Clone, Debug, PartialEq, Eq)]

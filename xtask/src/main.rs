@@ -5,6 +5,8 @@
 //!   test. `--hw` also runs the tests that need hardware (GPU, EFA, RDMA).
 //! - `cargo xtask bench [--duration S] [--rounds N]`: `ferry bench` and `iperf3 -l 1M` on
 //!   loopback, interleaved in one run, with their ratios.
+//! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
+//!   RMA loop, for the `tcp;ofi_rxm` and `shm` providers.
 #![forbid(unsafe_code)]
 
 use std::process::{Command, Stdio};
@@ -22,7 +24,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "bench" => bench(rest),
         _ => {
-            eprintln!("usage: cargo xtask test [--hw]\n       cargo xtask bench [--duration SECS] [--rounds N]");
+            eprintln!("usage: cargo xtask test [--hw]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {
@@ -192,13 +194,18 @@ struct Case {
 fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
+    let mut efa = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--duration" => duration = it.next().context("--duration needs seconds")?.clone(),
             "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
+            "--efa" => efa = true,
             other => bail!("cargo xtask bench: unknown flag `{other}`"),
         }
+    }
+    if efa {
+        return bench_efa(&duration, rounds);
     }
     if !have("iperf3") {
         apt_install(&["iperf3"])?;
@@ -322,6 +329,88 @@ fn bench(args: &[String]) -> Result<()> {
             rate / ip_rate,
             eff,
             p50
+        );
+    }
+    Ok(())
+}
+
+/// `ferry bench --protocol efa` against the minimal libfabric RMA loop of
+/// transport-efa, per provider and operation, 1 MiB blocks, interleaved.
+fn bench_efa(duration: &str, rounds: usize) -> Result<()> {
+    apt_install(BUILD_PACKAGES)?;
+    run(cargo().args(["build", "--release", "-p", "ferry-cli", "--features", "efa"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "ferry-transport-efa",
+        "--example",
+        "rma_loop",
+    ]))?;
+    let ferry = root().join("target/release/ferry");
+    let rma_loop = root().join("target/release/examples/rma_loop");
+    let json = |out: std::process::Output, what: &str| -> Result<f64> {
+        if !out.status.success() {
+            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
+        v.get("throughput_gbps")
+            .and_then(|x| x.as_f64())
+            .context("no throughput_gbps")
+    };
+    let cases: Vec<(&str, &str)> = ["tcp;ofi_rxm", "shm"]
+        .into_iter()
+        .flat_map(|p| ["write", "read"].into_iter().map(move |o| (p, o)))
+        .collect();
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
+    for round in 1..=rounds {
+        eprintln!("xtask: round {round}/{rounds}");
+        for (i, (provider, op)) in cases.iter().enumerate() {
+            let base = Command::new(&rma_loop)
+                .args([provider, op, "1048576", duration])
+                .output()?;
+            results[i].0.push(json(base, "rma_loop")?);
+            let out = Command::new(&ferry)
+                .args([
+                    "bench",
+                    "--protocol",
+                    "efa",
+                    "--provider",
+                    provider,
+                    "--operation",
+                    op,
+                ])
+                .args([
+                    "--block-size",
+                    "1M",
+                    "--batch-size",
+                    "128",
+                    "--duration",
+                    duration,
+                    "--json",
+                ])
+                .output()?;
+            results[i].1.push(json(out, "ferry bench")?);
+        }
+    }
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(|a, b| a.total_cmp(b));
+        xs[xs.len() / 2]
+    };
+    println!("libfabric, 1 MiB blocks, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)");
+    println!(
+        "{:<24} {:>14} {:>14} {:>8}",
+        "provider, operation", "RMA loop GB/s", "ferry GB/s", "ratio"
+    );
+    for ((provider, op), (base, ferry)) in cases.iter().zip(results) {
+        let (b, f) = (median(base), median(ferry));
+        println!(
+            "{:<24} {:>14.2} {:>14.2} {:>8.2}",
+            format!("{provider} {op}"),
+            b,
+            f,
+            f / b
         );
     }
     Ok(())
