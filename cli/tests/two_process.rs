@@ -1,69 +1,13 @@
 //! Target and initiator in two processes: the real `ferry target` binary serves memory,
 //! this test process drives it through `ferry-engine`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{random, write_then_read, Target, FERRY};
 use ferry_engine::{Engine, Error, Location, Tcp, TcpConfig};
-use rand::RngCore;
-
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-
-struct Target {
-    child: Child,
-    name: String,
-}
-
-impl Target {
-    fn start(listen: &str, buffer: &str) -> Target {
-        let mut child = Command::new(FERRY)
-            .args([
-                "target",
-                "--listen",
-                listen,
-                "--buffer-size",
-                buffer,
-                "--exit-on-stdin-eof",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ferry target starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let name = line
-            .strip_prefix("segment ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from ferry target: {line:?}"))
-            .to_string();
-        Target { child, name }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rng().fill_bytes(&mut v);
-    v
-}
 
 fn initiator() -> Engine {
     Engine::builder()
@@ -74,41 +18,30 @@ fn initiator() -> Engine {
 
 #[test]
 fn write_then_read_across_processes() {
-    let target = Target::start("127.0.0.1:0", "80M");
+    let target = Target::start(&["--listen", "127.0.0.1:0", "--buffer-size", "80M"]);
     let e = initiator();
     let seg = e.open_segment(&target.name).unwrap();
     let remote = seg.buffer_named("bench").unwrap();
     let local = e.allocate(70 << 20, Location::host()).unwrap();
     let back = e.allocate(70 << 20, Location::host()).unwrap();
-    for (len, local_off, remote_off) in [
-        (1usize, 0usize, 0u64),
-        (4096, 3, 5),
-        (65536, 4095, 1),
-        (1 << 20, 1, 7),
-        (64 << 20, 13, 4097),
-    ] {
-        let data = random(len);
-        local.write_at(local_off, &data).unwrap();
-        let mut b = e.batch();
-        b.write(&local, local_off, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
-        let mut b = e.batch();
-        b.read(&back, local_off + 1, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
-        let mut got = vec![0u8; len];
-        back.read_at(local_off + 1, &mut got).unwrap();
-        assert!(
-            got == data,
-            "{len} bytes at {remote_off} did not come back intact"
-        );
-    }
+    write_then_read(
+        &e,
+        &local,
+        &back,
+        &remote,
+        &[
+            (1, 0, 0),
+            (4096, 3, 5),
+            (65536, 4095, 1),
+            (1 << 20, 1, 7),
+            (64 << 20, 13, 4097),
+        ],
+    );
 }
 
 #[test]
 fn target_death_mid_batch_fails_every_task_and_a_new_target_is_reachable() {
-    let target = Target::start("127.0.0.1:0", "64M");
+    let target = Target::start(&["--listen", "127.0.0.1:0", "--buffer-size", "64M"]);
     let name = target.name.clone();
     let e = initiator();
     let remote = e.open_segment(&name).unwrap().buffer(0).unwrap();
@@ -142,7 +75,7 @@ fn target_death_mid_batch_fails_every_task_and_a_new_target_is_reachable() {
     assert!(p.failed > 0);
 
     // A new target on the same address is reachable after open_segment.
-    let again = Target::start(&name, "64M");
+    let again = Target::start(&["--listen", &name, "--buffer-size", "64M"]);
     assert_eq!(again.name, name);
     let remote = e.open_segment(&name).unwrap().buffer(0).unwrap();
     let data = random(1 << 20);
@@ -160,7 +93,7 @@ fn target_death_mid_batch_fails_every_task_and_a_new_target_is_reachable() {
 
 #[test]
 fn a_stopped_target_times_tasks_out_by_their_deadline() {
-    let target = Target::start("127.0.0.1:0", "16M");
+    let target = Target::start(&["--listen", "127.0.0.1:0", "--buffer-size", "16M"]);
     let e = initiator();
     let remote = e.open_segment(&target.name).unwrap().buffer(0).unwrap();
     let local = e.allocate(16 << 20, Location::host()).unwrap();

@@ -3,55 +3,26 @@
 //! which is exactly what this exercises.
 #![cfg(feature = "efa")]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{random, write_then_read, Target, FERRY};
 use ferry_engine::fabrics::{Efa, EfaConfig};
 use ferry_engine::{Engine, Error, Location, Protocol, Tcp, TcpConfig};
-use rand::RngCore;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-
-struct Target {
-    child: Child,
-    name: String,
-}
-
-impl Target {
-    fn start(provider: &str) -> Target {
-        let mut child = Command::new(FERRY)
-            .args([
-                "target",
-                "--listen",
-                "127.0.0.1:0",
-                "--buffer-size",
-                "80M",
-                "--exit-on-stdin-eof",
-            ])
-            .args(["--protocol", "efa", "--provider", provider])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ferry target starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let name = line
-            .strip_prefix("segment ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from ferry target: {line:?}"))
-            .to_string();
-        Target { child, name }
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start(provider: &str) -> Target {
+    Target::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--buffer-size",
+        "80M",
+        "--protocol",
+        "efa",
+        "--provider",
+        provider,
+    ])
 }
 
 fn initiator(provider: &str) -> Engine {
@@ -65,43 +36,26 @@ fn initiator(provider: &str) -> Engine {
         .unwrap()
 }
 
-fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rng().fill_bytes(&mut v);
-    v
-}
-
 fn across_processes(provider: &str) {
-    let target = Target::start(provider);
+    let target = start(provider);
     let e = initiator(provider);
     let seg = e.open_segment(&target.name).unwrap();
     assert_eq!(seg.protocol(), Some(Protocol::Efa));
     let remote = seg.buffer_named("bench").unwrap();
     let local = e.allocate(70 << 20, Location::host()).unwrap();
     let back = e.allocate(70 << 20, Location::host()).unwrap();
-    for (len, local_off, remote_off) in [
-        (1usize, 0usize, 0u64),
-        (4096, 3, 5),
-        (1 << 20, 1, 7),
-        (64 << 20, 13, 4097),
-    ] {
-        let data = random(len);
-        local.write_at(local_off, &data).unwrap();
-        let mut b = e.batch();
-        b.write(&local, local_off, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
-        let mut b = e.batch();
-        b.read(&back, local_off + 1, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(Duration::from_secs(60)).unwrap();
-        let mut got = vec![0u8; len];
-        back.read_at(local_off + 1, &mut got).unwrap();
-        assert!(
-            got == data,
-            "{provider}: {len} bytes did not come back intact"
-        );
-    }
+    write_then_read(
+        &e,
+        &local,
+        &back,
+        &remote,
+        &[
+            (1, 0, 0),
+            (4096, 3, 5),
+            (1 << 20, 1, 7),
+            (64 << 20, 13, 4097),
+        ],
+    );
     // Several threads at once, each on its own part of the target's buffer.
     std::thread::scope(|s| {
         for t in 0..4usize {
@@ -142,15 +96,11 @@ fn shm_across_processes() {
 
 #[test]
 fn a_stopped_fabric_peer_times_tasks_out_by_their_deadline() {
-    let target = Target::start("tcp;ofi_rxm");
+    let target = start("tcp;ofi_rxm");
     let e = initiator("tcp;ofi_rxm");
     let remote = e.open_segment(&target.name).unwrap().buffer(0).unwrap();
     let local = e.allocate(16 << 20, Location::host()).unwrap();
-    assert!(Command::new("kill")
-        .args(["-STOP", &target.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    target.signal("-STOP");
     let mut b = e.batch().timeout(Duration::from_millis(500));
     for i in 0..16usize {
         b.write(&local, i << 20, &remote, (i << 20) as u64, 1 << 20)
@@ -166,9 +116,7 @@ fn a_stopped_fabric_peer_times_tasks_out_by_their_deadline() {
     );
     assert!(matches!(r, Err(Error::TasksFailed { .. })), "{r:?}");
     assert_eq!(batch.poll().pending, 0);
-    let _ = Command::new("kill")
-        .args(["-CONT", &target.child.id().to_string()])
-        .status();
+    target.signal("-CONT");
 }
 
 #[test]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use common::{assert_bytes_eq, random, WAIT};
 use ferry_engine::fabrics::{Efa, EfaConfig};
 use ferry_engine::{Engine, EngineConfig, Location, Protocol, Tcp, TcpConfig};
 
@@ -23,14 +22,8 @@ fn round_trips(initiator: &Engine, target: &Engine, protocol: Protocol) {
     let remote_buf = target.allocate(80 << 20, Location::host()).unwrap();
     let local = initiator.allocate(80 << 20, Location::host()).unwrap();
     let back = initiator.allocate(80 << 20, Location::host()).unwrap();
-    let seg = initiator.refresh_segment(&target.name()).unwrap();
-    assert_eq!(seg.protocol(), Some(protocol));
-    let i = seg
-        .buffers()
-        .iter()
-        .position(|b| b.addr == remote_buf.addr())
-        .unwrap();
-    let remote = seg.buffer(i).unwrap();
+    let remote = common::remote_of(initiator, target, &remote_buf);
+    assert_eq!(remote.segment().protocol(), Some(protocol));
     for (len, local_off, remote_off) in [
         (1usize, 0usize, 0u64),
         (4096, 3, 5),
@@ -38,28 +31,16 @@ fn round_trips(initiator: &Engine, target: &Engine, protocol: Protocol) {
         ((1 << 20) + 3, 1, 7),
         (64 << 20, 13, 4097),
     ] {
-        let data = random(len);
-        local.write_at(local_off, &data).unwrap();
-        let mut b = initiator.batch();
-        b.write(&local, local_off, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(WAIT).unwrap();
-        let mut on_target = vec![0u8; len];
-        remote_buf
-            .read_at(remote_off as usize, &mut on_target)
-            .unwrap();
-        assert_bytes_eq(
-            &on_target,
-            &data,
-            &format!("{protocol} WRITE of {len} bytes, in target memory"),
+        common::write_check_read(
+            initiator,
+            &local,
+            &back,
+            &remote,
+            &remote_buf,
+            len,
+            local_off,
+            remote_off,
         );
-        let mut b = initiator.batch();
-        b.read(&back, local_off + 1, &remote, remote_off, len)
-            .unwrap();
-        b.submit().unwrap().wait(WAIT).unwrap();
-        let mut got = vec![0u8; len];
-        back.read_at(local_off + 1, &mut got).unwrap();
-        assert_bytes_eq(&got, &data, &format!("{protocol} READ of {len} bytes"));
     }
 }
 

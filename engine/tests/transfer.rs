@@ -9,7 +9,7 @@ use ferry_engine::{
     Access, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, TcpConfig,
 };
 
-/// WRITE random bytes to the peer, READ them back into a different place, compare.
+/// WRITE random bytes to the peer, check the target's memory, READ them back, compare.
 fn round_trip(initiator: &Engine, target: &Engine, len: usize, local_off: usize, remote_off: u64) {
     let cap = len + local_off + 8192;
     let src = initiator.allocate(cap, Location::host()).unwrap();
@@ -17,40 +17,19 @@ fn round_trip(initiator: &Engine, target: &Engine, len: usize, local_off: usize,
     let remote_buf = target
         .allocate(len + remote_off as usize + 4096, Location::host())
         .unwrap();
-    let data = random(len);
-    src.write_at(local_off, &data).unwrap();
-
     // The target registered a buffer after any cached descriptor was fetched (possibly
-    // at the address of one it freed): fetch the descriptor again.
-    let seg = initiator.refresh_segment(&target.name()).unwrap();
-    let i = seg
-        .buffers()
-        .iter()
-        .position(|b| b.addr == remote_buf.addr())
-        .expect("buffer published");
-    let remote = seg.buffer(i).unwrap();
-    let mut b = initiator.batch();
-    b.write(&src, local_off, &remote, remote_off, len).unwrap();
-    b.submit().unwrap().wait(WAIT).unwrap();
-
-    // The bytes are in the target's memory once the WRITE completed.
-    let mut on_target = vec![0u8; len];
-    remote_buf
-        .read_at(remote_off as usize, &mut on_target)
-        .unwrap();
-    assert_bytes_eq(
-        &on_target,
-        &data,
-        &format!("target memory after WRITE of {len} bytes"),
+    // at the address of one it freed): the helper fetches the descriptor again.
+    let remote = common::remote_of(initiator, target, &remote_buf);
+    common::write_check_read(
+        initiator,
+        &src,
+        &dst,
+        &remote,
+        &remote_buf,
+        len,
+        local_off,
+        remote_off,
     );
-
-    let mut b = initiator.batch();
-    b.read(&dst, local_off + 3, &remote, remote_off, len)
-        .unwrap();
-    b.submit().unwrap().wait(WAIT).unwrap();
-    let mut back = vec![0u8; len];
-    dst.read_at(local_off + 3, &mut back).unwrap();
-    assert_bytes_eq(&back, &data, &format!("READ back of {len} bytes"));
 }
 
 #[test]

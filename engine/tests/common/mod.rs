@@ -74,3 +74,55 @@ pub fn pair(len: usize) -> Pair {
         remote,
     }
 }
+
+/// WRITEs random bytes from `local` to `remote`, checks they are in the target's memory
+/// (`remote_buf`) once the WRITE completed, READs them back into `back` one byte further
+/// on, and compares.
+#[allow(clippy::too_many_arguments)]
+pub fn write_check_read(
+    initiator: &Engine,
+    local: &ferry_engine::Buffer,
+    back: &ferry_engine::Buffer,
+    remote: &ferry_engine::RemoteBuffer,
+    remote_buf: &ferry_engine::Buffer,
+    len: usize,
+    local_off: usize,
+    remote_off: u64,
+) {
+    let data = random(len);
+    local.write_at(local_off, &data).unwrap();
+    let mut b = initiator.batch();
+    b.write(local, local_off, remote, remote_off, len).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut on_target = vec![0u8; len];
+    remote_buf
+        .read_at(remote_off as usize, &mut on_target)
+        .unwrap();
+    assert_bytes_eq(
+        &on_target,
+        &data,
+        &format!("target memory after a WRITE of {len} bytes"),
+    );
+    let mut b = initiator.batch();
+    b.read(back, local_off + 1, remote, remote_off, len)
+        .unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; len];
+    back.read_at(local_off + 1, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, &format!("READ back of {len} bytes"));
+}
+
+/// Opens `target`'s segment afresh and returns the published buffer at `buf`'s address.
+pub fn remote_of(
+    initiator: &Engine,
+    target: &Engine,
+    buf: &ferry_engine::Buffer,
+) -> ferry_engine::RemoteBuffer {
+    let seg = initiator.refresh_segment(&target.name()).unwrap();
+    let i = seg
+        .buffers()
+        .iter()
+        .position(|b| b.addr == buf.addr())
+        .expect("buffer published");
+    seg.buffer(i).unwrap()
+}
