@@ -469,7 +469,7 @@ impl<'e> BatchBuilder<'e> {
             let d = &*d;
             let mut open = 0;
             for (spec, t) in d.specs.iter().zip(&d.tasks) {
-                let slices = spec.len.div_ceil(engine.max_slice(spec));
+                let slices = spec.len.div_ceil(engine.max_slice(&spec.segment.route));
                 t.reason.store(0, Ordering::Relaxed);
                 t.remaining.store(slices as u32, Ordering::Relaxed);
                 if slices == 0 {
@@ -506,7 +506,7 @@ impl<'e> BatchBuilder<'e> {
                         spec.len,
                     );
                     // One completion per slice keeps the accounting uniform.
-                    let step = engine.max_slice(spec);
+                    let step = engine.max_slice(&spec.segment.route);
                     let mut off = 0;
                     while off < spec.len {
                         let len = step.min(spec.len - off);
@@ -515,7 +515,7 @@ impl<'e> BatchBuilder<'e> {
                     }
                 }
                 Route::Remote { conn, .. } => {
-                    let step = engine.max_slice(spec);
+                    let step = engine.max_slice(&spec.segment.route);
                     let mut off = 0;
                     while off < spec.len {
                         let len = step.min(spec.len - off);

@@ -92,8 +92,12 @@ impl Inner {
         self.shut.load(Ordering::Acquire)
     }
 
-    pub(crate) fn max_slice(&self, _spec: &crate::batch::TaskSpec) -> usize {
-        self.tcp.max_slice()
+    /// The slice size of the transport a request travels on.
+    pub(crate) fn max_slice(&self, route: &Route) -> usize {
+        match route {
+            Route::Local => self.tcp.max_slice(),
+            Route::Remote { max_slice, .. } => *max_slice,
+        }
     }
 
     pub(crate) fn deregister(&self, memory: &RegionMemory) {
@@ -385,6 +389,7 @@ impl Engine {
                             protocol,
                             conn,
                             tcp: tcp.clone(),
+                            max_slice: t.max_slice(),
                         });
                         break;
                     }
@@ -398,6 +403,7 @@ impl Engine {
             protocol: Protocol::Tcp,
             conn: tcp.clone(),
             tcp,
+            max_slice: self.inner.tcp.max_slice(),
         });
         if let Route::Remote { protocol, .. } = &route {
             tracing::info!(segment = name, %protocol, "segment opened");

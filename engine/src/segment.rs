@@ -18,6 +18,8 @@ pub(crate) enum Route {
         conn: Arc<dyn Connection>,
         /// Lanes for notifications (the same as `conn` when `protocol` is TCP).
         tcp: Arc<TcpConnection>,
+        /// The largest slice `conn`'s transport takes.
+        max_slice: usize,
     },
 }
 
