@@ -10,7 +10,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    CompletionToken, Completions, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
+    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -88,7 +88,13 @@ struct Task {
     remaining: AtomicU32,
     state: AtomicU8,
     reason: AtomicU16,
+    /// 0 for the first attempt, 1 once the task is retried over TCP.
+    attempt: AtomicU8,
 }
+
+/// Completion tokens carry a task's attempt in the top bit of the task index, so
+/// completions of an abandoned attempt are told apart and ignored.
+const RETRY_BIT: u32 = 1 << 31;
 
 fn encode_reason(r: FailReason) -> u16 {
     match r {
@@ -115,7 +121,12 @@ fn decode_reason(code: u16) -> FailReason {
 }
 
 struct SlotData {
+    index: u32,
     generation: u32,
+    /// Retry tasks that fail on a fabric over TCP (set at submission).
+    retry_over_tcp: bool,
+    /// TCP's slice size, for retries.
+    tcp_slice: usize,
     specs: Vec<TaskSpec>,
     tasks: Vec<Task>,
     deadline: Instant,
@@ -146,10 +157,15 @@ impl SlotData {
         }
     }
 
-    fn apply(&self, task: usize, result: Result<usize, FailReason>) {
+    fn apply(&self, word: u32, result: Result<usize, FailReason>) {
+        let task = (word & !RETRY_BIT) as usize;
+        let attempt = u8::from(word & RETRY_BIT != 0);
         let Some(t) = self.tasks.get(task).filter(|_| task < self.ntasks()) else {
             return;
         };
+        if t.attempt.load(Ordering::Acquire) != attempt {
+            return; // a completion of an abandoned attempt
+        }
         match result {
             Ok(bytes) => {
                 let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
@@ -165,6 +181,15 @@ impl SlotData {
                 {
                     self.end_task();
                 }
+            }
+            Err(FailReason::Fabric(code))
+                if attempt == 0 && self.retry_over_tcp && self.retry(task, t) =>
+            {
+                tracing::warn!(
+                    task,
+                    error = code,
+                    "fabric transfer failed; retrying it over TCP"
+                );
             }
             Err(reason) => {
                 t.remaining.fetch_sub(1, Ordering::AcqRel);
@@ -185,6 +210,64 @@ impl SlotData {
                 }
             }
         }
+    }
+
+    /// Starts attempt 1 of a task over the segment's TCP lanes. Returns false when the
+    /// task cannot be retried (not on a fabric route, no TCP key, already retried).
+    fn retry(&self, task: usize, t: &Task) -> bool {
+        let spec = &self.specs[task];
+        let Route::Remote { protocol, tcp, .. } = &spec.segment.route else {
+            return false;
+        };
+        if *protocol == ferry_transport_api::Protocol::Tcp {
+            return false;
+        }
+        let key = spec
+            .segment
+            .descriptor
+            .buffers
+            .iter()
+            .find(|b| b.addr == spec.remote_base)
+            .and_then(|b| b.key(ferry_transport_api::Protocol::Tcp));
+        let Some(key) = key else {
+            return false;
+        };
+        if t.state.load(Ordering::Acquire) != PENDING
+            || t.attempt
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        let step = self.tcp_slice.max(1);
+        t.remaining
+            .store(spec.len.div_ceil(step) as u32, Ordering::Release);
+        let token = CompletionToken {
+            slot: self.index,
+            generation: self.generation,
+            task: task as u32 | RETRY_BIT,
+        };
+        let mut off = 0;
+        while off < spec.len {
+            let len = step.min(spec.len - off);
+            let slice = Slice {
+                op: spec.op,
+                local: spec.local.clone(),
+                local_offset: spec.local_offset + off,
+                remote_addr: spec.remote_addr + off as u64,
+                remote_base: spec.remote_base,
+                remote_key: key,
+                len,
+                token,
+                deadline: self.deadline,
+            };
+            if let Err(reason) = tcp.post(slice) {
+                self.apply(token.task, Err(reason));
+            }
+            off += len;
+        }
+        tcp.flush();
+        true
     }
 
     fn status(&self, task: usize, now: Instant) -> TaskStatus {
@@ -251,9 +334,14 @@ impl BatchTable {
             let generation = slot.data.read().generation;
             return (index, slot, generation);
         }
+        let mut slots = self.slots.write();
+        let index = slots.len() as u32;
         let slot = Arc::new(Slot {
             data: RwLock::new(SlotData {
+                index,
                 generation: 0,
+                retry_over_tcp: false,
+                tcp_slice: 1 << 20,
                 specs: Vec::new(),
                 tasks: Vec::new(),
                 deadline: Instant::now(),
@@ -263,9 +351,8 @@ impl BatchTable {
                 waiter: Mutex::new(None),
             }),
         });
-        let mut slots = self.slots.write();
         slots.push(slot.clone());
-        ((slots.len() - 1) as u32, slot, 0)
+        (index, slot, 0)
     }
 
     fn release(&self, index: u32, slot: &Slot) {
@@ -294,7 +381,7 @@ impl Completions for BatchTable {
         };
         let d = slot.data.read_recursive();
         if d.generation == token.generation {
-            d.apply(token.task as usize, result);
+            d.apply(token.task, result);
         }
     }
 }
@@ -309,6 +396,7 @@ pub struct BatchBuilder<'e> {
     slot: Option<Arc<Slot>>,
     generation: u32,
     timeout: Duration,
+    retry_over_tcp: bool,
 }
 
 impl<'e> BatchBuilder<'e> {
@@ -320,12 +408,20 @@ impl<'e> BatchBuilder<'e> {
             slot: Some(slot),
             generation,
             timeout: engine.timeout,
+            retry_over_tcp: engine.retry_over_tcp,
         }
     }
 
     /// Sets the batch's deadline, counted from `submit` (default: the engine's).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Whether a task that fails on a fabric (EFA) is retried once over the TCP fallback
+    /// before its deadline (default: the engine's setting).
+    pub fn retry_over_tcp(mut self, retry: bool) -> Self {
+        self.retry_over_tcp = retry;
         self
     }
 
@@ -466,11 +562,14 @@ impl<'e> BatchBuilder<'e> {
                 d.tasks.resize_with(n, Task::default);
             }
             d.deadline = deadline;
+            d.retry_over_tcp = self.retry_over_tcp;
+            d.tcp_slice = engine.tcp_slice();
             let d = &*d;
             let mut open = 0;
             for (spec, t) in d.specs.iter().zip(&d.tasks) {
                 let slices = spec.len.div_ceil(engine.max_slice(&spec.segment.route));
                 t.reason.store(0, Ordering::Relaxed);
+                t.attempt.store(0, Ordering::Relaxed);
                 t.remaining.store(slices as u32, Ordering::Relaxed);
                 if slices == 0 {
                     t.state.store(DONE, Ordering::Relaxed);
@@ -510,7 +609,7 @@ impl<'e> BatchBuilder<'e> {
                     let mut off = 0;
                     while off < spec.len {
                         let len = step.min(spec.len - off);
-                        d.apply(task, r.map(|()| len));
+                        d.apply(task as u32, r.map(|()| len));
                         off += len;
                     }
                 }
@@ -531,7 +630,7 @@ impl<'e> BatchBuilder<'e> {
                             deadline,
                         };
                         if let Err(reason) = conn.post(slice) {
-                            d.apply(task, Err(reason));
+                            d.apply(task as u32, Err(reason));
                         }
                         off += len;
                     }

@@ -124,6 +124,7 @@ pub struct EngineBuilder<S> {
     listen: String,
     metadata: Metadata,
     timeout: Duration,
+    retry_over_tcp: bool,
     _state: PhantomData<S>,
 }
 
@@ -134,6 +135,7 @@ impl EngineBuilder<NeedsTransport> {
             listen: "127.0.0.1:0".into(),
             metadata: Metadata::P2p,
             timeout: Duration::from_secs(30),
+            retry_over_tcp: false,
             _state: PhantomData,
         }
     }
@@ -146,6 +148,7 @@ impl<S> EngineBuilder<S> {
             listen: self.listen,
             metadata: self.metadata,
             timeout: self.timeout,
+            retry_over_tcp: self.retry_over_tcp,
             _state: PhantomData,
         }
     }
@@ -167,6 +170,14 @@ impl<S> EngineBuilder<S> {
     /// How descriptors are found (default peer-to-peer).
     pub fn metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Whether tasks that fail on a fabric (EFA) are retried once over the TCP fallback,
+    /// within their deadline (default false; per batch with
+    /// [`BatchBuilder::retry_over_tcp`](crate::BatchBuilder::retry_over_tcp)).
+    pub fn retry_over_tcp(mut self, retry: bool) -> Self {
+        self.retry_over_tcp = retry;
         self
     }
 
@@ -192,7 +203,13 @@ impl<S> EngineBuilder<S> {
             .into_iter()
             .map(|make| make(host))
             .collect();
-        Engine::start(TcpTransport::new(tcp), fabrics, &self.listen, self.timeout)
+        Engine::start(
+            TcpTransport::new(tcp),
+            fabrics,
+            &self.listen,
+            self.timeout,
+            self.retry_over_tcp,
+        )
     }
 }
 
@@ -235,6 +252,8 @@ pub struct EngineConfig {
     /// With `protocol = "efa"`: when the provider finds no device, warn and run on TCP
     /// instead of failing.
     pub allow_tcp_only: bool,
+    /// Retry a task that fails on the fabric once over TCP, within its deadline.
+    pub retry_over_tcp: bool,
 }
 
 impl Default for EngineConfig {
@@ -250,6 +269,7 @@ impl Default for EngineConfig {
             busy_poll_us: tcp.busy_poll.as_micros() as u64,
             provider: "efa".into(),
             allow_tcp_only: false,
+            retry_over_tcp: false,
         }
     }
 }
@@ -277,7 +297,8 @@ impl Engine {
         let builder = Engine::builder()
             .listen(config.listen.clone())
             .metadata(metadata)
-            .timeout(Duration::from_millis(config.timeout_ms));
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .retry_over_tcp(config.retry_over_tcp);
         match protocol {
             Protocol::Tcp => builder.transport(Tcp::new(config.tcp_config())).build(),
             fabric => {

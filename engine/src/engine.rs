@@ -84,12 +84,18 @@ pub(crate) struct Inner {
     notify_rx: Receiver<Notification>,
     pub(crate) timeout: Duration,
     pub(crate) busy_poll: Duration,
+    pub(crate) retry_over_tcp: bool,
     shut: AtomicBool,
 }
 
 impl Inner {
     pub(crate) fn is_shut_down(&self) -> bool {
         self.shut.load(Ordering::Acquire)
+    }
+
+    /// TCP's slice size (for retries over TCP).
+    pub(crate) fn tcp_slice(&self) -> usize {
+        self.tcp.max_slice()
     }
 
     /// The slice size of the transport a request travels on.
@@ -175,6 +181,7 @@ impl Engine {
         fabrics: Vec<Arc<dyn Transport>>,
         listen: &str,
         timeout: Duration,
+        retry_over_tcp: bool,
     ) -> Result<Engine> {
         let busy_poll = tcp.config().busy_poll;
         tcp.set_listen(listen);
@@ -224,6 +231,7 @@ impl Engine {
                 notify_rx,
                 timeout,
                 busy_poll,
+                retry_over_tcp,
                 shut: AtomicBool::new(false),
             }),
         })

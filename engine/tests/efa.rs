@@ -122,3 +122,64 @@ fn efa_devices_move_every_size_both_ways() {
     let initiator = efa_engine("efa");
     round_trips(&initiator, &target, Protocol::Efa);
 }
+
+fn faulty_engine(retry: bool) -> Engine {
+    Engine::builder()
+        .transport(Efa::new(EfaConfig {
+            provider: "tcp;ofi_rxm".into(),
+            max_slice: 64 * 1024,
+            fault_every: 5,
+            ..EfaConfig::default()
+        }))
+        .fallback(Tcp::new(TcpConfig::default()))
+        .retry_over_tcp(retry)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn failed_fabric_transfers_are_retried_over_tcp_when_allowed() {
+    let target = efa_engine("tcp;ofi_rxm");
+    let initiator = faulty_engine(true);
+    // Every fifth EFA post fails; each affected task is retried over TCP and the data
+    // still arrives byte for byte.
+    round_trips(&initiator, &target, Protocol::Efa);
+}
+
+#[test]
+fn without_retry_a_failed_fabric_transfer_fails_its_task() {
+    let target = efa_engine("tcp;ofi_rxm");
+    let initiator = faulty_engine(false);
+    let remote_buf = target.allocate(1 << 20, Location::host()).unwrap();
+    let local = initiator.allocate(1 << 20, Location::host()).unwrap();
+    let remote = common::remote_of(&initiator, &target, &remote_buf);
+    let mut b = initiator.batch();
+    for i in 0..10usize {
+        b.write(&local, i << 16, &remote, (i << 16) as u64, 1 << 16)
+            .unwrap();
+    }
+    let batch = b.submit().unwrap();
+    let r = batch.wait(common::WAIT);
+    assert!(
+        matches!(r, Err(ferry_engine::Error::TasksFailed { failed: 2, .. })),
+        "{r:?}"
+    );
+    let failed: Vec<_> = batch
+        .statuses()
+        .into_iter()
+        .filter(|s| {
+            matches!(
+                s,
+                ferry_engine::TaskStatus::Failed(ferry_engine::FailReason::Fabric(_))
+            )
+        })
+        .collect();
+    assert_eq!(failed.len(), 2);
+    // The same batch with retries allowed completes.
+    let mut b = initiator.batch().retry_over_tcp(true);
+    for i in 0..10usize {
+        b.write(&local, i << 16, &remote, (i << 16) as u64, 1 << 16)
+            .unwrap();
+    }
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+}

@@ -35,7 +35,7 @@ mod fabric;
 mod rma_loop;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -61,6 +61,10 @@ pub struct EfaConfig {
     pub max_slice: usize,
     /// How long the progress thread spins on an empty completion queue before it sleeps.
     pub busy_poll: Duration,
+    /// Fault injection: every `fault_every`-th post fails with a fabric I/O error instead
+    /// of being posted (0, the default: never). Exercises error and retry paths without
+    /// faulty hardware.
+    pub fault_every: u64,
 }
 
 impl Default for EfaConfig {
@@ -70,6 +74,7 @@ impl Default for EfaConfig {
             source: None,
             max_slice: 1 << 20,
             busy_poll: Duration::from_micros(50),
+            fault_every: 0,
         }
     }
 }
@@ -88,6 +93,7 @@ struct Inner {
     regions: RwLock<HashMap<usize, Arc<Mr>>>,
     peers: Mutex<HashMap<String, Arc<EfaConnection>>>,
     stop: Arc<AtomicBool>,
+    posts: AtomicU64,
 }
 
 /// The libfabric transport. Create it with [`EfaTransport::new`]; the engine starts it.
@@ -105,6 +111,7 @@ impl EfaTransport {
                 regions: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 stop: Arc::new(AtomicBool::new(false)),
+                posts: AtomicU64::new(0),
             }),
         }
     }
@@ -228,6 +235,10 @@ impl Connection for EfaConnection {
     fn post(&self, slice: Slice) -> Result<(), FailReason> {
         if !self.alive.load(Ordering::Acquire) || self.inner.stop.load(Ordering::Acquire) {
             return Err(FailReason::Shutdown);
+        }
+        let every = self.inner.config.fault_every;
+        if every > 0 && self.inner.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+            return Err(FailReason::Fabric(libfabric_sys::FI_EIO as i32));
         }
         let local = self
             .inner

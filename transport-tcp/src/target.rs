@@ -278,6 +278,10 @@ impl TargetConn {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 r => r?,
             }
+            if self.shared.stopping() {
+                // Shut down while waiting: serve nothing more.
+                return Ok(());
+            }
             let header = Header::decode(&hb).map_err(protocol_error)?;
             match header.kind {
                 Kind::Write | Kind::Read => self.requests(header)?,

@@ -47,6 +47,35 @@ impl Target {
             .unwrap()
             .success();
         assert!(ok, "kill {sig}");
+        if sig == "-STOP" {
+            self.wait_stopped();
+        }
+    }
+
+    /// `kill` returns once the signal is queued; the target may run on for a moment on
+    /// another core. Wait until every thread of it is stopped.
+    fn wait_stopped(&self) {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|t| {
+                let stat =
+                    std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the command name, which is in parentheses.
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next());
+                matches!(state, Some("T") | Some("t"))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the target never stopped"
+            );
+            std::thread::yield_now();
+        }
     }
 }
 
