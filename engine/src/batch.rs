@@ -247,6 +247,21 @@ impl SlotData {
             generation: self.generation,
             task: task as u32 | RETRY_BIT,
         };
+        self.post_task(spec, &**tcp, step, key, token);
+        tcp.flush();
+        true
+    }
+
+    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `key`; a
+    /// slice the connection refuses fails at once.
+    fn post_task(
+        &self,
+        spec: &TaskSpec,
+        conn: &dyn Connection,
+        step: usize,
+        key: u64,
+        token: CompletionToken,
+    ) {
         let mut off = 0;
         while off < spec.len {
             let len = step.min(spec.len - off);
@@ -261,13 +276,11 @@ impl SlotData {
                 token,
                 deadline: self.deadline,
             };
-            if let Err(reason) = tcp.post(slice) {
+            if let Err(reason) = conn.post(slice) {
                 self.apply(token.task, Err(reason));
             }
             off += len;
         }
-        tcp.flush();
-        true
     }
 
     fn status(&self, task: usize, now: Instant) -> TaskStatus {
@@ -615,25 +628,7 @@ impl<'e> BatchBuilder<'e> {
                 }
                 Route::Remote { conn, .. } => {
                     let step = engine.max_slice(&spec.segment.route);
-                    let mut off = 0;
-                    while off < spec.len {
-                        let len = step.min(spec.len - off);
-                        let slice = Slice {
-                            op: spec.op,
-                            local: spec.local.clone(),
-                            local_offset: spec.local_offset + off,
-                            remote_addr: spec.remote_addr + off as u64,
-                            remote_base: spec.remote_base,
-                            remote_key: spec.remote_key,
-                            len,
-                            token,
-                            deadline,
-                        };
-                        if let Err(reason) = conn.post(slice) {
-                            d.apply(task as u32, Err(reason));
-                        }
-                        off += len;
-                    }
+                    d.post_task(spec, &**conn, step, spec.remote_key, token);
                 }
             }
         }
