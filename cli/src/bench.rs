@@ -117,6 +117,9 @@ fn spawn_target(args: &RunArgs) -> Result<(Child, String)> {
     if let Some(p) = &e.provider {
         cmd.args(["--provider", p]);
     }
+    if !e.fabric_devices.is_empty() {
+        cmd.args(["--fabric-devices", &e.fabric_devices.join(",")]);
+    }
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -41,6 +41,10 @@ pub(crate) struct EngineArgs {
     /// libfabric provider for `--protocol efa` (efa, 'tcp;ofi_rxm', shm).
     #[arg(long)]
     provider: Option<String>,
+    /// Fabric devices to stripe over for `--protocol efa`, comma-separated (names as
+    /// `ferry info` lists them; a name may repeat); default: every device found.
+    #[arg(long, value_delimiter = ',')]
+    fabric_devices: Vec<String>,
     /// Metadata: p2p (default), etcd://HOST:PORT, redis://HOST:PORT.
     #[arg(long, default_value = "p2p")]
     metadata: String,
@@ -60,10 +64,15 @@ pub(crate) struct EngineArgs {
 
 impl EngineArgs {
     fn config(&self, listen: &str) -> Result<EngineConfig> {
-        if let Some(p) = &self.provider {
+        let fabric_flag = match (&self.provider, self.fabric_devices.is_empty()) {
+            (Some(p), _) => Some(format!("--provider {p}")),
+            (None, false) => Some("--fabric-devices".to_string()),
+            (None, true) => None,
+        };
+        if let Some(flag) = fabric_flag {
             if !self.protocol.eq_ignore_ascii_case("efa") {
                 anyhow::bail!(
-                    "--provider {p} applies to --protocol efa only (this run uses {})",
+                    "{flag} applies to --protocol efa only (this run uses {})",
                     self.protocol
                 );
             }
@@ -74,6 +83,7 @@ impl EngineArgs {
                 .provider
                 .clone()
                 .unwrap_or_else(|| EngineConfig::default().provider),
+            fabric_devices: self.fabric_devices.clone(),
             listen: listen.to_string(),
             metadata: self.metadata.clone(),
             lanes: self.lanes,

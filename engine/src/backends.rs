@@ -55,6 +55,7 @@ pub(crate) fn fabric_engine(
         Protocol::Efa => builder
             .transport(fabrics::Efa::new(fabrics::EfaConfig {
                 provider: config.provider.clone(),
+                devices: config.fabric_devices.clone(),
                 max_slice: config.max_slice,
                 ..fabrics::EfaConfig::default()
             }))

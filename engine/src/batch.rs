@@ -10,7 +10,8 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
+    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
+    RemoteStatus, Slice,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -79,7 +80,7 @@ pub(crate) struct TaskSpec {
     segment: Arc<SegmentInner>,
     remote_addr: u64,
     remote_base: u64,
-    remote_key: u64,
+    remote_keys: RemoteKeys,
     len: usize,
 }
 
@@ -228,7 +229,7 @@ impl SlotData {
             .buffers
             .iter()
             .find(|b| b.addr == spec.remote_base)
-            .and_then(|b| b.key(ferry_transport_api::Protocol::Tcp));
+            .and_then(|b| b.keys_of(ferry_transport_api::Protocol::Tcp));
         let Some(key) = key else {
             return false;
         };
@@ -247,19 +248,19 @@ impl SlotData {
             generation: self.generation,
             task: task as u32 | RETRY_BIT,
         };
-        self.post_task(spec, &**tcp, step, key, token);
+        self.post_task(spec, &**tcp, step, &key, token);
         tcp.flush();
         true
     }
 
-    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `key`; a
+    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
     /// slice the connection refuses fails at once.
     fn post_task(
         &self,
         spec: &TaskSpec,
         conn: &dyn Connection,
         step: usize,
-        key: u64,
+        keys: &RemoteKeys,
         token: CompletionToken,
     ) {
         let mut off = 0;
@@ -271,7 +272,7 @@ impl SlotData {
                 local_offset: spec.local_offset + off,
                 remote_addr: spec.remote_addr + off as u64,
                 remote_base: spec.remote_base,
-                remote_key: key,
+                remote_keys: keys.clone(),
                 len,
                 token,
                 deadline: self.deadline,
@@ -539,7 +540,7 @@ impl<'e> BatchBuilder<'e> {
                 local.location()
             )));
         }
-        let remote_key = desc.key(protocol).ok_or_else(|| {
+        let remote_keys = remote.keys().cloned().ok_or_else(|| {
             Error::InvalidRequest(format!(
                 "the remote buffer has no {protocol} key in its descriptor"
             ))
@@ -552,7 +553,7 @@ impl<'e> BatchBuilder<'e> {
             segment,
             remote_addr: desc.addr + remote_offset,
             remote_base: desc.addr,
-            remote_key,
+            remote_keys,
             len,
         });
         Ok(self)
@@ -614,7 +615,7 @@ impl<'e> BatchBuilder<'e> {
                         &spec.local,
                         spec.local_offset,
                         spec.remote_addr,
-                        spec.remote_key,
+                        spec.remote_keys.first(),
                         spec.len,
                     );
                     // One completion per slice keeps the accounting uniform.
@@ -628,7 +629,7 @@ impl<'e> BatchBuilder<'e> {
                 }
                 Route::Remote { conn, .. } => {
                     let step = engine.max_slice(&spec.segment.route);
-                    d.post_task(spec, &**conn, step, spec.remote_key, token);
+                    d.post_task(spec, &**conn, step, &spec.remote_keys, token);
                 }
             }
         }

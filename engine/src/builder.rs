@@ -249,6 +249,9 @@ pub struct EngineConfig {
     pub busy_poll_us: u64,
     /// libfabric provider for `protocol = "efa"`: `efa` (default), `tcp;ofi_rxm`, `shm`.
     pub provider: String,
+    /// With `protocol = "efa"`: the fabric devices to use as rails (names as `ferry info`
+    /// lists them); empty: every device the provider lists.
+    pub fabric_devices: Vec<String>,
     /// With `protocol = "efa"`: when the provider finds no device, warn and run on TCP
     /// instead of failing.
     pub allow_tcp_only: bool,
@@ -268,6 +271,7 @@ impl Default for EngineConfig {
             timeout_ms: 30_000,
             busy_poll_us: tcp.busy_poll.as_micros() as u64,
             provider: "efa".into(),
+            fabric_devices: Vec::new(),
             allow_tcp_only: false,
             retry_over_tcp: false,
         }

@@ -292,10 +292,10 @@ impl Engine {
         let mut keys = Vec::with_capacity(self.inner.transports.len());
         for t in &self.inner.transports {
             match t.register(&memory, access) {
-                Ok(key) => keys.push(TransportKey {
+                Ok(rails) => keys.extend(rails.into_iter().map(|key| TransportKey {
                     protocol: t.protocol(),
                     key,
-                }),
+                })),
                 Err(e) => {
                     for done in &self.inner.transports {
                         done.deregister(&memory);

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ferry_transport_api::{BufferDescriptor, Connection, Protocol, SegmentDescriptor};
+use ferry_transport_api::{BufferDescriptor, Connection, Protocol, RemoteKeys, SegmentDescriptor};
 use ferry_transport_tcp::TcpConnection;
 
 use crate::{Error, Result};
@@ -26,16 +26,34 @@ pub(crate) enum Route {
 pub(crate) struct SegmentInner {
     pub(crate) descriptor: SegmentDescriptor,
     pub(crate) route: Route,
+    /// Per buffer, its keys for the route's transport (TCP's for the local route), so
+    /// requests share them instead of collecting them each time.
+    keys: Vec<Option<RemoteKeys>>,
     stale: AtomicBool,
 }
 
 impl SegmentInner {
     pub(crate) fn new(descriptor: SegmentDescriptor, route: Route) -> Self {
+        let protocol = match &route {
+            Route::Local => Protocol::Tcp,
+            Route::Remote { protocol, .. } => *protocol,
+        };
+        let keys = descriptor
+            .buffers
+            .iter()
+            .map(|b| b.keys_of(protocol))
+            .collect();
         SegmentInner {
             descriptor,
             route,
+            keys,
             stale: AtomicBool::new(false),
         }
+    }
+
+    /// Buffer `index`'s keys for the route's transport.
+    pub(crate) fn keys(&self, index: usize) -> Option<&RemoteKeys> {
+        self.keys.get(index).and_then(Option::as_ref)
     }
 
     /// Marks the cached descriptor out of date: the next `open_segment` fetches it again.
@@ -141,6 +159,11 @@ pub struct RemoteBuffer {
 }
 
 impl RemoteBuffer {
+    /// Its keys for the transport requests to it use.
+    pub(crate) fn keys(&self) -> Option<&RemoteKeys> {
+        self.segment.inner.keys(self.index)
+    }
+
     /// The buffer as published.
     pub fn descriptor(&self) -> &BufferDescriptor {
         &self.segment.inner.descriptor.buffers[self.index]

@@ -59,6 +59,57 @@ fn shm_provider_moves_every_size_both_ways() {
     round_trips(&initiator, &target, Protocol::Efa);
 }
 
+fn rails_engine(provider: &str, device: &str, rails: usize) -> Engine {
+    Engine::from_config(&EngineConfig {
+        protocol: "efa".into(),
+        provider: provider.into(),
+        fabric_devices: vec![device.to_string(); rails],
+        ..EngineConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("{rails} rails over {provider}: {e}"))
+}
+
+/// Engines with several rails (endpoints) publish one address and one key per rail and
+/// stripe requests over them; peers with different rail counts still pair up.
+#[test]
+fn several_rails_publish_every_key_and_move_every_size() {
+    for (provider, device) in [("shm", shm_device()), ("tcp;ofi_rxm", "lo".to_string())] {
+        let two = rails_engine(provider, &device, 2);
+        let one = rails_engine(provider, &device, 1);
+        let d = two.descriptor();
+        let addresses = d.endpoint(Protocol::Efa).unwrap().address.split(',').count();
+        assert_eq!(addresses, 2, "{provider}");
+        let buf = two.allocate(4096, Location::host()).unwrap();
+        let efa_keys = two.descriptor().buffers[0].keys_of(Protocol::Efa).unwrap();
+        assert_eq!(efa_keys.rails(), 2, "{provider}");
+        drop(buf);
+        round_trips(&two, &one, Protocol::Efa);
+        round_trips(&one, &two, Protocol::Efa);
+    }
+}
+
+fn shm_device() -> String {
+    ferry_engine::fabric_devices()
+        .into_iter()
+        .find(|d| d.provider == "shm")
+        .expect("libfabric's shm provider is present")
+        .device
+}
+
+#[test]
+fn naming_an_absent_fabric_device_is_an_error_that_lists_the_found_ones() {
+    let Err(err) = Engine::from_config(&EngineConfig {
+        protocol: "efa".into(),
+        provider: "shm".into(),
+        fabric_devices: vec!["nic9".into()],
+        ..EngineConfig::default()
+    }) else {
+        panic!("an engine started on a device that does not exist");
+    };
+    let err = err.to_string();
+    assert!(err.contains("nic9") && err.contains(&shm_device()), "{err}");
+}
+
 #[test]
 fn efa_and_tcp_only_peers_talk_over_tcp_both_ways() {
     let fabric = efa_engine("tcp;ofi_rxm");

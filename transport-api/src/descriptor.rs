@@ -1,5 +1,6 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::{Access, Location, TransportError};
 
@@ -64,7 +65,10 @@ pub struct Endpoint {
     pub address: String,
 }
 
-/// A registered region's key for one transport.
+/// A registered region's key for one transport, on one rail.
+///
+/// A transport that drives several devices (rails) issues one key per rail; they are
+/// published as several entries with the same protocol, rail 0 first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportKey {
     /// The transport that issued the key.
@@ -86,17 +90,62 @@ pub struct BufferDescriptor {
     pub location: Location,
     /// What peers may do.
     pub access: Access,
-    /// One key per transport the buffer is registered with.
+    /// The keys of every transport the buffer is registered with: one per transport
+    /// and rail, a transport's rails in order.
     pub keys: Vec<TransportKey>,
 }
 
 impl BufferDescriptor {
-    /// The key issued by `protocol`, if the buffer is registered with it.
+    /// The key issued by `protocol` (its rail 0), if the buffer is registered with it.
     pub fn key(&self, protocol: Protocol) -> Option<u64> {
         self.keys
             .iter()
             .find(|k| k.protocol == protocol)
             .map(|k| k.key)
+    }
+
+    /// Every rail's key issued by `protocol`, if the buffer is registered with it.
+    pub fn keys_of(&self, protocol: Protocol) -> Option<RemoteKeys> {
+        let keys: Vec<u64> = self
+            .keys
+            .iter()
+            .filter(|k| k.protocol == protocol)
+            .map(|k| k.key)
+            .collect();
+        RemoteKeys::new(keys)
+    }
+}
+
+/// A remote region's keys for one transport, one per rail of its owner, rail 0 first.
+/// Never empty; cloning shares them (no allocation), so a slice can carry them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteKeys(Arc<[u64]>);
+
+impl RemoteKeys {
+    /// The keys, rail 0 first; `None` when there are none.
+    pub fn new(keys: impl Into<Arc<[u64]>>) -> Option<Self> {
+        let keys = keys.into();
+        (!keys.is_empty()).then_some(RemoteKeys(keys))
+    }
+
+    /// A single key (a transport with one rail).
+    pub fn single(key: u64) -> Self {
+        RemoteKeys(Arc::new([key]))
+    }
+
+    /// Rail 0's key: the only one of a single-rail transport such as TCP.
+    pub fn first(&self) -> u64 {
+        self.0[0]
+    }
+
+    /// The key for `rail`, if the owner has that many rails.
+    pub fn rail(&self, rail: usize) -> Option<u64> {
+        self.0.get(rail).copied()
+    }
+
+    /// How many rails the owner registered the region on.
+    pub fn rails(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -162,5 +211,29 @@ mod tests {
         assert_eq!(back, d);
         assert_eq!(back.buffers[0].key(Protocol::Tcp), Some(u64::MAX));
         assert_eq!(back.buffers[0].key(Protocol::Efa), None);
+        assert_eq!(back.buffers[0].keys_of(Protocol::Efa), None);
+    }
+
+    #[test]
+    fn rail_keys_keep_their_order() {
+        let b = BufferDescriptor {
+            name: String::new(),
+            addr: 0,
+            len: 1,
+            location: Location::host(),
+            access: Access::RemoteReadWrite,
+            keys: [(Protocol::Tcp, 9), (Protocol::Efa, 1), (Protocol::Efa, 2)]
+                .into_iter()
+                .map(|(protocol, key)| TransportKey { protocol, key })
+                .collect(),
+        };
+        let efa = b.keys_of(Protocol::Efa).unwrap();
+        assert_eq!(
+            (efa.rails(), efa.first(), efa.rail(1), efa.rail(2)),
+            (2, 1, Some(2), None)
+        );
+        assert_eq!(b.keys_of(Protocol::Tcp).unwrap().first(), 9);
+        assert_eq!(b.key(Protocol::Efa), Some(1));
+        assert!(RemoteKeys::new(Vec::new()).is_none());
     }
 }

@@ -10,8 +10,9 @@
 //! and registered memory without `unsafe` of their own.
 //!
 //! The model is one-sided, keyed RMA, the common ground of TCP, libfabric and ibverbs:
-//! - a region is registered with every transport, and each returns a 64-bit key that the
-//!   owner publishes in its [`SegmentDescriptor`];
+//! - a region is registered with every transport, and each returns 64-bit keys (one per
+//!   rail: a transport may drive several devices) that the owner publishes in its
+//!   [`SegmentDescriptor`];
 //! - a transport publishes an [`Endpoint`] that peers use to [`Transport::connect`];
 //! - the engine cuts requests into [`Slice`]s no larger than [`Transport::max_slice`] and
 //!   [`Connection::post`]s them; each slice is reported once through [`Completions`].
@@ -32,7 +33,9 @@ mod memory;
 mod request;
 mod transport;
 
-pub use descriptor::{BufferDescriptor, Endpoint, Protocol, SegmentDescriptor, TransportKey};
+pub use descriptor::{
+    BufferDescriptor, Endpoint, Protocol, RemoteKeys, SegmentDescriptor, TransportKey,
+};
 pub use error::{ErrorKind, TransportError};
 pub use location::{Access, Location};
 pub use memory::RegionMemory;

@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::RegionMemory;
+use crate::{RegionMemory, RemoteKeys};
 
 /// One-sided operation, seen from the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,8 +160,9 @@ pub struct Slice {
     /// Start address of the peer's buffer that contains `remote_addr` (transports whose
     /// keys address memory by offset, e.g. libfabric without `FI_MR_VIRT_ADDR`, need it).
     pub remote_base: u64,
-    /// The peer region's key for this transport.
-    pub remote_key: u64,
+    /// The peer region's keys for this transport, one per rail of the peer (a
+    /// single-rail transport uses the first).
+    pub remote_keys: RemoteKeys,
     /// Length in bytes.
     pub len: usize,
     /// Where to report completion.

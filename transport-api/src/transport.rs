@@ -32,12 +32,18 @@ pub trait Transport: Send + Sync {
     /// Which protocol this is.
     fn protocol(&self) -> Protocol;
 
-    /// Starts the transport's workers and returns the endpoint to publish.
+    /// Starts the transport's workers and returns the endpoint to publish (a transport
+    /// with several rails puts every rail's address in it).
     fn start(&self, ctx: TransportContext) -> Result<Endpoint, TransportError>;
 
-    /// Registers a region and returns its key for this transport. Peers must present the
-    /// key with every request that touches the region.
-    fn register(&self, region: &Arc<RegionMemory>, access: Access) -> Result<u64, TransportError>;
+    /// Registers a region and returns its keys for this transport: one per rail (device)
+    /// the transport drives, rail 0 first; never empty. Peers must present the key of
+    /// the rail they reach with every request that touches the region.
+    fn register(
+        &self,
+        region: &Arc<RegionMemory>,
+        access: Access,
+    ) -> Result<Vec<u64>, TransportError>;
 
     /// Forgets a region: later requests that name it are refused. Requests already in
     /// flight keep the memory alive through their `Arc`.

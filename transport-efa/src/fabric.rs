@@ -109,7 +109,11 @@ pub(crate) struct Device {
     mr_mode: u64,
     address: Vec<u8>,
     domain_name: String,
-    next_key: AtomicU64,
+    /// Keys this domain accepts when ferry chooses them (without `FI_MR_PROV_KEY`):
+    /// random, so a peer cannot guess another region's key.
+    key_mask: u64,
+    /// Operations posted on this device (striping is visible in it).
+    posts: AtomicU64,
     completions: Arc<dyn Completions>,
     stop: Arc<AtomicBool>,
     progress: Mutex<Option<JoinHandle<()>>>,
@@ -157,13 +161,30 @@ fn opened(what: &str, rc: i32) -> Result<(), TransportError> {
     }
 }
 
-impl Device {
-    /// Opens the first device the provider lists, and starts its progress thread.
-    pub(crate) fn open(
-        config: &EfaConfig,
-        completions: Arc<dyn Completions>,
-        stop: Arc<AtomicBool>,
-    ) -> Result<Arc<Device>, TransportError> {
+/// The list `fi_getinfo` returned, freed when dropped.
+struct InfoList(*mut fi::fi_info);
+
+impl Drop for InfoList {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the list came from fi_getinfo and is freed once.
+            unsafe { fi::fi_freeinfo(self.0) };
+        }
+    }
+}
+
+fn c_text(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libfabric's strings are NUL-terminated and outlive this call.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+impl InfoList {
+    /// What the provider offers for RDM endpoints with one-sided RMA.
+    fn get(config: &EfaConfig) -> Result<InfoList, TransportError> {
         let provider = CString::new(config.provider.as_str())
             .map_err(|_| TransportError::invalid("provider name has a NUL byte"))?;
         let node = config
@@ -172,18 +193,10 @@ impl Device {
             .map(CString::new)
             .transpose()
             .map_err(|_| TransportError::invalid("source address has a NUL byte"))?;
-        let mut h = Handles {
-            info: null_mut(),
-            fabric: null_mut(),
-            domain: null_mut(),
-            cq: null_mut(),
-            av: null_mut(),
-            ep: null_mut(),
-        };
-        // SAFETY: every pointer passed is either null where libfabric allows it or points
-        // to a live local; objects are stored in `h` as soon as they exist, so an early
-        // return closes them (Handles::drop).
-        unsafe {
+        let mut info: *mut fi::fi_info = null_mut();
+        // SAFETY: the hints are allocated by libfabric and freed after the call; every
+        // pointer passed is null where libfabric allows it or points to a live local.
+        let rc = unsafe {
             let hints = fi::fi_dupinfo(null());
             if hints.is_null() {
                 return Err(TransportError::invalid("fi_dupinfo failed (out of memory)"));
@@ -205,19 +218,114 @@ impl Device {
                 Some(n) => (n.as_ptr(), fi::FI_SOURCE),
                 None => (null(), 0),
             };
-            let rc = fi::fi_getinfo(API_VERSION, node_ptr, null(), flags, hints, &mut h.info);
+            let rc = fi::fi_getinfo(API_VERSION, node_ptr, null(), flags, hints, &mut info);
             fi::fi_freeinfo(hints);
-            if rc != 0 || h.info.is_null() {
-                h.info = null_mut();
-                return Err(TransportError::Unsupported {
-                    what: format!("libfabric provider `{}`", config.provider),
-                    why: format!(
-                        "it found no device that supports RDM endpoints with one-sided RMA here ({}); \
-                         `ferry info` lists the providers and devices found",
-                        strerror(-rc)
-                    ),
-                });
+            rc
+        };
+        if rc != 0 || info.is_null() {
+            return Err(TransportError::Unsupported {
+                what: format!("libfabric provider `{}`", config.provider),
+                why: format!(
+                    "it found no device that supports RDM endpoints with one-sided RMA here ({}); \
+                     `ferry info` lists the providers and devices found",
+                    strerror(-rc)
+                ),
+            });
+        }
+        Ok(InfoList(info))
+    }
+
+    /// One entry per device (domain), in the provider's order: the first entry of each.
+    fn devices(&self) -> Vec<(String, *mut fi::fi_info)> {
+        let mut out: Vec<(String, *mut fi::fi_info)> = Vec::new();
+        let mut cur = self.0;
+        while !cur.is_null() {
+            // SAFETY: `cur` is an entry of the live list.
+            let (name, next) = unsafe { (c_text((*(*cur).domain_attr).name), (*cur).next) };
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, cur));
             }
+            cur = next;
+        }
+        out
+    }
+}
+
+/// Opens the devices `config` selects (every device the provider lists, or the named
+/// ones in their order), at most `max`, rail 0 first, each with its progress thread.
+pub(crate) fn open_rails(
+    config: &EfaConfig,
+    max: usize,
+    completions: &Arc<dyn Completions>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<Arc<Device>>, TransportError> {
+    let list = InfoList::get(config)?;
+    let found = list.devices();
+    let chosen: Vec<*mut fi::fi_info> = if config.devices.is_empty() {
+        // An IP provider's "devices" are interfaces (loopback among them): one, the
+        // source's, unless named.
+        let all = if config.ip_based() { 1 } else { found.len() };
+        found.iter().take(all).map(|(_, info)| *info).collect()
+    } else {
+        config
+            .devices
+            .iter()
+            .map(|want| {
+                found
+                    .iter()
+                    .find(|(name, _)| name == want)
+                    .map(|(_, info)| *info)
+                    .ok_or_else(|| TransportError::Unsupported {
+                        what: format!("libfabric device `{want}`"),
+                        why: format!(
+                            "provider `{}` lists {}",
+                            config.provider,
+                            found
+                                .iter()
+                                .map(|(n, _)| format!("`{n}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    chosen
+        .into_iter()
+        .take(max.max(1))
+        .map(|info| {
+            // SAFETY: `info` is an entry of the live list; fi_dupinfo copies that one
+            // entry, which the device then owns.
+            let own = unsafe { fi::fi_dupinfo(info) };
+            if own.is_null() {
+                return Err(TransportError::invalid("fi_dupinfo failed (out of memory)"));
+            }
+            Device::open(own, config, completions.clone(), stop.clone())
+        })
+        .collect()
+}
+
+impl Device {
+    /// Opens the device `info` describes (owned from here on) and starts its progress
+    /// thread.
+    fn open(
+        info: *mut fi::fi_info,
+        config: &EfaConfig,
+        completions: Arc<dyn Completions>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Arc<Device>, TransportError> {
+        let mut h = Handles {
+            info,
+            fabric: null_mut(),
+            domain: null_mut(),
+            cq: null_mut(),
+            av: null_mut(),
+            ep: null_mut(),
+        };
+        // SAFETY: every pointer passed is either null where libfabric allows it or points
+        // to a live local; objects are stored in `h` as soon as they exist, so an early
+        // return closes them (Handles::drop).
+        unsafe {
             let info = h.info;
             opened(
                 "fi_fabric",
@@ -286,13 +394,13 @@ impl Device {
             )?;
             address.truncate(len);
             let mr_mode = (*(*info).domain_attr).mr_mode as u32 as u64;
-            let domain_name = if (*(*info).domain_attr).name.is_null() {
-                String::new()
+            let key_size = (*(*info).domain_attr).mr_key_size;
+            let key_mask = if key_size == 0 || key_size >= 8 {
+                u64::MAX
             } else {
-                CStr::from_ptr((*(*info).domain_attr).name)
-                    .to_string_lossy()
-                    .into_owned()
+                (1u64 << (8 * key_size)) - 1
             };
+            let domain_name = c_text((*(*info).domain_attr).name);
             let device = Arc::new(Device {
                 handles: h,
                 gate: Mutex::new(()),
@@ -301,7 +409,8 @@ impl Device {
                 mr_mode,
                 address,
                 domain_name,
-                next_key: AtomicU64::new(1),
+                key_mask,
+                posts: AtomicU64::new(0),
                 completions,
                 stop,
                 progress: Mutex::new(None),
@@ -331,6 +440,10 @@ impl Device {
         self.mr_mode
     }
 
+    pub(crate) fn posts(&self) -> u64 {
+        self.posts.load(Ordering::Relaxed)
+    }
+
     fn has(&self, bit: u32) -> bool {
         self.mr_mode & u64::from(bit) != 0
     }
@@ -354,11 +467,6 @@ impl Device {
         if access.remote_write() {
             flags |= u64::from(fi::FI_REMOTE_WRITE);
         }
-        let requested_key = if self.has(fi::FI_MR_PROV_KEY) {
-            0
-        } else {
-            self.next_key.fetch_add(1, Ordering::Relaxed)
-        };
         let serial = self.serial();
         let h = &self.handles;
         let mut mr: *mut fi::fid_mr = null_mut();
@@ -370,17 +478,30 @@ impl Device {
         // SAFETY: the region's memory is valid for its whole life (RegionMemory's
         // contract) and the MR is closed (Mr::drop) before the domain.
         unsafe {
-            let rc = fi::fi_mr_reg(
-                h.domain,
-                region.addr() as usize as *const c_void,
-                region.len().max(1),
-                flags,
-                0,
-                requested_key,
-                0,
-                &mut mr,
-                null_mut(),
-            );
+            let mut attempts = 0;
+            let rc = loop {
+                let requested_key = if self.has(fi::FI_MR_PROV_KEY) {
+                    0
+                } else {
+                    (rand::random::<u64>() & self.key_mask).max(1)
+                };
+                let rc = fi::fi_mr_reg(
+                    h.domain,
+                    region.addr() as usize as *const c_void,
+                    region.len().max(1),
+                    flags,
+                    0,
+                    requested_key,
+                    0,
+                    &mut mr,
+                    null_mut(),
+                );
+                // A chosen key that is taken already: draw another.
+                attempts += 1;
+                if rc != -(fi::FI_ENOKEY as i32) || attempts == 8 {
+                    break rc;
+                }
+            };
             if rc != 0 {
                 return Err(reg_err(rc));
             }
@@ -447,11 +568,13 @@ impl Device {
         Ok(addr)
     }
 
-    /// Posts one slice; on success libfabric owns it until its completion.
+    /// Posts one slice to `peer` with the remote region's `key` on this device; on
+    /// success libfabric owns it until its completion.
     pub(crate) fn post(
         &self,
         peer: fi::fi_addr_t,
         local: &Mr,
+        key: u64,
         slice: Slice,
     ) -> Result<(), PostError> {
         let remote = if self.has(fi::FI_MR_VIRT_ADDR) {
@@ -471,7 +594,7 @@ impl Device {
         } else {
             null_mut()
         };
-        let (op_kind, len, key) = (slice.op, slice.len, slice.remote_key);
+        let (op_kind, len) = (slice.op, slice.len);
         let give_up = slice.deadline.min(Instant::now() + MAX_EAGAIN);
         let op = Box::into_raw(Box::new(Op {
             ctx: fi::fi_context::default(),
@@ -520,6 +643,7 @@ impl Device {
                 }
             };
             if rc == 0 {
+                self.posts.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             if rc != -(fi::FI_EAGAIN as isize) {
@@ -676,13 +800,7 @@ pub fn providers() -> Vec<ProviderInfo> {
         if rc != 0 {
             return out;
         }
-        let text = |p: *const std::ffi::c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
+        let text = c_text;
         let mut cur = info;
         while !cur.is_null() {
             out.push(ProviderInfo {

@@ -9,12 +9,17 @@
 //!
 //! What it does:
 //! - opens one fabric, domain, address vector (`FI_AV_TABLE`), completion queue and RDM
-//!   endpoint on the first device the provider lists;
+//!   endpoint on every device the provider lists (or the ones [`EfaConfig::devices`]
+//!   names): each is a *rail*, with its own progress thread;
+//! - stripes a peer's slices over rails round-robin: slice `n` leaves on local rail
+//!   `n % L` for remote rail `n % R` (`L`, `R`: the rail counts of the two sides), so a
+//!   request larger than one slice uses every device on both hosts;
 //! - registers regions honouring the `mr_mode` the provider returns (`FI_MR_LOCAL`,
 //!   `FI_MR_VIRT_ADDR`, `FI_MR_ALLOCATED`, `FI_MR_PROV_KEY`, `FI_MR_ENDPOINT`), keys kept
 //!   64-bit; remote access rights follow the region's [`Access`];
-//! - publishes the endpoint's fabric address (hex) and inserts peers' addresses into the
-//!   address vector on first use;
+//! - publishes every rail's fabric address (hex, comma-separated, rail 0 first) and one
+//!   key per rail for each region; inserts peers' addresses into the address vectors on
+//!   first use;
 //! - posts `fi_read` and `fi_writemsg` with `FI_DELIVERY_COMPLETE` (a WRITE completes when
 //!   the data is in the target's memory), serialized per endpoint, retrying `FI_EAGAIN`
 //!   after driving progress, a bounded number of times;
@@ -22,8 +27,8 @@
 //!   it on the target side too) and maps completion errors to [`FailReason::Fabric`],
 //!   logging the provider's message.
 //!
-//! Thread safety: every libfabric call on the endpoint and its queue is made under one
-//! lock, so the provider may run in `FI_THREAD_DOMAIN` mode.
+//! Thread safety: `FI_THREAD_SAFE` is asked for; a provider that grants less gets every
+//! call on a rail's endpoint and queue made under one lock.
 //!
 //! ```no_run
 //! use ferry_transport_efa::{EfaConfig, EfaTransport};
@@ -35,7 +40,7 @@ mod fabric;
 mod rma_loop;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -57,6 +62,11 @@ pub struct EfaConfig {
     /// For IP-based providers (`tcp;ofi_rxm`): the local address to bind (`FI_SOURCE`).
     /// The engine sets it to its listen address when unset.
     pub source: Option<String>,
+    /// Devices (libfabric domain names, as `ferry info` lists them) to open as rails, in
+    /// order; empty (the default): every device the provider lists (for IP-based
+    /// providers, whose devices are network interfaces, the first). A name may repeat:
+    /// each entry opens its own endpoint on that device.
+    pub devices: Vec<String>,
     /// Largest slice a request is cut into.
     pub max_slice: usize,
     /// How long the progress thread spins on an empty completion queue before it sleeps.
@@ -72,6 +82,7 @@ impl Default for EfaConfig {
         EfaConfig {
             provider: "efa".into(),
             source: None,
+            devices: Vec::new(),
             max_slice: 1 << 20,
             busy_poll: Duration::from_micros(50),
             fault_every: 0,
@@ -89,8 +100,9 @@ impl EfaConfig {
 
 struct Inner {
     config: EfaConfig,
-    device: OnceLock<Arc<Device>>,
-    regions: RwLock<HashMap<usize, Arc<Mr>>>,
+    rails: OnceLock<Vec<Arc<Device>>>,
+    /// Per registered region, its registration on each rail.
+    regions: RwLock<HashMap<usize, Arc<[Mr]>>>,
     peers: Mutex<HashMap<String, Arc<EfaConnection>>>,
     stop: Arc<AtomicBool>,
     posts: AtomicU64,
@@ -107,7 +119,7 @@ impl EfaTransport {
         EfaTransport {
             inner: Arc::new(Inner {
                 config,
-                device: OnceLock::new(),
+                rails: OnceLock::new(),
                 regions: RwLock::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 stop: Arc::new(AtomicBool::new(false)),
@@ -130,8 +142,20 @@ impl EfaTransport {
         }
     }
 
-    fn device(&self) -> Result<&Arc<Device>, TransportError> {
-        self.inner.device.get().ok_or(TransportError::Closed)
+    fn rails(&self) -> Result<&[Arc<Device>], TransportError> {
+        self.inner
+            .rails
+            .get()
+            .map(Vec::as_slice)
+            .ok_or(TransportError::Closed)
+    }
+
+    /// Operations posted on each rail so far, rail 0 first (empty before start).
+    pub fn rail_posts(&self) -> Vec<u64> {
+        self.inner
+            .rails
+            .get()
+            .map_or_else(Vec::new, |r| r.iter().map(|d| d.posts()).collect())
     }
 }
 
@@ -145,16 +169,23 @@ impl Transport for EfaTransport {
     }
 
     fn start(&self, ctx: TransportContext) -> Result<Endpoint, TransportError> {
-        let device = Device::open(
+        let rails = fabric::open_rails(
             &self.inner.config,
-            ctx.completions.clone(),
-            self.inner.stop.clone(),
+            usize::MAX,
+            &ctx.completions,
+            &self.inner.stop,
         )?;
-        let address = device.address_hex();
-        tracing::info!(provider = %self.inner.config.provider, domain = %device.domain_name(), mr_mode = device.mr_mode(), "libfabric transport open");
+        for d in &rails {
+            tracing::info!(provider = %self.inner.config.provider, domain = %d.domain_name(), mr_mode = d.mr_mode(), "libfabric rail open");
+        }
+        let address = rails
+            .iter()
+            .map(|d| d.address_hex())
+            .collect::<Vec<_>>()
+            .join(",");
         self.inner
-            .device
-            .set(device)
+            .rails
+            .set(rails)
             .map_err(|_| TransportError::invalid("the libfabric transport was started twice"))?;
         Ok(Endpoint {
             protocol: Protocol::Efa,
@@ -162,15 +193,22 @@ impl Transport for EfaTransport {
         })
     }
 
-    fn register(&self, region: &Arc<RegionMemory>, access: Access) -> Result<u64, TransportError> {
-        let device = self.device()?;
-        let mr = device.register(region, access)?;
-        let key = mr.key();
+    fn register(
+        &self,
+        region: &Arc<RegionMemory>,
+        access: Access,
+    ) -> Result<Vec<u64>, TransportError> {
+        let mrs = self
+            .rails()?
+            .iter()
+            .map(|d| d.register(region, access))
+            .collect::<Result<Vec<Mr>, _>>()?;
+        let keys = mrs.iter().map(Mr::key).collect();
         self.inner
             .regions
             .write()
-            .insert(key_of(region), Arc::new(mr));
-        Ok(key)
+            .insert(key_of(region), mrs.into());
+        Ok(keys)
     }
 
     fn deregister(&self, region: &RegionMemory) {
@@ -188,12 +226,28 @@ impl Transport for EfaTransport {
         if let Some(c) = peers.get(&endpoint.address) {
             return Ok(c.clone());
         }
-        let device = self.device()?.clone();
-        let peer = device.insert_peer(&endpoint.address)?;
+        let rails = self.rails()?;
+        let remote: Vec<&str> = endpoint.address.split(',').collect();
+        // Pair local rail p % L with remote rail p % R, for as many pairs as the side
+        // with more rails has: every rail on both hosts carries traffic.
+        let paths = (0..rails.len().max(remote.len()))
+            .map(|p| {
+                let local = p % rails.len();
+                let remote_rail = p % remote.len();
+                let device = rails[local].clone();
+                let peer = device.insert_peer(remote[remote_rail])?;
+                Ok(Path {
+                    local,
+                    device,
+                    peer,
+                    remote_rail,
+                })
+            })
+            .collect::<Result<Vec<_>, TransportError>>()?;
         let conn = Arc::new(EfaConnection {
             inner: self.inner.clone(),
-            device,
-            peer,
+            paths,
+            next: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
         });
         peers.insert(endpoint.address.clone(), conn.clone());
@@ -211,7 +265,7 @@ impl Transport for EfaTransport {
         for (_, c) in self.inner.peers.lock().drain() {
             c.alive.store(false, Ordering::Release);
         }
-        if let Some(d) = self.inner.device.get() {
+        for d in self.inner.rails.get().into_iter().flatten() {
             d.stop_progress();
         }
     }
@@ -223,11 +277,22 @@ impl Drop for EfaTransport {
     }
 }
 
-/// A peer reached through the local endpoint (an address-vector entry).
+/// A pairing of one local rail with one of the peer's rails.
+struct Path {
+    /// Index of the local rail (and of the region's registration on it).
+    local: usize,
+    device: Arc<Device>,
+    /// The remote rail's entry in the local rail's address vector.
+    peer: libfabric_sys::fi_addr_t,
+    remote_rail: usize,
+}
+
+/// A peer reached through the local rails (address-vector entries).
 struct EfaConnection {
     inner: Arc<Inner>,
-    device: Arc<Device>,
-    peer: libfabric_sys::fi_addr_t,
+    paths: Vec<Path>,
+    /// Round-robin position over `paths`.
+    next: AtomicUsize,
     alive: AtomicBool,
 }
 
@@ -250,7 +315,14 @@ impl Connection for EfaConnection {
             tracing::warn!("local region is not registered with the libfabric transport");
             return Err(FailReason::Unsupported);
         };
-        match self.device.post(self.peer, &local, slice) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.paths.len();
+        let path = &self.paths[n];
+        // A peer whose descriptor has fewer keys than rails is reached on rail 0 only.
+        let (path, key) = match slice.remote_keys.rail(path.remote_rail) {
+            Some(key) => (path, key),
+            None => (&self.paths[0], slice.remote_keys.first()),
+        };
+        match path.device.post(path.peer, &local[path.local], key, slice) {
             Ok(()) => Ok(()),
             Err(PostError::Fatal(code)) => {
                 self.alive.store(false, Ordering::Release);
@@ -262,5 +334,185 @@ impl Connection for EfaConnection {
 
     fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && !self.inner.stop.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crossbeam_channel::{Receiver, Sender};
+    use ferry_transport_api::{
+        CompletionToken, Completions, ControlPlane, Opcode, RegionMemory, RemoteKeys, Slice,
+    };
+
+    use super::*;
+
+    struct Channel(Sender<Result<usize, FailReason>>);
+
+    impl Completions for Channel {
+        fn complete(&self, _token: CompletionToken, result: Result<usize, FailReason>) {
+            let _ = self.0.send(result);
+        }
+    }
+
+    /// The libfabric transport never asks the control plane anything.
+    struct NoControl;
+
+    impl ControlPlane for NoControl {
+        fn descriptor(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn notification(&self, _from: &str, _body: &[u8]) -> bool {
+            false
+        }
+    }
+
+    fn shm_device() -> String {
+        providers()
+            .into_iter()
+            .find(|p| p.provider == "shm")
+            .expect("libfabric's shm provider is present")
+            .domain
+    }
+
+    fn started(rails: usize) -> (EfaTransport, Endpoint, Receiver<Result<usize, FailReason>>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let t = EfaTransport::new(EfaConfig {
+            provider: "shm".into(),
+            devices: vec![shm_device(); rails],
+            ..EfaConfig::default()
+        });
+        let endpoint = t
+            .start(TransportContext {
+                completions: Arc::new(Channel(tx)),
+                control: Arc::new(NoControl),
+            })
+            .expect("shm transport starts");
+        (t, endpoint, rx)
+    }
+
+    fn filled(len: usize, seed: u8) -> Arc<RegionMemory> {
+        let r = rma_loop::region(len);
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        assert!(r.copy_from_slice_at(0, &bytes));
+        r
+    }
+
+    fn contents(r: &RegionMemory) -> Vec<u8> {
+        let mut out = vec![0u8; r.len()];
+        assert!(r.copy_to_slice_at(0, &mut out));
+        out
+    }
+
+    const SLICE: usize = 1 << 20;
+
+    /// Posts `local` to or from `remote` in 1 MiB slices; returns how many.
+    fn post_slices(
+        conn: &dyn Connection,
+        op: Opcode,
+        local: &Arc<RegionMemory>,
+        remote: &RegionMemory,
+        keys: &RemoteKeys,
+    ) -> usize {
+        let slices = local.len() / SLICE;
+        for i in 0..slices {
+            let slice = Slice {
+                op,
+                local: local.clone(),
+                local_offset: i * SLICE,
+                remote_addr: remote.addr() + (i * SLICE) as u64,
+                remote_base: remote.addr(),
+                remote_keys: keys.clone(),
+                len: SLICE,
+                token: CompletionToken {
+                    slot: 0,
+                    generation: 0,
+                    task: i as u32,
+                },
+                deadline: Instant::now() + Duration::from_secs(30),
+            };
+            conn.post(slice).expect("posted");
+        }
+        slices
+    }
+
+    /// Moves `local` to or from `remote` and waits for every completion.
+    fn transfer(
+        conn: &dyn Connection,
+        rx: &Receiver<Result<usize, FailReason>>,
+        op: Opcode,
+        local: &Arc<RegionMemory>,
+        remote: &RegionMemory,
+        keys: &RemoteKeys,
+    ) {
+        let slices = post_slices(conn, op, local, remote, keys);
+        for _ in 0..slices {
+            let r = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("completion");
+            assert_eq!(r, Ok(SLICE));
+        }
+    }
+
+    /// Two rails on either side: slices alternate between them, every byte lands, and
+    /// each rail issues its own key for a region.
+    #[test]
+    fn slices_are_striped_over_every_rail() {
+        for (initiator_rails, target_rails) in [(2, 2), (1, 2), (2, 1)] {
+            let (target, target_ep, _target_rx) = started(target_rails);
+            let (initiator, _, rx) = started(initiator_rails);
+            assert_eq!(target_ep.address.split(',').count(), target_rails);
+            let len = 16 << 20;
+            let remote = filled(len, 0);
+            let keys = target.register(&remote, Access::RemoteReadWrite).unwrap();
+            assert_eq!(keys.len(), target_rails);
+            if target_rails == 2 {
+                assert_ne!(keys[0], keys[1], "each rail issues its own key");
+            }
+            let keys = RemoteKeys::new(keys).unwrap();
+            let source = filled(len, 7);
+            let back = filled(len, 99);
+            initiator.register(&source, Access::Local).unwrap();
+            initiator.register(&back, Access::Local).unwrap();
+            let conn = initiator.connect(&target_ep).unwrap();
+
+            transfer(&*conn, &rx, Opcode::Write, &source, &remote, &keys);
+            assert!(
+                contents(&remote) == contents(&source),
+                "written bytes differ"
+            );
+            transfer(&*conn, &rx, Opcode::Read, &back, &remote, &keys);
+            assert!(contents(&back) == contents(&source), "read bytes differ");
+
+            let posts = initiator.rail_posts();
+            assert_eq!(posts.len(), initiator_rails);
+            assert_eq!(posts.iter().sum::<u64>(), 32);
+            initiator.shutdown();
+            target.shutdown();
+        }
+    }
+
+    #[test]
+    fn an_unknown_device_is_named_in_the_error() {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let t = EfaTransport::new(EfaConfig {
+            provider: "shm".into(),
+            devices: vec!["no-such-device".into()],
+            ..EfaConfig::default()
+        });
+        let err = t
+            .start(TransportContext {
+                completions: Arc::new(Channel(tx)),
+                control: Arc::new(NoControl),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no-such-device") && err.contains(&shm_device()),
+            "{err}"
+        );
     }
 }

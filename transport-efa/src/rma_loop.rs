@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    Access, CompletionToken, Completions, FailReason, Location, Opcode, RegionMemory, Slice,
-    TransportError,
+    Access, CompletionToken, Completions, FailReason, Location, Opcode, RegionMemory, RemoteKeys,
+    Slice, TransportError,
 };
 
-use crate::fabric::Device;
+use crate::fabric::open_rails;
 use crate::EfaConfig;
 
 /// What one run of the loop moved.
@@ -50,7 +50,7 @@ impl Completions for Count {
     }
 }
 
-fn region(len: usize) -> Arc<RegionMemory> {
+pub(crate) fn region(len: usize) -> Arc<RegionMemory> {
     let mut bytes = vec![0x5au8; len].into_boxed_slice();
     let ptr = NonNull::new(bytes.as_mut_ptr()).expect("a boxed slice is not null");
     // SAFETY: the boxed slice moves into the region as its owner and lives as long.
@@ -70,8 +70,11 @@ pub fn rma_loop(
     let stop = Arc::new(AtomicBool::new(false));
     let sink: Arc<Count> = Arc::new(Count::default());
     let idle: Arc<Count> = Arc::new(Count::default());
-    let target = Device::open(config, idle, stop.clone())?;
-    let initiator = Device::open(config, sink.clone(), stop.clone())?;
+    let open = |completions: Arc<dyn Completions>| {
+        open_rails(config, 1, &completions, &stop).map(|mut rails| rails.remove(0))
+    };
+    let target = open(idle)?;
+    let initiator = open(sink.clone())?;
     let span = span.max(block);
     let remote = region(span);
     let local = region(span);
@@ -89,7 +92,7 @@ pub fn rma_loop(
             local_offset: off,
             remote_addr: remote.addr() + off as u64,
             remote_base: remote.addr(),
-            remote_key: remote_mr.key(),
+            remote_keys: RemoteKeys::single(remote_mr.key()),
             len: block,
             token: CompletionToken {
                 slot: 0,
@@ -98,7 +101,9 @@ pub fn rma_loop(
             },
             deadline,
         };
-        initiator.post(peer, &local_mr, slice).is_ok()
+        initiator
+            .post(peer, &local_mr, remote_mr.key(), slice)
+            .is_ok()
     };
     // Warm up (connections, caches), then measure.
     for i in 0..window as u64 {

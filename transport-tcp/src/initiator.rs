@@ -486,7 +486,7 @@ impl SendState {
             let d = Desc {
                 addr: s.remote_addr,
                 len: s.len as u64,
-                key: s.remote_key,
+                key: s.remote_keys.first(),
             };
             d.encode_into(
                 &mut self.raw[HEADER_LEN + i * DESC_LEN..HEADER_LEN + (i + 1) * DESC_LEN],

@@ -251,8 +251,12 @@ impl Transport for TcpTransport {
         })
     }
 
-    fn register(&self, region: &Arc<RegionMemory>, access: Access) -> Result<u64, TransportError> {
-        Ok(self.shared.regions.insert(region, access))
+    fn register(
+        &self,
+        region: &Arc<RegionMemory>,
+        access: Access,
+    ) -> Result<Vec<u64>, TransportError> {
+        Ok(vec![self.shared.regions.insert(region, access)])
     }
 
     fn deregister(&self, region: &RegionMemory) {
