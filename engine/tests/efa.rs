@@ -77,7 +77,12 @@ fn several_rails_publish_every_key_and_move_every_size() {
         let two = rails_engine(provider, &device, 2);
         let one = rails_engine(provider, &device, 1);
         let d = two.descriptor();
-        let addresses = d.endpoint(Protocol::Efa).unwrap().address.split(',').count();
+        let addresses = d
+            .endpoint(Protocol::Efa)
+            .unwrap()
+            .address
+            .split(',')
+            .count();
         assert_eq!(addresses, 2, "{provider}");
         let buf = two.allocate(4096, Location::host()).unwrap();
         let efa_keys = two.descriptor().buffers[0].keys_of(Protocol::Efa).unwrap();
