@@ -82,6 +82,22 @@ pub(crate) struct TaskSpec {
     remote_base: u64,
     remote_keys: RemoteKeys,
     len: usize,
+    /// Travels over the segment's TCP lanes although its route is a fabric: a device
+    /// buffer on either side that the fabric could not register.
+    via_tcp: bool,
+}
+
+impl TaskSpec {
+    /// The connection the task's slices go on and their size.
+    fn conn<'a>(&'a self, engine: &Inner) -> Option<(&'a dyn Connection, usize)> {
+        match &self.segment.route {
+            Route::Local => None,
+            Route::Remote { tcp, .. } if self.via_tcp => Some((&**tcp, engine.tcp_slice())),
+            Route::Remote {
+                conn, max_slice, ..
+            } => Some((&**conn, *max_slice)),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -220,7 +236,7 @@ impl SlotData {
         let Route::Remote { protocol, tcp, .. } = &spec.segment.route else {
             return false;
         };
-        if *protocol == ferry_transport_api::Protocol::Tcp {
+        if *protocol == ferry_transport_api::Protocol::Tcp || spec.via_tcp {
             return false;
         }
         let key = spec
@@ -534,13 +550,17 @@ impl<'e> BatchBuilder<'e> {
             Route::Local => ferry_transport_api::Protocol::Tcp,
             Route::Remote { protocol, .. } => *protocol,
         };
-        if !local.location().is_host() {
-            return Err(Error::InvalidRequest(format!(
-                "{} memory cannot travel over {protocol} in this build",
-                local.location()
-            )));
-        }
-        let remote_keys = remote.keys().cloned().ok_or_else(|| {
+        // A fabric route carries the task only when both buffers are registered with
+        // the fabric; device memory it could not register goes over TCP, staged.
+        let tcp = ferry_transport_api::Protocol::Tcp;
+        let via_tcp = protocol != tcp
+            && (local.descriptor().key(protocol).is_none() || remote.keys().is_none());
+        let (protocol, keys) = if via_tcp {
+            (tcp, desc.keys_of(tcp))
+        } else {
+            (protocol, remote.keys().cloned())
+        };
+        let remote_keys = keys.ok_or_else(|| {
             Error::InvalidRequest(format!(
                 "the remote buffer has no {protocol} key in its descriptor"
             ))
@@ -555,6 +575,7 @@ impl<'e> BatchBuilder<'e> {
             remote_base: desc.addr,
             remote_keys,
             len,
+            via_tcp,
         });
         Ok(self)
     }
@@ -581,7 +602,10 @@ impl<'e> BatchBuilder<'e> {
             let d = &*d;
             let mut open = 0;
             for (spec, t) in d.specs.iter().zip(&d.tasks) {
-                let slices = spec.len.div_ceil(engine.max_slice(&spec.segment.route));
+                let step = spec
+                    .conn(&engine)
+                    .map_or_else(|| engine.max_slice(&spec.segment.route), |(_, s)| s);
+                let slices = spec.len.div_ceil(step);
                 t.reason.store(0, Ordering::Relaxed);
                 t.attempt.store(0, Ordering::Relaxed);
                 t.remaining.store(slices as u32, Ordering::Relaxed);
@@ -627,9 +651,10 @@ impl<'e> BatchBuilder<'e> {
                         off += len;
                     }
                 }
-                Route::Remote { conn, .. } => {
-                    let step = engine.max_slice(&spec.segment.route);
-                    d.post_task(spec, &**conn, step, &spec.remote_keys, token);
+                Route::Remote { .. } => {
+                    if let Some((conn, step)) = spec.conn(&engine) {
+                        d.post_task(spec, conn, step, &spec.remote_keys, token);
+                    }
                 }
             }
         }
@@ -639,8 +664,18 @@ impl<'e> BatchBuilder<'e> {
             if last.is_some_and(|l| Arc::ptr_eq(l, &spec.segment)) {
                 continue;
             }
-            if let Route::Remote { conn, .. } = &spec.segment.route {
+            if let Route::Remote {
+                conn,
+                tcp,
+                protocol,
+                ..
+            } = &spec.segment.route
+            {
                 conn.flush();
+                // Tasks staged over TCP on a fabric route.
+                if *protocol != ferry_transport_api::Protocol::Tcp {
+                    tcp.flush();
+                }
             }
             last = Some(&spec.segment);
         }

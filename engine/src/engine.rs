@@ -6,7 +6,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use ferry_transport_api::{
     Access, BufferDescriptor, ControlPlane, Endpoint, Location, Opcode, Protocol, RegionMemory,
-    RemoteStatus, SegmentDescriptor, Transport, TransportKey,
+    RemoteStatus, SegmentDescriptor, Staging, StagingStats, Transport, TransportKey,
 };
 use ferry_transport_tcp::{TcpStats, TcpTransport};
 use parking_lot::{Mutex, RwLock};
@@ -85,6 +85,10 @@ pub(crate) struct Inner {
     pub(crate) timeout: Duration,
     pub(crate) busy_poll: Duration,
     pub(crate) retry_over_tcp: bool,
+    /// Pinned staging for device memory (feature `cuda` with a driver present).
+    staging: Option<Arc<dyn Staging>>,
+    /// Device regions some fabric transport could not register (warned about once).
+    staged_warned: AtomicBool,
     shut: AtomicBool,
 }
 
@@ -145,11 +149,14 @@ impl Inner {
                 return Err(FailReason::Remote(RemoteStatus::AccessDenied));
             }
             let offset = (addr - d.addr) as usize;
-            let ok = match op {
-                Opcode::Write => p
-                    .memory
-                    .copy_within_regions(offset, local, local_offset, len),
-                Opcode::Read => local.copy_within_regions(local_offset, &p.memory, offset, len),
+            let (dst, dst_off, src, src_off) = match op {
+                Opcode::Write => (&*p.memory, offset, local, local_offset),
+                Opcode::Read => (local, local_offset, &*p.memory, offset),
+            };
+            let ok = if dst.location().is_host() && src.location().is_host() {
+                dst.copy_within_regions(dst_off, src, src_off, len)
+            } else {
+                memory::device_copy(dst, dst_off, src, src_off, len).is_ok()
             };
             return if ok {
                 Ok(())
@@ -195,9 +202,11 @@ impl Engine {
             published: RwLock::new(Vec::new()),
             notify_tx,
         });
+        let staging = backends::device::staging();
         let ctx = ferry_transport_api::TransportContext {
             completions: batches.clone(),
             control: control.clone(),
+            staging: staging.clone(),
         };
         let mut transports = fabrics;
         transports.push(tcp.clone());
@@ -232,6 +241,8 @@ impl Engine {
                 timeout,
                 busy_poll,
                 retry_over_tcp,
+                staging,
+                staged_warned: AtomicBool::new(false),
                 shut: AtomicBool::new(false),
             }),
         })
@@ -258,8 +269,15 @@ impl Engine {
         self.inner.tcp.stats()
     }
 
-    /// Allocates `len` zeroed, page-aligned bytes at `location`, registered with every
-    /// transport and published to peers for reading and writing.
+    /// The device-memory staging pool's accounting (buffers on loan, buffers made per
+    /// device); `None` without CUDA support or driver.
+    pub fn staging_stats(&self) -> Option<StagingStats> {
+        self.inner.staging.as_ref().map(|s| s.stats())
+    }
+
+    /// Allocates `len` zeroed, page-aligned bytes at `location` (`cpu`, or `cuda:N`
+    /// with the `cuda` feature), registered with every transport and published to peers
+    /// for reading and writing.
     pub fn allocate(&self, len: usize, location: Location) -> Result<Buffer> {
         self.allocate_with(len, location, Access::RemoteReadWrite, "")
     }
@@ -273,8 +291,15 @@ impl Engine {
         access: Access,
         name: &str,
     ) -> Result<Buffer> {
-        backends::require_location(location)?;
-        let memory = memory::allocate_host(len, location)?;
+        let memory =
+            match location {
+                Location::Host { .. } => memory::allocate_host(len, location)?,
+                Location::Cuda { device } => backends::device::allocate(len, device)?,
+                Location::Auto => return Err(Error::InvalidRequest(
+                    "Location::Auto is for registering caller memory; allocate at cpu or cuda:N"
+                        .into(),
+                )),
+            };
         self.publish(memory, access, name, false)
     }
 
@@ -296,6 +321,17 @@ impl Engine {
                     protocol: t.protocol(),
                     key,
                 })),
+                // A fabric that cannot register device memory: the region travels over
+                // TCP, staged through host memory.
+                Err(e)
+                    if !memory.location().is_host()
+                        && t.protocol() != Protocol::Tcp
+                        && e.kind() == ferry_transport_api::ErrorKind::Unsupported =>
+                {
+                    if !self.inner.staged_warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(protocol = %t.protocol(), location = %memory.location(), error = %e, "device memory cannot be registered with this fabric; such regions travel over TCP, staged through host memory");
+                    }
+                }
                 Err(e) => {
                     for done in &self.inner.transports {
                         done.deregister(&memory);

@@ -63,7 +63,7 @@ mod error;
 mod memory;
 mod segment;
 
-pub use backends::{compiled, fabric_devices, fabrics, FabricDevice};
+pub use backends::{compiled, cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice};
 pub use batch::{Batch, BatchBuilder, BatchId, Progress, TaskStatus};
 pub use builder::{
     AddTransport, Buildable, EngineBuilder, EngineConfig, Metadata, NeedsFallback, NeedsTransport,
@@ -76,6 +76,6 @@ pub use segment::{RemoteBuffer, Segment};
 
 pub use ferry_transport_api::{
     Access, BufferDescriptor, ErrorKind, FailReason, Location, Opcode, Protocol, RemoteStatus,
-    SegmentDescriptor,
+    SegmentDescriptor, StagingStats,
 };
 pub use ferry_transport_tcp::{TcpConfig, TcpStats};

@@ -47,6 +47,40 @@ pub(crate) fn allocate_host(len: usize, location: Location) -> Result<RegionMemo
     Ok(unsafe { RegionMemory::from_raw(ptr, len, location, Box::new(owner)) })
 }
 
+/// The address `offset` bytes into a region, for handing to the CUDA driver (never
+/// dereferenced here).
+fn region_ptr(m: &RegionMemory, offset: usize) -> *mut u8 {
+    (m.addr() + offset as u64) as usize as *mut u8
+}
+
+/// Copies between two regions of which at least one is device memory, through the
+/// driver. Fails when a range is out of bounds.
+pub(crate) fn device_copy(
+    dst: &RegionMemory,
+    dst_off: usize,
+    src: &RegionMemory,
+    src_off: usize,
+    len: usize,
+) -> Result<()> {
+    if !dst.contains(dst_off, len) || !src.contains(src_off, len) {
+        return Err(Error::InvalidRequest("copy out of bounds".into()));
+    }
+    let device = match (dst.location(), src.location()) {
+        (Location::Cuda { device }, _) | (_, Location::Cuda { device }) => device,
+        _ => 0,
+    };
+    // SAFETY: both ranges are inside registered regions (checked), which stay valid
+    // while the references live.
+    unsafe {
+        backends::device::copy(
+            device,
+            region_ptr(dst, dst_off),
+            region_ptr(src, src_off),
+            len,
+        )
+    }
+}
+
 /// Wraps memory the caller owns.
 ///
 /// # Safety
@@ -102,36 +136,55 @@ impl Buffer {
         &self.inner.descriptor
     }
 
-    /// Copies `data` into the buffer at `offset`.
+    /// Copies `data` into the buffer at `offset` (through the driver for device
+    /// memory).
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
-        if self.inner.memory.copy_from_slice_at(offset, data) {
-            Ok(())
-        } else {
-            Err(self.access_error(offset, data.len()))
+        let m = &self.inner.memory;
+        if !m.contains(offset, data.len()) {
+            return Err(self.bounds_error(offset, data.len()));
+        }
+        match m.location() {
+            Location::Cuda { device } => {
+                // SAFETY: the range is inside the device region (checked); `data` is
+                // readable host memory.
+                unsafe {
+                    backends::device::copy(device, region_ptr(m, offset), data.as_ptr(), data.len())
+                }
+            }
+            _ if m.copy_from_slice_at(offset, data) => Ok(()),
+            _ => Err(self.bounds_error(offset, data.len())),
         }
     }
 
-    /// Copies `out.len()` bytes at `offset` out of the buffer.
+    /// Copies `out.len()` bytes at `offset` out of the buffer (through the driver for
+    /// device memory).
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        if self.inner.memory.copy_to_slice_at(offset, out) {
-            Ok(())
-        } else {
-            Err(self.access_error(offset, out.len()))
+        let m = &self.inner.memory;
+        if !m.contains(offset, out.len()) {
+            return Err(self.bounds_error(offset, out.len()));
+        }
+        match m.location() {
+            Location::Cuda { device } => {
+                // SAFETY: as in `write_at`, the other way.
+                unsafe {
+                    backends::device::copy(
+                        device,
+                        out.as_mut_ptr(),
+                        region_ptr(m, offset),
+                        out.len(),
+                    )
+                }
+            }
+            _ if m.copy_to_slice_at(offset, out) => Ok(()),
+            _ => Err(self.bounds_error(offset, out.len())),
         }
     }
 
-    fn access_error(&self, offset: usize, len: usize) -> Error {
-        if !self.location().is_host() {
-            Error::InvalidRequest(format!(
-                "{} memory cannot be read or written by the CPU",
-                self.location()
-            ))
-        } else {
-            Error::InvalidRequest(format!(
-                "{len} bytes at offset {offset} run past the buffer's {} bytes",
-                self.len()
-            ))
-        }
+    fn bounds_error(&self, offset: usize, len: usize) -> Error {
+        Error::InvalidRequest(format!(
+            "{len} bytes at offset {offset} run past the buffer's {} bytes",
+            self.len()
+        ))
     }
 
     pub(crate) fn memory(&self) -> &Arc<RegionMemory> {
@@ -165,7 +218,10 @@ impl Drop for BufferInner {
 
 impl Engine {
     /// Registers memory the caller owns (a tensor, an mmap) at `location`, published to
-    /// peers with `access`.
+    /// peers with `access`. With the `cuda` feature the pointer's attributes are checked:
+    /// [`Location::Auto`] becomes host or `cuda:N`, and a location that does not match
+    /// the memory is an error. Without it, device locations and `Auto` are errors that
+    /// name the feature.
     ///
     /// # Safety
     /// `ptr..ptr+len` must stay valid for reads and writes until the returned [`Buffer`]
@@ -180,7 +236,7 @@ impl Engine {
         location: Location,
         access: Access,
     ) -> Result<Buffer> {
-        backends::require_location(location)?;
+        let location = backends::device::resolve(ptr, location)?;
         // SAFETY: forwarded from this function's contract.
         let memory = unsafe { borrow(ptr, len, location)? };
         self.publish(memory, access, "", true)

@@ -31,6 +31,7 @@ mod error;
 mod location;
 mod memory;
 mod request;
+mod staging;
 mod transport;
 
 pub use descriptor::{
@@ -40,4 +41,5 @@ pub use error::{ErrorKind, TransportError};
 pub use location::{Access, Location};
 pub use memory::RegionMemory;
 pub use request::{CompletionToken, Completions, FailReason, Opcode, RemoteStatus, Slice};
+pub use staging::{Staging, StagingBuffer, StagingStats};
 pub use transport::{Connection, ControlPlane, Transport, TransportContext};

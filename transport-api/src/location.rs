@@ -18,6 +18,10 @@ pub enum Location {
         /// CUDA device ordinal.
         device: u32,
     },
+    /// Only when registering caller memory: let the engine find out from the pointer
+    /// (CUDA pointer attributes; needs the `cuda` feature). A registered region always
+    /// has a real location.
+    Auto,
 }
 
 impl Location {
@@ -31,7 +35,7 @@ impl Location {
         matches!(self, Location::Host { .. })
     }
 
-    /// Parses `cpu`, `cpu:NUMA`, `host`, `cuda:N` (and `cuda` for device 0).
+    /// Parses `cpu`, `cpu:NUMA`, `host`, `cuda:N` (and `cuda` for device 0), `auto`.
     pub fn parse(text: &str) -> Result<Self, TransportError> {
         let text = text.trim().to_ascii_lowercase();
         let (kind, index) = match text.split_once(':') {
@@ -54,6 +58,7 @@ impl Location {
             "cuda" | "gpu" => Ok(Location::Cuda {
                 device: index.map(number).transpose()?.unwrap_or(0),
             }),
+            "auto" if index.is_none() => Ok(Location::Auto),
             _ => Err(TransportError::invalid(format!(
                 "unknown location `{text}` (expected cpu, cpu:NUMA or cuda:N)"
             ))),
@@ -67,6 +72,7 @@ impl fmt::Display for Location {
             Location::Host { numa: None } => f.write_str("cpu"),
             Location::Host { numa: Some(n) } => write!(f, "cpu:{n}"),
             Location::Cuda { device } => write!(f, "cuda:{device}"),
+            Location::Auto => f.write_str("auto"),
         }
     }
 }

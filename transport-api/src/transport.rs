@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use crate::{
-    Access, Completions, Endpoint, FailReason, Protocol, RegionMemory, Slice, TransportError,
+    Access, Completions, Endpoint, FailReason, Protocol, RegionMemory, Slice, Staging,
+    TransportError,
 };
 
 /// Services the engine lends a transport when it starts.
@@ -11,6 +12,9 @@ pub struct TransportContext {
     pub completions: Arc<dyn Completions>,
     /// The engine's control plane, for transports that carry the handshake.
     pub control: Arc<dyn ControlPlane>,
+    /// How to move device memory through host memory, when the engine has device
+    /// support (feature `cuda`) and a driver was found; `None` otherwise.
+    pub staging: Option<Arc<dyn Staging>>,
 }
 
 /// The engine's side of the handshake port: what a peer may ask besides data.

@@ -387,6 +387,7 @@ mod tests {
             .start(TransportContext {
                 completions: Arc::new(Channel(tx)),
                 control: Arc::new(NoControl),
+                staging: None,
             })
             .expect("shm transport starts");
         (t, endpoint, rx)
@@ -507,6 +508,7 @@ mod tests {
             .start(TransportContext {
                 completions: Arc::new(Channel(tx)),
                 control: Arc::new(NoControl),
+                staging: None,
             })
             .unwrap_err()
             .to_string();

@@ -23,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
 use crate::pipe::{Pace, Pipe, Plain};
+use crate::staged;
 use crate::Shared;
 
 /// Most payload bytes gathered into one frame.
@@ -519,18 +520,6 @@ impl SendState {
             }
         }
         self.seq += n as u64;
-        let mut bufs: [IoSlice<'_>; MAX_DESCS + 1] = std::array::from_fn(|_| IoSlice::new(&[]));
-        bufs[0] = IoSlice::new(&self.raw[..HEADER_LEN + n * DESC_LEN]);
-        let mut k = 1;
-        if op == Opcode::Write {
-            // Offsets and lengths were checked by the engine against the region.
-            for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
-                if let Some(s) = region.io_slice(offset, len) {
-                    bufs[k] = s;
-                    k += 1;
-                }
-            }
-        }
         let shared = &self.shared;
         let state = &self.state;
         let stop = || shared.stopping() || state.dead.load(Ordering::Acquire);
@@ -538,7 +527,34 @@ impl SendState {
             spin: Duration::ZERO,
             stop: &stop,
         };
-        let r = self.pipe.write_all(&mut bufs[..k], &mut pace);
+        let head = &self.raw[..HEADER_LEN + n * DESC_LEN];
+        let r = if self.regions.iter().all(|r| r.location().is_host()) {
+            // One vectored write: header, descriptors, every payload.
+            let mut bufs: [IoSlice<'_>; MAX_DESCS + 1] = std::array::from_fn(|_| IoSlice::new(&[]));
+            bufs[0] = IoSlice::new(head);
+            let mut k = 1;
+            // Offsets and lengths were checked by the engine against the region.
+            for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
+                if let Some(s) = region.io_slice(offset, len) {
+                    bufs[k] = s;
+                    k += 1;
+                }
+            }
+            self.pipe.write_all(&mut bufs[..k], &mut pace)
+        } else {
+            // Device payloads are staged through host memory, one after the other.
+            let pipe = &mut self.pipe;
+            let mut write = |b: &[u8]| pipe.write_all(&mut [IoSlice::new(b)], &mut pace);
+            write(head).and_then(|()| {
+                for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
+                    match region.io_slice(offset, len) {
+                        Some(s) => write(&s)?,
+                        None => staged::send(shared.staging(), region, offset, len, &mut write)?,
+                    }
+                }
+                Ok(())
+            })
+        };
         self.regions.clear();
         self.spans.clear();
         r
@@ -724,29 +740,50 @@ impl Receiver_ {
         }
         self.expected += n as u64;
         if header.kind == Kind::ReadData {
-            let mut bufs: [IoSliceMut<'_>; MAX_DESCS] =
-                std::array::from_fn(|_| IoSliceMut::new(&mut []));
-            let mut k = 0;
-            for (e, &st) in self.batch.iter().zip(&statuses[..n]) {
-                if let (Entry::Slice { slice, .. }, 0) = (e, st) {
-                    match slice.local.io_slice_mut(slice.local_offset, slice.len) {
-                        Some(b) => {
-                            bufs[k] = b;
-                            k += 1;
-                        }
-                        None => {
-                            return Err(io::Error::other(
-                                "local READ destination is not host memory",
-                            ))
-                        }
-                    }
-                }
-            }
             let mut pace = ReceiverPace {
                 shared: &self.shared,
                 state: &self.state,
             };
-            self.pipe.read_exact(&mut bufs[..k], &mut pace)?;
+            let accepted = self
+                .batch
+                .iter()
+                .zip(&statuses[..n])
+                .filter_map(|(e, &st)| match (e, st) {
+                    (Entry::Slice { slice, .. }, 0) => Some(slice),
+                    _ => None,
+                });
+            if self.batch.iter().all(|e| match e {
+                Entry::Slice { slice, .. } => slice.local.location().is_host(),
+                _ => true,
+            }) {
+                let mut bufs: [IoSliceMut<'_>; MAX_DESCS] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                let mut k = 0;
+                for slice in accepted {
+                    bufs[k] = slice
+                        .local
+                        .io_slice_mut(slice.local_offset, slice.len)
+                        .ok_or_else(|| io::Error::other("local READ destination out of bounds"))?;
+                    k += 1;
+                }
+                self.pipe.read_exact(&mut bufs[..k], &mut pace)?;
+            } else {
+                // Device destinations are staged through host memory, one after the other.
+                let pipe = &mut self.pipe;
+                let mut read = |b: &mut [u8]| pipe.read_exact(&mut [IoSliceMut::new(b)], &mut pace);
+                for slice in accepted {
+                    match slice.local.io_slice_mut(slice.local_offset, slice.len) {
+                        Some(mut b) => read(&mut b)?,
+                        None => staged::receive(
+                            self.shared.staging(),
+                            &slice.local,
+                            slice.local_offset,
+                            slice.len,
+                            &mut read,
+                        )?,
+                    }
+                }
+            }
         }
         for (e, &st) in self.batch.drain(..).zip(&statuses[..n]) {
             let status = RemoteStatus::from_u8(st);

@@ -30,6 +30,7 @@ mod frame;
 mod initiator;
 mod pipe;
 mod regions;
+mod staged;
 mod target;
 
 use std::collections::HashMap;
@@ -40,7 +41,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ferry_transport_api::{
-    Access, Connection, ControlPlane, Endpoint, Protocol, RegionMemory, Transport,
+    Access, Connection, ControlPlane, Endpoint, Protocol, RegionMemory, Staging, Transport,
     TransportContext, TransportError,
 };
 use parking_lot::Mutex;
@@ -125,6 +126,11 @@ impl Shared {
 
     fn control(&self) -> Option<&Arc<dyn ControlPlane>> {
         self.ctx.get().map(|c| &c.control)
+    }
+
+    /// The engine's staging for device memory, if it has one.
+    fn staging(&self) -> Option<&Arc<dyn Staging>> {
+        self.ctx.get().and_then(|c| c.staging.as_ref())
     }
 }
 

@@ -14,6 +14,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::frame::{Desc, FrameError, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_REQUEST};
 use crate::pipe::{Pace, Pipe};
 use crate::regions::Resolved;
+use crate::staged;
 use crate::Shared;
 
 const LISTENER: Token = Token(0);
@@ -409,7 +410,11 @@ impl TargetConn {
             while i < resolved.len() {
                 // Gather the run of accepted requests from i.
                 let mut j = i;
-                while j < resolved.len() && resolved[j].is_some() {
+                while j < resolved.len()
+                    && resolved[j]
+                        .as_ref()
+                        .is_some_and(|r| r.memory.location().is_host())
+                {
                     j += 1;
                 }
                 if j > i {
@@ -426,7 +431,21 @@ impl TargetConn {
                     self.read_in_frame(&mut bufs[..j - i], true)?;
                 }
                 if j < resolved.len() {
-                    self.discard(self.descs[j].len)?;
+                    let len = self.descs[j].len;
+                    match &resolved[j] {
+                        // Device memory: staged through host memory.
+                        Some(r) => {
+                            let shared = self.shared.clone();
+                            staged::receive(
+                                shared.staging(),
+                                &r.memory,
+                                r.offset,
+                                len as usize,
+                                &mut |b| self.read_in_frame(&mut [IoSliceMut::new(b)], true),
+                            )?;
+                        }
+                        None => self.discard(len)?,
+                    }
                     j += 1;
                 }
                 i = j;
@@ -466,25 +485,57 @@ impl TargetConn {
         flush_acks(&mut self.pipe, &mut self.acks, &self.shared)?;
         self.acks.first = seq + self.statuses.len() as u64;
         let header = Header::new(Kind::ReadData, self.statuses.len() as u32, seq).encode();
-        let mut bufs: [IoSlice<'_>; MAX_DESCS + 2] = std::array::from_fn(|_| IoSlice::new(&[]));
-        bufs[0] = IoSlice::new(&header);
-        bufs[1] = IoSlice::new(&self.statuses);
-        let mut k = 2;
-        for (r, d) in self.resolved.iter().zip(&self.descs) {
-            if let Some(r) = r {
-                bufs[k] = r
-                    .memory
-                    .io_slice(r.offset, d.len as usize)
-                    .expect("resolved request lies inside host memory");
-                k += 1;
-            }
-        }
         let shared = &self.shared;
         let mut pace = crate::pipe::Plain {
             spin: Duration::ZERO,
             stop: &|| shared.stopping(),
         };
-        let r = self.pipe.write_all(&mut bufs[..k], &mut pace);
+        let accepted = self
+            .resolved
+            .iter()
+            .zip(&self.descs)
+            .filter_map(|(r, d)| r.as_ref().map(|r| (r, d.len as usize)));
+        let r = if self
+            .resolved
+            .iter()
+            .flatten()
+            .all(|r| r.memory.location().is_host())
+        {
+            let mut bufs: [IoSlice<'_>; MAX_DESCS + 2] = std::array::from_fn(|_| IoSlice::new(&[]));
+            bufs[0] = IoSlice::new(&header);
+            bufs[1] = IoSlice::new(&self.statuses);
+            let mut k = 2;
+            for (r, len) in accepted {
+                // Resolution checked the range against the region.
+                match r.memory.io_slice(r.offset, len) {
+                    Some(s) => bufs[k] = s,
+                    None => return Err(io::Error::other("resolved range out of bounds")),
+                }
+                k += 1;
+            }
+            self.pipe.write_all(&mut bufs[..k], &mut pace)
+        } else {
+            // Device memory is staged through host memory, one request after the other.
+            let pipe = &mut self.pipe;
+            let mut write = |b: &[u8]| pipe.write_all(&mut [IoSlice::new(b)], &mut pace);
+            write(&header)
+                .and_then(|()| write(&self.statuses))
+                .and_then(|()| {
+                    for (r, len) in accepted {
+                        match r.memory.io_slice(r.offset, len) {
+                            Some(s) => write(&s)?,
+                            None => staged::send(
+                                shared.staging(),
+                                &r.memory,
+                                r.offset,
+                                len,
+                                &mut write,
+                            )?,
+                        }
+                    }
+                    Ok(())
+                })
+        };
         self.resolved.clear();
         r
     }
