@@ -211,13 +211,16 @@ fn info() {
     }
     println!("memory:");
     println!("  cpu   yes");
-    match Engine::builder()
-        .transport(ferry_engine::Tcp::default())
-        .build()
-        .and_then(|e| e.allocate(1, Location::Cuda { device: 0 }).map(|_| ()))
-    {
-        Ok(()) => println!("  cuda  yes"),
-        Err(e) => println!("  cuda  {e}"),
+    let cuda = ferry_engine::cuda_status();
+    match &cuda.unavailable {
+        None => println!("  cuda  yes (driver found)"),
+        Some(why) => println!("  cuda  no: {why}"),
+    }
+    for (ordinal, name, bytes) in &cuda.devices {
+        println!(
+            "  cuda:{ordinal:<2} {name}, {:.1} GiB",
+            *bytes as f64 / (1u64 << 30) as f64
+        );
     }
     println!("metadata:");
     println!("  p2p   yes (descriptors served on each engine's port)");

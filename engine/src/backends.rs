@@ -105,6 +105,9 @@ pub mod fabrics {
                 parts.add_fabric(Box::new(move |host| {
                     let mut t = EfaTransport::new(self.config);
                     t.set_default_source(host);
+                    if cfg!(feature = "cuda") {
+                        t.want_hmem();
+                    }
                     Arc::new(t)
                 }));
             }
@@ -178,7 +181,10 @@ pub(crate) mod device {
     const STAGING_CHUNK: usize = 256 * 1024;
 
     fn err(e: CudaError) -> Error {
-        Error::RegisterRegion(e.to_string())
+        match e {
+            CudaError::Invalid(m) => Error::InvalidRequest(m),
+            other => Error::Transport(other.into()),
+        }
     }
 
     pub(crate) fn status() -> super::CudaStatus {

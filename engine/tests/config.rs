@@ -79,6 +79,7 @@ fn unknown_protocol_and_metadata_are_errors() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
 fn device_memory_is_rejected_at_registration_without_cuda() {
     let e = common::engine();
     let err = e.allocate(4096, Location::Cuda { device: 0 }).unwrap_err();
@@ -100,6 +101,21 @@ fn device_memory_is_rejected_at_registration_without_cuda() {
     }
     .unwrap_err();
     assert!(err.to_string().contains("--features cuda"), "{err}");
+    // Without CUDA support the engine cannot tell device from host memory.
+    // SAFETY: registration is refused, so the pointer is never used.
+    let err = unsafe {
+        e.register(
+            host.as_mut_ptr(),
+            host.len(),
+            Location::Auto,
+            ferry_engine::Access::Local,
+        )
+    }
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("Location::Auto") && err.to_string().contains("--features cuda"),
+        "{err}"
+    );
     // Nothing was published.
     assert!(e.descriptor().buffers.is_empty());
 }

@@ -672,7 +672,114 @@ impl Drop for Lease {
 
 #[cfg(test)]
 mod tests {
+    use std::ptr::NonNull;
+
     use super::*;
+
+    /// The driver and the last device, or why the GPU tests cannot run.
+    fn gpu() -> Option<(&'static Cuda, u32)> {
+        match cuda() {
+            Ok(c) if !c.gpus.is_empty() => Some((c, c.gpus.len() as u32 - 1)),
+            Ok(_) => {
+                eprintln!("skipped: the CUDA driver found no device");
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: needs an NVIDIA GPU ({e})");
+                None
+            }
+        }
+    }
+
+    fn device_region(memory: DeviceMemory) -> RegionMemory {
+        let (ptr, len, device) = (memory.ptr(), memory.len(), memory.device());
+        // SAFETY: `len` bytes of device memory owned by `memory`, moved into the region.
+        unsafe {
+            RegionMemory::from_raw(
+                NonNull::new(ptr).unwrap(),
+                len,
+                Location::Cuda { device },
+                Box::new(memory),
+            )
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn pointer_attributes_tell_device_pinned_and_pageable_memory_apart() {
+        let Some((c, d)) = gpu() else { return };
+        let device = c.alloc(d, 1 << 20).unwrap();
+        assert_eq!(
+            c.memory_kind(device.ptr()).unwrap(),
+            MemoryKind::Device { device: d }
+        );
+        let pinned = Pinned::new(c, d, 4096).unwrap();
+        assert_eq!(c.memory_kind(pinned.host).unwrap(), MemoryKind::Pinned);
+        let pageable = vec![0u8; 4096];
+        assert_eq!(
+            c.memory_kind(pageable.as_ptr()).unwrap(),
+            MemoryKind::Pageable
+        );
+        assert_eq!(
+            c.resolve(device.ptr(), Location::Auto).unwrap(),
+            Location::Cuda { device: d }
+        );
+        assert_eq!(
+            c.resolve(pinned.host, Location::Auto).unwrap(),
+            Location::host()
+        );
+        assert!(c.resolve(device.ptr(), Location::host()).is_err());
+        assert!(c
+            .resolve(pageable.as_ptr(), Location::Cuda { device: d })
+            .is_err());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn staging_copies_round_trip_and_buffers_come_back() {
+        let Some((c, d)) = gpu() else { return };
+        let len = 3 << 20;
+        let region = device_region(c.alloc(d, len).unwrap());
+        let pool = StagingPool::new(c, 1 << 20);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        {
+            let mut b = pool.buffer(Location::Cuda { device: d }).unwrap();
+            for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                b.host()[..chunk.len()].copy_from_slice(chunk);
+                b.upload(&region, i << 20, chunk.len()).unwrap();
+                b.wait().unwrap();
+            }
+            let mut back = vec![0u8; len];
+            for (i, out) in back.chunks_mut(1 << 20).enumerate() {
+                b.download(&region, i << 20, out.len()).unwrap();
+                b.wait().unwrap();
+                out.copy_from_slice(&b.host()[..out.len()]);
+            }
+            assert!(back == data, "staged bytes differ");
+            // Out of the region, or bigger than the buffer: refused.
+            assert!(b.download(&region, len - 10, 20).is_err());
+            assert!(b.upload(&region, 0, (1 << 20) + 1).is_err());
+            assert!(pool.buffer(Location::host()).is_err());
+            assert_eq!(pool.stats().leased, 1);
+        }
+        let stats = pool.stats();
+        assert_eq!(stats.leased, 0);
+        assert_eq!(stats.created, vec![(d, 1)]);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn dmabuf_export_of_device_memory() {
+        let Some((c, d)) = gpu() else { return };
+        let device = c.alloc(d, 2 << 20).unwrap();
+        match c.export_dmabuf(device.ptr(), 2 << 20) {
+            Ok(fd) => assert!(std::os::fd::AsRawFd::as_raw_fd(&fd) >= 0),
+            // Some drivers (without the open kernel modules) do not support dma-buf.
+            Err(e) => eprintln!("dma-buf export not available here: {e}"),
+        }
+        let host = vec![0u8; 8192];
+        assert!(c.export_dmabuf(host.as_ptr(), 4096).is_err());
+    }
 
     /// On a host without the driver every entry point is an error that names it; with a
     /// driver, the devices are listed.

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    Access, Completions, FailReason, Opcode, RegionMemory, Slice, TransportError,
+    Access, Completions, FailReason, Location, Opcode, RegionMemory, Slice, TransportError,
 };
 use libfabric_sys as fi;
 use parking_lot::Mutex;
@@ -107,6 +107,8 @@ pub(crate) struct Device {
     /// if the provider turns out not to support waiting after all.
     waitable: AtomicBool,
     mr_mode: u64,
+    /// The provider registers device memory (FI_HMEM granted).
+    hmem: bool,
     address: Vec<u8>,
     domain_name: String,
     /// Keys this domain accepts when ferry chooses them (without `FI_MR_PROV_KEY`):
@@ -193,6 +195,21 @@ impl InfoList {
             .map(CString::new)
             .transpose()
             .map_err(|_| TransportError::invalid("source address has a NUL byte"))?;
+        // With device memory wanted, ask for FI_HMEM first and settle for less.
+        if config.hmem {
+            if let Ok(list) = Self::get_with(config, &provider, node.as_ref(), true) {
+                return Ok(list);
+            }
+        }
+        Self::get_with(config, &provider, node.as_ref(), false)
+    }
+
+    fn get_with(
+        config: &EfaConfig,
+        provider: &CString,
+        node: Option<&CString>,
+        hmem: bool,
+    ) -> Result<InfoList, TransportError> {
         let mut info: *mut fi::fi_info = null_mut();
         // SAFETY: the hints are allocated by libfabric and freed after the call; every
         // pointer passed is null where libfabric allows it or points to a live local.
@@ -203,10 +220,11 @@ impl InfoList {
             }
             (*hints).caps = u64::from(
                 fi::FI_RMA | fi::FI_READ | fi::FI_WRITE | fi::FI_REMOTE_READ | fi::FI_REMOTE_WRITE,
-            );
+            ) | if hmem { fi::FI_HMEM } else { 0 };
             (*hints).mode = fi::FI_CONTEXT;
             (*(*hints).ep_attr).type_ = fi::fi_ep_type_FI_EP_RDM;
             (*(*hints).domain_attr).mr_mode = (fi::FI_MR_LOCAL
+                | if hmem { fi::FI_MR_HMEM } else { 0 }
                 | fi::FI_MR_VIRT_ADDR
                 | fi::FI_MR_ALLOCATED
                 | fi::FI_MR_PROV_KEY
@@ -214,7 +232,7 @@ impl InfoList {
             (*(*hints).domain_attr).threading = fi::fi_threading_FI_THREAD_SAFE;
             // fi_freeinfo frees this string with the hints.
             (*(*hints).fabric_attr).prov_name = libc::strdup(provider.as_ptr());
-            let (node_ptr, flags) = match &node {
+            let (node_ptr, flags) = match node {
                 Some(n) => (n.as_ptr(), fi::FI_SOURCE),
                 None => (null(), 0),
             };
@@ -394,6 +412,7 @@ impl Device {
             )?;
             address.truncate(len);
             let mr_mode = (*(*info).domain_attr).mr_mode as u32 as u64;
+            let hmem = (*info).caps & fi::FI_HMEM != 0;
             let key_size = (*(*info).domain_attr).mr_key_size;
             let key_mask = if key_size == 0 || key_size >= 8 {
                 u64::MAX
@@ -407,6 +426,7 @@ impl Device {
                 serialize,
                 waitable: AtomicBool::new(waitable),
                 mr_mode,
+                hmem,
                 address,
                 domain_name,
                 key_mask,
@@ -454,12 +474,19 @@ impl Device {
         region: &RegionMemory,
         access: Access,
     ) -> Result<Mr, TransportError> {
-        if !region.location().is_host() {
-            return Err(TransportError::Unsupported {
-                what: format!("registering {} memory with libfabric", region.location()),
-                why: "device memory registration (FI_HMEM) is not available in this build".into(),
-            });
-        }
+        let (iface, cuda_device) = match region.location() {
+            Location::Cuda { device } if self.hmem => (fi::fi_hmem_iface_FI_HMEM_CUDA, device),
+            Location::Host { .. } => (fi::fi_hmem_iface_FI_HMEM_SYSTEM, 0),
+            other => {
+                return Err(TransportError::Unsupported {
+                    what: format!("registering {other} memory with libfabric"),
+                    why: format!(
+                        "device `{}` does not register device memory (no FI_HMEM)",
+                        self.domain_name
+                    ),
+                })
+            }
+        };
         let mut flags = u64::from(fi::FI_READ | fi::FI_WRITE);
         if access.remote_read() {
             flags |= u64::from(fi::FI_REMOTE_READ);
@@ -485,17 +512,24 @@ impl Device {
                 } else {
                     (rand::random::<u64>() & self.key_mask).max(1)
                 };
-                let rc = fi::fi_mr_reg(
-                    h.domain,
-                    region.addr() as usize as *const c_void,
-                    region.len().max(1),
-                    flags,
-                    0,
+                let iov = fi::iovec {
+                    iov_base: region.addr() as usize as *mut c_void,
+                    iov_len: region.len().max(1),
+                };
+                let mut attr = fi::fi_mr_attr {
+                    mr_iov: &iov,
+                    iov_count: 1,
+                    access: flags,
+                    offset: 0,
                     requested_key,
-                    0,
-                    &mut mr,
-                    null_mut(),
-                );
+                    context: null_mut(),
+                    auth_key_size: 0,
+                    auth_key: null_mut(),
+                    iface,
+                    device: Default::default(),
+                };
+                attr.device.cuda = cuda_device as i32;
+                let rc = fi::fi_mr_regattr(h.domain, &attr, 0, &mut mr);
                 // A chosen key that is taken already: draw another.
                 attempts += 1;
                 if rc != -(fi::FI_ENOKEY as i32) || attempts == 8 {

@@ -71,6 +71,9 @@ pub struct EfaConfig {
     pub max_slice: usize,
     /// How long the progress thread spins on an empty completion queue before it sleeps.
     pub busy_poll: Duration,
+    /// Ask the provider for device-memory registration (`FI_HMEM`, CUDA), settling for
+    /// host memory only when it has none. The engine sets it in builds with `cuda`.
+    pub hmem: bool,
     /// Fault injection: every `fault_every`-th post fails with a fabric I/O error instead
     /// of being posted (0, the default: never). Exercises error and retry paths without
     /// faulty hardware.
@@ -85,6 +88,7 @@ impl Default for EfaConfig {
             devices: Vec::new(),
             max_slice: 1 << 20,
             busy_poll: Duration::from_micros(50),
+            hmem: false,
             fault_every: 0,
         }
     }
@@ -131,6 +135,14 @@ impl EfaTransport {
     /// The settings.
     pub fn config(&self) -> &EfaConfig {
         &self.inner.config
+    }
+
+    /// Asks for device-memory registration (`FI_HMEM`); the engine calls it in builds
+    /// with CUDA support.
+    pub fn want_hmem(&mut self) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.config.hmem = true;
+        }
     }
 
     /// Sets the source address for IP-based providers when none was configured.

@@ -58,13 +58,15 @@ impl Regions {
             .retain(|e| !std::ptr::eq(Arc::as_ptr(&e.memory), memory));
     }
 
-    /// Checks one request from a peer.
+    /// Checks one request from a peer. Device memory is served only when the engine
+    /// staged it (`staging`); otherwise it is refused as unsupported.
     pub(crate) fn resolve(
         &self,
         op: Opcode,
         addr: u64,
         len: u64,
         key: u64,
+        staging: bool,
     ) -> Result<Resolved, RemoteStatus> {
         let entries = self.entries.read();
         // Regions may overlap (the same memory registered twice); the key picks the one.
@@ -88,7 +90,7 @@ impl Regions {
             if addr.checked_add(len).is_none_or(|end| end > e.end) {
                 return Err(RemoteStatus::OutOfBounds);
             }
-            if !e.memory.location().is_host() {
+            if !staging && !e.memory.location().is_host() {
                 return Err(RemoteStatus::Unsupported);
             }
             return Ok(Resolved {

@@ -378,7 +378,13 @@ impl TargetConn {
                     ),
                 ));
             }
-            let r = self.shared.regions.resolve(op, d.addr, d.len, d.key);
+            let r = self.shared.regions.resolve(
+                op,
+                d.addr,
+                d.len,
+                d.key,
+                self.shared.staging().is_some(),
+            );
             let status = match &r {
                 Ok(_) => RemoteStatus::Ok,
                 Err(s) => {
