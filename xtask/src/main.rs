@@ -123,7 +123,17 @@ const BUILD_PACKAGES: &[&str] = &["libfabric-dev", "libfabric-bin", "libclang-de
 
 /// Packages and their feature sets checked one by one (feature unification in a single
 /// `--workspace` build would hide gaps).
-const FEATURE_CHECKS: &[(&str, &str)] = &[("ferry-engine", "efa"), ("ferry-cli", "efa")];
+const FEATURE_CHECKS: &[(&str, &str)] = &[
+    ("ferry-engine", "efa"),
+    ("ferry-cli", "efa"),
+    ("ferry-engine", "cuda"),
+    ("ferry-cli", "cuda"),
+    ("ferry-engine", "efa,cuda"),
+    ("ferry-cli", "efa,cuda"),
+];
+
+/// Feature sets the engine's and the CLI's tests run with, besides the defaults.
+const TEST_FEATURES: &[&str] = &["efa", "efa,cuda"];
 
 fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
     let mut c = cargo();
@@ -180,8 +190,13 @@ fn test(args: &[String]) -> Result<()> {
         ]))?;
     }
     run(&mut nextest_or_test(&[], None, hw))?;
-    let packages: Vec<&str> = FEATURE_CHECKS.iter().map(|(p, _)| *p).collect();
-    run(&mut nextest_or_test(&packages, Some("efa"), hw))?;
+    for features in TEST_FEATURES {
+        run(&mut nextest_or_test(
+            &["ferry-engine", "ferry-cli"],
+            Some(features),
+            hw,
+        ))?;
+    }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     Ok(())
 }
