@@ -21,7 +21,11 @@ fn gbps(bytes: usize, seconds: f64) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let device: u32 = args.first().and_then(|a| a.parse().ok()).unwrap_or(0);
-    let len = args.get(1).and_then(|a| a.parse::<usize>().ok()).unwrap_or(256) << 20;
+    let len = args
+        .get(1)
+        .and_then(|a| a.parse::<usize>().ok())
+        .unwrap_or(256)
+        << 20;
     let c = match cuda() {
         Ok(c) => c,
         Err(e) => {
@@ -35,9 +39,8 @@ fn main() {
     });
     let ptr = NonNull::new(memory.ptr()).expect("device pointer");
     // SAFETY: `len` bytes of device memory owned by `memory`, moved into the region.
-    let region = unsafe {
-        RegionMemory::from_raw(ptr, len, Location::Cuda { device }, Box::new(memory))
-    };
+    let region =
+        unsafe { RegionMemory::from_raw(ptr, len, Location::Cuda { device }, Box::new(memory)) };
     let at = Location::Cuda { device };
     let run = |b: &mut dyn StagingBuffer, down: bool, off: usize, n: usize| {
         if down {
