@@ -194,9 +194,15 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
         .args(["bench", "--location", "cuda:0", "--duration", "0.1"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--features cuda"), "{err}");
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(err.contains("--features cuda"), "{err}");
+    } else if !out.status.success() {
+        // A CUDA build on a host without the driver names the driver (on a GPU host
+        // the bench runs).
+        assert!(err.contains("libcuda.so"), "{err}");
+    }
     let out = Command::new(FERRY).arg("info").output().unwrap();
     assert!(out.status.success());
     let info = String::from_utf8_lossy(&out.stdout);

@@ -1,8 +1,14 @@
 //! `cargo xtask`: the commands that check and measure ferry. It shells out to cargo, apt
 //! and the benchmark binaries; nothing depends on it.
 //!
-//! - `cargo xtask test [--hw]`: formatting, clippy with `-D warnings`, every test and doc
-//!   test. `--hw` also runs the tests that need hardware (GPU, EFA, RDMA).
+//! - `cargo xtask test [--hw] [--full]`: formatting; the feature matrix (clippy with `-D
+//!   warnings` for every package and feature set that must build, a failing check with
+//!   its message for those that must not); docs with warnings denied; every test and doc
+//!   test; the downstream crate per deployment profile. `--hw` also runs the tests that
+//!   need hardware (GPU, EFA, RDMA); `--full` adds `cross aarch64`.
+//! - `cargo xtask cross aarch64`: the `ferry` binary and the test binaries for
+//!   `aarch64-unknown-linux-gnu` with `efa`, and the TCP and EFA loopback tests under
+//!   `qemu-user-static`.
 //! - `cargo xtask bench [--duration S] [--rounds N]`: `ferry bench` and `iperf3 -l 1M` on
 //!   loopback, interleaved in one run, with their ratios.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
@@ -23,8 +29,9 @@ fn main() -> Result<()> {
     match task {
         "test" => test(rest),
         "bench" => bench(rest),
+        "cross" => cross(rest),
         _ => {
-            eprintln!("usage: cargo xtask test [--hw]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]");
+            eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {
@@ -121,19 +128,147 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 /// feature, libclang for bindgen.
 const BUILD_PACKAGES: &[&str] = &["libfabric-dev", "libfabric-bin", "libclang-dev"];
 
-/// Packages and their feature sets checked one by one (feature unification in a single
-/// `--workspace` build would hide gaps).
-const FEATURE_CHECKS: &[(&str, &str)] = &[
-    ("ferry-engine", "efa"),
-    ("ferry-cli", "efa"),
-    ("ferry-engine", "cuda"),
-    ("ferry-cli", "cuda"),
-    ("ferry-engine", "efa,cuda"),
-    ("ferry-cli", "efa,cuda"),
+/// What a feature combination must do.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Builds, with clippy `-D warnings` clean.
+    Builds,
+    /// Fails to build, saying this.
+    FailsWith(&'static str),
+}
+
+/// One package with one feature set: `None` is its default features; `Some(list)` is
+/// `--no-default-features` with that list (empty: no features at all).
+struct Combo {
+    package: &'static str,
+    features: Option<&'static str>,
+    expect: Expect,
+}
+
+const fn builds(package: &'static str, features: Option<&'static str>) -> Combo {
+    Combo {
+        package,
+        features,
+        expect: Expect::Builds,
+    }
+}
+
+/// The feature matrix, checked per package (feature unification in one `--workspace`
+/// build would hide gaps). `ferry-engine` and `ferry-cli`: every feature alone, all
+/// together, and without any (which must fail, naming `tcp`). The other crates have no
+/// features.
+const MATRIX: &[Combo] = &[
+    builds("ferry-transport-api", None),
+    builds("ferry-transport-tcp", None),
+    builds("libfabric-sys", None),
+    builds("ferry-transport-efa", None),
+    builds("ferry-mem-cuda", None),
+    builds("xtask", None),
+    builds("ferry-engine", None),
+    builds("ferry-engine", Some("tcp")),
+    builds("ferry-engine", Some("efa")),
+    builds("ferry-engine", Some("cuda")),
+    builds("ferry-engine", Some("tcp,efa,cuda")),
+    Combo {
+        package: "ferry-engine",
+        features: Some(""),
+        expect: Expect::FailsWith("ferry-engine needs its `tcp` feature"),
+    },
+    builds("ferry-cli", None),
+    builds("ferry-cli", Some("tcp")),
+    builds("ferry-cli", Some("efa")),
+    builds("ferry-cli", Some("cuda")),
+    builds("ferry-cli", Some("tcp,efa,cuda")),
+    Combo {
+        package: "ferry-cli",
+        features: Some(""),
+        expect: Expect::FailsWith("ferry-engine needs its `tcp` feature"),
+    },
 ];
 
 /// Feature sets the engine's and the CLI's tests run with, besides the defaults.
 const TEST_FEATURES: &[&str] = &["efa", "efa,cuda"];
+
+/// Deployment profiles of the downstream crate (`tests/downstream`).
+const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda"];
+
+fn with_features(c: &mut Command, features: Option<&str>) {
+    if let Some(f) = features {
+        c.arg("--no-default-features");
+        if !f.is_empty() {
+            c.args(["--features", f]);
+        }
+    }
+}
+
+fn describe(features: Option<&str>) -> String {
+    match features {
+        None => "default features".into(),
+        Some("") => "no features".into(),
+        Some(f) => format!("features {f}"),
+    }
+}
+
+/// Clippy for every combination that must build; a check of every one that must not,
+/// which must fail with its message.
+fn feature_matrix() -> Result<()> {
+    for combo in MATRIX {
+        match combo.expect {
+            Expect::Builds => {
+                let mut c = cargo();
+                c.args(["clippy", "-p", combo.package, "--all-targets"]);
+                with_features(&mut c, combo.features);
+                c.args(["--", "-D", "warnings"]);
+                run(&mut c)?;
+            }
+            Expect::FailsWith(message) => {
+                let mut c = cargo();
+                c.args(["check", "-p", combo.package]);
+                with_features(&mut c, combo.features);
+                eprintln!("xtask: $ {}   (must fail)", render(&c));
+                let out = c.current_dir(root()).output()?;
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() || !stderr.contains(message) {
+                    bail!(
+                        "{} with {} should fail saying `{message}`; it {}:\n{stderr}",
+                        combo.package,
+                        describe(combo.features),
+                        if out.status.success() {
+                            "built"
+                        } else {
+                            "failed otherwise"
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cargo doc` of every package with all its features, warnings denied.
+fn docs() -> Result<()> {
+    let mut c = cargo();
+    c.args(["doc", "--workspace", "--no-deps", "--all-features"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run(&mut c)
+}
+
+/// The downstream crate: built and run (a transfer on loopback) for each profile.
+fn downstream() -> Result<()> {
+    let manifest = root().join("tests/downstream/Cargo.toml");
+    for profile in PROFILES {
+        let mut c = cargo();
+        c.args(["run", "--locked", "--manifest-path"])
+            .arg(&manifest)
+            .args(["--no-default-features", "--features", profile])
+            .args(["--", "tcp;ofi_rxm"])
+            // Shares the workspace's build directory: the same dependencies, built once.
+            .env("CARGO_TARGET_DIR", root().join("target"));
+        run(&mut c)?;
+    }
+    Ok(())
+}
 
 fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
     let mut c = cargo();
@@ -163,32 +298,14 @@ fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Comma
 
 fn test(args: &[String]) -> Result<()> {
     let hw = args.iter().any(|a| a == "--hw");
-    if let Some(a) = args.iter().find(|a| *a != "--hw") {
-        bail!("cargo xtask test: unknown flag `{a}` (expected --hw)");
+    let full = args.iter().any(|a| a == "--full");
+    if let Some(a) = args.iter().find(|a| *a != "--hw" && *a != "--full") {
+        bail!("cargo xtask test: unknown flag `{a}` (expected --hw or --full)");
     }
     apt_install(BUILD_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    for (package, features) in FEATURE_CHECKS {
-        run(cargo().args([
-            "clippy",
-            "-p",
-            package,
-            "--features",
-            features,
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
-    }
+    feature_matrix()?;
+    docs()?;
     run(&mut nextest_or_test(&[], None, hw))?;
     for features in TEST_FEATURES {
         run(&mut nextest_or_test(
@@ -198,6 +315,10 @@ fn test(args: &[String]) -> Result<()> {
         ))?;
     }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
+    downstream()?;
+    if full {
+        cross(&["aarch64".to_string()])?;
+    }
     Ok(())
 }
 
@@ -475,4 +596,119 @@ fn iperf3(duration: &str) -> Result<(f64, f64)> {
         + cpu("/end/cpu_utilization_percent/remote_total");
     let rate = bps / 8e9;
     Ok((rate, if cores > 0.0 { rate / cores } else { 0.0 }))
+}
+
+/// Debian packages for the aarch64 cross build (arm64 multiarch for libfabric).
+const CROSS_PACKAGES: &[&str] = &[
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user-static",
+    "libfabric-dev:arm64",
+    "libgcc-s1:arm64",
+    "file",
+];
+
+/// `cargo xtask cross aarch64`: installs the Rust target and Debian's cross toolchain
+/// and arm64 libfabric, builds `ferry` and the engine's tests for
+/// `aarch64-unknown-linux-gnu` with `efa`, and runs the TCP and `tcp;ofi_rxm` loopback
+/// tests under `qemu-aarch64-static`.
+fn cross(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("aarch64") if args.len() == 1 => {}
+        _ => bail!("usage: cargo xtask cross aarch64"),
+    }
+    let target = "aarch64-unknown-linux-gnu";
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup (the cross build needs a rustup toolchain)")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains(target) {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    let foreign = Command::new("dpkg")
+        .arg("--print-foreign-architectures")
+        .output()?;
+    if !String::from_utf8_lossy(&foreign.stdout).contains("arm64") {
+        run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+        // The package lists must now include arm64.
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+    }
+    apt_install(BUILD_PACKAGES)?;
+    apt_install(CROSS_PACKAGES)?;
+    // Only libfabric's own headers: the C library comes from the cross sysroot.
+    let include = root().join("target/cross-include");
+    std::fs::create_dir_all(&include)?;
+    let rdma = include.join("rdma");
+    if !rdma.exists() {
+        std::os::unix::fs::symlink("/usr/include/rdma", &rdma)?;
+    }
+    let env: Vec<(&str, String)> = vec![
+        (
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc".into(),
+        ),
+        (
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+            "qemu-aarch64-static".into(),
+        ),
+        (
+            "CC_aarch64_unknown_linux_gnu",
+            "aarch64-linux-gnu-gcc".into(),
+        ),
+        (
+            "BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu",
+            "--sysroot=/usr/aarch64-linux-gnu".into(),
+        ),
+        ("LIBFABRIC_INCLUDE_DIR", include.display().to_string()),
+        ("LIBFABRIC_LIB_DIR", "/usr/lib/aarch64-linux-gnu".into()),
+    ];
+    let cross_cargo = |args: &[&str]| {
+        let mut c = cargo();
+        c.args(args).args(["--target", target]);
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c
+    };
+    run(&mut cross_cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "ferry-cli",
+        "--features",
+        "efa",
+    ]))?;
+    run(&mut cross_cargo(&[
+        "test",
+        "--no-run",
+        "-p",
+        "ferry-engine",
+        "-p",
+        "ferry-cli",
+        "--features",
+        "efa",
+    ]))?;
+    // The loopback suites: TCP (transfer) and libfabric over tcp;ofi_rxm (efa). Tests
+    // that start the `ferry` binary as a child need binfmt support and run natively only.
+    run(&mut cross_cargo(&[
+        "test",
+        "-p",
+        "ferry-engine",
+        "--features",
+        "efa",
+        "--test",
+        "transfer",
+        "--test",
+        "efa",
+        "--",
+        "--skip",
+        "shm",
+    ]))?;
+    let binary = root().join(format!("target/{target}/release/ferry"));
+    let file = Command::new("file").arg(&binary).output();
+    if let Ok(out) = file {
+        eprint!("xtask: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    println!("aarch64 ferry binary: {}", binary.display());
+    Ok(())
 }
