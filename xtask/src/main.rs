@@ -664,7 +664,10 @@ fn cross(args: &[String]) -> Result<()> {
     ];
     let cross_cargo = |args: &[&str]| {
         let mut c = cargo();
-        c.args(args).args(["--target", target]);
+        // `--target` right after the subcommand, before any `--` for the test harness.
+        c.args(&args[..1])
+            .args(["--target", target])
+            .args(&args[1..]);
         for (k, v) in &env {
             c.env(k, v);
         }
