@@ -79,31 +79,9 @@ fn engines() -> (Engine, Engine) {
 /// and `remote_at`, random data, byte for byte.
 fn round_trips(local_at: Location, remote_at: Location) {
     let (initiator, target) = engines();
-    let max = 256 << 20;
-    let remote_buf = target.allocate(max + 4096, remote_at).unwrap();
-    let local = initiator.allocate(max + 4096, local_at).unwrap();
-    let back = initiator.allocate(max + 4096, local_at).unwrap();
-    assert_eq!(remote_buf.location(), remote_at);
-    let remote = common::remote_of(&initiator, &target, &remote_buf);
-    for (len, local_off, remote_off) in [
-        (1usize, 0usize, 0u64),
-        (4096, 3, 5),
-        (65536 + 17, 4095, 1),
-        ((1 << 20) + 3, 1, 7),
-        (64 << 20, 13, 4097),
-        (256 << 20, 0, 0),
-    ] {
-        common::write_check_read(
-            &initiator,
-            &local,
-            &back,
-            &remote,
-            &remote_buf,
-            len,
-            local_off,
-            remote_off,
-        );
-    }
+    let mut sizes = common::SIZES.to_vec();
+    sizes.push((256 << 20, 0, 0));
+    common::round_trips_at(&initiator, &target, local_at, remote_at, &sizes);
     // Every staging buffer went back; none was made for a device not in use.
     for e in [&initiator, &target] {
         let stats = e.staging_stats().expect("a driver is present");

@@ -19,29 +19,9 @@ fn efa_engine(provider: &str) -> Engine {
 }
 
 fn round_trips(initiator: &Engine, target: &Engine, protocol: Protocol) {
-    let remote_buf = target.allocate(80 << 20, Location::host()).unwrap();
-    let local = initiator.allocate(80 << 20, Location::host()).unwrap();
-    let back = initiator.allocate(80 << 20, Location::host()).unwrap();
-    let remote = common::remote_of(initiator, target, &remote_buf);
-    assert_eq!(remote.segment().protocol(), Some(protocol));
-    for (len, local_off, remote_off) in [
-        (1usize, 0usize, 0u64),
-        (4096, 3, 5),
-        (65536, 4095, 1),
-        ((1 << 20) + 3, 1, 7),
-        (64 << 20, 13, 4097),
-    ] {
-        common::write_check_read(
-            initiator,
-            &local,
-            &back,
-            &remote,
-            &remote_buf,
-            len,
-            local_off,
-            remote_off,
-        );
-    }
+    let host = Location::host();
+    let used = common::round_trips_at(initiator, target, host, host, common::SIZES);
+    assert_eq!(used, Some(protocol));
 }
 
 #[test]

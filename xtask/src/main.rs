@@ -145,46 +145,45 @@ struct Combo {
     expect: Expect,
 }
 
-const fn builds(package: &'static str, features: Option<&'static str>) -> Combo {
-    Combo {
+/// The feature matrix, checked per package (feature unification in one `--workspace`
+/// build would hide gaps). `ferry-engine` and `ferry-cli`: their defaults, every feature
+/// alone, all together, and no features at all, which must fail naming `tcp`. The other
+/// crates have no features.
+fn matrix() -> Vec<Combo> {
+    let builds = |package, features| Combo {
         package,
         features,
         expect: Expect::Builds,
+    };
+    let mut m: Vec<Combo> = [
+        "ferry-transport-api",
+        "ferry-transport-tcp",
+        "libfabric-sys",
+        "ferry-transport-efa",
+        "ferry-mem-cuda",
+        "xtask",
+    ]
+    .into_iter()
+    .map(|p| builds(p, None))
+    .collect();
+    for package in ["ferry-engine", "ferry-cli"] {
+        for features in [
+            None,
+            Some("tcp"),
+            Some("efa"),
+            Some("cuda"),
+            Some("tcp,efa,cuda"),
+        ] {
+            m.push(builds(package, features));
+        }
+        m.push(Combo {
+            package,
+            features: Some(""),
+            expect: Expect::FailsWith("ferry-engine needs its `tcp` feature"),
+        });
     }
+    m
 }
-
-/// The feature matrix, checked per package (feature unification in one `--workspace`
-/// build would hide gaps). `ferry-engine` and `ferry-cli`: every feature alone, all
-/// together, and without any (which must fail, naming `tcp`). The other crates have no
-/// features.
-const MATRIX: &[Combo] = &[
-    builds("ferry-transport-api", None),
-    builds("ferry-transport-tcp", None),
-    builds("libfabric-sys", None),
-    builds("ferry-transport-efa", None),
-    builds("ferry-mem-cuda", None),
-    builds("xtask", None),
-    builds("ferry-engine", None),
-    builds("ferry-engine", Some("tcp")),
-    builds("ferry-engine", Some("efa")),
-    builds("ferry-engine", Some("cuda")),
-    builds("ferry-engine", Some("tcp,efa,cuda")),
-    Combo {
-        package: "ferry-engine",
-        features: Some(""),
-        expect: Expect::FailsWith("ferry-engine needs its `tcp` feature"),
-    },
-    builds("ferry-cli", None),
-    builds("ferry-cli", Some("tcp")),
-    builds("ferry-cli", Some("efa")),
-    builds("ferry-cli", Some("cuda")),
-    builds("ferry-cli", Some("tcp,efa,cuda")),
-    Combo {
-        package: "ferry-cli",
-        features: Some(""),
-        expect: Expect::FailsWith("ferry-engine needs its `tcp` feature"),
-    },
-];
 
 /// Feature sets the engine's and the CLI's tests run with, besides the defaults.
 const TEST_FEATURES: &[&str] = &["efa", "efa,cuda"];
@@ -212,7 +211,7 @@ fn describe(features: Option<&str>) -> String {
 /// Clippy for every combination that must build; a check of every one that must not,
 /// which must fail with its message.
 fn feature_matrix() -> Result<()> {
-    for combo in MATRIX {
+    for combo in &matrix() {
         match combo.expect {
             Expect::Builds => {
                 let mut c = cargo();

@@ -126,3 +126,47 @@ pub fn remote_of(
         .expect("buffer published");
     seg.buffer(i).unwrap()
 }
+
+/// Sizes and offsets (`len`, local offset, remote offset) the suites move: 1 B to
+/// 64 MiB, unaligned.
+pub const SIZES: &[(usize, usize, u64)] = &[
+    (1, 0, 0),
+    (4096, 3, 5),
+    (65536 + 17, 4095, 1),
+    ((1 << 20) + 3, 1, 7),
+    (64 << 20, 13, 4097),
+];
+
+/// Allocates buffers at `local_at` on `initiator` and `remote_at` on `target` and runs
+/// [`write_check_read`] for every entry of `sizes`. Returns the route's protocol.
+pub fn round_trips_at(
+    initiator: &Engine,
+    target: &Engine,
+    local_at: ferry_engine::Location,
+    remote_at: ferry_engine::Location,
+    sizes: &[(usize, usize, u64)],
+) -> Option<ferry_engine::Protocol> {
+    let span = sizes
+        .iter()
+        .map(|&(len, l, r)| len + l.max(r as usize) + 1)
+        .max()
+        .unwrap_or(1);
+    let remote_buf = target.allocate(span, remote_at).unwrap();
+    let local = initiator.allocate(span, local_at).unwrap();
+    let back = initiator.allocate(span, local_at).unwrap();
+    assert_eq!(remote_buf.location(), remote_at);
+    let remote = remote_of(initiator, target, &remote_buf);
+    for &(len, local_off, remote_off) in sizes {
+        write_check_read(
+            initiator,
+            &local,
+            &back,
+            &remote,
+            &remote_buf,
+            len,
+            local_off,
+            remote_off,
+        );
+    }
+    remote.segment().protocol()
+}
