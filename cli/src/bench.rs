@@ -149,7 +149,13 @@ pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
     let (mut child, segment) = spawn_target(&args.run)?;
     let pid = child.id();
     let result = run(&args.run, &segment, Some(pid));
+    // Closing its standard input asks the target to shut down (closing its fabric
+    // endpoints); one that has not exited after two seconds is killed.
     drop(child.stdin.take());
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let _ = child.kill();
     let _ = child.wait();
     result

@@ -154,22 +154,27 @@ fn target(args: TargetArgs) -> Result<()> {
         engine.protocols()
     );
     std::io::stdout().flush()?;
+    let (eof_tx, eof) = std::sync::mpsc::channel::<()>();
     if args.exit_on_stdin_eof {
-        std::thread::spawn(|| {
+        std::thread::spawn(move || {
             let stdin = std::io::stdin();
             for line in stdin.lock().lines() {
                 if line.is_err() {
                     break;
                 }
             }
-            std::process::exit(0);
+            let _ = eof_tx.send(());
         });
     }
-    loop {
-        if let Some(n) = engine.recv_notification(Duration::from_secs(3600)) {
+    // Until standard input closes (when asked to watch it): then the engine shuts down
+    // and is dropped, so fabric endpoints are closed (libfabric's `shm` files removed).
+    while eof.try_recv().is_err() {
+        if let Some(n) = engine.recv_notification(Duration::from_millis(200)) {
             tracing::info!(from = %n.from, bytes = n.message.len(), "notification");
         }
     }
+    engine.shutdown();
+    Ok(())
 }
 
 fn info() {

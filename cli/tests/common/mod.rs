@@ -81,8 +81,20 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
+        let pid = self.child.id();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed process cannot close its libfabric `shm` endpoint, whose file is named
+        // after its pid (`/dev/shm/PID:...`); a later process given the same pid would
+        // fail to open one (EBUSY). Remove what the killed target left.
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            let prefix = format!("{pid}:");
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 
