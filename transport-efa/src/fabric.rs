@@ -623,7 +623,9 @@ impl Device {
         else {
             return Err(PostError::Fatal(fi::FI_EINVAL as i32));
         };
-        let desc = if self.has(fi::FI_MR_LOCAL) {
+        // Local descriptors: required under FI_MR_LOCAL, and for device memory under
+        // FI_MR_HMEM.
+        let desc = if self.has(fi::FI_MR_LOCAL) || self.has(fi::FI_MR_HMEM) {
             local.desc
         } else {
             null_mut()
