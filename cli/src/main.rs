@@ -102,6 +102,10 @@ struct TargetArgs {
     /// Address of the engine's one port.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// The `host:port` peers are told to reach this target at (when listening on
+    /// 0.0.0.0, or behind NAT).
+    #[arg(long)]
+    advertise: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
     /// Exit when standard input closes (used by `ferry bench` for its child).
@@ -134,8 +138,11 @@ fn main() {
 }
 
 fn target(args: TargetArgs) -> Result<()> {
-    let engine =
-        Engine::from_config(&args.engine.config(&args.listen)?).context("starting the engine")?;
+    let config = EngineConfig {
+        advertise: args.advertise.clone(),
+        ..args.engine.config(&args.listen)?
+    };
+    let engine = Engine::from_config(&config).context("starting the engine")?;
     let location = args.engine.location()?;
     let buffer = engine
         .allocate_with(

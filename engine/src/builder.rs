@@ -237,6 +237,11 @@ pub struct EngineConfig {
     pub protocol: String,
     /// The engine's one port.
     pub listen: String,
+    /// The `host:port` peers are told to reach (needed behind NAT, or when listening on
+    /// `0.0.0.0`; peers that reached the engine by another name use that name).
+    pub advertise: Option<String>,
+    /// Most peer connections the engine serves at once; more are refused and counted.
+    pub max_connections: usize,
     /// `p2p` (default).
     pub metadata: String,
     /// TCP lanes per peer.
@@ -265,6 +270,8 @@ impl Default for EngineConfig {
         EngineConfig {
             protocol: "tcp".into(),
             listen: "127.0.0.1:0".into(),
+            advertise: None,
+            max_connections: tcp.max_connections,
             metadata: "p2p".into(),
             lanes: tcp.lanes,
             max_slice: tcp.max_slice,
@@ -285,6 +292,8 @@ impl EngineConfig {
             lanes: self.lanes.max(1),
             max_slice: self.max_slice,
             busy_poll: Duration::from_micros(self.busy_poll_us),
+            advertise: self.advertise.clone(),
+            max_connections: self.max_connections,
             ..TcpConfig::default()
         }
     }

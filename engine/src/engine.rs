@@ -418,7 +418,10 @@ impl Engine {
             .endpoint(Protocol::Tcp)
             .ok_or_else(|| open_err("the peer publishes no TCP endpoint".into()))?
             .clone();
-        let tcp = self.inner.tcp.connect_tcp(&tcp_ep.address)?;
+        let tcp = self
+            .inner
+            .tcp
+            .connect_tcp(&data_address(name, &tcp_ep.address))?;
         // Contract 3: the best transport both sides speak.
         let mut route = None;
         for t in &self.inner.transports {
@@ -513,6 +516,23 @@ impl Engine {
             t.shutdown();
         }
         tracing::info!(segment = %self.name(), "engine shut down");
+    }
+}
+
+/// Where to connect a peer's TCP lanes. The engine has one port, so the address its
+/// descriptor came from (`name`) reaches it; the advertised address is used unless it is
+/// a loopback or unspecified one that differs from `name`'s host (a peer listening on
+/// `0.0.0.0` without an advertised address tells everyone 127.0.0.1, which is wrong for
+/// anyone on another host).
+fn data_address(name: &str, advertised: &str) -> String {
+    let host = |a: &str| -> Option<std::net::IpAddr> {
+        let h = a.rsplit_once(':')?.0;
+        h.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    };
+    match (host(advertised), host(name)) {
+        (Some(a), Some(n)) if (a.is_loopback() || a.is_unspecified()) && a != n => name.to_string(),
+        (Some(a), None) if a.is_loopback() || a.is_unspecified() => name.to_string(),
+        _ => advertised.to_string(),
     }
 }
 

@@ -99,6 +99,15 @@ impl Segment {
         }
     }
 
+    /// The `host:port` its TCP lanes are connected to (also the fallback's); `None` for
+    /// the engine's own segment.
+    pub fn tcp_address(&self) -> Option<&str> {
+        match &self.inner.route {
+            Route::Local => None,
+            Route::Remote { tcp, .. } => Some(tcp.peer()),
+        }
+    }
+
     /// Whether this is the engine's own segment.
     pub fn is_local(&self) -> bool {
         matches!(self.inner.route, Route::Local)

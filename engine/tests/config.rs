@@ -163,3 +163,31 @@ fn registered_caller_memory_is_served_to_peers() {
     drop(buf);
     assert!(target.descriptor().buffers.is_empty());
 }
+
+/// A target listening on all interfaces without an advertised address tells peers
+/// 127.0.0.1; a peer that reached it by another address keeps using that address for
+/// data (as one on another host must).
+#[test]
+fn peers_reach_an_unadvertised_wildcard_listener_by_the_name_they_used() {
+    let target = Engine::from_config(&EngineConfig {
+        listen: "0.0.0.0:0".into(),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let port = target.name().rsplit_once(':').unwrap().1.to_string();
+    assert_eq!(target.name(), format!("127.0.0.1:{port}"));
+    let buf = target.allocate(4096, Location::host()).unwrap();
+    buf.write_at(0, b"reached").unwrap();
+    let initiator = common::engine();
+    let name = format!("127.0.0.2:{port}");
+    let segment = initiator.open_segment(&name).unwrap();
+    assert_eq!(segment.tcp_address(), Some(name.as_str()));
+    let local = initiator.allocate(4096, Location::host()).unwrap();
+    let mut b = initiator.batch();
+    b.read(&local, 0, &segment.buffer(0).unwrap(), 0, 7)
+        .unwrap();
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+    let mut got = [0u8; 7];
+    local.read_at(0, &mut got).unwrap();
+    assert_eq!(&got, b"reached");
+}
