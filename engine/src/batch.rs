@@ -78,6 +78,8 @@ pub(crate) struct TaskSpec {
     local: Arc<RegionMemory>,
     local_offset: usize,
     segment: Arc<SegmentInner>,
+    /// The remote buffer's index in the segment's descriptor.
+    buffer: usize,
     remote_addr: u64,
     remote_base: u64,
     remote_keys: RemoteKeys,
@@ -239,14 +241,7 @@ impl SlotData {
         if *protocol == ferry_transport_api::Protocol::Tcp || spec.via_tcp {
             return false;
         }
-        let key = spec
-            .segment
-            .descriptor
-            .buffers
-            .iter()
-            .find(|b| b.addr == spec.remote_base)
-            .and_then(|b| b.keys_of(ferry_transport_api::Protocol::Tcp));
-        let Some(key) = key else {
+        let Some(key) = spec.segment.keys(spec.buffer, true).cloned() else {
             return false;
         };
         if t.state.load(Ordering::Acquire) != PENDING
@@ -554,13 +549,9 @@ impl<'e> BatchBuilder<'e> {
         // the fabric; device memory it could not register goes over TCP, staged.
         let tcp = ferry_transport_api::Protocol::Tcp;
         let via_tcp = protocol != tcp
-            && (local.descriptor().key(protocol).is_none() || remote.keys().is_none());
-        let (protocol, keys) = if via_tcp {
-            (tcp, desc.keys_of(tcp))
-        } else {
-            (protocol, remote.keys().cloned())
-        };
-        let remote_keys = keys.ok_or_else(|| {
+            && (local.descriptor().key(protocol).is_none() || remote.keys(false).is_none());
+        let protocol = if via_tcp { tcp } else { protocol };
+        let remote_keys = remote.keys(via_tcp).cloned().ok_or_else(|| {
             Error::InvalidRequest(format!(
                 "the remote buffer has no {protocol} key in its descriptor"
             ))
@@ -571,6 +562,7 @@ impl<'e> BatchBuilder<'e> {
             local: local.memory().clone(),
             local_offset,
             segment,
+            buffer: remote.index(),
             remote_addr: desc.addr + remote_offset,
             remote_base: desc.addr,
             remote_keys,

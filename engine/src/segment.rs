@@ -26,9 +26,9 @@ pub(crate) enum Route {
 pub(crate) struct SegmentInner {
     pub(crate) descriptor: SegmentDescriptor,
     pub(crate) route: Route,
-    /// Per buffer, its keys for the route's transport (TCP's for the local route), so
-    /// requests share them instead of collecting them each time.
-    keys: Vec<Option<RemoteKeys>>,
+    /// Per buffer, its keys for the route's transport and for TCP (the same for a TCP or
+    /// local route), so requests and retries share them instead of collecting them.
+    keys: Vec<[Option<RemoteKeys>; 2]>,
     stale: AtomicBool,
 }
 
@@ -41,7 +41,15 @@ impl SegmentInner {
         let keys = descriptor
             .buffers
             .iter()
-            .map(|b| b.keys_of(protocol))
+            .map(|b| {
+                let tcp = b.keys_of(Protocol::Tcp);
+                let routed = if protocol == Protocol::Tcp {
+                    tcp.clone()
+                } else {
+                    b.keys_of(protocol)
+                };
+                [routed, tcp]
+            })
             .collect();
         SegmentInner {
             descriptor,
@@ -51,9 +59,11 @@ impl SegmentInner {
         }
     }
 
-    /// Buffer `index`'s keys for the route's transport.
-    pub(crate) fn keys(&self, index: usize) -> Option<&RemoteKeys> {
-        self.keys.get(index).and_then(Option::as_ref)
+    /// Buffer `index`'s keys: for TCP when `over_tcp`, else for the route's transport.
+    pub(crate) fn keys(&self, index: usize, over_tcp: bool) -> Option<&RemoteKeys> {
+        self.keys
+            .get(index)
+            .and_then(|k| k[usize::from(over_tcp)].as_ref())
     }
 
     /// Marks the cached descriptor out of date: the next `open_segment` fetches it again.
@@ -168,9 +178,14 @@ pub struct RemoteBuffer {
 }
 
 impl RemoteBuffer {
-    /// Its keys for the transport requests to it use.
-    pub(crate) fn keys(&self) -> Option<&RemoteKeys> {
-        self.segment.inner.keys(self.index)
+    /// Its keys for TCP (`over_tcp`) or for the transport of its segment's route.
+    pub(crate) fn keys(&self, over_tcp: bool) -> Option<&RemoteKeys> {
+        self.segment.inner.keys(self.index, over_tcp)
+    }
+
+    /// Its index in the segment's descriptor.
+    pub(crate) fn index(&self) -> usize {
+        self.index
     }
 
     /// The buffer as published.
