@@ -8,11 +8,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    Access, Completions, FailReason, Location, Opcode, RegionMemory, Slice, TransportError,
+    Access, Completions, Location, Opcode, RegionMemory, Slice, TransportError,
 };
 use libfabric_sys as fi;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
+use crate::ops::{OpSlab, OpStats, Outcomes, OUTCOMES};
 use crate::EfaConfig;
 
 /// The libfabric API version ferry asks for (Debian 12 ships 1.17).
@@ -21,8 +22,12 @@ const API_VERSION: u32 = fi::make_version(1, 17);
 /// the slice's own deadline. A first post to a peer may wait here while a provider such
 /// as `tcp;ofi_rxm` connects.
 const MAX_EAGAIN: Duration = Duration::from_secs(10);
-/// Completions read per `fi_cq_read`.
-const CQ_BATCH: usize = 64;
+/// Completions read per `fi_cq_read`: as many as the slab handles under one lock.
+const CQ_BATCH: usize = OUTCOMES;
+/// Bounds on the operation contexts of a rail (the provider's transmit queue size,
+/// within these).
+const MIN_OPS: usize = 256;
+const MAX_OPS: usize = 16384;
 
 fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror returns a pointer to a static, NUL-terminated string.
@@ -44,16 +49,12 @@ pub(crate) enum PostError {
     Busy,
     /// The provider refused the operation (libfabric error code).
     Fatal(i32),
+    /// The endpoint is closed (the transport shut down).
+    Closed,
 }
 
-/// An operation in flight: the context libfabric writes into, then what to report.
-#[repr(C)]
-struct Op {
-    ctx: fi::fi_context,
-    slice: Slice,
-}
-
-/// The raw handles, closed in reverse order of opening.
+/// The raw handles, closed in reverse order of opening. The endpoint is here only while
+/// the device opens; then [`Device::ep`] owns it.
 struct Handles {
     info: *mut fi::fi_info,
     fabric: *mut fi::fid_fabric,
@@ -96,9 +97,23 @@ impl Drop for Handles {
     }
 }
 
+/// The endpoint handle; null once closed.
+struct Ep(*mut fi::fid_ep);
+
+// SAFETY: as for `Handles`; the pointer is read under `Device::ep`'s lock, and closed
+// (then nulled) under its write lock.
+unsafe impl Send for Ep {}
+// SAFETY: as above.
+unsafe impl Sync for Ep {}
+
 /// One opened device: fabric, domain, completion queue, address vector, RDM endpoint.
 pub(crate) struct Device {
     handles: Handles,
+    /// The endpoint: posts hold the read lock for as long as they use it, closing takes
+    /// the write lock, so no post runs on a closed endpoint.
+    ep: RwLock<Ep>,
+    /// The context of every operation in flight on the endpoint.
+    ops: OpSlab,
     /// Taken around every call when the provider did not grant FI_THREAD_SAFE.
     gate: Mutex<()>,
     serialize: bool,
@@ -124,6 +139,14 @@ pub(crate) struct Device {
 impl Device {
     fn serial(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
         self.serialize.then(|| self.gate.lock())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Before the handles (fields) close: the endpoint goes first, then the contexts
+        // of whatever it still held are released.
+        self.close();
     }
 }
 
@@ -420,8 +443,19 @@ impl Device {
                 (1u64 << (8 * key_size)) - 1
             };
             let domain_name = c_text((*(*info).domain_attr).name);
+            // Never more operations in flight than the transmit queue holds (beyond it
+            // the provider answers FI_EAGAIN), plus the ones it lost.
+            let tx_size = if (*info).tx_attr.is_null() {
+                0
+            } else {
+                (*(*info).tx_attr).size
+            };
+            let ops = OpSlab::new(tx_size.clamp(MIN_OPS, MAX_OPS), config.lose_completions);
+            let ep = Ep(std::mem::replace(&mut h.ep, null_mut()));
             let device = Arc::new(Device {
                 handles: h,
+                ep: RwLock::new(ep),
+                ops,
                 gate: Mutex::new(()),
                 serialize,
                 waitable: AtomicBool::new(waitable),
@@ -494,6 +528,11 @@ impl Device {
         if access.remote_write() {
             flags |= u64::from(fi::FI_REMOTE_WRITE);
         }
+        // The endpoint's lock before the gate, as in `post`.
+        let ep = self.ep.read();
+        if ep.0.is_null() {
+            return Err(TransportError::Closed);
+        }
         let serial = self.serial();
         let h = &self.handles;
         let mut mr: *mut fi::fid_mr = null_mut();
@@ -503,7 +542,8 @@ impl Device {
             reason: format!("{} (error {})", strerror(-rc), -rc),
         };
         // SAFETY: the region's memory is valid for its whole life (RegionMemory's
-        // contract) and the MR is closed (Mr::drop) before the domain.
+        // contract) and the MR is closed (Mr::drop) before the domain; the endpoint is
+        // open (checked under its read lock, held here).
         unsafe {
             let mut attempts = 0;
             let rc = loop {
@@ -540,7 +580,7 @@ impl Device {
                 return Err(reg_err(rc));
             }
             if self.has(fi::FI_MR_ENDPOINT) {
-                let rc = fi::fi_mr_bind(mr, &mut (*h.ep).fid, 0);
+                let rc = fi::fi_mr_bind(mr, &mut (*ep.0).fid, 0);
                 let rc = if rc == 0 { fi::fi_mr_enable(mr) } else { rc };
                 if rc != 0 {
                     fi::fi_close(&mut (*mr).fid);
@@ -559,6 +599,7 @@ impl Device {
             }
             let desc = fi::fi_mr_desc(mr);
             drop(serial);
+            drop(ep);
             Ok(Mr {
                 mr,
                 key,
@@ -602,14 +643,17 @@ impl Device {
         Ok(addr)
     }
 
-    /// Posts one slice to `peer` with the remote region's `key` on this device; on
-    /// success libfabric owns it until its completion.
+    /// Posts one slice to `peer` with the remote region's `key` on this device. On
+    /// `Ok` the slice will be reported exactly once: by its completion, by the deadline
+    /// sweep (then `alive` is cleared), or when the endpoint closes. On `Err` nothing was
+    /// posted and nothing will be reported.
     pub(crate) fn post(
         &self,
         peer: fi::fi_addr_t,
         local: &Mr,
         key: u64,
         slice: Slice,
+        alive: Option<&Arc<AtomicBool>>,
     ) -> Result<(), PostError> {
         let remote = if self.has(fi::FI_MR_VIRT_ADDR) {
             slice.remote_addr
@@ -632,22 +676,39 @@ impl Device {
         };
         let (op_kind, len) = (slice.op, slice.len);
         let give_up = slice.deadline.min(Instant::now() + MAX_EAGAIN);
-        let op = Box::into_raw(Box::new(Op {
-            ctx: fi::fi_context::default(),
-            slice,
-        }));
+        // Held until the post is decided: closing the endpoint waits for it.
+        let ep = self.ep.read();
+        if ep.0.is_null() {
+            return Err(PostError::Closed);
+        }
+        // Every context taken is like a full queue: drive progress until one frees.
+        let mut waiting = slice;
+        let (op, ctx) = loop {
+            match self.ops.acquire(waiting, alive.cloned()) {
+                Ok(taken) => break taken,
+                Err(back) => waiting = back,
+            }
+            if Instant::now() >= give_up {
+                return Err(PostError::Busy);
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Err(PostError::Closed);
+            }
+            if self.progress_once(None) == 0 {
+                std::thread::yield_now();
+            }
+        };
         loop {
             let rc = {
                 let _serial = self.serial();
-                let h = &self.handles;
-                // SAFETY: `buf..buf+len` is registered host memory kept alive by the
-                // slice inside `op`; `op` stays valid until its completion is read
-                // (progress_once frees it); the endpoint is open.
+                // SAFETY: `buf..buf+len` is registered memory kept alive by the slice
+                // the slab holds for `ctx` until the provider has given `ctx` back (or
+                // the endpoint is closed); `ctx` is a slab context, stable memory not
+                // otherwise used while the operation is in flight; the endpoint is open
+                // (read lock held).
                 unsafe {
                     match op_kind {
-                        Opcode::Read => {
-                            fi::fi_read(h.ep, buf, len, desc, peer, remote, key, op.cast())
-                        }
+                        Opcode::Read => fi::fi_read(ep.0, buf, len, desc, peer, remote, key, ctx),
                         Opcode::Write => {
                             let iov = fi::iovec {
                                 iov_base: buf,
@@ -666,11 +727,11 @@ impl Device {
                                 addr: peer,
                                 rma_iov: &rma,
                                 rma_iov_count: 1,
-                                context: op.cast(),
+                                context: ctx,
                                 data: 0,
                             };
                             fi::fi_writemsg(
-                                h.ep,
+                                ep.0,
                                 &msg,
                                 u64::from(fi::FI_DELIVERY_COMPLETE | fi::FI_COMPLETION),
                             )
@@ -682,18 +743,25 @@ impl Device {
                 self.posts.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            if rc != -(fi::FI_EAGAIN as isize) {
-                // SAFETY: the provider did not take `op`.
-                drop(unsafe { Box::from_raw(op) });
-                tracing::warn!(error = %strerror(-rc as i32), "libfabric refused a post");
-                return Err(PostError::Fatal(-rc as i32));
-            }
             // The queue is full or the peer not yet connected: reap completions (which
-            // also drives the provider's progress), then try again.
-            if Instant::now() >= give_up {
-                // SAFETY: the provider did not take `op`.
-                drop(unsafe { Box::from_raw(op) });
-                return Err(PostError::Busy);
+            // also drives the provider's progress), then try again, within bounds.
+            let failure = if rc != -(fi::FI_EAGAIN as isize) {
+                tracing::warn!(error = %strerror(-rc as i32), "libfabric refused a post");
+                Some(PostError::Fatal(-rc as i32))
+            } else if Instant::now() >= give_up {
+                Some(PostError::Busy)
+            } else if self.stop.load(Ordering::Acquire) {
+                Some(PostError::Closed)
+            } else {
+                None
+            };
+            if let Some(failure) = failure {
+                // The provider did not take `ctx`: the slab takes it back. If the sweep
+                // timed the slice out meanwhile, it has been reported: the post stands.
+                return match self.ops.reclaim(op) {
+                    Some((_, false)) => Err(failure),
+                    Some((_, true)) | None => Ok(()),
+                };
             }
             if self.progress_once(None) == 0 {
                 std::thread::yield_now();
@@ -727,13 +795,12 @@ impl Device {
         }
         if rc > 0 {
             drop(serial);
-            let n = rc as usize;
-            for e in &entries[..n] {
-                // SAFETY: every operation is posted with a leaked Box<Op> as its context;
-                // its completion is reported exactly once.
-                let op = unsafe { Box::from_raw(e.op_context as *mut Op) };
-                self.completions.complete(op.slice.token, Ok(op.slice.len));
-            }
+            let n = (rc as usize).min(CQ_BATCH);
+            let mut out = Outcomes::new();
+            // Contexts are matched against the slab by address, never dereferenced.
+            self.ops
+                .finish(entries[..n].iter().map(|e| (e.op_context, None)), &mut out);
+            out.deliver(&*self.completions);
             return n;
         }
         if rc == -(fi::FI_EAVAIL as isize) {
@@ -762,30 +829,54 @@ impl Device {
             drop(serial);
             tracing::warn!(error = %strerror(err.err), provider_error = %message, "libfabric operation failed");
             if !err.op_context.is_null() {
-                // SAFETY: as for successful completions.
-                let op = unsafe { Box::from_raw(err.op_context as *mut Op) };
-                self.completions
-                    .complete(op.slice.token, Err(FailReason::Fabric(err.err)));
+                let mut out = Outcomes::new();
+                self.ops.finish([(err.op_context, Some(err.err))], &mut out);
+                out.deliver(&*self.completions);
             }
             return 1;
         }
         0
     }
 
+    /// Ends the operations whose deadline passed without a completion (a provider that
+    /// lost one reports nothing): each is reported `TimedOut` and its connection marked
+    /// dead, so the next connect replaces it.
+    fn sweep(&self, now: Instant) {
+        if !self.ops.due(now) {
+            return;
+        }
+        let mut out = Outcomes::new();
+        let mut timed_out = 0;
+        loop {
+            let more = self.ops.expire(now, &mut out);
+            timed_out += out.deliver(&*self.completions);
+            if !more {
+                break;
+            }
+        }
+        if timed_out > 0 {
+            tracing::warn!(domain = %self.domain_name, timed_out, "operations passed their deadline without a completion; their connections will be replaced");
+        }
+    }
+
     fn progress_loop(self: Arc<Self>, busy_poll: Duration) {
         let mut idle_since: Option<Instant> = None;
         let mut nap = Duration::from_micros(20);
         while !self.stop.load(Ordering::Acquire) {
-            let spinning = idle_since.is_none_or(|t| t.elapsed() < busy_poll);
+            let now = Instant::now();
+            self.sweep(now);
+            let spinning = idle_since.is_none_or(|t| now.duration_since(t) < busy_poll);
             let waitable = self.waitable.load(Ordering::Relaxed);
-            let wait = (!spinning && waitable).then_some(100);
+            // With operations in flight, wake often enough to sweep their deadlines.
+            let wait_ms = if self.ops.busy() { 10 } else { 100 };
+            let wait = (!spinning && waitable).then_some(wait_ms);
             if self.progress_once(wait) > 0 {
                 idle_since = None;
                 nap = Duration::from_micros(20);
                 continue;
             }
             if idle_since.is_none() {
-                idle_since = Some(Instant::now());
+                idle_since = Some(now);
             } else if spinning {
                 std::thread::yield_now();
             } else if !waitable {
@@ -797,13 +888,54 @@ impl Device {
         }
     }
 
-    pub(crate) fn stop_progress(&self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.progress.lock().take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
+    /// Closes the endpoint, then fails every operation still in flight with
+    /// [`FailReason::Shutdown`] and frees every context: once the endpoint is closed the
+    /// provider touches neither them nor the memory they name. Waits for posts under
+    /// way (they stop retrying once the transport is stopped). Call after
+    /// [`stop_progress`](Self::stop_progress); idempotent.
+    pub(crate) fn close(&self) {
+        let mut ep = self.ep.write();
+        if !ep.0.is_null() {
+            let _serial = self.serial();
+            // SAFETY: the endpoint is open (not null) and no post is using it (write
+            // lock held); it is closed once and nulled.
+            let rc = unsafe { fi::fi_close(&mut (*ep.0).fid) };
+            if rc != 0 {
+                tracing::warn!(domain = %self.domain_name, error = %strerror(-rc), "closing the libfabric endpoint failed");
+            }
+            ep.0 = null_mut();
+        }
+        drop(ep);
+        let mut out = Outcomes::new();
+        let mut shut_down = 0;
+        loop {
+            let more = self.ops.close(&mut out);
+            shut_down += out.deliver(&*self.completions);
+            if !more {
+                break;
             }
         }
+        if shut_down > 0 {
+            tracing::info!(domain = %self.domain_name, shut_down, "operations in flight ended by shutdown");
+        }
+    }
+
+    pub(crate) fn op_stats(&self) -> OpStats {
+        self.ops.stats()
+    }
+
+    /// Stops the progress thread; returns false when called from it (it ends after
+    /// the current pass).
+    pub(crate) fn stop_progress(&self) -> bool {
+        self.stop.store(true, Ordering::Release);
+        let Some(t) = self.progress.lock().take() else {
+            return true;
+        };
+        if t.thread().id() == std::thread::current().id() {
+            return false;
+        }
+        let _ = t.join();
+        true
     }
 }
 

@@ -25,7 +25,17 @@
 //!   after driving progress, a bounded number of times;
 //! - a progress thread reads the completion queue (providers with manual progress need
 //!   it on the target side too) and maps completion errors to [`FailReason::Fabric`],
-//!   logging the provider's message.
+//!   logging the provider's message;
+//! - every slice ends, once: an operation's context comes from a slab allocated when the
+//!   rail opens (no allocation per operation), and the progress thread sweeps the
+//!   deadlines of the operations in flight. A slice whose completion never comes (a
+//!   provider can lose one, e.g. `shm` given a wrong key) is reported
+//!   [`FailReason::TimedOut`] at its deadline and its connection marked dead, so the next
+//!   [`Transport::connect`] replaces it; its context, and the local memory the provider
+//!   might still write, are kept until the provider gives the operation back (a late
+//!   completion, then ignored) or the endpoint closes;
+//! - [`Transport::shutdown`] closes the endpoints, then reports every slice still in
+//!   flight [`FailReason::Shutdown`] and frees every context.
 //!
 //! Thread safety: `FI_THREAD_SAFE` is asked for; a provider that grants less gets every
 //! call on a rail's endpoint and queue made under one lock.
@@ -37,6 +47,7 @@
 //! ```
 
 mod fabric;
+mod ops;
 mod rma_loop;
 
 use std::collections::HashMap;
@@ -52,6 +63,8 @@ use parking_lot::{Mutex, RwLock};
 
 pub use fabric::{providers, ProviderInfo};
 use fabric::{Device, Mr, PostError};
+#[doc(hidden)]
+pub use ops::OpStats;
 pub use rma_loop::{rma_loop, LoopResult};
 
 /// Settings of the libfabric transport.
@@ -78,6 +91,12 @@ pub struct EfaConfig {
     /// of being posted (0, the default: never). Exercises error and retry paths without
     /// faulty hardware.
     pub fault_every: u64,
+    /// Fault injection for tests: the first `lose_completions` completions each rail
+    /// reads are held back as if the provider had lost them, and handed over only once
+    /// their slice has passed its deadline (so the deadline sweep and the late-completion
+    /// path both run). 0, the default: none.
+    #[doc(hidden)]
+    pub lose_completions: u64,
 }
 
 impl Default for EfaConfig {
@@ -90,6 +109,7 @@ impl Default for EfaConfig {
             busy_poll: Duration::from_micros(50),
             hmem: false,
             fault_every: 0,
+            lose_completions: 0,
         }
     }
 }
@@ -169,6 +189,16 @@ impl EfaTransport {
             .get()
             .map_or_else(Vec::new, |r| r.iter().map(|d| d.posts()).collect())
     }
+
+    /// The operation contexts of every rail, summed (for tests and diagnostics).
+    #[doc(hidden)]
+    pub fn op_stats(&self) -> OpStats {
+        let mut all = OpStats::default();
+        for d in self.inner.rails.get().into_iter().flatten() {
+            all += d.op_stats();
+        }
+        all
+    }
 }
 
 fn key_of(region: &RegionMemory) -> usize {
@@ -235,8 +265,11 @@ impl Transport for EfaTransport {
             )));
         }
         let mut peers = self.inner.peers.lock();
+        // A connection marked dead (an operation on it was lost) is replaced.
         if let Some(c) = peers.get(&endpoint.address) {
-            return Ok(c.clone());
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
         }
         let rails = self.rails()?;
         let remote: Vec<&str> = endpoint.address.split(',').collect();
@@ -260,7 +293,7 @@ impl Transport for EfaTransport {
             inner: self.inner.clone(),
             paths,
             next: AtomicUsize::new(0),
-            alive: AtomicBool::new(true),
+            alive: Arc::new(AtomicBool::new(true)),
         });
         peers.insert(endpoint.address.clone(), conn.clone());
         Ok(conn)
@@ -277,8 +310,23 @@ impl Transport for EfaTransport {
         for (_, c) in self.inner.peers.lock().drain() {
             c.alive.store(false, Ordering::Release);
         }
-        for d in self.inner.rails.get().into_iter().flatten() {
-            d.stop_progress();
+        let rails = self
+            .inner
+            .rails
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut stopped = true;
+        for d in rails {
+            stopped &= d.stop_progress();
+        }
+        // Closing the endpoints ends (Shutdown) what is in flight and frees its contexts.
+        // Not from a progress thread (shutdown called from a completion): the device
+        // closes when dropped instead.
+        if stopped {
+            for d in rails {
+                d.close();
+            }
         }
     }
 }
@@ -305,7 +353,10 @@ struct EfaConnection {
     paths: Vec<Path>,
     /// Round-robin position over `paths`.
     next: AtomicUsize,
-    alive: AtomicBool,
+    /// Cleared when an operation on it is lost (its deadline passed without a
+    /// completion) or the provider refuses a post: `connect` then replaces it. Each
+    /// operation in flight holds a clone.
+    alive: Arc<AtomicBool>,
 }
 
 impl Connection for EfaConnection {
@@ -334,8 +385,12 @@ impl Connection for EfaConnection {
             Some(key) => (path, key),
             None => (&self.paths[0], slice.remote_keys.first()),
         };
-        match path.device.post(path.peer, &local[path.local], key, slice) {
+        match path
+            .device
+            .post(path.peer, &local[path.local], key, slice, Some(&self.alive))
+        {
             Ok(()) => Ok(()),
+            Err(PostError::Closed) => Err(FailReason::Shutdown),
             Err(PostError::Fatal(code)) => {
                 self.alive.store(false, Ordering::Release);
                 Err(FailReason::Fabric(code))

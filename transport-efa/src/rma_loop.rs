@@ -102,7 +102,7 @@ pub fn rma_loop(
             deadline,
         };
         initiator
-            .post(peer, &local_mr, remote_mr.key(), slice)
+            .post(peer, &local_mr, remote_mr.key(), slice, None)
             .is_ok()
     };
     // Warm up (connections, caches), then measure.
