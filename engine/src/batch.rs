@@ -4,11 +4,11 @@
 //! released, so a late completion for a released batch (or a stale [`BatchId`]) touches
 //! nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use ferry_transport_api::sync::EndGate;
 use ferry_transport_api::{
     CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
     RemoteStatus, Slice,
@@ -149,12 +149,11 @@ struct SlotData {
     specs: Vec<TaskSpec>,
     tasks: Vec<Task>,
     deadline: Instant,
-    /// Tasks not yet ended.
-    open: AtomicU32,
+    /// Tasks not yet ended, and the thread waiting for them (one atomic word: see
+    /// [`EndGate`], model-checked with loom).
+    gate: EndGate,
     /// Bytes of slices not yet completed.
     bytes_left: AtomicU64,
-    has_waiter: AtomicBool,
-    waiter: Mutex<Option<Thread>>,
 }
 
 impl SlotData {
@@ -162,18 +161,8 @@ impl SlotData {
         self.specs.len()
     }
 
-    fn wake_waiter(&self) {
-        if self.has_waiter.load(Ordering::Acquire) {
-            if let Some(t) = self.waiter.lock().as_ref() {
-                t.unpark();
-            }
-        }
-    }
-
     fn end_task(&self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.wake_waiter();
-        }
+        self.gate.end_one();
     }
 
     fn apply(&self, word: u32, result: Result<usize, FailReason>) {
@@ -191,7 +180,7 @@ impl SlotData {
                 if before > EARLY_WAKE_BYTES
                     && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
                 {
-                    self.wake_waiter();
+                    self.gate.nudge();
                 }
                 if t.remaining.fetch_sub(1, Ordering::AcqRel) == 1
                     && t.state
@@ -343,6 +332,16 @@ pub(crate) struct Slot {
 pub(crate) struct BatchTable {
     slots: RwLock<Vec<Arc<Slot>>>,
     free: Mutex<Vec<u32>>,
+    /// Waits that slept to their limit although every task had ended (a lost wake-up).
+    late_wakeups: AtomicU64,
+}
+
+/// Counters of an engine's batch waits, for tests and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Waits that slept until their deadline or timeout although every task of the batch
+    /// had already ended: a lost wake-up. Always zero unless the wait protocol is broken.
+    pub late_wakeups: u64,
 }
 
 impl BatchTable {
@@ -350,6 +349,13 @@ impl BatchTable {
         BatchTable {
             slots: RwLock::new(Vec::new()),
             free: Mutex::new(Vec::new()),
+            late_wakeups: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BatchStats {
+        BatchStats {
+            late_wakeups: self.late_wakeups.load(Ordering::Relaxed),
         }
     }
 
@@ -370,10 +376,8 @@ impl BatchTable {
                 specs: Vec::new(),
                 tasks: Vec::new(),
                 deadline: Instant::now(),
-                open: AtomicU32::new(0),
+                gate: EndGate::new(),
                 bytes_left: AtomicU64::new(0),
-                has_waiter: AtomicBool::new(false),
-                waiter: Mutex::new(None),
             }),
         });
         slots.push(slot.clone());
@@ -385,8 +389,7 @@ impl BatchTable {
             let mut d = slot.data.write();
             d.generation = d.generation.wrapping_add(1);
             d.specs.clear();
-            d.has_waiter.store(false, Ordering::Relaxed);
-            *d.waiter.lock() = None;
+            d.gate.reset(0);
         }
         self.free.lock().push(index);
     }
@@ -612,7 +615,7 @@ impl<'e> BatchBuilder<'e> {
                 d.specs.iter().map(|s| s.len as u64).sum(),
                 Ordering::Relaxed,
             );
-            d.open.store(open, Ordering::Release);
+            d.gate.reset(open);
         }
         let d = slot.data.read();
         for (task, spec) in d.specs.iter().enumerate() {
@@ -752,39 +755,50 @@ impl Batch {
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let end = start + timeout;
-        let mut spin_until = start + self.engine.busy_poll;
         let d = self.slot.data.read();
-        let mut registered = false;
+        let mut spin_until = start + self.engine.busy_poll;
         loop {
-            if d.open.load(Ordering::Acquire) == 0 {
+            if d.gate.open() == 0 {
                 break;
             }
             let now = Instant::now();
             if now >= d.deadline {
-                // Marks overdue tasks timed out.
+                // Marks overdue tasks timed out; each ends the gate once.
                 d.progress();
                 continue;
             }
             if now >= end {
                 return Err(Error::WaitTimedOut {
-                    pending: d.open.load(Ordering::Acquire) as usize,
+                    pending: d.gate.open() as usize,
                 });
             }
             if now < spin_until {
                 std::thread::yield_now();
                 continue;
             }
-            if !registered {
-                *d.waiter.lock() = Some(std::thread::current());
-                d.has_waiter.store(true, Ordering::Release);
-                registered = true;
-                continue; // re-check `open` before parking
+            // Sleep until the last task ends (the gate cannot lose that wake-up), the
+            // batch's deadline, the caller's timeout, or an early nudge when little is
+            // left, which is followed by a short spin.
+            let mut first = true;
+            let mut parked_until = None;
+            let ended = d.gate.wait(|| {
+                if !std::mem::take(&mut first)
+                    && d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES
+                {
+                    return None;
+                }
+                let now = Instant::now();
+                let until = end.min(d.deadline);
+                parked_until = Some(until);
+                (now < until).then(|| until - now)
+            });
+            if ended && parked_until.is_some_and(|u| Instant::now() >= u) {
+                // Every task had ended, yet the sleep ran to its limit: the wake-up was
+                // lost. The gate's protocol rules this out; the count proves it in use.
+                self.engine.batches.late_wakeups.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(batch = self.index, "a batch wait slept to its deadline after its tasks ended");
             }
-            std::thread::park_timeout(end.min(d.deadline) - now);
-            if d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES {
-                // Woken early: the rest is moments away.
-                spin_until = Instant::now() + EARLY_WAKE_SPIN;
-            }
+            spin_until = Instant::now() + EARLY_WAKE_SPIN;
         }
         self.outcome(&d)
     }

@@ -32,6 +32,7 @@ mod location;
 mod memory;
 mod request;
 mod staging;
+pub mod sync;
 mod transport;
 
 pub use descriptor::{
