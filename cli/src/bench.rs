@@ -62,6 +62,8 @@ pub(crate) struct InitiatorArgs {
 struct Latency {
     p50: f64,
     p99: f64,
+    /// The slowest batch of the measured window.
+    max: f64,
 }
 
 #[derive(Serialize)]
@@ -91,6 +93,9 @@ struct Report {
     /// GB moved per CPU-second of both processes (or the initiator alone).
     gb_per_cpu_second: f64,
     verified: bool,
+    /// Batch waits that slept to their deadline after their tasks had ended (always 0
+    /// unless the wait protocol is broken).
+    late_wakeups: u64,
 }
 
 /// Starts `ferry target` as a child on 127.0.0.1 and returns it with its segment name.
@@ -385,6 +390,7 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         latency_us: Latency {
             p50: pct(0.5),
             p99: pct(0.99),
+            max: pct(1.0),
         },
         errors,
         gb_per_cpu_second: if total_cpu > 0.0 {
@@ -394,6 +400,7 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         },
         cpu_seconds: cpu,
         verified,
+        late_wakeups: engine.batch_stats().late_wakeups,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -13,7 +13,11 @@
 //!   loopback, interleaved in one run, with their ratios.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
 //!   RMA loop, for the `tcp;ofi_rxm` and `shm` providers.
+//! - `cargo xtask stall [--runs N] [--duration SECS]`: `ferry bench` N times (200) over
+//!   mixed shapes; fails if any run outlived its window (a wait that missed its wake-up).
 #![forbid(unsafe_code)]
+
+mod reliability;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -30,8 +34,9 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "bench" => bench(rest),
         "cross" => cross(rest),
+        "stall" => reliability::stall(rest),
         _ => {
-            eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64");
+            eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64\n       cargo xtask stall [--runs N] [--duration SECS]");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {
@@ -306,6 +311,7 @@ fn test(args: &[String]) -> Result<()> {
     feature_matrix()?;
     docs()?;
     run(&mut nextest_or_test(&[], None, hw))?;
+    reliability::loom()?;
     for features in TEST_FEATURES {
         run(&mut nextest_or_test(
             &["ferry-engine", "ferry-cli"],
