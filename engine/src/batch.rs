@@ -4,14 +4,13 @@
 //! released, so a late completion for a released batch (or a stale [`BatchId`]) touches
 //! nothing.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::sync::EndGate;
 use ferry_transport_api::{
-    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
-    RemoteStatus, Slice,
+    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys, Slice,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -106,7 +105,8 @@ impl TaskSpec {
 struct Task {
     remaining: AtomicU32,
     state: AtomicU8,
-    reason: AtomicU16,
+    /// [`FailReason::to_bits`] of why the task failed (lossless; 0 while none).
+    reason: AtomicU64,
     /// 0 for the first attempt, 1 once the task is retried over TCP.
     attempt: AtomicU8,
 }
@@ -114,30 +114,6 @@ struct Task {
 /// Completion tokens carry a task's attempt in the top bit of the task index, so
 /// completions of an abandoned attempt are told apart and ignored.
 const RETRY_BIT: u32 = 1 << 31;
-
-fn encode_reason(r: FailReason) -> u16 {
-    match r {
-        FailReason::Remote(s) => 0x100 | s as u16,
-        FailReason::ConnectionLost => 1,
-        FailReason::TimedOut => 2,
-        FailReason::Shutdown => 3,
-        FailReason::Unsupported => 4,
-        // Fabric error codes are small positive errno-like numbers.
-        FailReason::Fabric(code) => 0x200 | (code.clamp(0, 0xff) as u16),
-        _ => 1,
-    }
-}
-
-fn decode_reason(code: u16) -> FailReason {
-    match code {
-        c if c & 0x200 != 0 => FailReason::Fabric(i32::from(c as u8)),
-        c if c & 0x100 != 0 => FailReason::Remote(RemoteStatus::from_u8(c as u8)),
-        2 => FailReason::TimedOut,
-        3 => FailReason::Shutdown,
-        4 => FailReason::Unsupported,
-        _ => FailReason::ConnectionLost,
-    }
-}
 
 struct SlotData {
     index: u32,
@@ -206,7 +182,7 @@ impl SlotData {
                 } else {
                     FAILED
                 };
-                t.reason.store(encode_reason(reason), Ordering::Release);
+                t.reason.store(reason.to_bits(), Ordering::Release);
                 if t.state
                     .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
@@ -293,7 +269,7 @@ impl SlotData {
                 .is_ok()
             {
                 t.reason
-                    .store(encode_reason(FailReason::TimedOut), Ordering::Release);
+                    .store(FailReason::TimedOut.to_bits(), Ordering::Release);
                 self.end_task();
             }
             state = t.state.load(Ordering::Acquire);
@@ -302,7 +278,10 @@ impl SlotData {
             PENDING => TaskStatus::Pending,
             DONE => TaskStatus::Completed,
             TIMED_OUT => TaskStatus::TimedOut,
-            _ => TaskStatus::Failed(decode_reason(t.reason.load(Ordering::Acquire))),
+            _ => TaskStatus::Failed(
+                FailReason::from_bits(t.reason.load(Ordering::Acquire))
+                    .unwrap_or(FailReason::ConnectionLost),
+            ),
         }
     }
 
@@ -795,8 +774,14 @@ impl Batch {
             if ended && parked_until.is_some_and(|u| Instant::now() >= u) {
                 // Every task had ended, yet the sleep ran to its limit: the wake-up was
                 // lost. The gate's protocol rules this out; the count proves it in use.
-                self.engine.batches.late_wakeups.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(batch = self.index, "a batch wait slept to its deadline after its tasks ended");
+                self.engine
+                    .batches
+                    .late_wakeups
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    batch = self.index,
+                    "a batch wait slept to its deadline after its tasks ended"
+                );
             }
             spin_until = Instant::now() + EARLY_WAKE_SPIN;
         }

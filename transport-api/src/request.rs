@@ -121,6 +121,36 @@ pub enum FailReason {
 }
 
 impl FailReason {
+    /// The reason as one word, losslessly, for storage in an atomic (a task's failure
+    /// reason is written by a transport thread and read by a poll). Never 0, so 0 can
+    /// mean "no reason yet"; [`from_bits`](Self::from_bits) inverts it.
+    pub fn to_bits(self) -> u64 {
+        let (tag, payload): (u64, u32) = match self {
+            FailReason::Remote(s) => (1, s as u8 as u32),
+            FailReason::ConnectionLost => (2, 0),
+            FailReason::TimedOut => (3, 0),
+            FailReason::Shutdown => (4, 0),
+            FailReason::Unsupported => (5, 0),
+            FailReason::Fabric(code) => (6, code as u32),
+        };
+        tag << 32 | u64::from(payload)
+    }
+
+    /// The reason [`to_bits`](Self::to_bits) encoded; `None` for a word it cannot have
+    /// produced.
+    pub fn from_bits(bits: u64) -> Option<FailReason> {
+        let payload = bits as u32;
+        Some(match bits >> 32 {
+            1 => FailReason::Remote(RemoteStatus::from_u8(u8::try_from(payload).ok()?)),
+            2 => FailReason::ConnectionLost,
+            3 => FailReason::TimedOut,
+            4 => FailReason::Shutdown,
+            5 => FailReason::Unsupported,
+            6 => FailReason::Fabric(payload as i32),
+            _ => return None,
+        })
+    }
+
     /// Whether the failure suggests the cached descriptor of the peer is out of date.
     pub fn suggests_stale_descriptor(self) -> bool {
         match self {
@@ -177,4 +207,32 @@ pub trait Completions: Send + Sync {
     /// Reports one slice: `Ok(bytes)` or why it failed. Called exactly once per posted
     /// slice.
     fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason survives the word encoding, libfabric's own codes (256 and up) and
+    /// negative codes included; no reason encodes to 0.
+    #[test]
+    fn fail_reasons_round_trip_through_bits() {
+        let mut reasons = vec![
+            FailReason::ConnectionLost,
+            FailReason::TimedOut,
+            FailReason::Shutdown,
+            FailReason::Unsupported,
+        ];
+        reasons.extend((0..=8).map(|c| FailReason::Remote(RemoteStatus::from_u8(c))));
+        // FI_EOTHER, FI_ETRUNC, FI_ENOKEY, a small errno, extremes.
+        reasons.extend([256, 265, 266, 11, -5, i32::MAX, i32::MIN].map(FailReason::Fabric));
+        for r in reasons {
+            let bits = r.to_bits();
+            assert_ne!(bits, 0, "{r:?}");
+            assert_eq!(FailReason::from_bits(bits), Some(r), "{r:?}");
+        }
+        assert_eq!(FailReason::from_bits(0), None);
+        assert_eq!(FailReason::from_bits(7 << 32), None);
+        assert_eq!(FailReason::from_bits(1 << 32 | 300), None);
+    }
 }
