@@ -125,6 +125,7 @@ pub struct EngineBuilder<S> {
     metadata: Metadata,
     timeout: Duration,
     retry_over_tcp: bool,
+    notify_queue_bytes: usize,
     _state: PhantomData<S>,
 }
 
@@ -136,6 +137,7 @@ impl EngineBuilder<NeedsTransport> {
             metadata: Metadata::P2p,
             timeout: Duration::from_secs(30),
             retry_over_tcp: false,
+            notify_queue_bytes: crate::engine::NOTIFY_QUEUE_BYTES,
             _state: PhantomData,
         }
     }
@@ -149,6 +151,7 @@ impl<S> EngineBuilder<S> {
             metadata: self.metadata,
             timeout: self.timeout,
             retry_over_tcp: self.retry_over_tcp,
+            notify_queue_bytes: self.notify_queue_bytes,
             _state: PhantomData,
         }
     }
@@ -181,6 +184,15 @@ impl<S> EngineBuilder<S> {
         self
     }
 
+    /// Most bytes of notifications queued for the application (default 64 MiB, at most
+    /// 65536 notifications either way). Once full, peers' notifications are refused as
+    /// busy and counted ([`Engine::refused_notifications`]) until the application reads
+    /// some.
+    pub fn notification_queue_bytes(mut self, bytes: usize) -> Self {
+        self.notify_queue_bytes = bytes;
+        self
+    }
+
     /// Default deadline of a batch, counted from its submission (default 30 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -209,6 +221,7 @@ impl<S> EngineBuilder<S> {
             &self.listen,
             self.timeout,
             self.retry_over_tcp,
+            self.notify_queue_bytes,
         )
     }
 }
@@ -262,6 +275,9 @@ pub struct EngineConfig {
     pub allow_tcp_only: bool,
     /// Retry a task that fails on the fabric once over TCP, within its deadline.
     pub retry_over_tcp: bool,
+    /// Most bytes of notifications queued for the application before peers' further
+    /// notifications are refused as busy.
+    pub notify_queue_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -281,6 +297,7 @@ impl Default for EngineConfig {
             fabric_devices: Vec::new(),
             allow_tcp_only: false,
             retry_over_tcp: false,
+            notify_queue_bytes: crate::engine::NOTIFY_QUEUE_BYTES,
         }
     }
 }
@@ -311,7 +328,8 @@ impl Engine {
             .listen(config.listen.clone())
             .metadata(metadata)
             .timeout(Duration::from_millis(config.timeout_ms))
-            .retry_over_tcp(config.retry_over_tcp);
+            .retry_over_tcp(config.retry_over_tcp)
+            .notification_queue_bytes(config.notify_queue_bytes);
         match protocol {
             Protocol::Tcp => builder.transport(Tcp::new(config.tcp_config())).build(),
             fabric => {
@@ -325,6 +343,7 @@ impl Engine {
                         Engine::builder()
                             .listen(config.listen.clone())
                             .timeout(Duration::from_millis(config.timeout_ms))
+                            .notification_queue_bytes(config.notify_queue_bytes)
                             .transport(fallback)
                             .build()
                     }

@@ -1,5 +1,5 @@
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,19 +19,43 @@ use crate::{backends, Error, FailReason, Result};
 
 /// Notifications queued for the application before new ones are refused as busy.
 const NOTIFY_QUEUE: usize = 65536;
+/// Bytes of notifications queued for the application, by default, before new ones are
+/// refused as busy (an application that never reads them holds at most this much).
+pub(crate) const NOTIFY_QUEUE_BYTES: usize = 64 << 20;
+/// What a queued notification costs besides its sender's name and its message.
+const NOTIFY_OVERHEAD: usize = 64;
 
 /// A small message from a peer (e.g. "KV blocks 12..40 are written").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
-    /// The sender's segment name.
+    /// The sender's segment name, as the sender declares it (not authenticated).
     pub from: String,
     /// The message.
     pub message: Vec<u8>,
 }
 
+impl Notification {
+    fn cost(&self) -> usize {
+        self.from.len() + self.message.len() + NOTIFY_OVERHEAD
+    }
+}
+
 struct Published {
     descriptor: BufferDescriptor,
     memory: Arc<RegionMemory>,
+    /// The buffer's part of the encoded descriptor.
+    encoded: Box<[u8]>,
+}
+
+/// The published buffers, in registration order, with what serving and checking them
+/// needs: an index by TCP key (local copies) and the encoded size (the cap).
+#[derive(Default)]
+struct PublishedSet {
+    by_id: BTreeMap<u64, Published>,
+    by_key: HashMap<u64, u64>,
+    next_id: u64,
+    /// Bytes the buffers take in the encoded descriptor, separators included.
+    encoded_len: usize,
 }
 
 /// What the handshake port serves: this engine's descriptor and its notification queue.
@@ -39,8 +63,15 @@ pub(crate) struct ControlState {
     name: RwLock<String>,
     incarnation: u64,
     endpoints: RwLock<Vec<Endpoint>>,
-    published: RwLock<Vec<Published>>,
+    published: RwLock<PublishedSet>,
+    /// The encoded descriptor, made again only after the published set changed (a
+    /// descriptor request costs a copy, not a serialisation of every buffer). Locked
+    /// after `published`, never before.
+    encoded: Mutex<Option<Arc<[u8]>>>,
     notify_tx: Sender<Notification>,
+    notify_bytes: AtomicUsize,
+    notify_cap: usize,
+    notify_refused: AtomicU64,
 }
 
 impl ControlState {
@@ -52,25 +83,146 @@ impl ControlState {
             buffers: self
                 .published
                 .read()
-                .iter()
+                .by_id
+                .values()
                 .map(|p| p.descriptor.clone())
                 .collect(),
         }
+    }
+
+    /// The descriptor without buffers, encoded, cut just inside its empty buffer list:
+    /// the buffers' encodings go after it, then `]}`.
+    fn encoded_head(&self) -> Vec<u8> {
+        let empty = SegmentDescriptor {
+            name: self.name.read().clone(),
+            incarnation: self.incarnation,
+            endpoints: self.endpoints.read().clone(),
+            buffers: Vec::new(),
+        };
+        let mut head = serde_json::to_vec(&empty).unwrap_or_default();
+        debug_assert!(head.ends_with(b"[]}"), "buffers must be the last field");
+        head.truncate(head.len().saturating_sub(2));
+        head
+    }
+
+    fn encode(&self, set: &PublishedSet) -> Arc<[u8]> {
+        let mut out = self.encoded_head();
+        out.reserve(set.encoded_len + 2);
+        for (i, p) in set.by_id.values().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&p.encoded);
+        }
+        out.extend_from_slice(b"]}");
+        out.into()
+    }
+
+    fn encoded(&self) -> Arc<[u8]> {
+        let set = self.published.read();
+        let mut cache = self.encoded.lock();
+        cache.get_or_insert_with(|| self.encode(&set)).clone()
+    }
+
+    /// Adds a buffer to the descriptor, unless that would take the descriptor past what
+    /// peers accept. Returns its id.
+    fn publish(&self, descriptor: BufferDescriptor, memory: Arc<RegionMemory>) -> Result<u64> {
+        let encoded: Box<[u8]> = serde_json::to_vec(&descriptor)
+            .map_err(|e| Error::RegisterRegion(format!("cannot encode its descriptor: {e}")))?
+            .into();
+        let head = self.encoded_head().len() + 2;
+        let mut set = self.published.write();
+        let total = head + set.encoded_len + encoded.len() + usize::from(!set.by_id.is_empty());
+        let cap = SegmentDescriptor::MAX_ENCODED_LEN;
+        if total > cap {
+            return Err(Error::RegisterRegion(format!(
+                "publishing it would make this engine's segment descriptor {total} bytes, over the \
+                 {} MiB peers accept ({} buffers are published); publish fewer, larger buffers \
+                 (peers address blocks by offset) or shorter names, or register this one \
+                 with Access::Local",
+                cap >> 20,
+                set.by_id.len()
+            )));
+        }
+        let id = set.next_id;
+        set.next_id += 1;
+        if let Some(key) = descriptor.key(Protocol::Tcp) {
+            set.by_key.insert(key, id);
+        }
+        set.encoded_len += encoded.len() + usize::from(!set.by_id.is_empty());
+        set.by_id.insert(
+            id,
+            Published {
+                descriptor,
+                memory,
+                encoded,
+            },
+        );
+        *self.encoded.lock() = None;
+        Ok(id)
+    }
+
+    fn withdraw(&self, id: u64) {
+        let mut set = self.published.write();
+        let Some(p) = set.by_id.remove(&id) else {
+            return;
+        };
+        if let Some(key) = p.descriptor.key(Protocol::Tcp) {
+            if set.by_key.get(&key) == Some(&id) {
+                set.by_key.remove(&key);
+            }
+        }
+        set.encoded_len -= p.encoded.len() + usize::from(!set.by_id.is_empty());
+        *self.encoded.lock() = None;
+    }
+
+    /// Takes a notification's place in the queue's byte budget, or says it is full.
+    fn take_notify_budget(&self, cost: usize) -> bool {
+        let before = self.notify_bytes.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.notify_cap {
+            self.notify_bytes.fetch_sub(cost, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn received(&self, n: Option<Notification>) -> Option<Notification> {
+        if let Some(n) = &n {
+            self.notify_bytes.fetch_sub(n.cost(), Ordering::AcqRel);
+        }
+        n
     }
 }
 
 impl ControlPlane for ControlState {
     fn descriptor(&self) -> Vec<u8> {
-        serde_json::to_vec(&ControlState::descriptor(self)).unwrap_or_default()
+        self.encoded().to_vec()
     }
 
     fn notification(&self, from: &str, body: &[u8]) -> bool {
-        self.notify_tx
-            .try_send(Notification {
-                from: from.to_string(),
-                message: body.to_vec(),
-            })
-            .is_ok()
+        let n = Notification {
+            from: from.to_string(),
+            message: body.to_vec(),
+        };
+        let cost = n.cost();
+        let queued = self.take_notify_budget(cost)
+            && match self.notify_tx.try_send(n) {
+                Ok(()) => true,
+                Err(_) => {
+                    self.notify_bytes.fetch_sub(cost, Ordering::AcqRel);
+                    false
+                }
+            };
+        if !queued {
+            let refused = self.notify_refused.fetch_add(1, Ordering::Relaxed);
+            if (refused + 1).is_power_of_two() {
+                tracing::warn!(
+                    refused = refused + 1,
+                    "notification queue full; refusing notifications as busy (read them with recv_notification)"
+                );
+            }
+        }
+        queued
     }
 }
 
@@ -80,7 +232,13 @@ pub(crate) struct Inner {
     transports: Vec<Arc<dyn Transport>>,
     control: Arc<ControlState>,
     pub(crate) batches: Arc<BatchTable>,
+    /// Opened segments by the name they were opened by. Dead and stale ones are dropped
+    /// whenever a segment is fetched, so the cache holds live peers only.
     segments: Mutex<HashMap<String, Arc<SegmentInner>>>,
+    /// One gate per name being opened, so two opens of one name fetch and connect once
+    /// while opens of other names go ahead. No lock is held across network I/O but the
+    /// gate of the name being opened.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     notify_rx: Receiver<Notification>,
     pub(crate) timeout: Duration,
     pub(crate) busy_poll: Duration,
@@ -110,14 +268,13 @@ impl Inner {
         }
     }
 
-    pub(crate) fn deregister(&self, memory: &RegionMemory) {
+    pub(crate) fn deregister(&self, memory: &RegionMemory, published: Option<u64>) {
         for t in &self.transports {
             t.deregister(memory);
         }
-        self.control
-            .published
-            .write()
-            .retain(|p| !std::ptr::eq(Arc::as_ptr(&p.memory), memory));
+        if let Some(id) = published {
+            self.control.withdraw(id);
+        }
     }
 
     /// A request to this engine's own segment: checked like a peer's, then copied.
@@ -130,17 +287,30 @@ impl Inner {
         key: u64,
         len: usize,
     ) -> Result<(), FailReason> {
-        let published = self.control.published.read();
-        let mut status = RemoteStatus::NotRegistered;
-        for p in published.iter() {
+        // The lock is let go before the copy: a large copy must not hold up registration.
+        let (region, offset) = {
+            let set = self.control.published.read();
+            let found = set
+                .by_key
+                .get(&key)
+                .and_then(|id| set.by_id.get(id))
+                .filter(|p| {
+                    let d = &p.descriptor;
+                    addr >= d.addr && addr - d.addr < d.len
+                });
+            let Some(p) = found else {
+                // Refused: tell a wrong key from an address nothing covers.
+                let covered = set.by_id.values().any(|p| {
+                    let d = &p.descriptor;
+                    addr >= d.addr && addr - d.addr < d.len
+                });
+                return Err(FailReason::Remote(if covered {
+                    RemoteStatus::KeyMismatch
+                } else {
+                    RemoteStatus::NotRegistered
+                }));
+            };
             let d = &p.descriptor;
-            if addr < d.addr || addr >= d.addr + d.len {
-                continue;
-            }
-            if d.key(Protocol::Tcp) != Some(key) {
-                status = RemoteStatus::KeyMismatch;
-                continue;
-            }
             let allowed = match op {
                 Opcode::Read => d.access.remote_read(),
                 Opcode::Write => d.access.remote_write(),
@@ -148,23 +318,52 @@ impl Inner {
             if !allowed {
                 return Err(FailReason::Remote(RemoteStatus::AccessDenied));
             }
-            let offset = (addr - d.addr) as usize;
-            let (dst, dst_off, src, src_off) = match op {
-                Opcode::Write => (&*p.memory, offset, local, local_offset),
-                Opcode::Read => (local, local_offset, &*p.memory, offset),
-            };
-            let ok = if dst.location().is_host() && src.location().is_host() {
-                dst.copy_within_regions(dst_off, src, src_off, len)
-            } else {
-                memory::device_copy(dst, dst_off, src, src_off, len).is_ok()
-            };
-            return if ok {
-                Ok(())
-            } else {
-                Err(FailReason::Remote(RemoteStatus::OutOfBounds))
-            };
+            (p.memory.clone(), (addr - d.addr) as usize)
+        };
+        let (dst, dst_off, src, src_off) = match op {
+            Opcode::Write => (&*region, offset, local, local_offset),
+            Opcode::Read => (local, local_offset, &*region, offset),
+        };
+        let ok = if dst.location().is_host() && src.location().is_host() {
+            dst.copy_within_regions(dst_off, src, src_off, len)
+        } else {
+            memory::device_copy(dst, dst_off, src, src_off, len).is_ok()
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(FailReason::Remote(RemoteStatus::OutOfBounds))
         }
-        Err(FailReason::Remote(status))
+    }
+
+    /// Whether `name` names this engine, by what it knows of itself: its own name, or
+    /// the address it is bound to. Never from anything a peer sends.
+    fn is_own_name(&self, name: &str) -> bool {
+        if name == *self.control.name.read() {
+            return true;
+        }
+        let (Some(bound), Ok(asked)) =
+            (self.tcp.local_addr(), name.parse::<std::net::SocketAddr>())
+        else {
+            return false;
+        };
+        asked.port() == bound.port()
+            && (asked.ip() == bound.ip()
+                || (bound.ip().is_unspecified() && asked.ip().is_loopback()))
+    }
+
+    /// The cached segment for `name` if it is still usable; a dead or stale one is
+    /// dropped from the cache.
+    fn cached(&self, name: &str) -> Option<Arc<SegmentInner>> {
+        let mut segments = self.segments.lock();
+        match segments.get(name) {
+            Some(s) if s.usable() => Some(s.clone()),
+            Some(_) => {
+                segments.remove(name);
+                None
+            }
+            None => None,
+        }
     }
 }
 
@@ -189,6 +388,7 @@ impl Engine {
         listen: &str,
         timeout: Duration,
         retry_over_tcp: bool,
+        notify_queue_bytes: usize,
     ) -> Result<Engine> {
         let busy_poll = tcp.config().busy_poll;
         tcp.set_listen(listen);
@@ -199,8 +399,12 @@ impl Engine {
             name: RwLock::new(String::new()),
             incarnation: rand::random(),
             endpoints: RwLock::new(Vec::new()),
-            published: RwLock::new(Vec::new()),
+            published: RwLock::new(PublishedSet::default()),
+            encoded: Mutex::new(None),
             notify_tx,
+            notify_bytes: AtomicUsize::new(0),
+            notify_cap: notify_queue_bytes,
+            notify_refused: AtomicU64::new(0),
         });
         let staging = backends::device::staging();
         let ctx = ferry_transport_api::TransportContext {
@@ -237,6 +441,7 @@ impl Engine {
                 control,
                 batches,
                 segments: Mutex::new(HashMap::new()),
+                opening: Mutex::new(HashMap::new()),
                 notify_rx,
                 timeout,
                 busy_poll,
@@ -262,6 +467,18 @@ impl Engine {
     /// Transports this engine runs, best first.
     pub fn protocols(&self) -> Vec<Protocol> {
         self.inner.transports.iter().map(|t| t.protocol()).collect()
+    }
+
+    /// Notifications refused as busy because the queue was full (by count or by bytes:
+    /// see [`EngineBuilder::notification_queue_bytes`]) since the engine started.
+    pub fn refused_notifications(&self) -> u64 {
+        self.inner.control.notify_refused.load(Ordering::Relaxed)
+    }
+
+    /// How many opened segments the engine caches. Segments whose connection died are
+    /// dropped from the cache the next time a segment is opened.
+    pub fn cached_segments(&self) -> usize {
+        self.inner.segments.lock().len()
     }
 
     /// Counters of the TCP target (refused requests, protocol errors, connections).
@@ -348,18 +565,28 @@ impl Engine {
             access,
             keys,
         };
-        if access != Access::Local {
-            self.inner.control.published.write().push(Published {
-                descriptor: descriptor.clone(),
-                memory: memory.clone(),
-            });
-        }
+        let published = if access == Access::Local {
+            None
+        } else {
+            match self
+                .inner
+                .control
+                .publish(descriptor.clone(), memory.clone())
+            {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    self.inner.deregister(&memory, None);
+                    return Err(e);
+                }
+            }
+        };
         tracing::debug!(addr = descriptor.addr, len = descriptor.len, location = %descriptor.location, "registered");
         Ok(Buffer {
             inner: Arc::new(BufferInner {
                 memory,
                 descriptor,
                 borrowed,
+                published,
                 engine: self.inner.clone(),
             }),
         })
@@ -369,21 +596,53 @@ impl Engine {
     /// or this engine's own name. The descriptor is cached; a cached one is fetched again
     /// after an access error on it (the peer restarted, a buffer went away) or when its
     /// connection broke.
+    ///
+    /// The segment is this engine's own (requests become memory copies) only when `name`
+    /// is this engine's name or the address it is bound to; any other name is a peer,
+    /// whatever its descriptor says. The peer's descriptor is checked before it is used
+    /// (ranges, keys, endpoints), and its TCP lanes connect to `name`, the address the
+    /// descriptor came from, never to an address the descriptor names. Opens of one name
+    /// at once fetch and connect once; opens of other names do not wait for them.
     pub fn open_segment(&self, name: &str) -> Result<Segment> {
         if self.inner.is_shut_down() {
             return Err(Error::Shutdown);
         }
-        if let Some(s) = self.inner.segments.lock().get(name) {
-            if s.usable() {
-                return Ok(Segment { inner: s.clone() });
+        if let Some(inner) = self.inner.cached(name) {
+            return Ok(Segment { inner });
+        }
+        let gate = self
+            .inner
+            .opening
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let opened = {
+            let _one_at_a_time = gate.lock();
+            match self.inner.cached(name) {
+                Some(inner) => Ok(inner),
+                None => self.fetch_segment(name).map(|inner| {
+                    let inner = Arc::new(inner);
+                    let mut segments = self.inner.segments.lock();
+                    // Bound the cache: what is dead or stale is never handed out again.
+                    segments.retain(|_, s| s.usable());
+                    if !self.inner.is_shut_down() {
+                        segments.insert(name.to_string(), inner.clone());
+                    }
+                    inner
+                }),
+            }
+        };
+        {
+            let mut opening = self.inner.opening.lock();
+            // The map's clone and ours: nobody else waits on this gate.
+            if Arc::strong_count(&gate) == 2
+                && opening.get(name).is_some_and(|g| Arc::ptr_eq(g, &gate))
+            {
+                opening.remove(name);
             }
         }
-        let inner = Arc::new(self.fetch_segment(name)?);
-        self.inner
-            .segments
-            .lock()
-            .insert(name.to_string(), inner.clone());
-        Ok(Segment { inner })
+        opened.map(|inner| Segment { inner })
     }
 
     /// Fetches a segment's descriptor again, whatever the cache holds (e.g. after the
@@ -400,8 +659,12 @@ impl Engine {
             segment: name.to_string(),
             reason,
         };
-        if name == self.name() {
-            return Ok(SegmentInner::new(self.descriptor(), Route::Local));
+        if self.inner.is_own_name(name) {
+            return Ok(SegmentInner::new(
+                name.to_string(),
+                self.descriptor(),
+                Route::Local,
+            ));
         }
         let body =
             ferry_transport_tcp::fetch_descriptor(name, self.inner.tcp.config().connect_timeout)
@@ -411,17 +674,19 @@ impl Engine {
                 "the peer sent a descriptor that does not parse: {e}"
             ))
         })?;
+        descriptor.validate().map_err(|e| {
+            open_err(format!(
+                "the peer sent a descriptor that cannot be right, refused: {e}"
+            ))
+        })?;
         if descriptor.incarnation == self.inner.control.incarnation {
-            return Ok(SegmentInner::new(self.descriptor(), Route::Local));
+            // A peer serving this engine's own descriptor (anyone can fetch it from our
+            // port): it is still the peer, reached over the network like any other.
+            tracing::warn!(segment = name, "the peer serves a descriptor with this engine's own incarnation; treating it as the remote peer it is");
         }
-        let tcp_ep = descriptor
-            .endpoint(Protocol::Tcp)
-            .ok_or_else(|| open_err("the peer publishes no TCP endpoint".into()))?
-            .clone();
-        let tcp = self
-            .inner
-            .tcp
-            .connect_tcp(&data_address(name, &tcp_ep.address))?;
+        // Contract: the lanes go where the descriptor came from. The advertised address
+        // could send them (and the data) anywhere.
+        let tcp = self.inner.tcp.connect_tcp(name)?;
         // Contract 3: the best transport both sides speak.
         let mut route = None;
         for t in &self.inner.transports {
@@ -455,7 +720,7 @@ impl Engine {
         if let Route::Remote { protocol, .. } = &route {
             tracing::info!(segment = name, %protocol, "segment opened");
         }
-        Ok(SegmentInner::new(descriptor, route))
+        Ok(SegmentInner::new(name.to_string(), descriptor, route))
     }
 
     /// Starts a batch of requests.
@@ -497,12 +762,14 @@ impl Engine {
 
     /// The next notification from a peer, waiting up to `timeout`.
     pub fn recv_notification(&self, timeout: Duration) -> Option<Notification> {
-        self.inner.notify_rx.recv_timeout(timeout).ok()
+        let n = self.inner.notify_rx.recv_timeout(timeout).ok();
+        self.inner.control.received(n)
     }
 
     /// The next notification if one is queued.
     pub fn try_recv_notification(&self) -> Option<Notification> {
-        self.inner.notify_rx.try_recv().ok()
+        let n = self.inner.notify_rx.try_recv().ok();
+        self.inner.control.received(n)
     }
 
     /// Stops the transports: in-flight transfers fail with [`FailReason::Shutdown`], and
@@ -516,23 +783,6 @@ impl Engine {
             t.shutdown();
         }
         tracing::info!(segment = %self.name(), "engine shut down");
-    }
-}
-
-/// Where to connect a peer's TCP lanes. The engine has one port, so the address its
-/// descriptor came from (`name`) reaches it; the advertised address is used unless it is
-/// a loopback or unspecified one that differs from `name`'s host (a peer listening on
-/// `0.0.0.0` without an advertised address tells everyone 127.0.0.1, which is wrong for
-/// anyone on another host).
-fn data_address(name: &str, advertised: &str) -> String {
-    let host = |a: &str| -> Option<std::net::IpAddr> {
-        let h = a.rsplit_once(':')?.0;
-        h.trim_start_matches('[').trim_end_matches(']').parse().ok()
-    };
-    match (host(advertised), host(name)) {
-        (Some(a), Some(n)) if (a.is_loopback() || a.is_unspecified()) && a != n => name.to_string(),
-        (Some(a), None) if a.is_loopback() || a.is_unspecified() => name.to_string(),
-        _ => advertised.to_string(),
     }
 }
 

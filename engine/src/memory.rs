@@ -102,6 +102,8 @@ pub(crate) struct BufferInner {
     pub(crate) memory: Arc<RegionMemory>,
     pub(crate) descriptor: BufferDescriptor,
     pub(crate) borrowed: bool,
+    /// Its id in the engine's published set; `None` for local-only buffers.
+    pub(crate) published: Option<u64>,
     pub(crate) engine: Arc<Inner>,
 }
 
@@ -205,7 +207,7 @@ impl std::fmt::Debug for Buffer {
 
 impl Drop for BufferInner {
     fn drop(&mut self) {
-        self.engine.deregister(&self.memory);
+        self.engine.deregister(&self.memory, self.published);
         if self.borrowed {
             // The caller may free its memory once we return: wait until no transfer in
             // flight still uses it. Transfers end by their deadline, so this is bounded.

@@ -24,6 +24,8 @@ pub(crate) enum Route {
 }
 
 pub(crate) struct SegmentInner {
+    /// The name it was opened by (the peer's descriptor may claim any name).
+    name: String,
     pub(crate) descriptor: SegmentDescriptor,
     pub(crate) route: Route,
     /// Per buffer, its keys for the route's transport and for TCP (the same for a TCP or
@@ -33,7 +35,7 @@ pub(crate) struct SegmentInner {
 }
 
 impl SegmentInner {
-    pub(crate) fn new(descriptor: SegmentDescriptor, route: Route) -> Self {
+    pub(crate) fn new(name: String, descriptor: SegmentDescriptor, route: Route) -> Self {
         let protocol = match &route {
             Route::Local => Protocol::Tcp,
             Route::Remote { protocol, .. } => *protocol,
@@ -52,6 +54,7 @@ impl SegmentInner {
             })
             .collect();
         SegmentInner {
+            name,
             descriptor,
             route,
             keys,
@@ -69,7 +72,7 @@ impl SegmentInner {
     /// Marks the cached descriptor out of date: the next `open_segment` fetches it again.
     pub(crate) fn mark_stale(&self) {
         if !self.stale.swap(true, Ordering::AcqRel) {
-            tracing::debug!(segment = %self.descriptor.name, "descriptor marked stale after an access error");
+            tracing::debug!(segment = %self.name, "descriptor marked stale after an access error");
         }
     }
 
@@ -90,12 +93,13 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// The segment's name (`host:port` with peer-to-peer metadata).
+    /// The name the segment was opened by (`host:port` with peer-to-peer metadata).
     pub fn name(&self) -> &str {
-        &self.inner.descriptor.name
+        &self.inner.name
     }
 
-    /// The descriptor as fetched.
+    /// The descriptor as fetched (checked: every range fits, keys match endpoints). Its
+    /// `name` and TCP endpoint are what the peer claims; requests use neither.
     pub fn descriptor(&self) -> &SegmentDescriptor {
         &self.inner.descriptor
     }
@@ -109,8 +113,9 @@ impl Segment {
         }
     }
 
-    /// The `host:port` its TCP lanes are connected to (also the fallback's); `None` for
-    /// the engine's own segment.
+    /// The `host:port` its TCP lanes are connected to (also the fallback's): the name it
+    /// was opened by, not an address its descriptor names. `None` for the engine's own
+    /// segment.
     pub fn tcp_address(&self) -> Option<&str> {
         match &self.inner.route {
             Route::Local => None,

@@ -165,9 +165,69 @@ pub struct SegmentDescriptor {
 }
 
 impl SegmentDescriptor {
+    /// The largest encoded descriptor a peer accepts (and a target serves). An owner
+    /// refuses to publish a buffer that would take its descriptor past it.
+    pub const MAX_ENCODED_LEN: usize = 16 * 1024 * 1024;
+
+    /// Most keys one buffer may carry for one protocol (one per rail).
+    pub const MAX_RAILS: usize = 64;
+
     /// The endpoint for `protocol`, if the owner speaks it.
     pub fn endpoint(&self, protocol: Protocol) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.protocol == protocol)
+    }
+
+    /// Checks a descriptor received from a peer before anything is taken from it: every
+    /// buffer's range fits in 64 bits (`addr + len` does not overflow, so no offset into
+    /// it can wrap), each protocol has at most one endpoint and TCP has one, and every
+    /// buffer's keys belong to a protocol the owner has an endpoint for, with at most
+    /// [`MAX_RAILS`](Self::MAX_RAILS) rails per protocol and one TCP key. The error says
+    /// what is wrong; the caller names the peer.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        let bad = |what: String| Err(TransportError::invalid(what));
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if self.endpoints[..i].iter().any(|o| o.protocol == e.protocol) {
+                return bad(format!("it lists two {} endpoints", e.protocol));
+            }
+        }
+        if self.endpoint(Protocol::Tcp).is_none() {
+            return bad("it lists no TCP endpoint".into());
+        }
+        for (i, b) in self.buffers.iter().enumerate() {
+            if b.addr.checked_add(b.len).is_none() || b.len > i64::MAX as u64 {
+                return bad(format!(
+                    "buffer {i} at {:#x} with {} bytes runs past the end of the address space",
+                    b.addr, b.len
+                ));
+            }
+            if b.location == Location::Auto {
+                return bad(format!(
+                    "buffer {i} has no concrete location (auto); expected host or cuda:N"
+                ));
+            }
+            for p in Protocol::ALL {
+                let rails = b.keys.iter().filter(|k| k.protocol == p).count();
+                if rails == 0 {
+                    continue;
+                }
+                if self.endpoint(p).is_none() {
+                    return bad(format!(
+                        "buffer {i} carries {p} keys but the descriptor lists no {p} endpoint"
+                    ));
+                }
+                let most = if p == Protocol::Tcp {
+                    1
+                } else {
+                    Self::MAX_RAILS
+                };
+                if rails > most {
+                    return bad(format!(
+                        "buffer {i} carries {rails} {p} keys; at most {most} are possible"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -212,6 +272,85 @@ mod tests {
         assert_eq!(back.buffers[0].key(Protocol::Tcp), Some(u64::MAX));
         assert_eq!(back.buffers[0].key(Protocol::Efa), None);
         assert_eq!(back.buffers[0].keys_of(Protocol::Efa), None);
+    }
+
+    fn peer(buffers: Vec<BufferDescriptor>) -> SegmentDescriptor {
+        SegmentDescriptor {
+            name: "127.0.0.1:1".into(),
+            incarnation: 1,
+            endpoints: vec![Endpoint {
+                protocol: Protocol::Tcp,
+                address: "127.0.0.1:1".into(),
+            }],
+            buffers,
+        }
+    }
+
+    fn buffer(addr: u64, len: u64, keys: &[(Protocol, u64)]) -> BufferDescriptor {
+        BufferDescriptor {
+            name: String::new(),
+            addr,
+            len,
+            location: Location::host(),
+            access: Access::RemoteReadWrite,
+            keys: keys
+                .iter()
+                .map(|&(protocol, key)| TransportKey { protocol, key })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hostile_descriptors_are_refused() {
+        let tcp = [(Protocol::Tcp, 7)];
+        let ok = peer(vec![
+            buffer(0x1000, 4096, &tcp),
+            buffer(u64::MAX - 4096, 4096, &tcp),
+        ]);
+        ok.validate().unwrap();
+        // 2^64 - 4096 + 4096 wraps to 0.
+        let wraps = peer(vec![buffer(u64::MAX - 4095, 4096, &tcp)]);
+        let err = wraps.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("buffer 0") && err.contains("address space"),
+            "{err}"
+        );
+        let huge = peer(vec![buffer(0, u64::MAX, &tcp)]);
+        assert!(huge.validate().is_err());
+        let mut auto = buffer(0x1000, 1, &tcp);
+        auto.location = Location::Auto;
+        assert!(peer(vec![auto]).validate().is_err());
+        let two_tcp = peer(vec![buffer(
+            0x1000,
+            1,
+            &[(Protocol::Tcp, 1), (Protocol::Tcp, 2)],
+        )]);
+        assert!(two_tcp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("2 tcp keys"));
+        let no_efa_endpoint = peer(vec![buffer(0x1000, 1, &[(Protocol::Efa, 1)])]);
+        assert!(no_efa_endpoint
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no efa endpoint"));
+        let rails: Vec<_> = (0..=SegmentDescriptor::MAX_RAILS as u64)
+            .map(|k| (Protocol::Efa, k))
+            .collect();
+        let mut many_rails = peer(vec![buffer(0x1000, 1, &rails)]);
+        many_rails.endpoints.push(Endpoint {
+            protocol: Protocol::Efa,
+            address: "00".into(),
+        });
+        assert!(many_rails.validate().is_err());
+        let mut no_tcp = peer(Vec::new());
+        no_tcp.endpoints.clear();
+        assert!(no_tcp.validate().is_err());
+        let mut twice = peer(Vec::new());
+        twice.endpoints.push(twice.endpoints[0].clone());
+        assert!(twice.validate().is_err());
     }
 
     #[test]
