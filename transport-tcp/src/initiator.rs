@@ -14,7 +14,7 @@ use std::sync::atomic::fence;
 use std::sync::OnceLock;
 use std::thread::Thread;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use ferry_transport_api::{
     Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
@@ -22,7 +22,7 @@ use mio::{Interest, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
-use crate::pipe::{Pace, Pipe, Plain};
+use crate::pipe::{Pace, Pipe};
 use crate::staged;
 use crate::Shared;
 
@@ -36,13 +36,26 @@ const INLINE_BYTES: usize = 256 * 1024;
 /// In flight below this many bytes, the receiver spins for answers (they come back in
 /// microseconds); above it, it sleeps (they come back at link speed).
 const SPIN_INFLIGHT_BYTES: usize = 256 * 1024;
+/// Longest sleep of a blocked lane thread between checks of shutdown and deadlines.
+const STEP: Duration = Duration::from_millis(100);
 
 enum Item {
     Slice(Slice),
     Notify {
         body: Vec<u8>,
+        /// When the caller stops waiting for the answer.
+        deadline: Instant,
         reply: Sender<Result<(), FailReason>>,
     },
+}
+
+impl Item {
+    fn deadline(&self) -> Instant {
+        match self {
+            Item::Slice(s) => s.deadline,
+            Item::Notify { deadline, .. } => *deadline,
+        }
+    }
 }
 
 enum Entry {
@@ -55,6 +68,7 @@ enum Entry {
     },
     Notify {
         seq: u64,
+        deadline: Instant,
         reply: Sender<Result<(), FailReason>>,
     },
 }
@@ -63,6 +77,14 @@ impl Entry {
     fn seq(&self) -> u64 {
         match self {
             Entry::Slice { seq, .. } | Entry::Notify { seq, .. } => *seq,
+        }
+    }
+
+    /// Every entry has one: an entry still unanswered after it closes the lane.
+    fn deadline(&self) -> Instant {
+        match self {
+            Entry::Slice { slice, .. } => slice.deadline,
+            Entry::Notify { deadline, .. } => *deadline,
         }
     }
 
@@ -87,8 +109,29 @@ struct Inflight {
     entries: VecDeque<Entry>,
     /// Payload bytes of the entries.
     bytes: usize,
-    /// Set once the lane is dead: nothing more may be added.
+    /// Set once the lane is dead: nothing more may be added. The first reason given is
+    /// the one everything still in flight fails with.
     closed: Option<FailReason>,
+    /// No entry's deadline is earlier than this; `None` only when there is no entry.
+    /// Answered entries leave without raising it (that would cost a scan per answer), so
+    /// it may be early: [`Inflight::earliest`] scans once when it passes.
+    earliest: Option<Instant>,
+}
+
+impl Inflight {
+    fn push(&mut self, entry: Entry) {
+        let d = entry.deadline();
+        self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
+        self.entries.push_back(entry);
+    }
+
+    /// The earliest deadline of the entries, exact whenever it is at or before `now`.
+    fn earliest(&mut self, now: Instant) -> Option<Instant> {
+        if self.earliest.is_some_and(|e| e <= now) {
+            self.earliest = self.entries.iter().map(Entry::deadline).min();
+        }
+        self.earliest
+    }
 }
 
 struct LaneState {
@@ -101,7 +144,10 @@ struct LaneState {
 }
 
 impl LaneState {
+    /// Closes the lane: nothing more is sent or received on it, and everything queued or
+    /// in flight fails with the first reason given.
     fn kill(&self, peer: &str, reason: FailReason, why: &dyn std::fmt::Display) {
+        self.inflight.lock().closed.get_or_insert(reason);
         if !self.dead.swap(true, Ordering::AcqRel) {
             tracing::debug!(%peer, %reason, %why, "lane closed");
             let _ = self.socket.shutdown(std::net::Shutdown::Both);
@@ -112,27 +158,31 @@ impl LaneState {
         }
     }
 
-    /// Closes the in-flight table and fails everything in it.
-    fn drain(&self, completions: &dyn Completions, reason: FailReason) {
-        let entries: Vec<Entry> = {
+    /// Closes the in-flight table and fails everything in it, after `taken` (entries
+    /// the receiver had taken out), with the reason the lane closed for.
+    fn drain(&self, completions: &dyn Completions, taken: &mut Vec<Entry>, reason: FailReason) {
+        let (entries, reason): (Vec<Entry>, FailReason) = {
             let mut g = self.inflight.lock();
-            g.closed.get_or_insert(reason);
+            let reason = *g.closed.get_or_insert(reason);
             g.bytes = 0;
-            g.entries.drain(..).collect()
+            g.earliest = None;
+            (g.entries.drain(..).collect(), reason)
         };
         self.not_full.notify_all();
-        for e in entries {
+        for e in taken.drain(..).chain(entries) {
             e.fail(completions, reason);
         }
     }
 }
 
 /// Locks the in-flight table once it has room for `n` more entries, or says why the lane
-/// closed meanwhile.
+/// closed meanwhile, or fails with [`FailReason::TimedOut`] at `deadline` (the earliest of
+/// the entries to add: they cannot end in time any more, and nothing of them was sent).
 fn reserve(
     state: &LaneState,
     cap: usize,
     n: usize,
+    deadline: Instant,
 ) -> Result<parking_lot::MutexGuard<'_, Inflight>, FailReason> {
     let cap = cap.max(MAX_DESCS);
     let mut g = state.inflight.lock();
@@ -143,7 +193,12 @@ fn reserve(
         if g.entries.len() + n <= cap {
             return Ok(g);
         }
-        state.not_full.wait_for(&mut g, Duration::from_millis(100));
+        if Instant::now() >= deadline {
+            return Err(FailReason::TimedOut);
+        }
+        // Bounded so a missed wake-up costs a step, not the whole deadline.
+        let step = Instant::now() + Duration::from_millis(100);
+        state.not_full.wait_until(&mut g, deadline.min(step));
     }
 }
 
@@ -231,7 +286,13 @@ impl TcpConnection {
             .get()
             .map(|c| c.completions.clone())
             .ok_or_else(|| io::Error::other("transport not started"))?;
-        let mut lanes = Vec::with_capacity(shared.config.lanes.max(1));
+        // Built in place: when a later lane fails to connect, dropping the connection
+        // closes the lanes already open and ends their threads.
+        let mut conn = TcpConnection {
+            peer: peer.to_string(),
+            lanes: Vec::with_capacity(shared.config.lanes.max(1)),
+            next: AtomicUsize::new(0),
+        };
         for index in 0..shared.config.lanes.max(1) {
             let stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
             let socket = stream.try_clone()?;
@@ -244,6 +305,7 @@ impl TcpConnection {
                     entries: VecDeque::with_capacity(shared.config.max_inflight.max(MAX_DESCS)),
                     bytes: 0,
                     closed: None,
+                    earliest: None,
                 }),
                 not_full: Condvar::new(),
                 socket,
@@ -270,6 +332,7 @@ impl TcpConnection {
                 sender: OnceLock::new(),
                 open: AtomicBool::new(true),
             });
+            conn.lanes.push(lane.clone());
             let runner = lane.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-tcp-send-{index}"))
@@ -283,18 +346,14 @@ impl TcpConnection {
                 peer: peer.to_string(),
                 expected: 0,
                 batch: Vec::with_capacity(MAX_DESCS),
+                guard: Vec::with_capacity(MAX_DESCS),
             };
             std::thread::Builder::new()
                 .name(format!("ferry-tcp-recv-{index}"))
                 .spawn(move || receiver.run())?;
-            lanes.push(lane);
         }
-        tracing::debug!(%peer, lanes = lanes.len(), "connected");
-        Ok(TcpConnection {
-            peer: peer.to_string(),
-            lanes,
-            next: AtomicUsize::new(0),
-        })
+        tracing::debug!(%peer, lanes = conn.lanes.len(), "connected");
+        Ok(conn)
     }
 
     /// The peer's address.
@@ -304,7 +363,11 @@ impl TcpConnection {
 
     /// Sends a small message to the peer's engine and waits until the peer has queued it.
     /// Messages to one peer arrive in the order they were sent.
+    ///
+    /// `timeout` is the message's deadline like a slice's: a peer that has not answered
+    /// by then gets its lane closed (the connection then reports it is not alive).
     pub fn notify(&self, from: &str, message: &[u8], timeout: Duration) -> Result<(), FailReason> {
+        let deadline = Instant::now() + timeout;
         let body = crate::target::encode_notification(from, message);
         if body.len() > MAX_NOTIFY {
             return Err(FailReason::Remote(RemoteStatus::TooLarge));
@@ -314,9 +377,16 @@ impl TcpConnection {
         if lane.state.dead.load(Ordering::Acquire) {
             return Err(FailReason::ConnectionLost);
         }
-        enqueue(lane, Item::Notify { body, reply })?;
+        enqueue(
+            lane,
+            Item::Notify {
+                body,
+                deadline,
+                reply,
+            },
+        )?;
         lane.pump(INLINE_BYTES);
-        match done.recv_timeout(timeout) {
+        match done.recv_deadline(deadline) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(FailReason::TimedOut),
             Err(RecvTimeoutError::Disconnected) => Err(FailReason::ConnectionLost),
@@ -332,13 +402,20 @@ impl TcpConnection {
     }
 }
 
-/// Queues an item, waking the sender thread if the queue is full.
+/// Queues an item, waking the sender thread if the queue is full. A full queue is waited
+/// on until the item's deadline at most: then the item fails with
+/// [`FailReason::TimedOut`], unsent and unqueued.
 fn enqueue(lane: &Lane, item: Item) -> Result<(), FailReason> {
     match lane.tx.try_send(item) {
         Ok(()) => Ok(()),
         Err(TrySendError::Full(item)) => {
             lane.wake_sender();
-            lane.tx.send(item).map_err(|_| FailReason::ConnectionLost)
+            let deadline = item.deadline();
+            // The sender drains the queue (failing what it takes) once the lane closes.
+            lane.tx.send_deadline(item, deadline).map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => FailReason::TimedOut,
+                SendTimeoutError::Disconnected(_) => FailReason::ConnectionLost,
+            })
         }
         Err(TrySendError::Disconnected(_)) => Err(FailReason::ConnectionLost),
     }
@@ -412,10 +489,21 @@ impl SendState {
                 self.fail_item(first, reason);
                 continue;
             }
+            // What ended while it waited in the queue is not sent: a WRITE reported
+            // timed out must not land later because the queue was long.
+            let now = Instant::now();
+            if first.deadline() <= now {
+                self.fail_item(first, FailReason::TimedOut);
+                continue;
+            }
             let result = match first {
-                Item::Notify { body, reply } => {
+                Item::Notify {
+                    body,
+                    deadline,
+                    reply,
+                } => {
                     sent += body.len();
-                    self.send_notify(body, reply)
+                    self.send_notify(body, deadline, reply)
                 }
                 Item::Slice(slice) => {
                     let op = slice.op;
@@ -425,11 +513,17 @@ impl SendState {
                         Opcode::Read => MAX_FRAME_BYTES,
                     };
                     let mut bytes = slice.len;
+                    let mut deadline = slice.deadline;
                     self.frame.push(slice);
                     while self.frame.len() < MAX_DESCS && bytes < limit {
                         match lane.rx.try_recv() {
+                            Ok(Item::Slice(s)) if s.deadline <= now => {
+                                self.completions
+                                    .complete(s.token, Err(FailReason::TimedOut));
+                            }
                             Ok(Item::Slice(s)) if s.op == op => {
                                 bytes += s.len;
+                                deadline = deadline.min(s.deadline);
                                 self.frame.push(s);
                             }
                             Ok(other) => {
@@ -443,7 +537,7 @@ impl SendState {
                         Opcode::Write => bytes.max(1),
                         Opcode::Read => self.frame.len() * DESC_LEN,
                     };
-                    self.send_frame(op)
+                    self.send_frame(op, deadline)
                 }
             };
             if let Err(e) = result {
@@ -474,7 +568,9 @@ impl SendState {
         }
     }
 
-    fn send_frame(&mut self, op: Opcode) -> io::Result<()> {
+    /// Sends the gathered slices as one frame. `deadline` is the earliest of theirs: the
+    /// frame waits for room in flight and for the socket until then at most.
+    fn send_frame(&mut self, op: Opcode, deadline: Instant) -> io::Result<()> {
         let n = self.frame.len();
         let first_seq = self.seq;
         let kind = if op == Opcode::Write {
@@ -498,12 +594,12 @@ impl SendState {
             }
         }
         // Entries go in before the bytes leave: the answer may come back at once.
-        match reserve(&self.state, self.shared.config.max_inflight, n) {
+        match reserve(&self.state, self.shared.config.max_inflight, n, deadline) {
             Ok(mut g) => {
                 g.bytes += self.frame.iter().map(|s| s.len).sum::<usize>();
                 let read_frame = if op == Opcode::Read { n as u32 } else { 0 };
                 for (i, slice) in self.frame.drain(..).enumerate() {
-                    g.entries.push_back(Entry::Slice {
+                    g.push(Entry::Slice {
                         seq: first_seq + i as u64,
                         read_frame: if i == 0 { read_frame } else { 0 },
                         slice,
@@ -521,11 +617,10 @@ impl SendState {
         }
         self.seq += n as u64;
         let shared = &self.shared;
-        let state = &self.state;
-        let stop = || shared.stopping() || state.dead.load(Ordering::Acquire);
-        let mut pace = Plain {
-            spin: Duration::ZERO,
-            stop: &stop,
+        let mut pace = SendPace {
+            shared,
+            state: &self.state,
+            deadline,
         };
         let head = &self.raw[..HEADER_LEN + n * DESC_LEN];
         let r = if self.regions.iter().all(|r| r.location().is_host()) {
@@ -563,11 +658,16 @@ impl SendState {
     fn send_notify(
         &mut self,
         body: Vec<u8>,
+        deadline: Instant,
         reply: Sender<Result<(), FailReason>>,
     ) -> io::Result<()> {
         let seq = self.seq;
-        match reserve(&self.state, self.shared.config.max_inflight, 1) {
-            Ok(mut g) => g.entries.push_back(Entry::Notify { seq, reply }),
+        match reserve(&self.state, self.shared.config.max_inflight, 1, deadline) {
+            Ok(mut g) => g.push(Entry::Notify {
+                seq,
+                deadline,
+                reply,
+            }),
             Err(reason) => {
                 let _ = reply.send(Err(reason));
                 return Ok(());
@@ -575,17 +675,63 @@ impl SendState {
         }
         self.seq += 1;
         let header = Header::new(Kind::Notify, body.len() as u32, seq).encode();
-        let shared = &self.shared;
-        let mut pace = Plain {
-            spin: Duration::ZERO,
-            stop: &|| shared.stopping(),
+        let mut pace = SendPace {
+            shared: &self.shared,
+            state: &self.state,
+            deadline,
         };
         self.pipe
             .write_all(&mut [IoSlice::new(&header), IoSlice::new(&body)], &mut pace)
     }
 }
 
+/// Pacing of a frame's write: it gives up when the lane closes or at the frame's
+/// deadline. A frame cut off midway leaves the stream out of step, so the caller then
+/// closes the lane; the peer may still apply what it received (see the crate docs).
+struct SendPace<'a> {
+    shared: &'a Shared,
+    state: &'a LaneState,
+    deadline: Instant,
+}
+
+impl Pace for SendPace<'_> {
+    fn before_sleep(&mut self) -> io::Result<Duration> {
+        if self.shared.stopping() || self.state.dead.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "lane closed",
+            ));
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took no more data before the deadline",
+            ));
+        }
+        Ok(STEP.min(self.deadline - now + Duration::from_millis(1)))
+    }
+}
+
 /// The receiving half of a lane.
+///
+/// # When READ data may land
+///
+/// Once a slice has ended, no byte may land in its local memory: the application may
+/// already be using that memory for something else. A slice ends at the latest at its
+/// deadline ([`Slice::deadline`], the same instant the engine's batch uses to report it
+/// timed out), so the receiver writes READ data into a slice's memory only before that
+/// deadline: it checks, before every read call into local memory, that neither the slice
+/// being filled nor any later one of the answer has passed its deadline (the
+/// `guard`), and when one has, it closes the lane instead of reading on, so the rest of
+/// the answer is never read at all. Data of a slice already filled stays (it landed while
+/// the slice was live). Staged device memory is checked again after each chunk is read
+/// and before it is copied to the device.
+///
+/// The same rule closes the lane whenever anything in flight, answered or not, is still
+/// unfinished at its deadline (notifications included): a peer that stops answering, or
+/// stops in the middle of an answer, costs its lane, and the connection reports it is no
+/// longer alive so the next connect opens a fresh one.
 struct Receiver_ {
     shared: Arc<Shared>,
     completions: Arc<dyn Completions>,
@@ -593,12 +739,19 @@ struct Receiver_ {
     pipe: Pipe,
     peer: String,
     expected: u64,
+    /// Entries whose answer is being read (out of the in-flight table).
     batch: Vec<Entry>,
+    /// For the READ answer being read, per accepted slice in order: where its bytes end
+    /// in the answer's data, and the earliest deadline of it and every slice after it.
+    guard: Vec<(usize, Instant)>,
 }
 
 struct ReceiverPace<'a> {
     shared: &'a Shared,
     state: &'a LaneState,
+    /// The earliest deadline of what the receiver has taken out of the table and is
+    /// still reading, if anything.
+    own: Option<Instant>,
 }
 
 impl Pace for ReceiverPace<'_> {
@@ -618,32 +771,61 @@ impl Pace for ReceiverPace<'_> {
                 "lane closed",
             ));
         }
-        let oldest = self
-            .state
-            .inflight
-            .lock()
-            .entries
-            .front()
-            .and_then(|e| match e {
-                Entry::Slice { slice, .. } => Some(slice.deadline),
-                Entry::Notify { .. } => None,
-            });
-        let step = Duration::from_millis(100);
-        match oldest {
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    // The peer holds a request past its deadline: treat it as gone, so
-                    // nothing waits on it forever.
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "peer did not answer before the deadline",
-                    ))
-                } else {
-                    Ok(step.min(deadline - now + Duration::from_millis(1)))
-                }
-            }
-            None => Ok(step),
+        let now = Instant::now();
+        let table = self.state.inflight.lock().earliest(now);
+        let earliest = match (table, self.own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match earliest {
+            // The peer holds a request past its deadline: treat it as gone, so nothing
+            // waits on it forever and nothing of it lands later.
+            Some(deadline) if now >= deadline => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer did not answer before the deadline",
+            )),
+            Some(deadline) => Ok(STEP.min(deadline - now + Duration::from_millis(1))),
+            None => Ok(STEP),
+        }
+    }
+}
+
+/// Pacing while READ data is read into local memory: see [`Receiver_`] for the rule.
+struct DataPace<'a> {
+    inner: ReceiverPace<'a>,
+    guard: &'a [(usize, Instant)],
+    /// The first entry of `guard` not yet filled.
+    next: usize,
+}
+
+fn late_data() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "READ data still arriving at its deadline",
+    )
+}
+
+impl Pace for DataPace<'_> {
+    fn spin(&self) -> Duration {
+        self.inner.spin()
+    }
+
+    fn before_sleep(&mut self) -> io::Result<Duration> {
+        self.inner.own = self.guard.get(self.next).map(|&(_, until)| until);
+        self.inner.before_sleep()
+    }
+
+    fn before_read(&mut self, filled: usize) -> io::Result<()> {
+        while self
+            .guard
+            .get(self.next)
+            .is_some_and(|&(end, _)| end <= filled)
+        {
+            self.next += 1;
+        }
+        match self.guard.get(self.next) {
+            Some(&(_, until)) if Instant::now() >= until => Err(late_data()),
+            _ => Ok(()),
         }
     }
 }
@@ -665,16 +847,15 @@ impl Receiver_ {
             FailReason::ConnectionLost
         };
         self.state.kill(&self.peer, reason, &err);
-        for e in self.batch.drain(..) {
-            e.fail(&*self.completions, reason);
-        }
-        self.state.drain(&*self.completions, reason);
+        self.state
+            .drain(&*self.completions, &mut self.batch, reason);
     }
 
     fn read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
         let mut pace = ReceiverPace {
             shared: &self.shared,
             state: &self.state,
+            own: None,
         };
         self.pipe.read_exact(bufs, &mut pace)
     }
@@ -725,6 +906,9 @@ impl Receiver_ {
                 ));
             }
             self.batch.extend(g.entries.drain(..n));
+            if g.entries.is_empty() {
+                g.earliest = None;
+            }
             let done: usize = self.batch.iter().map(Entry::len).sum();
             g.bytes = g.bytes.saturating_sub(done);
         }
@@ -740,50 +924,7 @@ impl Receiver_ {
         }
         self.expected += n as u64;
         if header.kind == Kind::ReadData {
-            let mut pace = ReceiverPace {
-                shared: &self.shared,
-                state: &self.state,
-            };
-            let accepted = self
-                .batch
-                .iter()
-                .zip(&statuses[..n])
-                .filter_map(|(e, &st)| match (e, st) {
-                    (Entry::Slice { slice, .. }, 0) => Some(slice),
-                    _ => None,
-                });
-            if self.batch.iter().all(|e| match e {
-                Entry::Slice { slice, .. } => slice.local.location().is_host(),
-                _ => true,
-            }) {
-                let mut bufs: [IoSliceMut<'_>; MAX_DESCS] =
-                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
-                let mut k = 0;
-                for slice in accepted {
-                    bufs[k] = slice
-                        .local
-                        .io_slice_mut(slice.local_offset, slice.len)
-                        .ok_or_else(|| io::Error::other("local READ destination out of bounds"))?;
-                    k += 1;
-                }
-                self.pipe.read_exact(&mut bufs[..k], &mut pace)?;
-            } else {
-                // Device destinations are staged through host memory, one after the other.
-                let pipe = &mut self.pipe;
-                let mut read = |b: &mut [u8]| pipe.read_exact(&mut [IoSliceMut::new(b)], &mut pace);
-                for slice in accepted {
-                    match slice.local.io_slice_mut(slice.local_offset, slice.len) {
-                        Some(mut b) => read(&mut b)?,
-                        None => staged::receive(
-                            self.shared.staging(),
-                            &slice.local,
-                            slice.local_offset,
-                            slice.len,
-                            &mut read,
-                        )?,
-                    }
-                }
-            }
+            self.read_data(&statuses[..n])?;
         }
         for (e, &st) in self.batch.drain(..).zip(&statuses[..n]) {
             let status = RemoteStatus::from_u8(st);
@@ -807,5 +948,80 @@ impl Receiver_ {
             }
         }
         Ok(())
+    }
+
+    /// Reads the data of a READ answer into the local memory of the accepted slices of
+    /// `self.batch`, only while they are live (see [`Receiver_`]).
+    fn read_data(&mut self, statuses: &[u8]) -> io::Result<()> {
+        let accepted = || {
+            self.batch
+                .iter()
+                .zip(statuses)
+                .filter_map(|(e, &st)| match (e, st) {
+                    (Entry::Slice { slice, .. }, 0) => Some(slice),
+                    _ => None,
+                })
+        };
+        self.guard.clear();
+        let mut end = 0;
+        for slice in accepted() {
+            end += slice.len;
+            self.guard.push((end, slice.deadline));
+        }
+        for i in (1..self.guard.len()).rev() {
+            self.guard[i - 1].1 = self.guard[i - 1].1.min(self.guard[i].1);
+        }
+        let inner = || ReceiverPace {
+            shared: &self.shared,
+            state: &self.state,
+            own: None,
+        };
+        if accepted().all(|slice| slice.local.location().is_host()) {
+            let mut bufs: [IoSliceMut<'_>; MAX_DESCS] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut k = 0;
+            for slice in accepted() {
+                bufs[k] = slice
+                    .local
+                    .io_slice_mut(slice.local_offset, slice.len)
+                    .ok_or_else(|| io::Error::other("local READ destination out of bounds"))?;
+                k += 1;
+            }
+            let mut pace = DataPace {
+                inner: inner(),
+                guard: &self.guard,
+                next: 0,
+            };
+            self.pipe.read_exact(&mut bufs[..k], &mut pace)
+        } else {
+            // Device destinations are staged through host memory, one after the other.
+            let pipe = &mut self.pipe;
+            for (slice, &(_, until)) in accepted().zip(&self.guard) {
+                let mut read = |b: &mut [u8]| {
+                    let mut pace = DataPace {
+                        inner: inner(),
+                        guard: &[(b.len(), until)],
+                        next: 0,
+                    };
+                    pipe.read_exact(&mut [IoSliceMut::new(b)], &mut pace)?;
+                    // A staged chunk goes to the device after this returns.
+                    if Instant::now() >= until {
+                        return Err(late_data());
+                    }
+                    Ok(())
+                };
+                match slice.local.io_slice_mut(slice.local_offset, slice.len) {
+                    Some(mut b) => read(&mut b)?,
+                    None => staged::receive(
+                        self.shared.staging(),
+                        &slice.local,
+                        slice.local_offset,
+                        slice.len,
+                        &mut read,
+                    )?,
+                }
+            }
+            Ok(())
+        }
     }
 }

@@ -29,9 +29,17 @@ pub(crate) trait Pace {
     fn before_sleep(&mut self) -> io::Result<Duration> {
         Ok(Duration::from_millis(100))
     }
+    /// Called by [`Pipe::read_min`] before every read system call, with the bytes this
+    /// call has filled so far: an error stops the read before another byte lands in the
+    /// buffers (the initiator uses it to stop writing into memory whose transfer ended).
+    fn before_read(&mut self, _filled: usize) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Pacing with no hooks: wait in 100 ms steps until `stop` says to give up.
+// Every lane and connection paces with its own deadlines now; the tests still use it.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct Plain<'a> {
     pub(crate) spin: Duration,
     pub(crate) stop: &'a dyn Fn() -> bool,
@@ -130,6 +138,7 @@ impl Pipe {
         let mut idle = Idle::default();
         while filled < min && !bufs.is_empty() {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
+            pace.before_read(filled)?;
             match (&self.stream).read_vectored(bufs) {
                 Ok(0) => {
                     return Err(io::Error::new(
