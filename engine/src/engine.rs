@@ -359,7 +359,11 @@ impl Inner {
         match segments.get(name) {
             Some(s) if s.usable() => Some(s.clone()),
             Some(_) => {
-                segments.remove(name);
+                let dead = segments.remove(name);
+                // Closing what the dead segment held fails its transfers, which runs
+                // completions: not under the cache's lock.
+                drop(segments);
+                drop(dead);
                 None
             }
             None => None,
@@ -623,12 +627,23 @@ impl Engine {
                 Some(inner) => Ok(inner),
                 None => self.fetch_segment(name).map(|inner| {
                     let inner = Arc::new(inner);
-                    let mut segments = self.inner.segments.lock();
-                    // Bound the cache: what is dead or stale is never handed out again.
-                    segments.retain(|_, s| s.usable());
-                    if !self.inner.is_shut_down() {
-                        segments.insert(name.to_string(), inner.clone());
+                    let mut evicted = Vec::new();
+                    {
+                        let mut segments = self.inner.segments.lock();
+                        // Bound the cache: what is dead or stale is never handed out
+                        // again, so it goes (and is dropped after the lock).
+                        segments.retain(|_, s| {
+                            let keep = s.usable();
+                            if !keep {
+                                evicted.push(s.clone());
+                            }
+                            keep
+                        });
+                        if !self.inner.is_shut_down() {
+                            evicted.extend(segments.insert(name.to_string(), inner.clone()));
+                        }
                     }
+                    drop(evicted);
                     inner
                 }),
             }
@@ -778,7 +793,8 @@ impl Engine {
         if self.inner.shut.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.inner.segments.lock().clear();
+        let cached = std::mem::take(&mut *self.inner.segments.lock());
+        drop(cached);
         for t in &self.inner.transports {
             t.shutdown();
         }

@@ -40,6 +40,13 @@
 //! features of this crate; [`compiled`] lists what this build has, and asking for what
 //! it lacks is an error that names the feature.
 //!
+//! What a peer's descriptor decides, and what it does not: it lists the peer's buffers
+//! (checked when the segment is opened: ranges that wrap, keys without an endpoint and
+//! repeated endpoints are refused), but a segment is this engine's own only when the name
+//! opened is this engine's, and TCP lanes connect to the address the segment was opened
+//! by, never to one the descriptor names. A WRITE that ended TimedOut or ConnectionLost
+//! may still land on the peer later: the remote range is undefined until rewritten.
+//!
 //! Thread safety: [`Engine`], [`Buffer`] and [`Segment`] are `Send + Sync`; many threads
 //! may build and submit batches at once. A [`Batch`] is polled or waited on by its owner.
 #![deny(unsafe_code)]
