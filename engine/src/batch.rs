@@ -522,6 +522,18 @@ impl<'e> BatchBuilder<'e> {
                 desc.access
             )));
         }
+        // Descriptors are checked when a segment is opened; this keeps the sum honest
+        // whatever the descriptor says.
+        let remote_addr = desc
+            .addr
+            .checked_add(remote_offset)
+            .filter(|a| a.checked_add(len as u64).is_some())
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "remote range {remote_offset}+{len} of the buffer at {:#x} runs past the end of the address space",
+                    desc.addr
+                ))
+            })?;
         let segment = remote.segment.inner.clone();
         let protocol = match &segment.route {
             Route::Local => ferry_transport_api::Protocol::Tcp,
@@ -545,7 +557,7 @@ impl<'e> BatchBuilder<'e> {
             local_offset,
             segment,
             buffer: remote.index(),
-            remote_addr: desc.addr + remote_offset,
+            remote_addr,
             remote_base: desc.addr,
             remote_keys,
             len,

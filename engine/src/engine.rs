@@ -485,6 +485,11 @@ impl Engine {
         self.inner.segments.lock().len()
     }
 
+    /// Counters of this engine's batch waits.
+    pub fn batch_stats(&self) -> crate::BatchStats {
+        self.inner.batches.stats()
+    }
+
     /// Counters of the TCP target (refused requests, protocol errors, connections).
     pub fn tcp_stats(&self) -> TcpStats {
         self.inner.tcp.stats()

@@ -71,7 +71,7 @@ mod memory;
 mod segment;
 
 pub use backends::{compiled, cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice};
-pub use batch::{Batch, BatchBuilder, BatchId, Progress, TaskStatus};
+pub use batch::{Batch, BatchBuilder, BatchId, BatchStats, Progress, TaskStatus};
 pub use builder::{
     AddTransport, Buildable, EngineBuilder, EngineConfig, Metadata, NeedsFallback, NeedsTransport,
     Ready, Tcp,
