@@ -28,6 +28,8 @@ const CQ_BATCH: usize = OUTCOMES;
 /// within these).
 const MIN_OPS: usize = 256;
 const MAX_OPS: usize = 16384;
+/// Longest closing an endpoint waits for its operations in flight to complete.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror returns a pointer to a static, NUL-terminated string.
@@ -891,11 +893,22 @@ impl Device {
     /// Closes the endpoint, then fails every operation still in flight with
     /// [`FailReason::Shutdown`] and frees every context: once the endpoint is closed the
     /// provider touches neither them nor the memory they name. Waits for posts under
-    /// way (they stop retrying once the transport is stopped). Call after
+    /// way (they stop retrying once the transport is stopped), and up to `CLOSE_GRACE`
+    /// for the operations in flight to complete. Call after
     /// [`stop_progress`](Self::stop_progress); idempotent.
     pub(crate) fn close(&self) {
         let mut ep = self.ep.write();
         if !ep.0.is_null() {
+            // An endpoint closed under its operations can break the peer's provider
+            // (`shm` peers in one process use each other's queues directly, and one was
+            // seen to crash): let what is in flight finish first, briefly. Operations
+            // already timed out are not waited for (they may never come back).
+            let grace = Instant::now() + CLOSE_GRACE;
+            while self.ops.awaiting() > 0 && Instant::now() < grace {
+                if self.progress_once(None) == 0 {
+                    std::thread::yield_now();
+                }
+            }
             let _serial = self.serial();
             // SAFETY: the endpoint is open (not null) and no post is using it (write
             // lock held); it is closed once and nulled.
@@ -918,6 +931,13 @@ impl Device {
         if shut_down > 0 {
             tracing::info!(domain = %self.domain_name, shut_down, "operations in flight ended by shutdown");
         }
+    }
+
+    /// Whether the provider gave back every operation that passed its deadline: a rail
+    /// that did not may have stopped completing anything (`shm` after a wrong key stops
+    /// answering on that endpoint), so new connections leave it out.
+    pub(crate) fn healthy(&self) -> bool {
+        self.ops.stats().abandoned == 0
     }
 
     pub(crate) fn op_stats(&self) -> OpStats {

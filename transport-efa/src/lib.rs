@@ -13,7 +13,8 @@
 //!   names): each is a *rail*, with its own progress thread;
 //! - stripes a peer's slices over rails round-robin: slice `n` leaves on local rail
 //!   `n % L` for remote rail `n % R` (`L`, `R`: the rail counts of the two sides), so a
-//!   request larger than one slice uses every device on both hosts;
+//!   request larger than one slice uses every device on both hosts (a local rail still
+//!   holding operations lost past their deadline is left out of new connections);
 //! - registers regions honouring the `mr_mode` the provider returns (`FI_MR_LOCAL`,
 //!   `FI_MR_VIRT_ADDR`, `FI_MR_ALLOCATED`, `FI_MR_PROV_KEY`, `FI_MR_ENDPOINT`), keys kept
 //!   64-bit; remote access rights follow the region's [`Access`];
@@ -31,9 +32,9 @@
 //!   deadlines of the operations in flight. A slice whose completion never comes (a
 //!   provider can lose one, e.g. `shm` given a wrong key) is reported
 //!   [`FailReason::TimedOut`] at its deadline and its connection marked dead, so the next
-//!   [`Transport::connect`] replaces it; its context, and the local memory the provider
-//!   might still write, are kept until the provider gives the operation back (a late
-//!   completion, then ignored) or the endpoint closes;
+//!   [`Transport::connect`] replaces it (over the rails that lost nothing); its context,
+//!   and the local memory the provider might still write, are kept until the provider
+//!   gives the operation back (a late completion, then ignored) or the endpoint closes;
 //! - [`Transport::shutdown`] closes the endpoints, then reports every slice still in
 //!   flight [`FailReason::Shutdown`] and frees every context.
 //!
@@ -273,11 +274,29 @@ impl Transport for EfaTransport {
         }
         let rails = self.rails()?;
         let remote: Vec<&str> = endpoint.address.split(',').collect();
+        // Rails still holding operations lost past their deadline are left out.
+        let healthy: Vec<usize> = (0..rails.len()).filter(|&r| rails[r].healthy()).collect();
+        if healthy.is_empty() {
+            return Err(TransportError::ConnectPeer {
+                peer: endpoint.address.clone(),
+                source: std::io::Error::other(
+                    "every libfabric rail holds operations whose completion never came; \
+                     restart the engine to reopen them",
+                ),
+            });
+        }
+        if healthy.len() < rails.len() {
+            tracing::warn!(
+                healthy = healthy.len(),
+                rails = rails.len(),
+                "connecting over the libfabric rails that completed every operation only"
+            );
+        }
         // Pair local rail p % L with remote rail p % R, for as many pairs as the side
         // with more rails has: every rail on both hosts carries traffic.
-        let paths = (0..rails.len().max(remote.len()))
+        let paths = (0..healthy.len().max(remote.len()))
             .map(|p| {
-                let local = p % rails.len();
+                let local = healthy[p % healthy.len()];
                 let remote_rail = p % remote.len();
                 let device = rails[local].clone();
                 let peer = device.insert_peer(remote[remote_rail])?;

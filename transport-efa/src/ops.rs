@@ -352,16 +352,14 @@ impl OpSlab {
                 continue;
             };
             let entry = &mut s.entries[index as usize];
-            if s.lose > 0 {
+            if s.lose > 0 && !matches!(entry.phase, Phase::Free) {
+                // Test knob: as if the provider never reported it. It arrives late, once
+                // the sweep has timed the slice out (now, if that happened already).
+                s.lose -= 1;
+                s.stats.lost += 1;
                 if let Phase::InFlight(p) = &mut entry.phase {
-                    if !p.held {
-                        // Test knob: as if the provider never reported it; it arrives
-                        // late, once the sweep has timed the slice out.
-                        p.held = true;
-                        s.lose -= 1;
-                        s.stats.lost += 1;
-                        continue;
-                    }
+                    p.held = true;
+                    continue;
                 }
             }
             match std::mem::replace(&mut entry.phase, Phase::Free) {
@@ -488,6 +486,17 @@ impl OpSlab {
         }
         self.due_ns.store(NEVER, Ordering::Release);
         false
+    }
+
+    /// Operations in flight whose completion the provider may still deliver (not timed
+    /// out, not held back by the test knob).
+    pub(crate) fn awaiting(&self) -> usize {
+        self.state
+            .lock()
+            .entries
+            .iter()
+            .filter(|e| matches!(&e.phase, Phase::InFlight(p) if !p.held))
+            .count()
     }
 
     pub(crate) fn stats(&self) -> OpStats {
