@@ -16,6 +16,16 @@
 //! bytes), `ReadData` (count status bytes, then the data of every request whose status
 //! is 0, in order), `Descriptor` (count body bytes). Sequence numbers count requests per
 //! connection; responses come back in request order.
+//!
+//! Authentication (only when the target has a shared secret; without one these kinds are
+//! never sent and a target closes a connection that sends them): the client opens with
+//! `Hello` (count 32: its nonce), the target answers `Challenge` (count 64: its nonce,
+//! then its proof) and the client sends `Proof` (count 32: its proof) before any other
+//! frame. A proof is HMAC-SHA256 of the secret over a label naming the side that proves
+//! ([`TARGET_LABEL`], [`CLIENT_LABEL`]), then the client's nonce, then the target's, so
+//! neither side's proof can be replayed or reflected as the other's. A target with a
+//! secret answers any other first frame with a `Challenge` of count 0 ("a secret is
+//! required") and closes.
 
 /// First two bytes of every header.
 pub(crate) const MAGIC: [u8; 2] = *b"FY";
@@ -35,6 +45,13 @@ pub(crate) const MAX_DESCRIPTOR: usize = 16 * 1024 * 1024;
 /// hostile and closed (smaller out-of-range requests are refused one by one).
 pub(crate) const MAX_REQUEST: u64 = 1 << 30;
 
+/// Length of an authentication nonce and of a proof (an HMAC-SHA256 tag).
+pub(crate) const AUTH_LEN: usize = 32;
+/// What the target's proof covers before the nonces.
+pub(crate) const TARGET_LABEL: &[u8] = b"ferry-tcp v1 target proof";
+/// What the client's proof covers before the nonces.
+pub(crate) const CLIENT_LABEL: &[u8] = b"ferry-tcp v1 client proof";
+
 /// Message kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -46,6 +63,9 @@ pub(crate) enum Kind {
     Descriptor = 5,
     Ack = 6,
     ReadData = 7,
+    Hello = 8,
+    Challenge = 9,
+    Proof = 10,
 }
 
 impl Kind {
@@ -58,6 +78,9 @@ impl Kind {
             5 => Kind::Descriptor,
             6 => Kind::Ack,
             7 => Kind::ReadData,
+            8 => Kind::Hello,
+            9 => Kind::Challenge,
+            10 => Kind::Proof,
             _ => return None,
         })
     }
@@ -128,6 +151,8 @@ impl Header {
             Kind::Notify => MAX_NOTIFY,
             Kind::GetDescriptor => 0,
             Kind::Descriptor => MAX_DESCRIPTOR,
+            Kind::Hello | Kind::Proof => AUTH_LEN,
+            Kind::Challenge => 2 * AUTH_LEN,
         };
         if count as usize > limit
             || (count == 0 && matches!(kind, Kind::Write | Kind::Read | Kind::Ack | Kind::ReadData))
@@ -165,6 +190,54 @@ impl Desc {
             key: word(16),
         }
     }
+}
+
+/// The proof of knowing `secret` that the side named by `label` gives for one exchange.
+pub(crate) fn auth_proof(
+    secret: &[u8],
+    label: &[u8],
+    client_nonce: &[u8; AUTH_LEN],
+    target_nonce: &[u8; AUTH_LEN],
+) -> [u8; AUTH_LEN] {
+    use hmac::Mac;
+    auth_mac(secret, label, client_nonce, target_nonce)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a proof in constant time.
+pub(crate) fn auth_verify(
+    secret: &[u8],
+    label: &[u8],
+    client_nonce: &[u8; AUTH_LEN],
+    target_nonce: &[u8; AUTH_LEN],
+    proof: &[u8],
+) -> bool {
+    use hmac::Mac;
+    auth_mac(secret, label, client_nonce, target_nonce)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+fn auth_mac(
+    secret: &[u8],
+    label: &[u8],
+    client_nonce: &[u8; AUTH_LEN],
+    target_nonce: &[u8; AUTH_LEN],
+) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret)
+        .expect("HMAC takes keys of any length");
+    mac.update(label);
+    mac.update(client_nonce);
+    mac.update(target_nonce);
+    mac
+}
+
+/// A fresh random nonce.
+pub(crate) fn nonce() -> [u8; AUTH_LEN] {
+    rand::random()
 }
 
 #[cfg(test)]
@@ -223,6 +296,21 @@ mod tests {
             }
         }
         assert!(accepted < 100_000 / 2);
+    }
+
+    #[test]
+    fn proofs_bind_secret_side_and_nonces() {
+        let (c, t) = (nonce(), nonce());
+        let p = auth_proof(b"secret", TARGET_LABEL, &c, &t);
+        assert!(auth_verify(b"secret", TARGET_LABEL, &c, &t, &p));
+        assert!(!auth_verify(b"secreT", TARGET_LABEL, &c, &t, &p));
+        assert!(!auth_verify(b"secret", CLIENT_LABEL, &c, &t, &p));
+        assert!(!auth_verify(b"secret", TARGET_LABEL, &t, &c, &p));
+        assert!(!auth_verify(b"secret", TARGET_LABEL, &c, &t, &p[..31]));
+        let b = Header::new(Kind::Challenge, 0, 0).encode();
+        assert_eq!(Header::decode(&b).unwrap().count, 0);
+        let b = Header::new(Kind::Hello, 33, 0).encode();
+        assert!(Header::decode(&b).is_err());
     }
 
     #[test]

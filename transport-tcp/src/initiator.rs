@@ -294,7 +294,9 @@ impl TcpConnection {
             next: AtomicUsize::new(0),
         };
         for index in 0..shared.config.lanes.max(1) {
-            let stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
+            let mut stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
+            // Keepalive, and the shared secret's proof when one is set.
+            crate::prepare_client(&mut stream, &shared.config)?;
             let socket = stream.try_clone()?;
             let recv_stream = stream.try_clone()?;
             let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;

@@ -15,6 +15,16 @@
 //! - **Completed means visible.** A WRITE completes when the target acknowledges that the
 //!   bytes are in its memory; a READ when the bytes are in local memory.
 //! - **One port.** Descriptor requests and notifications use the data port.
+//! - **Bounded by peers.** A connection that sends nothing is closed after
+//!   [`TcpConfig::idle_timeout`]; a frame that stops moving closes its connection after
+//!   [`TcpConfig::progress_timeout`]; TCP keepalive finds peers that vanished; the
+//!   connection limit fits the process's file-descriptor limit; deregistering a region
+//!   closes the connections that hold it, so its memory is released at once.
+//! - **Optional authentication.** With [`TcpConfig::secret`] set, every connection proves
+//!   knowledge of the shared secret (and checks the target's proof) before any other
+//!   frame. Without it, anyone who reaches the port can read and write every buffer
+//!   published for remote access: region keys protect against stale descriptors, not
+//!   against the network.
 //!
 //! Threads: an accept thread, one thread per accepted connection, and a sender and a
 //! receiver thread per lane. All types are `Send + Sync`.
@@ -34,11 +44,11 @@ mod staged;
 mod target;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
     Access, Connection, ControlPlane, Endpoint, Protocol, RegionMemory, Staging, Transport,
@@ -67,8 +77,72 @@ pub struct TcpConfig {
     /// one (e.g. listening on `0.0.0.0`).
     pub advertise: Option<String>,
     /// Most connections the target serves at once (each has a thread); further ones are
-    /// closed at once and counted in [`TcpStats::refused_connections`].
+    /// closed at once and counted in [`TcpStats::refused_connections`]. Each costs three
+    /// file descriptors: at start the transport raises the soft descriptor limit to fit,
+    /// or, where the hard limit forbids, serves fewer and warns
+    /// ([`TcpTransport::max_connections`] tells how many).
     pub max_connections: usize,
+    /// A connection that has sent no request for this long is closed (counted in
+    /// [`TcpStats::idle_timeouts`]): one that was accepted and sent nothing, or one that
+    /// only fetched a descriptor. A lane that has carried requests stays open while idle
+    /// for as long as TCP keepalive finds the peer alive. An initiator's lane left unused
+    /// past this time is closed too; the next `open_segment` opens a new one.
+    pub idle_timeout: Duration,
+    /// A frame that stops moving for this long (a request's payload no longer arrives, an
+    /// answer is no longer read by the peer, the handshake stalls) closes its connection
+    /// (counted in [`TcpStats::progress_timeouts`]), releasing the memory it holds.
+    pub progress_timeout: Duration,
+    /// TCP keepalive on every connection, both sides: probes start after this much
+    /// silence and repeat at a third of it (at least 1 s), three times, so a peer that
+    /// vanished without closing is found within about twice this. `None` disables it.
+    pub keepalive: Option<Duration>,
+    /// A secret shared by every engine allowed to use this port. When set, each
+    /// connection (data lanes, descriptor fetches, notifications) starts with a mutual
+    /// HMAC-SHA256 challenge-response, and a peer without the secret is closed before any
+    /// other frame and counted in [`TcpStats::auth_failures`]. Peers must all set the
+    /// same secret. It authenticates who connects; it does not encrypt the data or
+    /// protect it from an attacker on the path.
+    pub secret: Option<SharedSecret>,
+}
+
+/// A shared secret for [`TcpConfig::secret`]. Its `Debug` output does not show the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedSecret(Arc<[u8]>);
+
+impl SharedSecret {
+    /// A secret made of `bytes` (at least 16 random bytes are recommended; an empty secret
+    /// is refused when the transport starts).
+    pub fn new(bytes: impl AsRef<[u8]>) -> Self {
+        SharedSecret(bytes.as_ref().into())
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SharedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedSecret(<redacted>)")
+    }
+}
+
+impl From<&str> for SharedSecret {
+    fn from(s: &str) -> Self {
+        SharedSecret::new(s)
+    }
+}
+
+impl From<String> for SharedSecret {
+    fn from(s: String) -> Self {
+        SharedSecret::new(s)
+    }
+}
+
+impl From<Vec<u8>> for SharedSecret {
+    fn from(v: Vec<u8>) -> Self {
+        SharedSecret::new(v)
+    }
 }
 
 impl Default for TcpConfig {
@@ -81,6 +155,10 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(5),
             advertise: None,
             max_connections: 1024,
+            idle_timeout: Duration::from_secs(60),
+            progress_timeout: Duration::from_secs(10),
+            keepalive: Some(Duration::from_secs(10)),
+            secret: None,
         }
     }
 }
@@ -98,6 +176,20 @@ pub struct TcpStats {
     pub refused_connections: u64,
     /// Connections being served now.
     pub open_connections: u64,
+    /// Connections closed because they did not authenticate with the shared secret
+    /// ([`TcpConfig::secret`]): no proof, a wrong one, or none in time.
+    pub auth_failures: u64,
+    /// Connections closed after sending no request for [`TcpConfig::idle_timeout`].
+    pub idle_timeouts: u64,
+    /// Connections closed because a frame stopped moving for
+    /// [`TcpConfig::progress_timeout`].
+    pub progress_timeouts: u64,
+    /// Connections closed because a region they were using was deregistered.
+    pub closed_on_deregister: u64,
+    /// Connections the transport keeps a handle on (for shutdown and deregistration);
+    /// it falls back to [`open_connections`](Self::open_connections) as soon as closed
+    /// connections' threads end.
+    pub tracked_connections: u64,
 }
 
 #[derive(Default)]
@@ -107,6 +199,10 @@ struct Stats {
     refused_connections: AtomicU64,
     rejected_requests: AtomicU64,
     protocol_errors: AtomicU64,
+    auth_failures: AtomicU64,
+    idle_timeouts: AtomicU64,
+    progress_timeouts: AtomicU64,
+    closed_on_deregister: AtomicU64,
 }
 
 /// State shared by the transport's threads.
@@ -116,7 +212,12 @@ struct Shared {
     stats: Stats,
     ctx: OnceLock<TransportContext>,
     stop: AtomicBool,
-    wakers: Mutex<Vec<Arc<mio::Waker>>>,
+    /// Wakes the accept thread (for shutdown).
+    accept_waker: Mutex<Option<Arc<mio::Waker>>>,
+    /// Every connection being served, removed by its thread as it ends.
+    conns: target::Conns,
+    /// [`TcpConfig::max_connections`] as the descriptor limit allows, set at start.
+    max_connections: AtomicUsize,
 }
 
 impl Shared {
@@ -146,6 +247,7 @@ pub struct TcpTransport {
 impl TcpTransport {
     /// A transport with `config`, not yet listening.
     pub fn new(config: TcpConfig) -> Self {
+        let config_max = config.max_connections;
         TcpTransport {
             shared: Arc::new(Shared {
                 config,
@@ -153,7 +255,9 @@ impl TcpTransport {
                 stats: Default::default(),
                 ctx: OnceLock::new(),
                 stop: AtomicBool::new(false),
-                wakers: Mutex::new(Vec::new()),
+                accept_waker: Mutex::new(None),
+                conns: Default::default(),
+                max_connections: AtomicUsize::new(config_max),
             }),
             listen: Mutex::new("127.0.0.1:0".into()),
             local: OnceLock::new(),
@@ -185,7 +289,26 @@ impl TcpTransport {
             protocol_errors: s.protocol_errors.load(Ordering::Relaxed),
             refused_connections: s.refused_connections.load(Ordering::Relaxed),
             open_connections: s.open_connections.load(Ordering::Relaxed),
+            auth_failures: s.auth_failures.load(Ordering::Relaxed),
+            idle_timeouts: s.idle_timeouts.load(Ordering::Relaxed),
+            progress_timeouts: s.progress_timeouts.load(Ordering::Relaxed),
+            closed_on_deregister: s.closed_on_deregister.load(Ordering::Relaxed),
+            tracked_connections: self.shared.conns.len() as u64,
         }
+    }
+
+    /// How many connections the target serves at once: [`TcpConfig::max_connections`],
+    /// or fewer where the file-descriptor limit allows fewer (known once started).
+    pub fn max_connections(&self) -> usize {
+        self.shared.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// Fetches a peer's segment descriptor over its data port, with this transport's
+    /// secret (if any) and [`TcpConfig::connect_timeout`] as the deadline of the whole
+    /// exchange.
+    pub fn fetch_descriptor(&self, address: &str) -> Result<Vec<u8>, TransportError> {
+        let c = &self.shared.config;
+        fetch_descriptor_with(address, c.connect_timeout, c.secret.as_ref())
     }
 
     /// Connects to a peer's TCP endpoint (`host:port`), or returns the live lanes already
@@ -230,11 +353,24 @@ impl Transport for TcpTransport {
     }
 
     fn start(&self, ctx: TransportContext) -> Result<Endpoint, TransportError> {
+        if self
+            .shared
+            .config
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.bytes().is_empty())
+        {
+            return Err(TransportError::invalid(
+                "TcpConfig::secret is empty; give every peer the same secret of at least 16 random bytes, or none",
+            ));
+        }
         if self.shared.ctx.set(ctx).is_err() {
             return Err(TransportError::invalid(
                 "the TCP transport was started twice",
             ));
         }
+        let fit = connection_budget(self.shared.config.max_connections);
+        self.shared.max_connections.store(fit, Ordering::Relaxed);
         let addr = self.listen.lock().clone();
         let bound =
             target::listen(&self.shared, &addr).map_err(|source| TransportError::Listen {
@@ -266,7 +402,11 @@ impl Transport for TcpTransport {
     }
 
     fn deregister(&self, region: &RegionMemory) {
-        self.shared.regions.remove(region);
+        if let Some(key) = self.shared.regions.remove(region) {
+            // Requests already resolved hold the memory until their frame ends; a peer
+            // that stalls such a frame must not hold it (and the caller) any longer.
+            target::close_holders(&self.shared, key);
+        }
     }
 
     fn connect(&self, endpoint: &Endpoint) -> Result<Arc<dyn Connection>, TransportError> {
@@ -287,9 +427,10 @@ impl Transport for TcpTransport {
         if self.shared.stop.swap(true, Ordering::AcqRel) {
             return;
         }
-        for w in self.shared.wakers.lock().drain(..) {
+        if let Some(w) = self.shared.accept_waker.lock().take() {
             let _ = w.wake();
         }
+        target::close_all(&self.shared);
         for (_, c) in self.peers.lock().drain() {
             c.close(ferry_transport_api::FailReason::Shutdown);
         }
@@ -302,8 +443,229 @@ impl Drop for TcpTransport {
     }
 }
 
-/// Fetches a peer's segment descriptor over its data port (peer-to-peer metadata).
+/// File descriptors one served connection costs: the socket, its epoll instance and the
+/// eventfd that wakes it.
+const FDS_PER_CONNECTION: u64 = 3;
+/// Descriptors left for everything else in the process (files, lanes, libraries).
+const FD_RESERVE: u64 = 256;
+
+/// How many connections fit the process's descriptor limit, raising the soft limit
+/// (up to the hard one) when `want` needs it.
+fn connection_budget(want: usize) -> usize {
+    use rlimit::Resource;
+    let need = (want as u64)
+        .saturating_mul(FDS_PER_CONNECTION)
+        .saturating_add(FD_RESERVE);
+    let (mut soft, hard) = match rlimit::getrlimit(Resource::NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the open-file limit; trusting max_connections");
+            return want;
+        }
+    };
+    if soft < need {
+        let to = need.min(hard);
+        match rlimit::setrlimit(Resource::NOFILE, to, hard) {
+            Ok(()) => {
+                tracing::info!(
+                    from = soft,
+                    to,
+                    "raised the open-file limit for the TCP target's connections"
+                );
+                soft = to;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    if soft >= need {
+        return want;
+    }
+    let fit = (soft.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION).max(1) as usize;
+    let fit = fit.min(want);
+    tracing::warn!(
+        max_connections = want,
+        serving = fit,
+        open_file_limit = soft,
+        "the open-file limit (ulimit -n) is too low for max_connections; serving fewer connections (raise the hard limit to serve them all)"
+    );
+    fit
+}
+
+/// Sets TCP keepalive on a connected socket: probes after `idle` of silence, every third
+/// of it (at least 1 s), three times.
+pub(crate) fn set_keepalive(
+    socket: &impl std::os::fd::AsFd,
+    idle: Option<Duration>,
+) -> io::Result<()> {
+    let sock = socket2::SockRef::from(socket);
+    match idle {
+        None => sock.set_keepalive(false),
+        Some(idle) => {
+            let idle = idle.max(Duration::from_secs(1));
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            sock.set_tcp_keepalive(&ka)
+        }
+    }
+}
+
+/// Prepares a connection this side opened to a peer's port: keepalive, then, with a
+/// secret, the mutual proof, all within `timeout`. Errors name the secret when it is
+/// the cause.
+pub(crate) fn prepare_client(stream: &mut TcpStream, config: &TcpConfig) -> io::Result<()> {
+    set_keepalive(stream, config.keepalive)?;
+    if let Some(secret) = &config.secret {
+        let deadline = Instant::now() + config.connect_timeout;
+        authenticate(stream, secret, deadline)?;
+        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
+    }
+    Ok(())
+}
+
+fn deadline_passed(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("deadline passed {what}"))
+}
+
+/// Reads exactly `buf` before `deadline`, however the bytes trickle in.
+fn read_exact_by(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    what: &str,
+) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(deadline_passed(what));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the peer closed the connection {what}"),
+                ))
+            }
+            Ok(n) => at += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` before `deadline`.
+fn write_all_by(s: &mut TcpStream, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(deadline_passed(what));
+        }
+        s.set_write_timeout(Some(left))?;
+        match s.write(&buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The client's half of the challenge-response (see the `frame` module): proves the
+/// secret to the target and checks the target's proof, before `deadline`.
+fn authenticate(s: &mut TcpStream, secret: &SharedSecret, deadline: Instant) -> io::Result<()> {
+    use frame::{Header, Kind, AUTH_LEN, CLIENT_LABEL, HEADER_LEN, TARGET_LABEL};
+    let denied = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
+    let client_nonce = frame::nonce();
+    let mut hello = [0u8; HEADER_LEN + AUTH_LEN];
+    hello[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Hello, AUTH_LEN as u32, 0).encode());
+    hello[HEADER_LEN..].copy_from_slice(&client_nonce);
+    write_all_by(s, &hello, deadline, "while authenticating")?;
+    let mut hb = [0u8; HEADER_LEN];
+    match read_exact_by(s, &mut hb, deadline, "while authenticating") {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || is_reset(&e) => {
+            return Err(denied(
+                "the target closed the connection when asked to authenticate: it has no shared \
+                 secret (set the same `TcpConfig::secret` on both sides, or on neither)"
+                    .into(),
+            ))
+        }
+        r => r?,
+    }
+    let h = Header::decode(&hb).map_err(|e| denied(format!("authentication answer: {e}")))?;
+    if h.kind != Kind::Challenge || h.count as usize != 2 * AUTH_LEN {
+        return Err(denied(format!(
+            "the target answered authentication with {:?} of {} bytes",
+            h.kind, h.count
+        )));
+    }
+    let mut body = [0u8; 2 * AUTH_LEN];
+    read_exact_by(s, &mut body, deadline, "while authenticating")?;
+    let mut target_nonce = [0u8; AUTH_LEN];
+    target_nonce.copy_from_slice(&body[..AUTH_LEN]);
+    let proof = &body[AUTH_LEN..];
+    if !frame::auth_verify(
+        secret.bytes(),
+        TARGET_LABEL,
+        &client_nonce,
+        &target_nonce,
+        proof,
+    ) {
+        return Err(denied(
+            "the target failed to prove the shared secret: its `TcpConfig::secret` differs \
+             from ours (or it is not the peer it claims to be)"
+                .into(),
+        ));
+    }
+    let mine = frame::auth_proof(secret.bytes(), CLIENT_LABEL, &client_nonce, &target_nonce);
+    let mut msg = [0u8; HEADER_LEN + AUTH_LEN];
+    msg[..HEADER_LEN].copy_from_slice(&Header::new(Kind::Proof, AUTH_LEN as u32, 0).encode());
+    msg[HEADER_LEN..].copy_from_slice(&mine);
+    write_all_by(s, &msg, deadline, "while authenticating")
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Fetches a peer's segment descriptor over its data port (peer-to-peer metadata), with
+/// no shared secret. `timeout` bounds the whole exchange, however slowly the peer
+/// answers. Use [`TcpTransport::fetch_descriptor`] to fetch with the transport's secret.
 pub fn fetch_descriptor(address: &str, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+    fetch_descriptor_with(address, timeout, None)
+}
+
+/// Fetches a peer's segment descriptor, proving `secret` first when one is given, within
+/// one deadline (`timeout` from now) for connecting, authenticating and reading.
+pub fn fetch_descriptor_with(
+    address: &str,
+    timeout: Duration,
+    secret: Option<&SharedSecret>,
+) -> Result<Vec<u8>, TransportError> {
+    let deadline = Instant::now() + timeout;
     let addr = resolve(address)?;
     let connect_err = |source| TransportError::ConnectPeer {
         peer: address.to_string(),
@@ -314,19 +676,37 @@ pub fn fetch_descriptor(address: &str, timeout: Duration) -> Result<Vec<u8>, Tra
         reason,
     };
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
-    s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
-    s.set_write_timeout(Some(timeout)).map_err(connect_err)?;
-    s.write_all(&frame::Header::new(frame::Kind::GetDescriptor, 0, 0).encode())
-        .map_err(|e| handshake(format!("sending the request: {e}")))?;
+    if let Some(secret) = secret {
+        authenticate(&mut s, secret, deadline).map_err(|e| handshake(e.to_string()))?;
+    }
+    write_all_by(
+        &mut s,
+        &frame::Header::new(frame::Kind::GetDescriptor, 0, 0).encode(),
+        deadline,
+        "sending the request",
+    )
+    .map_err(|e| handshake(format!("sending the request: {e}")))?;
     let mut hb = [0u8; frame::HEADER_LEN];
-    s.read_exact(&mut hb)
+    read_exact_by(&mut s, &mut hb, deadline, "before the answer was complete")
         .map_err(|e| handshake(format!("reading the answer: {e}")))?;
     let h = frame::Header::decode(&hb).map_err(|e| handshake(e.to_string()))?;
+    if h.kind == frame::Kind::Challenge && h.count == 0 {
+        return Err(handshake(
+            "the target requires a shared secret: set `TcpConfig::secret` to the secret its \
+             engines share"
+                .into(),
+        ));
+    }
     if h.kind != frame::Kind::Descriptor {
         return Err(handshake(format!("answered with a {:?} frame", h.kind)));
     }
     let mut body = vec![0u8; h.count as usize];
-    s.read_exact(&mut body)
-        .map_err(|e| handshake(format!("reading the descriptor: {e}")))?;
+    read_exact_by(
+        &mut s,
+        &mut body,
+        deadline,
+        "before the descriptor was complete",
+    )
+    .map_err(|e| handshake(format!("reading the descriptor: {e}")))?;
     Ok(body)
 }

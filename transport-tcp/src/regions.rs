@@ -1,6 +1,11 @@
 //! The target's table of registered regions: every request is resolved here (address,
 //! length, key, access) before a byte moves.
+//!
+//! Every operation is O(log n) in the number of regions: a request names its region by
+//! key, so resolving is one lookup by key plus a bounds check; only a refused request
+//! looks at the address index, to tell a wrong key from an unregistered address.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferry_transport_api::{Access, Opcode, RegionMemory, RemoteStatus};
@@ -9,15 +14,53 @@ use parking_lot::RwLock;
 struct Entry {
     start: u64,
     end: u64,
-    key: u64,
     access: Access,
     memory: Arc<RegionMemory>,
 }
 
-/// Registered regions sorted by start address.
+/// How many regions just below an address a refused request inspects to tell "wrong key"
+/// from "not registered". Regions overlap only when the same memory is registered more
+/// than once, so the nearest few decide; past them the answer is "not registered", which
+/// a peer treats exactly like a wrong key (its descriptor is stale either way).
+const OVERLAP_PROBE: usize = 4;
+
+#[derive(Default)]
+struct Table {
+    /// Key -> region. Keys are random, unique, never 0.
+    by_key: BTreeMap<u64, Entry>,
+    /// (start, key) -> end: the address index.
+    by_start: BTreeMap<(u64, u64), u64>,
+    /// Region identity (the address of its `RegionMemory`) -> key, for replacement and
+    /// removal.
+    by_region: BTreeMap<usize, u64>,
+}
+
+impl Table {
+    fn remove_key(&mut self, key: u64) -> Option<Entry> {
+        let e = self.by_key.remove(&key)?;
+        self.by_start.remove(&(e.start, key));
+        self.by_region.remove(&identity(&e.memory));
+        Some(e)
+    }
+
+    /// Whether any region contains `addr` (looking at the nearest few below it).
+    fn covers(&self, addr: u64) -> bool {
+        self.by_start
+            .range(..=(addr, u64::MAX))
+            .rev()
+            .take(OVERLAP_PROBE)
+            .any(|(_, &end)| addr < end)
+    }
+}
+
+fn identity(memory: &RegionMemory) -> usize {
+    memory as *const RegionMemory as usize
+}
+
+/// Registered regions, indexed by key and by start address.
 #[derive(Default)]
 pub(crate) struct Regions {
-    entries: RwLock<Vec<Entry>>,
+    table: RwLock<Table>,
 }
 
 /// A checked request: the region and the offset into it.
@@ -29,33 +72,43 @@ pub(crate) struct Resolved {
 impl Regions {
     /// Adds a region with a fresh random key, returned.
     pub(crate) fn insert(&self, memory: &Arc<RegionMemory>, access: Access) -> u64 {
+        let start = memory.addr();
+        let end = start.saturating_add(memory.len() as u64);
+        let mut t = self.table.write();
+        // A region registered again replaces the old entry (and its key).
+        if let Some(old) = t.by_region.get(&identity(memory)).copied() {
+            t.remove_key(old);
+        }
         let key = loop {
             let k: u64 = rand::random();
-            if k != 0 {
+            if k != 0 && !t.by_key.contains_key(&k) {
                 break k;
             }
         };
-        let start = memory.addr();
-        let entry = Entry {
-            start,
-            end: start + memory.len() as u64,
+        t.by_key.insert(
             key,
-            access,
-            memory: memory.clone(),
-        };
-        let mut entries = self.entries.write();
-        // A region registered again replaces the old entry (and its key).
-        entries.retain(|e| !Arc::ptr_eq(&e.memory, memory));
-        let at = entries.partition_point(|e| e.start < start);
-        entries.insert(at, entry);
+            Entry {
+                start,
+                end,
+                access,
+                memory: memory.clone(),
+            },
+        );
+        t.by_start.insert((start, key), end);
+        t.by_region.insert(identity(memory), key);
         key
     }
 
-    /// Removes a region; later requests naming it are refused.
-    pub(crate) fn remove(&self, memory: &RegionMemory) {
-        self.entries
-            .write()
-            .retain(|e| !std::ptr::eq(Arc::as_ptr(&e.memory), memory));
+    /// Removes a region; later requests naming it are refused. Returns the key it had,
+    /// so connections that hold the region can be found.
+    pub(crate) fn remove(&self, memory: &RegionMemory) -> Option<u64> {
+        let mut t = self.table.write();
+        let key = t.by_region.get(&identity(memory)).copied()?;
+        // The entry's `Arc` is dropped after the lock is released.
+        let entry = t.remove_key(key);
+        drop(t);
+        drop(entry);
+        Some(key)
     }
 
     /// Checks one request from a peer. Device memory is served only when the engine
@@ -68,40 +121,33 @@ impl Regions {
         key: u64,
         staging: bool,
     ) -> Result<Resolved, RemoteStatus> {
-        let entries = self.entries.read();
-        // Regions may overlap (the same memory registered twice); the key picks the one.
-        let upto = entries.partition_point(|e| e.start <= addr);
-        let mut found_any = false;
-        for e in entries[..upto].iter().rev() {
-            if addr >= e.end {
-                continue;
+        let t = self.table.read();
+        let e = match t.by_key.get(&key) {
+            Some(e) if addr >= e.start && addr < e.end => e,
+            _ => {
+                return Err(if t.covers(addr) {
+                    RemoteStatus::KeyMismatch
+                } else {
+                    RemoteStatus::NotRegistered
+                })
             }
-            found_any = true;
-            if e.key != key {
-                continue;
-            }
-            let allowed = match op {
-                Opcode::Read => e.access.remote_read(),
-                Opcode::Write => e.access.remote_write(),
-            };
-            if !allowed {
-                return Err(RemoteStatus::AccessDenied);
-            }
-            if addr.checked_add(len).is_none_or(|end| end > e.end) {
-                return Err(RemoteStatus::OutOfBounds);
-            }
-            if !staging && !e.memory.location().is_host() {
-                return Err(RemoteStatus::Unsupported);
-            }
-            return Ok(Resolved {
-                memory: e.memory.clone(),
-                offset: (addr - e.start) as usize,
-            });
+        };
+        let allowed = match op {
+            Opcode::Read => e.access.remote_read(),
+            Opcode::Write => e.access.remote_write(),
+        };
+        if !allowed {
+            return Err(RemoteStatus::AccessDenied);
         }
-        Err(if found_any {
-            RemoteStatus::KeyMismatch
-        } else {
-            RemoteStatus::NotRegistered
+        if addr.checked_add(len).is_none_or(|end| end > e.end) {
+            return Err(RemoteStatus::OutOfBounds);
+        }
+        if !staging && !e.memory.location().is_host() {
+            return Err(RemoteStatus::Unsupported);
+        }
+        Ok(Resolved {
+            memory: e.memory.clone(),
+            offset: (addr - e.start) as usize,
         })
     }
 }

@@ -1,21 +1,32 @@
 //! The target: the listening port (handshake and data share it) and one thread per
 //! accepted connection that checks each request, moves the bytes between the socket and
 //! registered memory, and answers in request order.
+//!
+//! What a peer can hold, and for how long: a connection that sends no request is closed
+//! after the idle limit; once a frame has begun, it must keep moving (the payload keep
+//! arriving, the answer keep being read) or the connection is closed after the progress
+//! limit; a region that is deregistered closes the connections in the middle of a frame
+//! that uses it, so its memory is released at once.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_transport_api::{Opcode, RemoteStatus};
 use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
 
-use crate::frame::{Desc, FrameError, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_REQUEST};
+use crate::frame::{
+    self, Desc, FrameError, Header, Kind, AUTH_LEN, CLIENT_LABEL, DESC_LEN, HEADER_LEN, MAX_DESCS,
+    MAX_REQUEST, TARGET_LABEL,
+};
 use crate::pipe::{Pace, Pipe};
 use crate::regions::Resolved;
-use crate::staged;
 use crate::Shared;
+use crate::{staged, SharedSecret};
 
 const LISTENER: Token = Token(0);
 const WAKE: Token = Token(1);
@@ -27,6 +38,115 @@ const MAX_PENDING_ACKS: usize = MAX_DESCS;
 const SPIN_AFTER_BYTES: u64 = 256 * 1024;
 /// Discarded payload of refused writes goes through this much scratch at a time.
 const SCRATCH: usize = 64 * 1024;
+/// Answers are written in pieces of at most this many bytes, each of which must leave
+/// within the progress limit: a peer that stops reading is found, one that reads slowly
+/// but steadily is served.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Longest sleep between checks of shutdown, deregistration and limits.
+const STEP: Duration = Duration::from_millis(200);
+/// Refused requests logged per connection per second; the rest are counted and their
+/// number logged with the next line.
+const WARNS_PER_SECOND: u32 = 4;
+
+/// Why a connection is being closed by the target, carried in the `io::Error` that ends
+/// its thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    /// No request within the idle limit.
+    Idle,
+    /// A frame stopped moving for the progress limit.
+    Stalled,
+    /// A region the connection was using was deregistered.
+    Deregistered,
+    /// The transport is shutting down.
+    Shutdown,
+    /// The peer did not prove the shared secret.
+    Unauthenticated(&'static str),
+}
+
+impl std::fmt::Display for Closing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closing::Idle => f.write_str("no request within the idle limit"),
+            Closing::Stalled => f.write_str("a frame made no progress within the progress limit"),
+            Closing::Deregistered => f.write_str("a region in use was deregistered"),
+            Closing::Shutdown => f.write_str("shutting down"),
+            Closing::Unauthenticated(why) => write!(f, "authentication failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Closing {}
+
+fn closing(kind: io::ErrorKind, why: Closing) -> io::Error {
+    io::Error::new(kind, why)
+}
+
+fn closing_of(e: &io::Error) -> Option<Closing> {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<Closing>())
+        .copied()
+}
+
+/// What other threads need of a connection being served: a way to wake it, a flag to
+/// close it, and the keys of the requests its current frame names.
+pub(crate) struct ConnHandle {
+    waker: Arc<Waker>,
+    /// Set (by deregistration) to make the connection close at its next wait.
+    close: AtomicBool,
+    /// The keys of the current frame's requests, published before they are resolved.
+    held: [AtomicU64; MAX_DESCS],
+    held_n: AtomicUsize,
+}
+
+/// The connections being served, by id.
+#[derive(Default)]
+pub(crate) struct Conns {
+    map: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    next: AtomicU64,
+}
+
+impl Conns {
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    fn add(&self, handle: Arc<ConnHandle>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map.lock().insert(id, handle);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.map.lock().remove(&id);
+    }
+}
+
+/// Closes the connections whose current frame names `key` (a region just removed from
+/// the table). A connection that resolved a request to the region published the key
+/// before resolving, and resolving happened before the removal (both under the table's
+/// lock), so every holder is found; one that merely named the key may be closed too.
+pub(crate) fn close_holders(shared: &Shared, key: u64) {
+    for h in shared.conns.map.lock().values() {
+        let n = h.held_n.load(Ordering::Acquire).min(MAX_DESCS);
+        if h.held[..n].iter().any(|k| k.load(Ordering::Relaxed) == key)
+            && !h.close.swap(true, Ordering::AcqRel)
+        {
+            shared
+                .stats
+                .closed_on_deregister
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = h.waker.wake();
+        }
+    }
+}
+
+/// Wakes every connection's thread (the transport is stopping).
+pub(crate) fn close_all(shared: &Shared) {
+    for h in shared.conns.map.lock().values() {
+        let _ = h.waker.wake();
+    }
+}
 
 /// Binds the listener and starts the accept thread. Returns the bound address.
 pub(crate) fn listen(shared: &Arc<Shared>, addr: &str) -> io::Result<SocketAddr> {
@@ -38,7 +158,7 @@ pub(crate) fn listen(shared: &Arc<Shared>, addr: &str) -> io::Result<SocketAddr>
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-    shared.wakers.lock().push(waker);
+    *shared.accept_waker.lock() = Some(waker);
     let shared = shared.clone();
     std::thread::Builder::new()
         .name("ferry-tcp-accept".into())
@@ -49,7 +169,7 @@ pub(crate) fn listen(shared: &Arc<Shared>, addr: &str) -> io::Result<SocketAddr>
 fn accept_loop(shared: Arc<Shared>, listener: mio::net::TcpListener, mut poll: Poll) {
     let mut events = Events::with_capacity(8);
     while !shared.stopping() {
-        if let Err(e) = poll.poll(&mut events, Some(Duration::from_millis(200))) {
+        if let Err(e) = poll.poll(&mut events, Some(STEP)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::error!(error = %e, "listener poll failed; the target stops accepting");
                 return;
@@ -70,9 +190,28 @@ fn accept_loop(shared: Arc<Shared>, listener: mio::net::TcpListener, mut poll: P
     }
 }
 
+/// Counts a connection as open until its thread ends, however it ends, and forgets its
+/// handle then.
+struct Open {
+    shared: Arc<Shared>,
+    id: Option<u64>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.shared.conns.remove(id);
+        }
+        self.shared
+            .stats
+            .open_connections
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: SocketAddr) {
     let open = shared.stats.open_connections.fetch_add(1, Ordering::AcqRel);
-    if open >= shared.config.max_connections as u64 {
+    if open >= shared.max_connections.load(Ordering::Relaxed) as u64 {
         shared.stats.open_connections.fetch_sub(1, Ordering::AcqRel);
         shared
             .stats
@@ -81,14 +220,13 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
         tracing::warn!(%peer, open, "refusing a connection: too many open");
         return; // dropping the stream closes it
     }
-    // Counts the connection as open until its thread ends, however it ends.
-    struct Open(Arc<Shared>);
-    impl Drop for Open {
-        fn drop(&mut self) {
-            self.0.stats.open_connections.fetch_sub(1, Ordering::AcqRel);
-        }
+    let mut open = Open {
+        shared: shared.clone(),
+        id: None,
+    };
+    if let Err(e) = crate::set_keepalive(&stream, shared.config.keepalive) {
+        tracing::debug!(%peer, error = %e, "cannot enable TCP keepalive");
     }
-    let open = Open(shared.clone());
     let pipe = match Pipe::from_mio(stream, Interest::READABLE | Interest::WRITABLE) {
         Ok(p) => p,
         Err(e) => {
@@ -97,11 +235,13 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
         }
     };
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut wakers = shared.wakers.lock();
-        wakers.retain(|w| Arc::strong_count(w) > 1);
-        wakers.push(pipe.waker());
-    }
+    let handle = Arc::new(ConnHandle {
+        waker: pipe.waker(),
+        close: AtomicBool::new(false),
+        held: std::array::from_fn(|_| AtomicU64::new(0)),
+        held_n: AtomicUsize::new(0),
+    });
+    open.id = Some(shared.conns.add(handle.clone()));
     let shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("ferry-tcp-target".into())
@@ -109,15 +249,9 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
             let _open = open;
             let span = tracing::debug_span!("target", %peer);
             let _enter = span.enter();
-            let mut conn = TargetConn::new(shared.clone(), pipe);
-            match conn.serve() {
-                Ok(()) => tracing::debug!("connection closed"),
-                Err(e) if is_disconnect(&e) => tracing::debug!(error = %e, "peer went away"),
-                Err(e) => {
-                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "closing connection after protocol error");
-                }
-            }
+            let mut conn = TargetConn::new(shared.clone(), pipe, handle);
+            let result = conn.serve();
+            conn.ended(result);
             conn.pipe.shutdown();
         });
     if let Err(e) = spawned {
@@ -145,20 +279,56 @@ struct PendingAcks {
     statuses: Vec<u8>,
 }
 
+/// What bounds a wait.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// Give up at this instant (the idle limit, or the handshake's deadline).
+    Until(Instant, Closing),
+    /// Give up when nothing has moved for the progress limit.
+    Progress,
+    /// Wait as long as the peer is alive (an initiator's idle lane: keepalive decides).
+    Alive,
+}
+
 struct TargetPace<'a> {
     shared: &'a Shared,
-    acks: &'a mut PendingAcks,
+    handle: &'a ConnHandle,
+    /// Acknowledgements to flush when the socket drains, outside a frame.
+    acks: Option<&'a mut PendingAcks>,
     spin: bool,
     mid_frame: bool,
+    limit: Limit,
+    /// When bytes last moved, once a wait began (read lazily: no clock read while the
+    /// socket keeps up).
+    since: Option<Instant>,
+}
+
+impl<'a> TargetPace<'a> {
+    /// Pacing for a write (an answer): no flushing, the progress limit.
+    fn write(shared: &'a Shared, handle: &'a ConnHandle) -> Self {
+        TargetPace {
+            shared,
+            handle,
+            acks: None,
+            spin: false,
+            mid_frame: false,
+            limit: Limit::Progress,
+            since: None,
+        }
+    }
 }
 
 impl Pace for TargetPace<'_> {
     fn drained(&mut self, pipe: &mut Pipe) -> io::Result<()> {
-        if self.mid_frame {
-            // The rest of this frame is on its way; its acknowledgements go out together.
-            Ok(())
-        } else {
-            flush_acks(pipe, self.acks, self.shared)
+        // A read drains the socket after every run of bytes: bytes moved just now.
+        if matches!(self.limit, Limit::Progress) {
+            self.since = Some(Instant::now());
+        }
+        match &mut self.acks {
+            // Mid-frame, the rest of the frame is on its way; its acknowledgements go out
+            // together.
+            Some(acks) if !self.mid_frame => flush_acks(pipe, acks, self.shared, self.handle),
+            _ => Ok(()),
         }
     }
     fn spin(&self) -> Duration {
@@ -170,35 +340,117 @@ impl Pace for TargetPace<'_> {
     }
     fn before_sleep(&mut self) -> io::Result<Duration> {
         if self.shared.stopping() {
-            return Err(io::Error::new(
+            return Err(closing(io::ErrorKind::ConnectionAborted, Closing::Shutdown));
+        }
+        if self.handle.close.load(Ordering::Acquire) {
+            return Err(closing(
                 io::ErrorKind::ConnectionAborted,
-                "shutting down",
+                Closing::Deregistered,
             ));
         }
-        Ok(Duration::from_millis(200))
+        let now = Instant::now();
+        let until = match self.limit {
+            Limit::Alive => return Ok(STEP),
+            Limit::Until(t, why) => (t, why),
+            Limit::Progress => (
+                *self.since.get_or_insert(now) + self.shared.config.progress_timeout,
+                Closing::Stalled,
+            ),
+        };
+        if now >= until.0 {
+            return Err(closing(io::ErrorKind::TimedOut, until.1));
+        }
+        Ok(STEP.min(until.0 - now + Duration::from_millis(1)))
     }
 }
 
-fn flush_acks(pipe: &mut Pipe, acks: &mut PendingAcks, shared: &Shared) -> io::Result<()> {
+fn flush_acks(
+    pipe: &mut Pipe,
+    acks: &mut PendingAcks,
+    shared: &Shared,
+    handle: &ConnHandle,
+) -> io::Result<()> {
     if acks.statuses.is_empty() {
         return Ok(());
     }
     let n = acks.statuses.len();
     let header = Header::new(Kind::Ack, n as u32, acks.first).encode();
     let mut bufs = [IoSlice::new(&header), IoSlice::new(&acks.statuses)];
-    let mut pace = crate::pipe::Plain {
-        spin: Duration::ZERO,
-        stop: &|| shared.stopping(),
-    };
-    pipe.write_all(&mut bufs, &mut pace)?;
+    pipe.write_all(&mut bufs, &mut TargetPace::write(shared, handle))?;
     acks.first += n as u64;
     acks.statuses.clear();
     Ok(())
 }
 
+/// Writes `bufs` in pieces of at most [`WRITE_CHUNK`] bytes, each under the progress
+/// limit.
+fn write_chunked(
+    pipe: &mut Pipe,
+    bufs: &mut [IoSlice<'_>],
+    shared: &Shared,
+    handle: &ConnHandle,
+) -> io::Result<()> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if total <= WRITE_CHUNK {
+        return pipe.write_all(bufs, &mut TargetPace::write(shared, handle));
+    }
+    let mut piece: [IoSlice<'_>; MAX_DESCS + 2] = std::array::from_fn(|_| IoSlice::new(&[]));
+    let mut k = 0;
+    let mut bytes = 0;
+    for b in bufs.iter() {
+        let mut rest: &[u8] = b;
+        while !rest.is_empty() {
+            let take = rest.len().min(WRITE_CHUNK - bytes);
+            piece[k] = IoSlice::new(&rest[..take]);
+            rest = &rest[take..];
+            k += 1;
+            bytes += take;
+            if bytes == WRITE_CHUNK || k == piece.len() {
+                pipe.write_all(&mut piece[..k], &mut TargetPace::write(shared, handle))?;
+                k = 0;
+                bytes = 0;
+            }
+        }
+    }
+    if k > 0 {
+        pipe.write_all(&mut piece[..k], &mut TargetPace::write(shared, handle))?;
+    }
+    Ok(())
+}
+
+/// Logs refused requests at a bounded rate; the rest are only counted.
+#[derive(Default)]
+struct WarnLimit {
+    window: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl WarnLimit {
+    /// Whether to log one more refusal now; if so, how many went unlogged before it.
+    fn admit(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < WARNS_PER_SECOND {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 struct TargetConn {
     shared: Arc<Shared>,
     pipe: Pipe,
+    handle: Arc<ConnHandle>,
     acks: PendingAcks,
     next_seq: u64,
     /// Payload bytes of the last message, for the spin decision.
@@ -213,13 +465,20 @@ struct TargetConn {
     statuses: Vec<u8>,
     resolved: Vec<Option<Resolved>>,
     scratch: Vec<u8>,
+    /// Whether the peer has sent a request (READ, WRITE, notification): an initiator's
+    /// lane, kept while idle as long as keepalive finds the peer.
+    active: bool,
+    /// Since when the peer has sent nothing, while it is not `active`.
+    idle_since: Instant,
+    warns: WarnLimit,
 }
 
 impl TargetConn {
-    fn new(shared: Arc<Shared>, pipe: Pipe) -> Self {
+    fn new(shared: Arc<Shared>, pipe: Pipe, handle: Arc<ConnHandle>) -> Self {
         TargetConn {
             shared,
             pipe,
+            handle,
             acks: PendingAcks {
                 first: 0,
                 statuses: Vec::with_capacity(MAX_PENDING_ACKS),
@@ -234,6 +493,47 @@ impl TargetConn {
             statuses: Vec::with_capacity(MAX_DESCS),
             resolved: Vec::with_capacity(MAX_DESCS),
             scratch: Vec::new(),
+            active: false,
+            idle_since: Instant::now(),
+            warns: WarnLimit::default(),
+        }
+    }
+
+    /// Counts and logs how the connection ended.
+    fn ended(&mut self, result: io::Result<()>) {
+        let stats = &self.shared.stats;
+        if self.warns.suppressed > 0 {
+            tracing::warn!(
+                suppressed = self.warns.suppressed,
+                "refused requests not logged (rate limit)"
+            );
+        }
+        let e = match result {
+            Ok(()) => return tracing::debug!("connection closed"),
+            Err(e) => e,
+        };
+        match closing_of(&e) {
+            Some(Closing::Idle) => {
+                stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("closing an idle connection");
+            }
+            Some(Closing::Stalled) => {
+                stats.progress_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("closing a connection whose frame stopped moving");
+            }
+            Some(Closing::Unauthenticated(why)) => {
+                stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(why, "closing an unauthenticated connection");
+            }
+            Some(Closing::Deregistered) => {
+                tracing::debug!("closing a connection that held a deregistered region")
+            }
+            Some(Closing::Shutdown) => tracing::debug!("closing at shutdown"),
+            None if is_disconnect(&e) => tracing::debug!(error = %e, "peer went away"),
+            None => {
+                stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "closing connection after protocol error");
+            }
         }
     }
 
@@ -262,21 +562,32 @@ impl TargetConn {
         }
         let mut pace = TargetPace {
             shared: &self.shared,
-            acks: &mut self.acks,
+            handle: &self.handle,
+            acks: Some(&mut self.acks),
             spin: self.last_bytes <= SPIN_AFTER_BYTES,
             mid_frame,
+            limit: Limit::Progress,
+            since: None,
         };
         self.pipe.read_exact(bufs, &mut pace)
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        if let Some(secret) = self.shared.config.secret.clone() {
+            self.authenticate(&secret)?;
+            self.idle_since = Instant::now();
+        }
         loop {
             if self.shared.stopping() {
                 return Ok(());
             }
             let mut hb = [0u8; HEADER_LEN];
             match self.read_header(&mut hb) {
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // The peer is done sending (perhaps only half-closed): what it sent
+                    // was served; its answers go out before the connection closes.
+                    return flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle);
+                }
                 r => r?,
             }
             if self.shared.stopping() {
@@ -284,52 +595,174 @@ impl TargetConn {
                 return Ok(());
             }
             let header = Header::decode(&hb).map_err(protocol_error)?;
-            match header.kind {
-                Kind::Write | Kind::Read => self.requests(header)?,
-                Kind::Notify => self.notify(header)?,
-                Kind::GetDescriptor => {
-                    flush_acks(&mut self.pipe, &mut self.acks, &self.shared)?;
-                    let body = self
-                        .shared
-                        .control()
-                        .map(|c| c.descriptor())
-                        .unwrap_or_default();
-                    let h = Header::new(Kind::Descriptor, body.len() as u32, 0).encode();
-                    let mut pace = crate::pipe::Plain {
-                        spin: Duration::ZERO,
-                        stop: &|| self.shared.stopping(),
-                    };
-                    self.pipe
-                        .write_all(&mut [IoSlice::new(&h), IoSlice::new(&body)], &mut pace)?;
+            let served = match header.kind {
+                Kind::Write | Kind::Read => {
+                    self.active = true;
+                    self.requests(header)
                 }
+                Kind::Notify => {
+                    self.active = true;
+                    self.notify(header)
+                }
+                Kind::GetDescriptor => self.send_descriptor(),
                 other => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("{other:?} frame sent to a target"),
                     ))
                 }
+            };
+            match served {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // Closed mid-frame: earlier frames' answers still go out.
+                    let _ = flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle);
+                    return Err(e);
+                }
+                r => r?,
             }
+            if !self.active {
+                self.idle_since = Instant::now();
+            }
+        }
+    }
+
+    fn send_descriptor(&mut self) -> io::Result<()> {
+        flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle)?;
+        let body = self
+            .shared
+            .control()
+            .map(|c| c.descriptor())
+            .unwrap_or_default();
+        let h = Header::new(Kind::Descriptor, body.len() as u32, 0).encode();
+        write_chunked(
+            &mut self.pipe,
+            &mut [IoSlice::new(&h), IoSlice::new(&body)],
+            &self.shared,
+            &self.handle,
+        )
+    }
+
+    /// The target's half of the challenge-response (see the `frame` module), within the
+    /// idle limit from accept.
+    fn authenticate(&mut self, secret: &SharedSecret) -> io::Result<()> {
+        let deadline = self.idle_since + self.shared.config.idle_timeout;
+        let timeout = Limit::Until(deadline, Closing::Unauthenticated("no proof in time"));
+        let fail = |why| {
+            closing(
+                io::ErrorKind::PermissionDenied,
+                Closing::Unauthenticated(why),
+            )
+        };
+        let mut hb = [0u8; HEADER_LEN];
+        let mut client_nonce = [0u8; AUTH_LEN];
+        self.read_auth(&mut hb, timeout)?;
+        match Header::decode(&hb) {
+            Ok(h) if h.kind == Kind::Hello && h.count as usize == AUTH_LEN => {}
+            _ => {
+                // Tell a client without the secret why it is closed.
+                let refusal = Header::new(Kind::Challenge, 0, 0).encode();
+                let _ = write_chunked(
+                    &mut self.pipe,
+                    &mut [IoSlice::new(&refusal)],
+                    &self.shared,
+                    &self.handle,
+                );
+                return Err(fail("the first frame was not an authentication hello"));
+            }
+        }
+        self.read_auth(&mut client_nonce, timeout)?;
+        let target_nonce = frame::nonce();
+        let proof = frame::auth_proof(secret.bytes(), TARGET_LABEL, &client_nonce, &target_nonce);
+        let h = Header::new(Kind::Challenge, 2 * AUTH_LEN as u32, 0).encode();
+        write_chunked(
+            &mut self.pipe,
+            &mut [
+                IoSlice::new(&h),
+                IoSlice::new(&target_nonce),
+                IoSlice::new(&proof),
+            ],
+            &self.shared,
+            &self.handle,
+        )?;
+        let mut answer = [0u8; HEADER_LEN + AUTH_LEN];
+        self.read_auth(&mut answer, timeout)?;
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&answer[..HEADER_LEN]);
+        let proved = matches!(Header::decode(&hb), Ok(h) if h.kind == Kind::Proof && h.count as usize == AUTH_LEN)
+            && frame::auth_verify(
+                secret.bytes(),
+                CLIENT_LABEL,
+                &client_nonce,
+                &target_nonce,
+                &answer[HEADER_LEN..],
+            );
+        if proved {
+            Ok(())
+        } else {
+            Err(fail("wrong proof of the shared secret"))
+        }
+    }
+
+    /// Reads handshake bytes; the peer closing counts as a failed authentication.
+    fn read_auth(&mut self, buf: &mut [u8], limit: Limit) -> io::Result<()> {
+        let mut pace = TargetPace {
+            shared: &self.shared,
+            handle: &self.handle,
+            acks: None,
+            spin: false,
+            mid_frame: false,
+            limit,
+            since: None,
+        };
+        match self.pipe.read_exact(&mut [IoSliceMut::new(buf)], &mut pace) {
+            Err(e) if is_disconnect(&e) => Err(closing(
+                io::ErrorKind::PermissionDenied,
+                Closing::Unauthenticated("closed before proving the secret"),
+            )),
+            r => r,
         }
     }
 
     /// Reads a header, and with it as much of the first descriptor as is there: READ and
     /// WRITE frames always carry one, so a one-request frame costs one system call.
+    ///
+    /// Until the first byte the connection is idle (the idle limit applies unless it is
+    /// an initiator's lane); from then on the frame has begun and must keep moving.
     fn read_header(&mut self, hb: &mut [u8; HEADER_LEN]) -> io::Result<()> {
         if self.carry_at < self.carry_end {
             return self.read(&mut [IoSliceMut::new(hb)]);
         }
+        let limit = if self.active {
+            Limit::Alive
+        } else {
+            Limit::Until(
+                self.idle_since + self.shared.config.idle_timeout,
+                Closing::Idle,
+            )
+        };
         let mut ahead = [0u8; DESC_LEN];
         let mut pace = TargetPace {
             shared: &self.shared,
-            acks: &mut self.acks,
+            handle: &self.handle,
+            acks: Some(&mut self.acks),
             spin: self.last_bytes <= SPIN_AFTER_BYTES,
             mid_frame: false,
+            limit,
+            since: None,
         };
-        let got = self.pipe.read_min(
+        let mut got = self.pipe.read_min(
             &mut [IoSliceMut::new(hb), IoSliceMut::new(&mut ahead)],
-            HEADER_LEN,
+            1,
             &mut pace,
         )?;
+        if got < HEADER_LEN {
+            pace.limit = Limit::Progress;
+            got += self.pipe.read_min(
+                &mut [IoSliceMut::new(&mut hb[got..]), IoSliceMut::new(&mut ahead)],
+                HEADER_LEN - got,
+                &mut pace,
+            )?;
+        }
         self.carry = ahead;
         self.carry_at = 0;
         self.carry_end = got - HEADER_LEN;
@@ -352,6 +785,13 @@ impl TargetConn {
     }
 
     fn requests(&mut self, header: Header) -> io::Result<()> {
+        let r = self.requests_inner(header);
+        // The frame holds nothing any more (or the connection is closing).
+        self.handle.held_n.store(0, Ordering::Release);
+        r
+    }
+
+    fn requests_inner(&mut self, header: Header) -> io::Result<()> {
         let op = if header.kind == Kind::Write {
             Opcode::Write
         } else {
@@ -378,13 +818,18 @@ impl TargetConn {
                     ),
                 ));
             }
-            let r = self.shared.regions.resolve(
-                op,
-                d.addr,
-                d.len,
-                d.key,
-                self.shared.staging().is_some(),
-            );
+            // Published before resolving, so a deregistration finds this frame.
+            self.handle.held[i].store(d.key, Ordering::Relaxed);
+            self.descs.push(d);
+        }
+        self.handle.held_n.store(n, Ordering::Release);
+        let staging = self.shared.staging().is_some();
+        for i in 0..n {
+            let d = self.descs[i];
+            let r = self
+                .shared
+                .regions
+                .resolve(op, d.addr, d.len, d.key, staging);
             let status = match &r {
                 Ok(_) => RemoteStatus::Ok,
                 Err(s) => {
@@ -392,12 +837,13 @@ impl TargetConn {
                         .stats
                         .rejected_requests
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(?op, addr = d.addr, len = d.len, status = %s, "refused request");
+                    if let Some(suppressed) = self.warns.admit() {
+                        tracing::warn!(?op, addr = d.addr, len = d.len, status = %s, suppressed, "refused request");
+                    }
                     *s
                 }
             };
             self.last_bytes += d.len;
-            self.descs.push(d);
             self.statuses.push(status as u8);
             self.resolved.push(r.ok());
         }
@@ -464,7 +910,7 @@ impl TargetConn {
         result?;
         self.acks.statuses.extend_from_slice(&self.statuses);
         if self.acks.statuses.len() >= MAX_PENDING_ACKS {
-            flush_acks(&mut self.pipe, &mut self.acks, &self.shared)?;
+            flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle)?;
         }
         Ok(())
     }
@@ -477,7 +923,7 @@ impl TargetConn {
         let mut r = Ok(());
         while len > 0 && r.is_ok() {
             let n = len.min(SCRATCH as u64) as usize;
-            r = self.read(&mut [IoSliceMut::new(&mut scratch[..n])]);
+            r = self.read_in_frame(&mut [IoSliceMut::new(&mut scratch[..n])], true);
             len -= n as u64;
         }
         self.scratch = scratch;
@@ -485,17 +931,14 @@ impl TargetConn {
     }
 
     /// Answers READs: statuses, then the accepted requests' bytes straight from
-    /// registered memory, in one vectored write.
+    /// registered memory, in vectored writes.
     fn send_read_data(&mut self, seq: u64) -> io::Result<()> {
         // Earlier WRITE acknowledgements go first: responses travel in request order.
-        flush_acks(&mut self.pipe, &mut self.acks, &self.shared)?;
+        flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle)?;
         self.acks.first = seq + self.statuses.len() as u64;
         let header = Header::new(Kind::ReadData, self.statuses.len() as u32, seq).encode();
-        let shared = &self.shared;
-        let mut pace = crate::pipe::Plain {
-            spin: Duration::ZERO,
-            stop: &|| shared.stopping(),
-        };
+        let shared = &*self.shared;
+        let handle = &*self.handle;
         let accepted = self
             .resolved
             .iter()
@@ -511,19 +954,27 @@ impl TargetConn {
             bufs[0] = IoSlice::new(&header);
             bufs[1] = IoSlice::new(&self.statuses);
             let mut k = 2;
+            let mut bad = false;
             for (r, len) in accepted {
                 // Resolution checked the range against the region.
                 match r.memory.io_slice(r.offset, len) {
                     Some(s) => bufs[k] = s,
-                    None => return Err(io::Error::other("resolved range out of bounds")),
+                    None => {
+                        bad = true;
+                        break;
+                    }
                 }
                 k += 1;
             }
-            self.pipe.write_all(&mut bufs[..k], &mut pace)
+            if bad {
+                Err(io::Error::other("resolved range out of bounds"))
+            } else {
+                write_chunked(&mut self.pipe, &mut bufs[..k], shared, handle)
+            }
         } else {
             // Device memory is staged through host memory, one request after the other.
             let pipe = &mut self.pipe;
-            let mut write = |b: &[u8]| pipe.write_all(&mut [IoSlice::new(b)], &mut pace);
+            let mut write = |b: &[u8]| write_chunked(pipe, &mut [IoSlice::new(b)], shared, handle);
             write(&header)
                 .and_then(|()| write(&self.statuses))
                 .and_then(|()| {
@@ -571,7 +1022,7 @@ pub(crate) fn encode_notification(from: &str, message: &[u8]) -> Vec<u8> {
     b
 }
 
-fn parse_notification(body: &[u8]) -> Option<(&str, &[u8])> {
+pub(crate) fn parse_notification(body: &[u8]) -> Option<(&str, &[u8])> {
     let n = u16::from_le_bytes([*body.first()?, *body.get(1)?]) as usize;
     let from = std::str::from_utf8(body.get(2..2 + n)?).ok()?;
     Some((from, &body[2 + n..]))

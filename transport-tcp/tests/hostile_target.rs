@@ -1,0 +1,739 @@
+//! Hostile peers against the TCP target, spoken as raw bytes in ferry's wire format over
+//! real sockets on 127.0.0.1: stalled frames, unread answers, idle sockets, half-closes,
+//! trickling handshakes, and clients without (or with the wrong) shared secret. Every
+//! wait is bounded by a deadline; outcomes and counters are asserted, never times.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use ferry_transport_api::{
+    Access, CompletionToken, Completions, Connection, ControlPlane, FailReason, Location, Opcode,
+    RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
+};
+use ferry_transport_tcp::{SharedSecret, TcpConfig, TcpStats, TcpTransport};
+use rand::RngCore;
+
+const WRITE: u8 = 1;
+const READ: u8 = 2;
+const GET_DESCRIPTOR: u8 = 4;
+const DESCRIPTOR: u8 = 5;
+const ACK: u8 = 6;
+const READ_DATA: u8 = 7;
+const HELLO: u8 = 8;
+const CHALLENGE: u8 = 9;
+const PROOF: u8 = 10;
+
+/// How long any single condition may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn header(kind: u8, count: u32, seq: u64) -> Vec<u8> {
+    let mut h = b"FY".to_vec();
+    h.push(1);
+    h.push(kind);
+    h.extend_from_slice(&count.to_le_bytes());
+    h.extend_from_slice(&seq.to_le_bytes());
+    h
+}
+
+fn desc(addr: u64, len: u64, key: u64) -> Vec<u8> {
+    [addr, len, key]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    if len > 0 && v.iter().all(|&b| b == 0) {
+        v[0] = 1;
+    }
+    v
+}
+
+/// Host memory owned by the region.
+fn host(len: usize) -> Arc<RegionMemory> {
+    let mut bytes = vec![0u8; len].into_boxed_slice();
+    let ptr = NonNull::new(bytes.as_mut_ptr()).unwrap();
+    // SAFETY: the boxed slice moves into the region as its owner and lives as long as it.
+    Arc::new(unsafe { RegionMemory::from_raw(ptr, len, Location::host(), Box::new(bytes)) })
+}
+
+fn bytes_of(r: &RegionMemory, offset: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    assert!(r.copy_to_slice_at(offset, &mut v));
+    v
+}
+
+/// Waits until `cond` holds, failing the test at the deadline.
+#[track_caller]
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting: {what}");
+        std::thread::yield_now();
+    }
+}
+
+/// Whether the target closed the connection (EOF or reset), draining what it sent.
+fn closed_by_target(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Reads one answer frame: (kind, seq, count, the count bytes that follow).
+fn answer(s: &mut TcpStream) -> (u8, u64, Vec<u8>) {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..3], b"FY\x01");
+    let count = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+    let mut st = vec![0u8; count];
+    s.read_exact(&mut st).unwrap();
+    (h[3], seq, st)
+}
+
+struct Channel(Sender<(CompletionToken, Result<usize, FailReason>)>);
+
+impl Completions for Channel {
+    fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>) {
+        let _ = self.0.send((token, result));
+    }
+}
+
+/// A control plane that serves a fixed descriptor and counts notifications.
+struct Control {
+    descriptor: Vec<u8>,
+    notes: AtomicUsize,
+}
+
+impl ControlPlane for Control {
+    fn descriptor(&self) -> Vec<u8> {
+        self.descriptor.clone()
+    }
+    fn notification(&self, _from: &str, _body: &[u8]) -> bool {
+        self.notes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+type Done = Receiver<(CompletionToken, Result<usize, FailReason>)>;
+
+struct Target {
+    t: TcpTransport,
+    addr: String,
+    done: Done,
+    descriptor: Vec<u8>,
+}
+
+impl Target {
+    fn stats(&self) -> TcpStats {
+        self.t.stats()
+    }
+}
+
+fn started(config: TcpConfig) -> Target {
+    let (tx, done) = crossbeam_channel::unbounded();
+    let descriptor = random(3000);
+    let t = TcpTransport::new(config);
+    let ep = t
+        .start(TransportContext {
+            completions: Arc::new(Channel(tx)),
+            control: Arc::new(Control {
+                descriptor: descriptor.clone(),
+                notes: AtomicUsize::new(0),
+            }),
+            staging: None,
+        })
+        .unwrap();
+    Target {
+        t,
+        addr: ep.address,
+        done,
+        descriptor,
+    }
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn write_frame(s: &mut TcpStream, seq: u64, addr: u64, key: u64, payload: &[u8]) {
+    let mut f = header(WRITE, 1, seq);
+    f.extend(desc(addr, payload.len() as u64, key));
+    f.extend_from_slice(payload);
+    s.write_all(&f).unwrap();
+}
+
+#[test]
+fn a_stalled_write_frees_its_region_at_the_progress_limit() {
+    let target = started(TcpConfig {
+        progress_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    });
+    let region = host(1 << 20);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let before = Arc::strong_count(&region);
+    let mut s = connect(&target.addr);
+    // A WRITE of 64 KiB that sends one payload byte and then nothing.
+    let mut f = header(WRITE, 1, 0);
+    f.extend(desc(region.addr(), 64 * 1024, key));
+    f.push(0xa5);
+    s.write_all(&f).unwrap();
+    assert!(closed_by_target(&mut s), "a stalled frame must be closed");
+    wait_for("the target lets go of the region", || {
+        Arc::strong_count(&region) == before
+    });
+    assert_eq!(target.stats().progress_timeouts, 1);
+    // The byte that came was written into the region: the request had been resolved.
+    assert_eq!(bytes_of(&region, 0, 1), [0xa5]);
+}
+
+#[test]
+fn an_unread_read_answer_frees_its_region_at_the_progress_limit() {
+    let target = started(TcpConfig {
+        progress_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    });
+    let len = 32 << 20;
+    let region = host(len);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let before = Arc::strong_count(&region);
+    let s = TcpStream::connect(&target.addr).unwrap();
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let mut s = s;
+    let mut f = header(READ, 1, 0);
+    f.extend(desc(region.addr(), len as u64, key));
+    s.write_all(&f).unwrap();
+    // The answer has begun (the request was resolved and accepted); read no more of it.
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut h = [0u8; 17];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!((h[3], h[16]), (READ_DATA, 0));
+    wait_for("the target gives up on the unread answer", || {
+        target.stats().progress_timeouts == 1
+    });
+    wait_for("the target lets go of the region", || {
+        Arc::strong_count(&region) == before
+    });
+    drop(s);
+}
+
+#[test]
+fn deregistration_closes_the_connections_that_hold_the_region() {
+    // A progress limit far beyond the test's own deadline: only deregistration can
+    // release the memory here.
+    let target = started(TcpConfig {
+        progress_timeout: Duration::from_secs(3600),
+        ..TcpConfig::default()
+    });
+    let len = 32 << 20;
+    let held_by_write = host(1 << 20);
+    let held_by_read = host(len);
+    let other = host(1 << 20);
+    let kw = target
+        .t
+        .register(&held_by_write, Access::RemoteReadWrite)
+        .unwrap()[0];
+    let kr = target
+        .t
+        .register(&held_by_read, Access::RemoteReadWrite)
+        .unwrap()[0];
+    let ko = target.t.register(&other, Access::RemoteReadWrite).unwrap()[0];
+    let (bw, br) = (
+        Arc::strong_count(&held_by_write),
+        Arc::strong_count(&held_by_read),
+    );
+    let mut w = connect(&target.addr);
+    let mut f = header(WRITE, 1, 0);
+    f.extend(desc(held_by_write.addr(), 4096, kw));
+    f.push(1);
+    w.write_all(&f).unwrap();
+    let r = TcpStream::connect(&target.addr).unwrap();
+    socket2::SockRef::from(&r)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let mut r = r;
+    let mut f = header(READ, 1, 0);
+    f.extend(desc(held_by_read.addr(), len as u64, kr));
+    r.write_all(&f).unwrap();
+    // A well-behaved connection on another region.
+    let mut good = connect(&target.addr);
+    let data = random(4096);
+    write_frame(&mut good, 0, other.addr(), ko, &data);
+    assert_eq!(answer(&mut good), (ACK, 0, vec![0]));
+    wait_for("both frames hold their regions", || {
+        Arc::strong_count(&held_by_write) > bw && Arc::strong_count(&held_by_read) > br
+    });
+
+    target.t.deregister(&held_by_write);
+    target.t.deregister(&held_by_read);
+    // The table's reference went with the deregistration; the frames' go with their
+    // connections.
+    wait_for("the regions are released", || {
+        Arc::strong_count(&held_by_write) == 1 && Arc::strong_count(&held_by_read) == 1
+    });
+    assert!(closed_by_target(&mut w));
+    assert_eq!(target.stats().closed_on_deregister, 2);
+    assert_eq!(target.stats().progress_timeouts, 0);
+    // The other connection is still served.
+    let data2 = random(4096);
+    write_frame(&mut good, 1, other.addr(), ko, &data2);
+    assert_eq!(answer(&mut good), (ACK, 1, vec![0]));
+    assert_eq!(bytes_of(&other, 0, 4096), data2);
+    drop(r);
+}
+
+#[test]
+fn the_descriptor_fetch_has_one_deadline_for_the_whole_exchange() {
+    // A fake target that answers one byte at a time, 100 ms apart: every read returns
+    // well within any per-read timeout, but the whole answer would take minutes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sent2 = sent.clone();
+    let trickler = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 16];
+        s.read_exact(&mut req).unwrap();
+        let mut answer = header(DESCRIPTOR, 2000, 0);
+        answer.extend(random(2000));
+        for b in answer {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            sent2.fetch_add(1, Ordering::Relaxed);
+            // Paced by a stop signal with a timeout: the pause between bytes.
+            if stop_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return;
+            }
+        }
+    });
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let a = addr.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ferry_transport_tcp::fetch_descriptor(
+            &a,
+            Duration::from_millis(800),
+        ));
+    });
+    let result = rx
+        .recv_timeout(WAIT)
+        .expect("the fetch must end by its deadline");
+    let err = result.expect_err("a trickled answer must fail");
+    assert!(err.to_string().contains("deadline"), "{err}");
+    assert!(sent.load(Ordering::Relaxed) < 2016);
+    let _ = stop_tx.send(());
+    trickler.join().unwrap();
+}
+
+#[test]
+fn idle_sockets_are_closed_and_their_places_freed_while_idle_lanes_stay() {
+    let target = started(TcpConfig {
+        max_connections: 8,
+        idle_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    });
+    let region = host(1 << 16);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    // A lane: it has carried a request, then goes quiet.
+    let mut lane = connect(&target.addr);
+    write_frame(&mut lane, 0, region.addr(), key, &random(100));
+    assert_eq!(answer(&mut lane), (ACK, 0, vec![0]));
+    // Seven sockets that never send anything hold every other place.
+    let mut idle: Vec<TcpStream> = (0..7).map(|_| connect(&target.addr)).collect();
+    wait_for("all eight are served", || target.stats().connections == 8);
+    for s in &mut idle {
+        assert!(closed_by_target(s), "an idle socket must be closed");
+    }
+    wait_for("their places are free", || {
+        target.stats().open_connections == 1
+    });
+    assert_eq!(target.stats().idle_timeouts, 7);
+    assert_eq!(target.stats().refused_connections, 0);
+    // A real client is served, and the quiet lane still works.
+    let body = ferry_transport_tcp::fetch_descriptor(&target.addr, WAIT).unwrap();
+    assert_eq!(body, target.descriptor);
+    let data = random(1000);
+    write_frame(&mut lane, 1, region.addr(), key, &data);
+    assert_eq!(answer(&mut lane), (ACK, 1, vec![0]));
+    assert_eq!(bytes_of(&region, 0, 1000), data);
+    assert_eq!(target.stats().idle_timeouts, 7);
+}
+
+#[test]
+fn a_connection_that_only_half_sends_a_header_is_closed() {
+    let target = started(TcpConfig {
+        progress_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(3600),
+        ..TcpConfig::default()
+    });
+    let mut s = connect(&target.addr);
+    s.write_all(&header(GET_DESCRIPTOR, 0, 0)[..5]).unwrap();
+    assert!(closed_by_target(&mut s));
+    assert_eq!(target.stats().progress_timeouts, 1);
+}
+
+#[test]
+fn closed_connections_leave_no_handles_behind() {
+    let target = started(TcpConfig::default());
+    for _ in 0..20 {
+        let body = ferry_transport_tcp::fetch_descriptor(&target.addr, WAIT).unwrap();
+        assert_eq!(body, target.descriptor);
+    }
+    // No accept happens after the last one: the handles must go with the threads.
+    wait_for("every connection's handle is dropped", || {
+        let s = target.stats();
+        s.open_connections == 0 && s.tracked_connections == 0
+    });
+    assert_eq!(target.stats().connections, 20);
+}
+
+#[test]
+fn a_half_closed_write_is_still_acknowledged() {
+    let target = started(TcpConfig::default());
+    let region = host(1 << 16);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    for round in 0..50 {
+        let mut s = connect(&target.addr);
+        let data = random(4096);
+        let offset = (round % 16) * 4096;
+        write_frame(&mut s, 0, region.addr() + offset as u64, key, &data);
+        s.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(answer(&mut s), (ACK, 0, vec![0]), "round {round}");
+        assert_eq!(bytes_of(&region, offset, 4096), data, "round {round}");
+        assert!(closed_by_target(&mut s));
+    }
+}
+
+/// Counts the target's "refused request" warnings.
+mod warnings {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    pub(crate) static REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+    struct Count;
+
+    struct IsRefusal(bool);
+
+    impl Visit for IsRefusal {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" && format!("{value:?}") == "refused request" {
+                self.0 = true;
+            }
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Count {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            if *event.metadata().level() == Level::WARN {
+                let mut v = IsRefusal(false);
+                event.record(&mut v);
+                if v.0 {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn install() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            let _ =
+                tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Count));
+        });
+    }
+}
+
+#[test]
+fn refusals_are_counted_every_one_and_logged_at_a_bounded_rate() {
+    warnings::install();
+    let target = started(TcpConfig::default());
+    // Many regions: refused requests must not cost a scan of them all.
+    let regions: Vec<_> = (0..5000).map(|_| host(64)).collect();
+    let keys: Vec<u64> = regions
+        .iter()
+        .map(|r| target.t.register(r, Access::RemoteReadWrite).unwrap()[0])
+        .collect();
+    let before = warnings::REFUSED.load(Ordering::Relaxed);
+    let mut s = connect(&target.addr);
+    let mut seq = 0;
+    for frame in 0..40 {
+        let mut f = header(READ, 256, seq);
+        for i in 0..256usize {
+            let r = &regions[(frame * 256 + i) % regions.len()];
+            // Wrong key, beyond the end, or nowhere.
+            let d = match i % 3 {
+                0 => desc(r.addr(), 8, keys[(frame + i + 1) % keys.len()] ^ 1),
+                1 => desc(r.addr(), 4096, keys[(frame * 256 + i) % keys.len()]),
+                _ => desc(8 + i as u64, 8, 12345),
+            };
+            f.extend(d);
+        }
+        s.write_all(&f).unwrap();
+        let (kind, got_seq, statuses) = answer(&mut s);
+        assert_eq!((kind, got_seq), (READ_DATA, seq));
+        assert!(statuses.iter().all(|&st| st != 0));
+        seq += 256;
+    }
+    // Valid requests to random regions among them still resolve to the right bytes.
+    for i in (0..regions.len()).step_by(97) {
+        let data = random(64);
+        assert!(regions[i].copy_from_slice_at(0, &data));
+        let mut f = header(READ, 1, seq);
+        f.extend(desc(regions[i].addr(), 64, keys[i]));
+        s.write_all(&f).unwrap();
+        let (kind, _, statuses) = answer(&mut s);
+        assert_eq!((kind, statuses), (READ_DATA, vec![0]));
+        let mut got = vec![0u8; 64];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, data);
+        seq += 1;
+    }
+    assert_eq!(target.stats().rejected_requests, 40 * 256);
+    let logged = warnings::REFUSED.load(Ordering::Relaxed) - before;
+    assert!(logged >= 1, "refusals must still be logged");
+    assert!(
+        logged <= 64,
+        "{logged} warnings for 10240 refusals: not rate-limited"
+    );
+}
+
+fn secret_target() -> Target {
+    started(TcpConfig {
+        secret: Some(SharedSecret::from("correct horse battery staple")),
+        ..TcpConfig::default()
+    })
+}
+
+#[test]
+fn a_client_without_the_secret_is_refused_before_any_frame_is_served() {
+    let target = secret_target();
+    let region = host(1 << 16);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let original = random(1 << 16);
+    assert!(region.copy_from_slice_at(0, &original));
+
+    // A descriptor fetch without a secret gets an error that names the secret.
+    let err = ferry_transport_tcp::fetch_descriptor(&target.addr, WAIT).unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    // A raw WRITE with the right key changes nothing.
+    let mut s = connect(&target.addr);
+    write_frame(&mut s, 0, region.addr(), key, &random(4096));
+    assert!(closed_by_target(&mut s));
+    // So does a READ: no byte of the region comes back.
+    let mut s = connect(&target.addr);
+    let mut f = header(READ, 1, 0);
+    f.extend(desc(region.addr(), 4096, key));
+    s.write_all(&f).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() <= 16, "{} bytes came back", got.len());
+    assert!(got.is_empty() || got[3] == CHALLENGE);
+    // A hello followed by a made-up proof.
+    let mut s = connect(&target.addr);
+    let mut f = header(HELLO, 32, 0);
+    f.extend(random(32));
+    s.write_all(&f).unwrap();
+    let (kind, _, body) = answer(&mut s);
+    assert_eq!((kind, body.len()), (CHALLENGE, 64));
+    let mut f = header(PROOF, 32, 0);
+    f.extend(random(32));
+    f.extend(header(GET_DESCRIPTOR, 0, 0));
+    s.write_all(&f).unwrap();
+    assert!(closed_by_target(&mut s));
+
+    wait_for("every failure is counted", || {
+        target.stats().auth_failures == 4
+    });
+    assert_eq!(bytes_of(&region, 0, 1 << 16), original);
+    assert_eq!(target.stats().rejected_requests, 0);
+}
+
+#[test]
+fn a_wrong_secret_fails_both_ways_with_errors_that_name_it() {
+    let target = secret_target();
+    let wrong = SharedSecret::from("correct horse battery stapler");
+    let err =
+        ferry_transport_tcp::fetch_descriptor_with(&target.addr, WAIT, Some(&wrong)).unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    wait_for("the target counts it", || target.stats().auth_failures == 1);
+
+    // A target without a secret: the client with one is told so.
+    let open = started(TcpConfig::default());
+    let err =
+        ferry_transport_tcp::fetch_descriptor_with(&open.addr, WAIT, Some(&wrong)).unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+
+    // A fake target that does not know the secret: the client refuses it (mutual).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 48];
+        s.read_exact(&mut hello).unwrap();
+        let mut f = header(CHALLENGE, 64, 0);
+        f.extend(random(64));
+        s.write_all(&f).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest
+    });
+    let right = SharedSecret::from("correct horse battery staple");
+    let err = ferry_transport_tcp::fetch_descriptor_with(&addr, WAIT, Some(&right)).unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    // The client sent no proof of its own to a target that failed to prove itself.
+    assert!(fake.join().unwrap().is_empty());
+}
+
+#[test]
+fn with_the_secret_descriptors_lanes_and_data_work() {
+    let secret = SharedSecret::from("correct horse battery staple");
+    let target = secret_target();
+    let region = host(1 << 20);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let body =
+        ferry_transport_tcp::fetch_descriptor_with(&target.addr, WAIT, Some(&secret)).unwrap();
+    assert_eq!(body, target.descriptor);
+    assert_eq!(target.t.fetch_descriptor(&target.addr).unwrap(), body);
+
+    // Lanes of an initiator with the same secret move data both ways.
+    let initiator = started(TcpConfig {
+        lanes: 2,
+        secret: Some(secret),
+        ..TcpConfig::default()
+    });
+    let local = host(1 << 20);
+    initiator
+        .t
+        .register(&local, Access::RemoteReadWrite)
+        .unwrap();
+    let conn = initiator.t.connect_tcp(&target.addr).unwrap();
+    let data = random(1 << 20);
+    assert!(local.copy_from_slice_at(0, &data));
+    let post = |op, token| {
+        conn.post(Slice {
+            op,
+            local: local.clone(),
+            local_offset: 0,
+            remote_addr: region.addr(),
+            remote_base: region.addr(),
+            remote_keys: RemoteKeys::single(key),
+            len: 1 << 20,
+            token,
+            deadline: Instant::now() + WAIT,
+        })
+        .unwrap();
+        conn.flush();
+        let (t, r) = initiator.done.recv_timeout(WAIT).unwrap();
+        assert_eq!(t, token);
+        assert_eq!(r, Ok(1 << 20));
+    };
+    post(
+        Opcode::Write,
+        CompletionToken {
+            slot: 1,
+            generation: 0,
+            task: 0,
+        },
+    );
+    assert_eq!(bytes_of(&region, 0, 1 << 20), data);
+    assert!(region.copy_from_slice_at(0, &random(1 << 20)));
+    let want = bytes_of(&region, 0, 1 << 20);
+    post(
+        Opcode::Read,
+        CompletionToken {
+            slot: 2,
+            generation: 0,
+            task: 0,
+        },
+    );
+    assert_eq!(bytes_of(&local, 0, 1 << 20), want);
+    assert_eq!(target.stats().auth_failures, 0);
+    drop(target.done);
+}
+
+#[test]
+fn the_connection_limit_fits_the_descriptor_limit() {
+    // Changes the process's descriptor limit: runs in a child process of its own.
+    const CHILD: &str = "FERRY_TEST_FD_LIMIT_CHILD";
+    if let Ok(which) = std::env::var(CHILD) {
+        use rlimit::Resource;
+        let (_, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
+        if which == "lower" {
+            // A hard limit too low for the default 1024 connections.
+            rlimit::setrlimit(Resource::NOFILE, 600, 600).unwrap();
+            let target = started(TcpConfig::default());
+            let fit = target.t.max_connections();
+            assert!((50..1024).contains(&fit), "{fit}");
+            assert_eq!(rlimit::getrlimit(Resource::NOFILE).unwrap().0, 600);
+            // Idle sockets beyond the fitted limit are refused, not served.
+            let held: Vec<TcpStream> = (0..fit + 3).map(|_| connect(&target.addr)).collect();
+            wait_for("the extra sockets are refused", || {
+                target.stats().refused_connections == 3
+            });
+            assert_eq!(target.stats().open_connections as usize, fit);
+            drop(held);
+        } else {
+            // A low soft limit under a high hard one is raised to fit.
+            rlimit::setrlimit(Resource::NOFILE, 300, hard).unwrap();
+            let target = started(TcpConfig::default());
+            let need = 1024 * 3 + 256;
+            if hard >= need {
+                assert_eq!(target.t.max_connections(), 1024);
+                assert!(rlimit::getrlimit(Resource::NOFILE).unwrap().0 >= need);
+            } else {
+                assert!(target.t.max_connections() < 1024);
+            }
+        }
+        return;
+    }
+    for which in ["lower", "raise"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_connection_limit_fits_the_descriptor_limit",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, which)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{which}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The child ran the test (not zero tests).
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{which}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
