@@ -27,12 +27,11 @@
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use ferry_transport_api::{CompletionToken, Completions, FailReason, Slice};
 use libfabric_sys as fi;
-use parking_lot::Mutex;
 
 /// Most reports gathered under the lock before they are delivered (one completion
 /// queue read at most).
@@ -186,6 +185,9 @@ pub(crate) struct OpSlab {
     /// only while it is not; never read by ferry.
     contexts: NonNull<fi::fi_context>,
     capacity: usize,
+    /// std's mutex (a futex) rather than parking_lot's: a thread's first wait on a
+    /// parking_lot lock allocates its parking data, which would put an allocation on
+    /// the steady-state path of whichever thread first contends here.
     state: Mutex<State>,
     /// When the earliest deadline of the operations in flight passes (nanoseconds since
     /// `epoch`), or `NEVER`; it may be early (that operation completed already), never
@@ -250,6 +252,12 @@ impl OpSlab {
         }
     }
 
+    /// The bookkeeping. Nothing under the lock panics; were it poisoned anyway, the
+    /// state is still consistent between statements, so it is used as is.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn context(&self, index: u32) -> *mut c_void {
         debug_assert!((index as usize) < self.capacity);
         // SAFETY: index < capacity, so the result stays inside the contexts allocation.
@@ -279,7 +287,7 @@ impl OpSlab {
         alive: Option<Arc<AtomicBool>>,
     ) -> Result<(OpRef, *mut c_void), Slice> {
         let deadline = self.nanos(slice.deadline);
-        let mut s = self.state.lock();
+        let mut s = self.state();
         let Some(index) = s.free.pop() else {
             return Err(slice);
         };
@@ -310,7 +318,7 @@ impl OpSlab {
     /// slice, and whether the deadline sweep reported it already (then the slice has
     /// ended, and the post must count as done). `None` for a stale reference.
     pub(crate) fn reclaim(&self, op: OpRef) -> Option<(Slice, bool)> {
-        let mut s = self.state.lock();
+        let mut s = self.state();
         let s = &mut *s;
         let entry = s.entries.get_mut(op.index as usize)?;
         if entry.generation != op.generation {
@@ -339,7 +347,7 @@ impl OpSlab {
         done: impl IntoIterator<Item = (*mut c_void, Option<i32>)>,
         out: &mut Outcomes,
     ) {
-        let mut s = self.state.lock();
+        let mut s = self.state();
         let s = &mut *s;
         for (ctx, error) in done {
             if out.is_full() {
@@ -408,7 +416,7 @@ impl OpSlab {
     /// delivering).
     pub(crate) fn expire(&self, now: Instant, out: &mut Outcomes) -> bool {
         let now_ns = self.nanos(now);
-        let mut s = self.state.lock();
+        let mut s = self.state();
         let s = &mut *s;
         let mut earliest = NEVER;
         let mut more = false;
@@ -457,7 +465,7 @@ impl OpSlab {
     /// every operation still in flight `Shutdown` and frees every entry. Returns true
     /// when `out` filled up first (call again after delivering).
     pub(crate) fn close(&self, out: &mut Outcomes) -> bool {
-        let mut s = self.state.lock();
+        let mut s = self.state();
         let s = &mut *s;
         for (index, entry) in s.entries.iter_mut().enumerate() {
             if matches!(entry.phase, Phase::Free) {
@@ -491,8 +499,7 @@ impl OpSlab {
     /// Operations in flight whose completion the provider may still deliver (not timed
     /// out, not held back by the test knob).
     pub(crate) fn awaiting(&self) -> usize {
-        self.state
-            .lock()
+        self.state()
             .entries
             .iter()
             .filter(|e| matches!(&e.phase, Phase::InFlight(p) if !p.held))
@@ -500,7 +507,7 @@ impl OpSlab {
     }
 
     pub(crate) fn stats(&self) -> OpStats {
-        self.state.lock().stats
+        self.state().stats
     }
 }
 
