@@ -393,6 +393,62 @@ fn a_connection_that_only_half_sends_a_header_is_closed() {
     assert_eq!(target.stats().progress_timeouts, 1);
 }
 
+/// The kernel's timer state of every IPv4 TCP socket between two ports, seen from
+/// `/proc/net/tcp`: (local port, remote port, state, active timer).
+fn tcp_sockets() -> Vec<(u16, u16, u8, u8)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+            let timer = u8::from_str_radix(f.get(5)?.split(':').next()?, 16).ok()?;
+            Some((port(f[1]), port(f[2]), state, timer))
+        })
+        .collect()
+}
+
+#[test]
+fn keepalive_watches_lanes_on_both_ends() {
+    const ESTABLISHED: u8 = 1;
+    const KEEPALIVE_TIMER: u8 = 2;
+    let target = started(TcpConfig::default());
+    let target_port: u16 = target.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let initiator = started(TcpConfig {
+        lanes: 3,
+        ..TcpConfig::default()
+    });
+    let _conn = initiator.t.connect_tcp(&target.addr).unwrap();
+    // Idle established connections on either end run the keepalive timer (a socket
+    // without keepalive runs none): three lanes, three accepted connections.
+    wait_for(
+        "keepalive armed on every lane and every accepted connection",
+        || {
+            let socks = tcp_sockets();
+            let ends = |initiator_side: bool| {
+                socks
+                    .iter()
+                    .filter(|&&(local, remote, state, _)| {
+                        state == ESTABLISHED
+                            && if initiator_side {
+                                remote == target_port
+                            } else {
+                                local == target_port
+                            }
+                    })
+                    .map(|s| s.3)
+                    .collect::<Vec<_>>()
+            };
+            let (lanes, accepted) = (ends(true), ends(false));
+            lanes.len() == 3
+                && accepted.len() == 3
+                && lanes.iter().chain(&accepted).all(|&t| t == KEEPALIVE_TIMER)
+        },
+    );
+}
+
 #[test]
 fn closed_connections_leave_no_handles_behind() {
     let target = started(TcpConfig::default());
