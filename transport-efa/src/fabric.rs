@@ -897,18 +897,21 @@ impl Device {
     /// for the operations in flight to complete. Call after
     /// [`stop_progress`](Self::stop_progress); idempotent.
     pub(crate) fn close(&self) {
-        let mut ep = self.ep.write();
-        if !ep.0.is_null() {
-            // An endpoint closed under its operations can break the peer's provider
-            // (`shm` peers in one process use each other's queues directly, and one was
-            // seen to crash): let what is in flight finish first, briefly. Operations
-            // already timed out are not waited for (they may never come back).
+        // An endpoint closed under its operations can break the peer's provider (`shm`
+        // peers in one process use each other's queues directly, and one was seen to
+        // crash): let what is in flight finish first, briefly. Operations already timed
+        // out are not waited for (they may never come back). Not under the endpoint's
+        // lock: the completions delivered here may call back into the transport.
+        if !self.ep.read().0.is_null() {
             let grace = Instant::now() + CLOSE_GRACE;
             while self.ops.awaiting() > 0 && Instant::now() < grace {
                 if self.progress_once(None) == 0 {
                     std::thread::yield_now();
                 }
             }
+        }
+        let mut ep = self.ep.write();
+        if !ep.0.is_null() {
             let _serial = self.serial();
             // SAFETY: the endpoint is open (not null) and no post is using it (write
             // lock held); it is closed once and nulled.

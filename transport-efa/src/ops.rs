@@ -190,8 +190,9 @@ pub(crate) struct OpSlab {
     /// the steady-state path of whichever thread first contends here.
     state: Mutex<State>,
     /// When the earliest deadline of the operations in flight passes (nanoseconds since
-    /// `epoch`), or `NEVER`; it may be early (that operation completed already), never
-    /// late. Lets the progress thread skip the sweep without taking the lock.
+    /// `epoch`), or `NEVER` when none is in flight; it may be early (that operation
+    /// completed already), never late. Lets the progress thread skip the sweep without
+    /// taking the lock. Written only under the lock.
     due_ns: AtomicU64,
     epoch: Instant,
 }
@@ -337,6 +338,9 @@ impl OpSlab {
         };
         entry.generation = entry.generation.wrapping_add(1);
         s.free.push(op.index);
+        if s.stats.in_flight == 0 {
+            self.due_ns.store(NEVER, Ordering::Release);
+        }
         Some(taken)
     }
 
@@ -397,6 +401,10 @@ impl OpSlab {
             entry.generation = entry.generation.wrapping_add(1);
             s.free.push(index);
         }
+        if s.stats.in_flight == 0 {
+            // Nothing left whose deadline could pass (posts lower it under this lock).
+            self.due_ns.store(NEVER, Ordering::Release);
+        }
     }
 
     /// Whether a deadline of an operation in flight may have passed by `now` (cheap: no
@@ -405,7 +413,7 @@ impl OpSlab {
         self.due_ns.load(Ordering::Acquire) <= self.nanos(now)
     }
 
-    /// Whether any operation is in flight.
+    /// Whether any operation is in flight (not yet reported).
     pub(crate) fn busy(&self) -> bool {
         self.due_ns.load(Ordering::Acquire) != NEVER
     }
@@ -577,8 +585,10 @@ mod tests {
         let (_, b) = slab.acquire(slice(2, later), None).unwrap();
         assert_ne!(a, b);
         assert!(slab.acquire(slice(3, later), None).is_err(), "slab is full");
+        assert!(slab.busy());
         finish_one(&slab, a, None, &rec);
         finish_one(&slab, b, Some(5), &rec);
+        assert!(!slab.busy(), "nothing left to sweep");
         // A duplicate completion for a freed context changes nothing.
         finish_one(&slab, a, None, &rec);
         assert_eq!(rec.of(1), vec![Ok(101)]);
