@@ -2,6 +2,14 @@
 //! that gathers queued slices into vectored frames (many small requests share one system
 //! call) and a receiver thread that completes them in order, reading READ data straight
 //! into registered memory.
+//!
+//! Every task ends by its deadline, whatever the peer does. Each step that can wait
+//! (room in the queue, room in flight, the socket) waits until the deadline of what it
+//! carries at most; what ended while queued is not sent; and everything in flight,
+//! notifications included, has a deadline: a lane still owing an answer past one is
+//! closed, so its connection reports it is not alive and is replaced on the next
+//! connect. READ data lands in local memory only while its slice is live (see
+//! `Receiver_`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -729,6 +737,12 @@ impl Pace for SendPace<'_> {
 /// the answer is never read at all. Data of a slice already filled stays (it landed while
 /// the slice was live). Staged device memory is checked again after each chunk is read
 /// and before it is copied to the device.
+///
+/// What this leaves open: the check and the read call are two steps, so a read call that
+/// started just before the deadline may still be copying (a socket's worth of bytes at
+/// most) while a waiter that saw the deadline reports the task timed out, and a staged
+/// chunk whose device copy started before the deadline may finish after it. Closing that
+/// window would take the engine asking the transport before it reports a timeout.
 ///
 /// The same rule closes the lane whenever anything in flight, answered or not, is still
 /// unfinished at its deadline (notifications included): a peer that stops answering, or
