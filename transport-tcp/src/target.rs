@@ -259,10 +259,12 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
     }
 }
 
+/// Whether the peer went away (closed, reset, or found dead by keepalive).
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::TimedOut
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
@@ -715,7 +717,7 @@ impl TargetConn {
             since: None,
         };
         match self.pipe.read_exact(&mut [IoSliceMut::new(buf)], &mut pace) {
-            Err(e) if is_disconnect(&e) => Err(closing(
+            Err(e) if closing_of(&e).is_none() && is_disconnect(&e) => Err(closing(
                 io::ErrorKind::PermissionDenied,
                 Closing::Unauthenticated("closed before proving the secret"),
             )),
