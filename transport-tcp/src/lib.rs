@@ -710,3 +710,103 @@ pub fn fetch_descriptor_with(
     .map_err(|e| handshake(format!("reading the descriptor: {e}")))?;
     Ok(body)
 }
+
+/// The decoders that read a peer's bytes, reachable from ferry's fuzz targets and
+/// wire-format tests. Not part of the API: no stability promise.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    use ferry_transport_api::{Access, Opcode, RegionMemory, RemoteStatus};
+
+    use crate::frame;
+
+    /// Header length.
+    pub const HEADER_LEN: usize = frame::HEADER_LEN;
+    /// Request descriptor length.
+    pub const DESC_LEN: usize = frame::DESC_LEN;
+    /// Most descriptors or statuses one message carries.
+    pub const MAX_DESCS: usize = frame::MAX_DESCS;
+    /// Largest notification body.
+    pub const MAX_NOTIFY: usize = frame::MAX_NOTIFY;
+    /// Largest descriptor document.
+    pub const MAX_DESCRIPTOR: usize = frame::MAX_DESCRIPTOR;
+    /// Largest single request a target accepts.
+    pub const MAX_REQUEST: u64 = frame::MAX_REQUEST;
+
+    /// A header's fields: kind byte, count, sequence number.
+    pub type Header = (u8, u32, u64);
+
+    /// Decodes and checks a header as both ends do; the error is the message a peer sees.
+    pub fn decode_header(b: &[u8; HEADER_LEN]) -> Result<Header, String> {
+        frame::Header::decode(b)
+            .map(|h| (h.kind as u8, h.count, h.seq))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Encodes a header whose kind byte is a known kind (the count is not checked).
+    pub fn encode_header(kind: u8, count: u32, seq: u64) -> Option<[u8; HEADER_LEN]> {
+        // The decoder is the one list of kinds: ask it about a header of this kind alone.
+        let mut probe = frame::Header::new(frame::Kind::GetDescriptor, 0, 0).encode();
+        probe[3] = kind;
+        let kind = match frame::Header::decode(&probe) {
+            Ok(h) => h.kind,
+            Err(frame::FrameError::TooLong { kind, .. }) => kind,
+            Err(_) => return None,
+        };
+        Some(frame::Header::new(kind, count, seq).encode())
+    }
+
+    /// Decodes a request descriptor: (address, length, key).
+    pub fn decode_desc(b: &[u8; DESC_LEN]) -> (u64, u64, u64) {
+        let d = frame::Desc::decode(b);
+        (d.addr, d.len, d.key)
+    }
+
+    /// Encodes a request descriptor.
+    pub fn encode_desc(addr: u64, len: u64, key: u64) -> [u8; DESC_LEN] {
+        let mut b = [0u8; DESC_LEN];
+        frame::Desc { addr, len, key }.encode_into(&mut b);
+        b
+    }
+
+    /// Parses a notification body into (sender, message), as the target does.
+    pub fn parse_notification(body: &[u8]) -> Option<(&str, &[u8])> {
+        crate::target::parse_notification(body)
+    }
+
+    /// Encodes a notification body, as the initiator does.
+    pub fn encode_notification(from: &str, message: &[u8]) -> Vec<u8> {
+        crate::target::encode_notification(from, message)
+    }
+
+    /// The target's table of registered regions, which resolves every request.
+    #[derive(Default)]
+    pub struct Regions(crate::regions::Regions);
+
+    impl Regions {
+        /// Registers `memory`; returns its fresh key.
+        pub fn insert(&self, memory: &Arc<RegionMemory>, access: Access) -> u64 {
+            self.0.insert(memory, access)
+        }
+
+        /// Forgets `memory`.
+        pub fn remove(&self, memory: &RegionMemory) {
+            self.0.remove(memory);
+        }
+
+        /// Checks a request as the target does: the region it lies in and the offset.
+        pub fn resolve(
+            &self,
+            op: Opcode,
+            addr: u64,
+            len: u64,
+            key: u64,
+            staging: bool,
+        ) -> Result<(Arc<RegionMemory>, usize), RemoteStatus> {
+            self.0
+                .resolve(op, addr, len, key, staging)
+                .map(|r| (r.memory, r.offset))
+        }
+    }
+}
