@@ -17,6 +17,7 @@
 //!   mixed shapes; fails if any run outlived its window (a wait that missed its wake-up).
 #![forbid(unsafe_code)]
 
+mod fuzz;
 mod reliability;
 
 use std::process::{Command, Stdio};
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
         "bench" => bench(rest),
         "cross" => cross(rest),
         "stall" => reliability::stall(rest),
+        "fuzz" => fuzz::run(rest),
         _ => {
             eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64\n       cargo xtask stall [--runs N] [--duration SECS]");
             if task == "help" || task == "--help" {
