@@ -460,7 +460,14 @@ fn black_hole_mid_batch_ends_every_task_and_the_path_recovers() {
         return;
     };
     let target = net.start_target("64M");
-    let e = initiator();
+    // A connect through the hole gives up after this.
+    let e = Engine::builder()
+        .transport(Tcp::new(TcpConfig {
+            connect_timeout: Duration::from_secs(2),
+            ..TcpConfig::default()
+        }))
+        .build()
+        .unwrap();
     let seg = e.open_segment(&target.name).unwrap();
     let remote = seg.buffer(0).unwrap();
     let local = e.allocate(64 * MIB, Location::host()).unwrap();
@@ -548,6 +555,13 @@ fn black_hole_mid_batch_ends_every_task_and_the_path_recovers() {
     let (completed, _) = assert_all_ended(&batch);
     assert_eq!(completed, 0, "a task completed through the black hole");
     drop(batch);
+    // Its lanes ended, so the cache must not hand the dead segment out again; opening
+    // it anew fails once the connect attempt times out, instead of waiting for the path.
+    let reopened = e.open_segment(&target.name);
+    assert!(
+        matches!(&reopened, Err(Error::OpenSegment { .. })),
+        "open_segment through a black hole: {reopened:?}"
+    );
     drop(dog);
 
     // The path returns; neither side restarts. The remote's second half was only read
