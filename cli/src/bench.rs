@@ -125,6 +125,9 @@ fn spawn_target(args: &RunArgs) -> Result<(Child, String)> {
     if !e.fabric_devices.is_empty() {
         cmd.args(["--fabric-devices", &e.fabric_devices.join(",")]);
     }
+    if let Some(f) = &e.secret_file {
+        cmd.arg("--secret-file").arg(f);
+    }
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -60,6 +60,10 @@ pub(crate) struct EngineArgs {
     /// Microseconds a thread spins for work before it sleeps.
     #[arg(long, default_value_t = 50)]
     busy_poll_us: u64,
+    /// A file holding the secret every engine of the deployment shares; connections
+    /// without it are refused (default: no authentication).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
 }
 
 impl EngineArgs {
@@ -88,8 +92,22 @@ impl EngineArgs {
             metadata: self.metadata.clone(),
             lanes: self.lanes,
             busy_poll_us: self.busy_poll_us,
+            secret: self.secret()?,
             ..EngineConfig::default()
         })
+    }
+
+    fn secret(&self) -> Result<Option<String>> {
+        let Some(path) = &self.secret_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the secret from {}", path.display()))?;
+        let secret = text.trim_end_matches(['\n', '\r']).to_string();
+        if secret.is_empty() {
+            anyhow::bail!("{} holds no secret", path.display());
+        }
+        Ok(Some(secret))
     }
 
     fn location(&self) -> Result<Location> {

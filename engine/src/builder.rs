@@ -278,6 +278,11 @@ pub struct EngineConfig {
     /// Most bytes of notifications queued for the application before peers' further
     /// notifications are refused as busy.
     pub notify_queue_bytes: usize,
+    /// A secret shared by every engine of the deployment: each connection to the port
+    /// then starts with a mutual challenge-response, and peers without it are refused.
+    /// `None` (default): anyone who reaches the port is served.
+    #[serde(skip_serializing)]
+    pub secret: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -298,6 +303,7 @@ impl Default for EngineConfig {
             allow_tcp_only: false,
             retry_over_tcp: false,
             notify_queue_bytes: crate::engine::NOTIFY_QUEUE_BYTES,
+            secret: None,
         }
     }
 }
@@ -311,6 +317,10 @@ impl EngineConfig {
             busy_poll: Duration::from_micros(self.busy_poll_us),
             advertise: self.advertise.clone(),
             max_connections: self.max_connections,
+            secret: self
+                .secret
+                .as_deref()
+                .map(ferry_transport_tcp::SharedSecret::from),
             ..TcpConfig::default()
         }
     }

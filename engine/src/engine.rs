@@ -686,9 +686,11 @@ impl Engine {
                 Route::Local,
             ));
         }
-        let body =
-            ferry_transport_tcp::fetch_descriptor(name, self.inner.tcp.config().connect_timeout)
-                .map_err(|e| open_err(format!("{e}{}", source_text(&e))))?;
+        let body = self
+            .inner
+            .tcp
+            .fetch_descriptor(name)
+            .map_err(|e| open_err(format!("{e}{}", source_text(&e))))?;
         let descriptor: SegmentDescriptor = serde_json::from_slice(&body).map_err(|e| {
             open_err(format!(
                 "the peer sent a descriptor that does not parse: {e}"

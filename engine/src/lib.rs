@@ -85,4 +85,4 @@ pub use ferry_transport_api::{
     Access, BufferDescriptor, ErrorKind, FailReason, Location, Opcode, Protocol, RemoteStatus,
     SegmentDescriptor, StagingStats,
 };
-pub use ferry_transport_tcp::{TcpConfig, TcpStats};
+pub use ferry_transport_tcp::{SharedSecret, TcpConfig, TcpStats};

@@ -522,7 +522,6 @@ fn registration_past_the_descriptor_cap_is_refused() {
 /// connect hangs until its timeout: opening another, healthy segment meanwhile is not
 /// held up by it.
 #[test]
-#[ignore = "needs TcpTransport::connect_tcp to connect outside its peer-table lock"]
 fn a_hanging_connect_does_not_hold_up_other_opens() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let name = listener.local_addr().unwrap().to_string();

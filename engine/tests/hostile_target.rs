@@ -144,7 +144,6 @@ fn with_secret(secret: Option<&str>) -> TcpConfig {
 }
 
 #[test]
-#[ignore = "needs the engine to fetch descriptors with its transport's secret (TcpTransport::fetch_descriptor)"]
 fn engines_sharing_a_secret_transfer_and_others_are_refused() {
     let target = engine_with(with_secret(Some("a secret every engine here shares")));
     let remote_buf = target.allocate(1 << 16, Location::host()).unwrap();
@@ -160,6 +159,12 @@ fn engines_sharing_a_secret_transfer_and_others_are_refused() {
         panic!("wrong secret, no segment")
     };
     assert!(err.to_string().contains("secret"), "{err}");
+    // The target counts each refusal on its connection's thread, which may finish after
+    // the client has its error.
+    let until = std::time::Instant::now() + WAIT;
+    while target.tcp_stats().auth_failures < 2 && std::time::Instant::now() < until {
+        std::thread::yield_now();
+    }
     assert!(target.tcp_stats().auth_failures >= 2);
 
     let initiator = engine_with(with_secret(Some("a secret every engine here shares")));

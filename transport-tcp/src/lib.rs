@@ -317,12 +317,13 @@ impl TcpTransport {
         if self.shared.stopping() {
             return Err(TransportError::Closed);
         }
-        let mut peers = self.peers.lock();
-        if let Some(c) = peers.get(address) {
+        if let Some(c) = self.peers.lock().get(address) {
             if c.is_alive() {
                 return Ok(c.clone());
             }
         }
+        // Connects without the table's lock: a peer whose connect hangs must not hold up
+        // connections to others.
         let addr = resolve(address)?;
         let conn = TcpConnection::open(&self.shared, address, addr).map_err(|source| {
             TransportError::ConnectPeer {
@@ -331,8 +332,38 @@ impl TcpTransport {
             }
         })?;
         let conn = Arc::new(conn);
-        peers.insert(address.to_string(), conn.clone());
-        Ok(conn)
+        let (winner, dead) = {
+            let mut peers = self.peers.lock();
+            // Dead peers' lanes are released here, outside the lock below.
+            let gone: Vec<String> = peers
+                .iter()
+                .filter(|(_, c)| !c.is_alive())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let dead: Vec<_> = gone.iter().filter_map(|k| peers.remove(k)).collect();
+            let winner = match peers.get(address) {
+                // Another thread connected meanwhile: its connection wins.
+                Some(c) => Some(c.clone()),
+                None if self.shared.stopping() => {
+                    drop(peers);
+                    conn.close(ferry_transport_api::FailReason::Shutdown);
+                    return Err(TransportError::Closed);
+                }
+                None => {
+                    peers.insert(address.to_string(), conn.clone());
+                    None
+                }
+            };
+            (winner, dead)
+        };
+        drop(dead);
+        match winner {
+            Some(c) => {
+                conn.close(ferry_transport_api::FailReason::Shutdown);
+                Ok(c)
+            }
+            None => Ok(conn),
+        }
     }
 }
 
