@@ -179,3 +179,38 @@ fn engines_sharing_a_secret_transfer_and_others_are_refused() {
     remote_buf.read_at(0, &mut got).unwrap();
     assert_bytes_eq(&got, &data, "with the secret");
 }
+
+#[test]
+fn an_initiators_idle_lanes_outlive_the_idle_limit() {
+    let target = engine_with(TcpConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    });
+    let kv = target.allocate(1 << 16, Location::host()).unwrap();
+    let initiator = engine_with(TcpConfig {
+        lanes: 2,
+        ..TcpConfig::default()
+    });
+    let segment = initiator.open_segment(&target.name()).unwrap();
+    // A silent socket opened after the lanes: once the target has closed it as idle, the
+    // lanes have been idle longer still.
+    let mut clock = TcpStream::connect(target.name()).unwrap();
+    assert!(closed_by_target(&mut clock));
+    let local = initiator.allocate(1 << 16, Location::host()).unwrap();
+    let data = random(1 << 16);
+    local.write_at(0, &data).unwrap();
+    let remote = segment.buffer(0).unwrap();
+    let mut b = initiator.batch();
+    // Two slices' worth of tasks, so both lanes carry one.
+    b.write(&local, 0, &remote, 0, 1 << 15).unwrap();
+    b.write(&local, 1 << 15, &remote, 1 << 15, 1 << 15).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; 1 << 16];
+    kv.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "written over lanes that sat idle");
+    assert_eq!(
+        target.tcp_stats().idle_timeouts,
+        1,
+        "only the silent socket"
+    );
+}

@@ -11,7 +11,10 @@
 //! | 8..16 | seq | sequence number of the first request the message carries |
 //!
 //! Initiator to target: `Write` (count descriptors, then every payload in order), `Read`
-//! (count descriptors), `Notify` (count body bytes), `GetDescriptor`. A descriptor is
+//! (count descriptors), `Notify` (count body bytes), `GetDescriptor`, `Lane` (count 0:
+//! sent first on each data lane, so the target keeps an idle lane open for as long as
+//! TCP keepalive finds its initiator alive, where a silent connection is closed after
+//! the idle limit). A descriptor is
 //! 24 bytes: remote address, length, key. Target to initiator: `Ack` (count status
 //! bytes), `ReadData` (count status bytes, then the data of every request whose status
 //! is 0, in order), `Descriptor` (count body bytes). Sequence numbers count requests per
@@ -66,6 +69,7 @@ pub(crate) enum Kind {
     Hello = 8,
     Challenge = 9,
     Proof = 10,
+    Lane = 11,
 }
 
 impl Kind {
@@ -81,6 +85,7 @@ impl Kind {
             8 => Kind::Hello,
             9 => Kind::Challenge,
             10 => Kind::Proof,
+            11 => Kind::Lane,
             _ => return None,
         })
     }
@@ -149,7 +154,7 @@ impl Header {
         let limit = match kind {
             Kind::Write | Kind::Read | Kind::Ack | Kind::ReadData => MAX_DESCS,
             Kind::Notify => MAX_NOTIFY,
-            Kind::GetDescriptor => 0,
+            Kind::GetDescriptor | Kind::Lane => 0,
             Kind::Descriptor => MAX_DESCRIPTOR,
             Kind::Hello | Kind::Proof => AUTH_LEN,
             Kind::Challenge => 2 * AUTH_LEN,

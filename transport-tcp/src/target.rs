@@ -607,6 +607,12 @@ impl TargetConn {
                     self.notify(header)
                 }
                 Kind::GetDescriptor => self.send_descriptor(),
+                Kind::Lane => {
+                    // An initiator's data lane: idle until it has work, kept while
+                    // keepalive says its peer is alive.
+                    self.active = true;
+                    Ok(())
+                }
                 other => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
