@@ -43,7 +43,7 @@ pub(crate) const MAX_DESCS: usize = 256;
 /// Largest notification body.
 pub(crate) const MAX_NOTIFY: usize = 64 * 1024;
 /// Largest descriptor document a peer may send.
-pub(crate) const MAX_DESCRIPTOR: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_DESCRIPTOR: usize = ferry_transport_api::SegmentDescriptor::MAX_ENCODED_LEN;
 /// Largest single request a target accepts at all; beyond it the stream is treated as
 /// hostile and closed (smaller out-of-range requests are refused one by one).
 pub(crate) const MAX_REQUEST: u64 = 1 << 30;
