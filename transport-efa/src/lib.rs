@@ -380,8 +380,12 @@ struct EfaConnection {
 
 impl Connection for EfaConnection {
     fn post(&self, slice: Slice) -> Result<(), FailReason> {
-        if !self.alive.load(Ordering::Acquire) || self.inner.stop.load(Ordering::Acquire) {
+        if self.inner.stop.load(Ordering::Acquire) {
             return Err(FailReason::Shutdown);
+        }
+        // Marked dead (a lost operation, a refused post): the engine reconnects.
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(FailReason::ConnectionLost);
         }
         let every = self.inner.config.fault_every;
         if every > 0 && self.inner.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {

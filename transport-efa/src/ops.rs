@@ -180,7 +180,7 @@ impl Outcomes {
 
 /// The operation contexts of one rail.
 pub(crate) struct OpSlab {
-    /// `capacity` contexts from one `Box<[fi_context]>`, freed in `Drop`. Written by
+    /// `capacity` contexts from one leaked `Box<[fi_context]>`, freed in `Drop`. Written by
     /// the slab only while their entry is `Free` (under the lock), by the provider
     /// only while it is not; never read by ferry.
     contexts: NonNull<fi::fi_context>,
@@ -206,7 +206,7 @@ unsafe impl Sync for OpSlab {}
 
 impl Drop for OpSlab {
     fn drop(&mut self) {
-        // SAFETY: `contexts` came from Box::into_raw of a boxed slice of `capacity`
+        // SAFETY: `contexts` came from Box::leak of a boxed slice of `capacity`
         // contexts and is freed once; the slab is dropped with its device, after the
         // endpoint is closed, so the provider holds none of them.
         drop(unsafe {
@@ -225,8 +225,7 @@ impl OpSlab {
         let capacity = capacity.clamp(1, u32::MAX as usize);
         let contexts: Box<[fi::fi_context]> =
             (0..capacity).map(|_| fi::fi_context::default()).collect();
-        let contexts = NonNull::new(Box::into_raw(contexts).cast::<fi::fi_context>())
-            .expect("Box::into_raw is never null");
+        let contexts = NonNull::from(Box::leak(contexts)).cast::<fi::fi_context>();
         let entries = (0..capacity)
             .map(|_| Entry {
                 generation: 0,

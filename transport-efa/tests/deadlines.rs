@@ -85,7 +85,7 @@ fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_th
                 Instant::now() + Duration::from_secs(30)
             ))
             .unwrap_err(),
-            FailReason::Shutdown,
+            FailReason::ConnectionLost,
             "{provider}: a dead connection takes no more slices"
         );
         // The held-back completion arrives late: ignored, its context freed.
