@@ -40,14 +40,37 @@ const LOST: u32 = 1000;
 fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_the_connection() {
     for config in providers_under_test() {
         let provider = config.provider.clone();
-        let (target, target_ep, _target_rx) = start(config.clone());
-        let (initiator, _, rx) = start(EfaConfig {
+        let (target, target_ep, target_rx) = start(config.clone());
+        let (initiator, initiator_ep, rx) = start(EfaConfig {
             lose_completions: 1,
             ..config
         });
         let (remote, keys) = target_region(&target, 1 << 20);
         let source = local_region(&initiator, 1 << 20);
         let back = local_region(&initiator, 1 << 20);
+
+        // The provider's own connection between the two endpoints is set up from the
+        // other side first, so the lost slice is not held up by it (its completions
+        // are the target's, which loses none).
+        let (warm, warm_keys) = target_region(&initiator, 4096);
+        let warm_source = local_region(&target, 4096);
+        target
+            .connect(&initiator_ep)
+            .unwrap()
+            .post(slice(
+                Opcode::Write,
+                &warm_source,
+                &warm,
+                &warm_keys,
+                0,
+                4096,
+                0,
+                Instant::now() + Duration::from_secs(30),
+            ))
+            .expect("posted");
+        assert_eq!(next(&target_rx).1, Ok(4096), "{provider}");
+        assert!(contents(&warm) == contents(&warm_source), "{provider}");
+
         let conn = initiator.connect(&target_ep).unwrap();
         assert!(conn.is_alive());
 
