@@ -20,7 +20,7 @@ use ferry_transport_tcp::fuzzing::{
     decode_desc, decode_header, encode_desc, encode_header, encode_notification,
     parse_notification, DESC_LEN, HEADER_LEN,
 };
-use ferry_transport_tcp::{TcpConfig, TcpTransport};
+use ferry_transport_tcp::{SharedSecret, TcpConfig, TcpTransport};
 use rand::RngCore;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -28,6 +28,9 @@ const WRITE: u8 = 1;
 const READ: u8 = 2;
 const NOTIFY: u8 = 3;
 const READ_DATA: u8 = 7;
+const HELLO: u8 = 8;
+const CHALLENGE: u8 = 9;
+const PROOF: u8 = 10;
 
 fn host(len: usize) -> Arc<RegionMemory> {
     let mut bytes = vec![0u8; len].into_boxed_slice();
@@ -61,9 +64,9 @@ impl ControlPlane for Control {
 
 type Done = Receiver<(CompletionToken, Result<usize, FailReason>)>;
 
-fn started() -> (TcpTransport, String, Done) {
+fn started(config: TcpConfig) -> (TcpTransport, String, Done) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let t = TcpTransport::new(TcpConfig::default());
+    let t = TcpTransport::new(config);
     let ep = t
         .start(TransportContext {
             completions: Arc::new(Channel(tx)),
@@ -133,6 +136,39 @@ fn recording_proxy(target: String) -> (String, Recordings) {
         }
     });
     (addr, all)
+}
+
+/// Copies of the first `n` connections a proxy recorded, once it has seen them all.
+fn recordings(all: &Recordings, n: usize) -> Vec<Recorded> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        {
+            let all = all.lock().unwrap();
+            let ready = all.len() >= n
+                && all.iter().all(|c| {
+                    let c = c.lock().unwrap();
+                    !c.to_target.is_empty() && !c.to_client.is_empty()
+                });
+            if ready {
+                return all
+                    .iter()
+                    .take(n)
+                    .map(|c| {
+                        let c = c.lock().unwrap();
+                        Recorded {
+                            to_target: c.to_target.clone(),
+                            to_client: c.to_client.clone(),
+                        }
+                    })
+                    .collect();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy saw too little traffic"
+        );
+        std::thread::yield_now();
+    }
 }
 
 fn token(task: u32) -> CompletionToken {
@@ -247,8 +283,8 @@ fn seeds(target: &str) -> PathBuf {
 
 #[test]
 fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
-    let (target, target_addr, _) = started();
-    let (initiator, _, done) = started();
+    let (target, target_addr, _) = started(TcpConfig::default());
+    let (initiator, _, done) = started(TcpConfig::default());
     let rw = host(4096);
     let ro = host(4096);
     let rw_key = target.register(&rw, Access::RemoteReadWrite).unwrap()[0];
@@ -306,28 +342,7 @@ fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
     let descriptor = ferry_transport_tcp::fetch_descriptor(&proxy, WAIT).unwrap();
     assert_eq!(descriptor, DESCRIPTOR);
     initiator.shutdown();
-    // Every connection ends once the initiator is gone; wait for the proxy to see it.
-    let deadline = Instant::now() + WAIT;
-    let recorded: Vec<Recorded> = loop {
-        let all = recorded.lock().unwrap();
-        let to_target: usize = all.iter().map(|c| c.lock().unwrap().to_target.len()).sum();
-        if all.len() == 2 && to_target > 0 {
-            let copy = all
-                .iter()
-                .map(|c| {
-                    let c = c.lock().unwrap();
-                    Recorded {
-                        to_target: c.to_target.clone(),
-                        to_client: c.to_client.clone(),
-                    }
-                })
-                .collect();
-            break copy;
-        }
-        drop(all);
-        assert!(Instant::now() < deadline, "the proxy saw no traffic");
-        std::thread::yield_now();
-    };
+    let recorded = recordings(&recorded, 2);
     target.shutdown();
 
     let mut frame_seeds: Vec<(String, Vec<u8>)> = Vec::new();
@@ -403,9 +418,85 @@ fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
     for (name, stream) in &stream_seeds {
         write("target_stream", name, stream);
     }
+    // The reply to the descriptor request, as the descriptor_reply target takes it (a
+    // leading 0: the client holds no secret).
+    let mut reply = vec![0u8];
+    reply.extend_from_slice(&recorded[1].to_client);
+    write("descriptor_reply", "plain", &reply);
     // The request validation's input is unstructured; the recorded descriptors give it
     // realistic lengths and offsets to start from.
     for (i, (_, seed)) in frame_seeds.iter().enumerate().take(4) {
         write("regions", &format!("recorded-{i}"), seed);
     }
+}
+
+#[test]
+fn authenticated_traffic_decodes_and_seeds_the_fuzzers() {
+    let secret = SharedSecret::new("a secret both ends share, 32 bytes");
+    let config = TcpConfig {
+        secret: Some(secret.clone()),
+        ..TcpConfig::default()
+    };
+    let (target, target_addr, _) = started(config.clone());
+    let (initiator, _, done) = started(config);
+    let rw = host(4096);
+    let rw_key = target.register(&rw, Access::RemoteReadWrite).unwrap()[0];
+    let (proxy, recorded) = recording_proxy(target_addr);
+    let conn = initiator
+        .connect(&Endpoint {
+            protocol: Protocol::Tcp,
+            address: proxy.clone(),
+        })
+        .unwrap();
+    let local = host(4096);
+    let a = rw.addr();
+    let ok = submit(
+        &*conn,
+        &done,
+        &local,
+        a,
+        &[(Opcode::Write, 0, a + 8, rw_key, 64)],
+    );
+    assert_eq!(ok, [Ok(64)]);
+    let descriptor =
+        ferry_transport_tcp::fetch_descriptor_with(&proxy, WAIT, Some(&secret)).unwrap();
+    assert_eq!(descriptor, DESCRIPTOR);
+    let recorded = recordings(&recorded, 2);
+    initiator.shutdown();
+    target.shutdown();
+    for rec in &recorded {
+        // hello (nonce), proof; challenge (nonce, proof); then the data-plane frames.
+        let requests = frames(&rec.to_target, Vec::new());
+        let answers = frames(&rec.to_client, read_lengths(&rec.to_target));
+        let kinds = |f: &[(u8, Vec<u8>, usize)]| f.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(kinds(&requests)[..2], [HELLO, PROOF]);
+        assert_eq!(kinds(&answers)[0], CHALLENGE);
+        assert_eq!(requests[0].1.len(), HEADER_LEN + 32);
+        assert_eq!(answers[0].1.len(), HEADER_LEN + 64);
+    }
+    if std::env::var_os("FERRY_WRITE_FUZZ_SEEDS").is_none() {
+        return;
+    }
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        std::fs::write(seeds(target).join(name), bytes).unwrap();
+    };
+    // Replayed to a target with the same secret, each is an old proof for a new nonce.
+    for (i, rec) in recorded.iter().enumerate() {
+        let s = &rec.to_target;
+        write("target_auth", &format!("replay-{i}"), s);
+        write(
+            "target_auth",
+            &format!("replay-{i}-hello"),
+            &s[..HEADER_LEN + 32],
+        );
+        write(
+            "target_auth",
+            &format!("replay-{i}-hello-proof"),
+            &s[..2 * (HEADER_LEN + 32)],
+        );
+    }
+    // What a client with a secret reads: challenge, then the descriptor (leading 1).
+    let mut reply = vec![1u8];
+    reply.extend_from_slice(&recorded[1].to_client);
+    write("descriptor_reply", "with-secret", &reply);
 }

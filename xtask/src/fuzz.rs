@@ -28,6 +28,8 @@ pub(crate) const TARGETS: &[&str] = &[
     "descriptor",
     "notification",
     "target_stream",
+    "target_auth",
+    "descriptor_reply",
 ];
 
 /// Seconds per target when none are given.
@@ -62,7 +64,7 @@ const RUSTFLAGS: &[&str] = &[
 fn max_len(target: &str) -> Option<usize> {
     match target {
         // A few frames with payloads.
-        "target_stream" => Some(16 * 1024),
+        "target_stream" | "target_auth" => Some(16 * 1024),
         // A descriptor with a few dozen buffers.
         "descriptor" => Some(16 * 1024),
         _ => None,

@@ -1,0 +1,86 @@
+//! What an engine reads when it fetches a peer's descriptor
+//! (`ferry_transport_tcp::fetch_descriptor_with`): a fake target answers the request,
+//! or the authentication hello, with the input and closes. The first input byte says
+//! whether the client holds a shared secret (odd) or not; the rest is the reply.
+//!
+//! Oracle: without a secret the fetch returns a body exactly when the reply opens with a
+//! valid `Descriptor` header and holds all the bytes it announces, and the body is those
+//! bytes; with a secret it never succeeds (the reply cannot prove the secret). It never
+//! panics and never waits past its deadline.
+#![no_main]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry_transport_tcp::fuzzing::{decode_header, HEADER_LEN};
+use ferry_transport_tcp::{fetch_descriptor_with, SharedSecret};
+use libfuzzer_sys::fuzz_target;
+
+const DESCRIPTOR: u8 = 5;
+const DEADLINE: Duration = Duration::from_secs(5);
+
+struct Fake {
+    addr: String,
+    reply: &'static Mutex<Vec<u8>>,
+}
+
+fn fake() -> &'static Fake {
+    static F: OnceLock<Fake> = OnceLock::new();
+    static REPLY: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    F.get_or_init(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("loopback listener");
+        let addr = listener.local_addr().expect("bound").to_string();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let reply = REPLY.lock().expect("reply").clone();
+                std::thread::spawn(move || {
+                    let _ = conn.write_all(&reply);
+                    let _ = conn.shutdown(Shutdown::Write);
+                    let _ = conn.set_read_timeout(Some(DEADLINE));
+                    let mut sink = [0u8; 1024];
+                    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        Fake {
+            addr,
+            reply: &REPLY,
+        }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, reply)) = data.split_first() else {
+        return;
+    };
+    let f = fake();
+    *f.reply.lock().expect("reply") = reply.to_vec();
+    let secret = (mode & 1 == 1).then(|| SharedSecret::new("the client's secret"));
+    let start = Instant::now();
+    let got = fetch_descriptor_with(&f.addr, DEADLINE, secret.as_ref());
+    assert!(
+        start.elapsed() < DEADLINE + Duration::from_secs(2),
+        "the fetch outlived its deadline"
+    );
+    if secret.is_some() {
+        assert!(
+            got.is_err(),
+            "a reply without the secret's proof was accepted"
+        );
+        return;
+    }
+    let framed = reply
+        .get(..HEADER_LEN)
+        .and_then(|h| decode_header(h.try_into().expect("header length")).ok())
+        .filter(|(kind, ..)| *kind == DESCRIPTOR)
+        .and_then(|(_, count, _)| reply.get(HEADER_LEN..HEADER_LEN + count as usize));
+    match (got, framed) {
+        (Ok(body), Some(want)) => assert_eq!(body, want),
+        (Err(_), None) => {}
+        (Ok(body), None) => panic!("accepted a {} byte body from a bad reply", body.len()),
+        (Err(e), Some(_)) => panic!("refused a well-formed reply: {e}"),
+    }
+});
