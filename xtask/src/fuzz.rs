@@ -39,11 +39,11 @@ const CI_TOTAL_SECS: u64 = 60;
 /// The least any target gets in `cargo xtask test`: loading the seeds takes a moment.
 const CI_MIN_SECS: u64 = 5;
 
-/// What cargo-fuzz gives rustc for `--sanitizer none` in release mode on Linux
+/// What cargo-fuzz gives rustc for `--sanitizer none` in release mode
 /// (`project.rs`, `FuzzProject::cargo`): SanitizerCoverage with inline 8-bit counters, a
 /// PC table and comparison tracing, as libFuzzer expects; no branch folding, so each
-/// branch keeps its own counter; stack depth tracking; `cfg(fuzzing)`; debug assertions
-/// (overflow checks with them); one codegen unit.
+/// branch keeps its own counter; `cfg(fuzzing)`; debug assertions (overflow checks with
+/// them); one codegen unit. On Linux it adds stack depth tracking ([`LINUX_RUSTFLAGS`]).
 const RUSTFLAGS: &[&str] = &[
     "-Cpasses=sancov-module",
     "-Cllvm-args=-sanitizer-coverage-level=4",
@@ -51,7 +51,6 @@ const RUSTFLAGS: &[&str] = &[
     "-Cllvm-args=-sanitizer-coverage-pc-table",
     "-Cllvm-args=-sanitizer-coverage-trace-compares",
     "-Cllvm-args=-simplifycfg-branch-fold-threshold=0",
-    "-Cllvm-args=-sanitizer-coverage-stack-depth",
     "--cfg",
     "fuzzing",
     "-Clink-dead-code",
@@ -59,6 +58,9 @@ const RUSTFLAGS: &[&str] = &[
     "-Coverflow-checks",
     "-Ccodegen-units=1",
 ];
+
+/// Added on Linux, as cargo-fuzz does.
+const LINUX_RUSTFLAGS: &[&str] = &["-Cllvm-args=-sanitizer-coverage-stack-depth"];
 
 /// Largest input per target, where libFuzzer's default (4096 bytes) is too small.
 fn max_len(target: &str) -> Option<usize> {
@@ -94,31 +96,32 @@ fn host_triple() -> Result<String> {
 pub(crate) fn build() -> Result<PathBuf> {
     let triple = host_triple()?;
     let target_dir = fuzz_dir().join("target");
+    if !super::have("c++") {
+        // libfuzzer-sys compiles libFuzzer (C++) in its build script.
+        super::apt_install(&["g++"])?;
+    }
     let mut flags = RUSTFLAGS.join(" ");
+    if triple.contains("-linux-") {
+        flags.push(' ');
+        flags.push_str(&LINUX_RUSTFLAGS.join(" "));
+    }
     if let Ok(extra) = std::env::var("RUSTFLAGS") {
         flags.push(' ');
         flags.push_str(&extra);
     }
     let mut c = cargo();
-    c.args([
-        "build",
-        "--release",
-        "--locked",
-        "--bins",
-        "--manifest-path",
-    ])
-    .arg(fuzz_dir().join("Cargo.toml"))
-    .args(["--target", &triple])
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("RUSTFLAGS", flags)
-    // These would override RUSTFLAGS.
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env_remove("CARGO_BUILD_RUSTFLAGS");
-    run_cmd(&mut c).context(
-        "building the fuzz targets (libfuzzer-sys compiles libFuzzer: it needs a C++ \
-         compiler, `apt-get install g++`)",
-    )?;
+    c.args(["build", "--release", "--bins", "--manifest-path"])
+        .arg(fuzz_dir().join("Cargo.toml"))
+        .args(["--target", &triple])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", flags)
+        // These would override RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS");
+    // Not `--locked`: a dependency added to a ferry crate must not break this build
+    // until someone refreshes `fuzz/Cargo.lock`; what is pinned there stays pinned.
+    run_cmd(&mut c).context("building the fuzz targets")?;
     Ok(target_dir.join(triple).join("release"))
 }
 
