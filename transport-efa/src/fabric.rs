@@ -28,8 +28,8 @@ const CQ_BATCH: usize = OUTCOMES;
 /// within these).
 const MIN_OPS: usize = 256;
 const MAX_OPS: usize = 16384;
-/// Longest closing an endpoint waits for its operations in flight to complete.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Longest closing the endpoints waits for their operations in flight to complete.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror returns a pointer to a static, NUL-terminated string.
@@ -148,7 +148,7 @@ impl Drop for Device {
     fn drop(&mut self) {
         // Before the handles (fields) close: the endpoint goes first, then the contexts
         // of whatever it still held are released.
-        self.close();
+        self.close(Instant::now() + CLOSE_GRACE);
     }
 }
 
@@ -893,17 +893,16 @@ impl Device {
     /// Closes the endpoint, then fails every operation still in flight with
     /// [`FailReason::Shutdown`] and frees every context: once the endpoint is closed the
     /// provider touches neither them nor the memory they name. Waits for posts under
-    /// way (they stop retrying once the transport is stopped), and up to `CLOSE_GRACE`
-    /// for the operations in flight to complete. Call after
+    /// way (they stop retrying once the transport is stopped), and until `grace` for
+    /// the operations in flight to complete. Call after
     /// [`stop_progress`](Self::stop_progress); idempotent.
-    pub(crate) fn close(&self) {
+    pub(crate) fn close(&self, grace: Instant) {
         // An endpoint closed under its operations can break the peer's provider (`shm`
         // peers in one process use each other's queues directly, and one was seen to
         // crash): let what is in flight finish first, briefly. Operations already timed
         // out are not waited for (they may never come back). Not under the endpoint's
         // lock: the completions delivered here may call back into the transport.
         if !self.ep.read().0.is_null() {
-            let grace = Instant::now() + CLOSE_GRACE;
             while self.ops.awaiting() > 0 && Instant::now() < grace {
                 if self.progress_once(None) == 0 {
                     std::thread::yield_now();

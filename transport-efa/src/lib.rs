@@ -343,8 +343,10 @@ impl Transport for EfaTransport {
         // Not from a progress thread (shutdown called from a completion): the device
         // closes when dropped instead.
         if stopped {
+            // One grace period for every rail's operations to finish.
+            let grace = std::time::Instant::now() + fabric::CLOSE_GRACE;
             for d in rails {
-                d.close();
+                d.close(grace);
             }
         }
     }

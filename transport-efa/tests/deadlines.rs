@@ -408,3 +408,40 @@ fn token(task: u32) -> ferry_transport_api::CompletionToken {
         task,
     }
 }
+
+/// A slice the provider never completes and whose deadline is far off: shutdown waits
+/// for it only briefly, then closes the endpoint and reports it `Shutdown`, once.
+#[test]
+fn shutdown_ends_a_slice_the_provider_never_completes() {
+    let config = EfaConfig {
+        provider: "shm".into(),
+        ..EfaConfig::default()
+    };
+    let (target, target_ep, _target_rx) = start(config.clone());
+    let (initiator, _, rx) = start(config);
+    let (remote, keys) = target_region(&target, 1 << 16);
+    let local = local_region(&initiator, 1 << 16);
+    let conn = initiator.connect(&target_ep).unwrap();
+    let wrong = RemoteKeys::single(keys.first() ^ 0x5a5a_5a5a);
+    conn.post(slice(
+        Opcode::Write,
+        &local,
+        &remote,
+        &wrong,
+        0,
+        4096,
+        5,
+        Instant::now() + Duration::from_secs(600),
+    ))
+    .expect("posted");
+    initiator.shutdown();
+    assert_eq!(next(&rx), (token(5), Err(FailReason::Shutdown)));
+    no_more_reports(&rx);
+    let st = initiator.op_stats();
+    assert_eq!(
+        (st.in_flight, st.abandoned, st.shut_down, st.timed_out),
+        (0, 0, 1, 0),
+        "{st:?}"
+    );
+    target.shutdown();
+}
