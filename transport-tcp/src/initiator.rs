@@ -183,26 +183,31 @@ impl LaneState {
     }
 }
 
-/// Locks the in-flight table once it has room for `n` more entries, or says why the lane
-/// closed meanwhile, or fails with [`FailReason::TimedOut`] at `deadline` (the earliest of
-/// the entries to add: they cannot end in time any more, and nothing of them was sent).
+/// Locks the in-flight table once it has room for `n` more entries. Without `wait` it
+/// says [`NoRoom::Full`] at once; otherwise it waits until `deadline` at most (the earliest
+/// of the entries to add: they cannot end in time any more, and nothing of them was
+/// sent). A closed lane is [`NoRoom::Closed`].
 fn reserve(
     state: &LaneState,
     cap: usize,
     n: usize,
     deadline: Instant,
-) -> Result<parking_lot::MutexGuard<'_, Inflight>, FailReason> {
+    wait: bool,
+) -> Result<parking_lot::MutexGuard<'_, Inflight>, NoRoom> {
     let cap = cap.max(MAX_DESCS);
     let mut g = state.inflight.lock();
     loop {
         if let Some(reason) = g.closed {
-            return Err(reason);
+            return Err(NoRoom::Closed(reason));
         }
         if g.entries.len() + n <= cap {
             return Ok(g);
         }
+        if !wait {
+            return Err(NoRoom::Full);
+        }
         if Instant::now() >= deadline {
-            return Err(FailReason::TimedOut);
+            return Err(NoRoom::TimedOut);
         }
         // Bounded so a missed wake-up costs a step, not the whole deadline.
         let step = Instant::now() + Duration::from_millis(100);
@@ -336,8 +341,11 @@ impl TcpConnection {
                     held: None,
                     raw: vec![0; HEADER_LEN + MAX_DESCS * DESC_LEN],
                     frame: Vec::with_capacity(MAX_DESCS),
+                    unsent: None,
                     regions: Vec::with_capacity(MAX_DESCS),
                     spans: Vec::with_capacity(MAX_DESCS),
+                    body: Vec::new(),
+                    partial: None,
                 }),
                 sender: OnceLock::new(),
                 open: AtomicBool::new(true),
@@ -463,6 +471,12 @@ impl Drop for TcpConnection {
 }
 
 /// The sending half of a lane.
+///
+/// A submitting thread that sends inline (with a byte budget) never waits: when the
+/// in-flight table has no room or the socket takes no more, it leaves the frame where it
+/// is (`unsent` or `partial`) and returns, and the lane's sender thread, which sends with
+/// no budget, finishes it, waiting up to the frame's deadline at most. So a submission
+/// never waits on a frame of someone else's with a later deadline.
 struct SendState {
     shared: Arc<Shared>,
     completions: Arc<dyn Completions>,
@@ -472,16 +486,54 @@ struct SendState {
     seq: u64,
     /// An item taken off the queue that did not fit the frame being built.
     held: Option<Item>,
+    /// The encoded header and descriptors of the frame being sent.
     raw: Vec<u8>,
+    /// Slices gathered for a frame; left here between calls when an inline sender found
+    /// no room in flight (then `unsent` says so).
     frame: Vec<Slice>,
+    /// `frame` waits for the sender thread: (operation, earliest deadline).
+    unsent: Option<(Opcode, Instant)>,
+    /// The payloads of the frame being written: WRITE slices' memory, or a notification
+    /// body (`body`).
     regions: Vec<Arc<RegionMemory>>,
     spans: Vec<(usize, usize)>,
+    body: Vec<u8>,
+    /// A frame partly written by an inline sender, for the sender thread to finish.
+    partial: Option<Partial>,
+}
+
+/// Where a frame's write stopped.
+#[derive(Clone, Copy)]
+struct Partial {
+    /// Bytes of `raw` that lead the frame.
+    head: usize,
+    /// Bytes of the frame already written.
+    written: usize,
+    deadline: Instant,
+    /// Some payload is device memory, staged through host memory (never partial).
+    staged: bool,
+}
+
+/// Why [`reserve`] gave no room.
+enum NoRoom {
+    /// The lane closed.
+    Closed(FailReason),
+    /// The deadline passed while waiting.
+    TimedOut,
+    /// No room now, and the caller does not wait.
+    Full,
 }
 
 impl SendState {
-    /// Sends queued items until the queue is empty (returns true) or `budget` bytes went
-    /// out (returns false).
+    /// Sends queued items until the queue is empty (returns true), or `budget` bytes went
+    /// out, or (when `budget` is not `usize::MAX`: a submitting thread sending inline) the
+    /// socket or the in-flight table is full (returns false: the sender thread takes over
+    /// from where this left).
     fn pump(&mut self, lane: &Lane, budget: usize) -> bool {
+        let inline = budget != usize::MAX;
+        if !self.finish_unfinished(inline) {
+            return false;
+        }
         let mut sent = 0usize;
         loop {
             if sent >= budget {
@@ -513,7 +565,7 @@ impl SendState {
                     reply,
                 } => {
                     sent += body.len();
-                    self.send_notify(body, deadline, reply)
+                    self.send_notify(body, deadline, reply, inline)
                 }
                 Item::Slice(slice) => {
                     let op = slice.op;
@@ -547,18 +599,53 @@ impl SendState {
                         Opcode::Write => bytes.max(1),
                         Opcode::Read => self.frame.len() * DESC_LEN,
                     };
-                    self.send_frame(op, deadline)
+                    self.send_frame(op, deadline, inline)
                 }
             };
-            if let Err(e) = result {
-                let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    FailReason::TimedOut
-                } else {
-                    FailReason::ConnectionLost
-                };
-                self.state.kill(&self.peer, reason, &e);
+            match result {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(e) => self.kill(&e),
             }
         }
+    }
+
+    /// Closes the lane after a failed write.
+    fn kill(&self, e: &io::Error) {
+        let reason = if e.kind() == io::ErrorKind::TimedOut {
+            FailReason::TimedOut
+        } else {
+            FailReason::ConnectionLost
+        };
+        self.state.kill(&self.peer, reason, e);
+    }
+
+    /// Finishes a frame an inline sender left. Returns false when there is one and the
+    /// caller is inline (the sender thread finishes it).
+    fn finish_unfinished(&mut self, inline: bool) -> bool {
+        if self.unsent.is_none() && self.partial.is_none() {
+            return true;
+        }
+        if inline {
+            return false;
+        }
+        if let Some((op, deadline)) = self.unsent.take() {
+            if self.state.dead.load(Ordering::Acquire) {
+                self.fail_frame(self.closed_reason());
+            } else if let Err(e) = self.send_frame(op, deadline, false) {
+                self.kill(&e);
+            }
+        }
+        if let Some(p) = self.partial.take() {
+            // Its entries are in flight: a closed lane fails them there.
+            if !self.state.dead.load(Ordering::Acquire) {
+                if let Err(e) = self.write_frame(p, false) {
+                    self.kill(&e);
+                }
+            }
+            self.clear_payloads();
+        }
+        true
     }
 
     fn closed_reason(&self) -> FailReason {
@@ -578,9 +665,23 @@ impl SendState {
         }
     }
 
+    fn fail_frame(&mut self, reason: FailReason) {
+        for s in self.frame.drain(..) {
+            self.completions.complete(s.token, Err(reason));
+        }
+    }
+
+    fn clear_payloads(&mut self) {
+        self.regions.clear();
+        self.spans.clear();
+        // A notification's body goes with its frame (slices leave it unallocated).
+        self.body = Vec::new();
+    }
+
     /// Sends the gathered slices as one frame. `deadline` is the earliest of theirs: the
-    /// frame waits for room in flight and for the socket until then at most.
-    fn send_frame(&mut self, op: Opcode, deadline: Instant) -> io::Result<()> {
+    /// frame waits for room in flight and for the socket until then at most, and an
+    /// inline sender does not wait at all (returns false, leaving the frame).
+    fn send_frame(&mut self, op: Opcode, deadline: Instant, inline: bool) -> io::Result<bool> {
         let n = self.frame.len();
         let first_seq = self.seq;
         let kind = if op == Opcode::Write {
@@ -588,6 +689,7 @@ impl SendState {
         } else {
             Kind::Read
         };
+        let mut host = true;
         self.raw[..HEADER_LEN].copy_from_slice(&Header::new(kind, n as u32, first_seq).encode());
         for (i, s) in self.frame.iter().enumerate() {
             let d = Desc {
@@ -599,12 +701,21 @@ impl SendState {
                 &mut self.raw[HEADER_LEN + i * DESC_LEN..HEADER_LEN + (i + 1) * DESC_LEN],
             );
             if op == Opcode::Write {
+                host &= s.local.location().is_host();
                 self.regions.push(s.local.clone());
                 self.spans.push((s.local_offset, s.len));
             }
         }
+        // Device payloads are staged chunk by chunk, which cannot stop halfway: they go
+        // from the sender thread.
+        if inline && !host {
+            self.clear_payloads();
+            self.unsent = Some((op, deadline));
+            return Ok(false);
+        }
         // Entries go in before the bytes leave: the answer may come back at once.
-        match reserve(&self.state, self.shared.config.max_inflight, n, deadline) {
+        let cap = self.shared.config.max_inflight;
+        let refused = match reserve(&self.state, cap, n, deadline, !inline) {
             Ok(mut g) => {
                 g.bytes += self.frame.iter().map(|s| s.len).sum::<usize>();
                 let read_frame = if op == Opcode::Read { n as u32 } else { 0 };
@@ -615,54 +726,94 @@ impl SendState {
                         slice,
                     });
                 }
+                None
             }
-            Err(reason) => {
-                self.regions.clear();
-                self.spans.clear();
-                for s in self.frame.drain(..) {
-                    self.completions.complete(s.token, Err(reason));
+            Err(no_room) => Some(no_room),
+        };
+        if let Some(no_room) = refused {
+            self.clear_payloads();
+            match no_room {
+                NoRoom::Full => {
+                    self.unsent = Some((op, deadline));
+                    return Ok(false);
                 }
-                return Ok(());
+                NoRoom::Closed(reason) => self.fail_frame(reason),
+                NoRoom::TimedOut => self.fail_frame(FailReason::TimedOut),
             }
+            return Ok(true);
         }
         self.seq += n as u64;
-        let shared = &self.shared;
-        let mut pace = SendPace {
-            shared,
-            state: &self.state,
+        let frame = Partial {
+            head: HEADER_LEN + n * DESC_LEN,
+            written: 0,
             deadline,
+            staged: !host,
         };
-        let head = &self.raw[..HEADER_LEN + n * DESC_LEN];
-        let r = if self.regions.iter().all(|r| r.location().is_host()) {
-            // One vectored write: header, descriptors, every payload.
-            let mut bufs: [IoSlice<'_>; MAX_DESCS + 1] = std::array::from_fn(|_| IoSlice::new(&[]));
-            bufs[0] = IoSlice::new(head);
-            let mut k = 1;
-            // Offsets and lengths were checked by the engine against the region.
-            for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
-                if let Some(s) = region.io_slice(offset, len) {
-                    bufs[k] = s;
-                    k += 1;
-                }
-            }
-            self.pipe.write_all(&mut bufs[..k], &mut pace)
-        } else {
-            // Device payloads are staged through host memory, one after the other.
+        let r = self.write_frame(frame, inline);
+        if !matches!(r, Ok(false)) {
+            self.clear_payloads();
+        }
+        r
+    }
+
+    /// Writes `raw[..head]` and the payloads from byte `written` on. Inline, it writes
+    /// what the socket takes now and, if that is not all, keeps the rest for the sender
+    /// thread (returns false); otherwise it waits for the socket until the deadline.
+    fn write_frame(&mut self, mut frame: Partial, inline: bool) -> io::Result<bool> {
+        let head = &self.raw[..frame.head];
+        if frame.staged {
+            // Device payloads are staged through host memory, one after the other (only
+            // the sender thread gets here, from the start of the frame).
+            let mut pace = SendPace {
+                shared: &self.shared,
+                state: &self.state,
+                deadline: frame.deadline,
+            };
+            let staging = self.shared.staging();
             let pipe = &mut self.pipe;
             let mut write = |b: &[u8]| pipe.write_all(&mut [IoSlice::new(b)], &mut pace);
-            write(head).and_then(|()| {
-                for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
-                    match region.io_slice(offset, len) {
-                        Some(s) => write(&s)?,
-                        None => staged::send(shared.staging(), region, offset, len, &mut write)?,
-                    }
+            write(head)?;
+            for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
+                match region.io_slice(offset, len) {
+                    Some(s) => write(&s)?,
+                    None => staged::send(staging, region, offset, len, &mut write)?,
                 }
-                Ok(())
-            })
+            }
+            return Ok(true);
+        }
+        // One vectored write: header, descriptors, every payload.
+        let mut bufs: [IoSlice<'_>; MAX_DESCS + 1] = std::array::from_fn(|_| IoSlice::new(&[]));
+        bufs[0] = IoSlice::new(head);
+        let mut k = 1;
+        if !self.body.is_empty() {
+            bufs[1] = IoSlice::new(&self.body);
+            k = 2;
+        }
+        // Offsets and lengths were checked by the engine against the region.
+        for (region, &(offset, len)) in self.regions.iter().zip(&self.spans) {
+            if let Some(s) = region.io_slice(offset, len) {
+                bufs[k] = s;
+                k += 1;
+            }
+        }
+        let mut rest = &mut bufs[..k];
+        IoSlice::advance_slices(&mut rest, frame.written);
+        if inline {
+            let left: usize = rest.iter().map(|b| b.len()).sum();
+            let n = self.pipe.write_now(rest)?;
+            if n < left {
+                frame.written += n;
+                self.partial = Some(frame);
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        let mut pace = SendPace {
+            shared: &self.shared,
+            state: &self.state,
+            deadline: frame.deadline,
         };
-        self.regions.clear();
-        self.spans.clear();
-        r
+        self.pipe.write_all(rest, &mut pace).map(|()| true)
     }
 
     fn send_notify(
@@ -670,28 +821,64 @@ impl SendState {
         body: Vec<u8>,
         deadline: Instant,
         reply: Sender<Result<(), FailReason>>,
-    ) -> io::Result<()> {
+        inline: bool,
+    ) -> io::Result<bool> {
         let seq = self.seq;
-        match reserve(&self.state, self.shared.config.max_inflight, 1, deadline) {
+        let cap = self.shared.config.max_inflight;
+        match reserve(&self.state, cap, 1, deadline, !inline) {
             Ok(mut g) => g.push(Entry::Notify {
                 seq,
                 deadline,
                 reply,
             }),
-            Err(reason) => {
+            Err(NoRoom::Full) => {
+                self.held = Some(Item::Notify {
+                    body,
+                    deadline,
+                    reply,
+                });
+                return Ok(false);
+            }
+            Err(NoRoom::Closed(reason)) => {
                 let _ = reply.send(Err(reason));
-                return Ok(());
+                return Ok(true);
+            }
+            Err(NoRoom::TimedOut) => {
+                let _ = reply.send(Err(FailReason::TimedOut));
+                return Ok(true);
             }
         }
         self.seq += 1;
-        let header = Header::new(Kind::Notify, body.len() as u32, seq).encode();
-        let mut pace = SendPace {
-            shared: &self.shared,
-            state: &self.state,
+        self.raw[..HEADER_LEN]
+            .copy_from_slice(&Header::new(Kind::Notify, body.len() as u32, seq).encode());
+        self.body = body;
+        let frame = Partial {
+            head: HEADER_LEN,
+            written: 0,
             deadline,
+            staged: false,
         };
-        self.pipe
-            .write_all(&mut [IoSlice::new(&header), IoSlice::new(&body)], &mut pace)
+        let r = self.write_frame(frame, inline);
+        if !matches!(r, Ok(false)) {
+            self.clear_payloads();
+        }
+        r
+    }
+}
+
+impl Drop for SendState {
+    /// What never left fails (what is in flight fails with the lane's receiver).
+    fn drop(&mut self) {
+        let reason = self
+            .state
+            .inflight
+            .lock()
+            .closed
+            .unwrap_or(FailReason::Shutdown);
+        if let Some(item) = self.held.take() {
+            self.fail_item(item, reason);
+        }
+        self.fail_frame(reason);
     }
 }
 

@@ -162,6 +162,31 @@ impl Pipe {
         Ok(filled)
     }
 
+    /// Writes what the socket takes now, without waiting, and returns how many bytes of
+    /// `bufs` went.
+    pub(crate) fn write_now(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<usize> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        let mut sent = 0;
+        while !bufs.is_empty() {
+            let want: usize = bufs.iter().map(|b| b.len()).sum();
+            match (&self.stream).write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut bufs, n);
+                    sent += n;
+                    if n < want {
+                        // The send buffer is full.
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
     /// Writes every buffer. Empty buffers are skipped. A short write means the send
     /// buffer is full: wait for room without asking again first.
     pub(crate) fn write_all(

@@ -31,6 +31,7 @@ const WRITE: u8 = 1;
 const READ: u8 = 2;
 const NOTIFY: u8 = 3;
 const READ_DATA: u8 = 7;
+const LANE: u8 = 11;
 
 fn header(kind: u8, count: u32, seq: u64) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
@@ -55,6 +56,10 @@ fn read_frame(s: &mut TcpStream) -> io::Result<Frame> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h)?;
     assert_eq!(&h[0..2], b"FY", "a ferry frame");
+    if h[3] == LANE {
+        // A lane's opening frame: the requests follow.
+        return read_frame(s);
+    }
     let kind = h[3];
     let count = u32::from_le_bytes(h[4..8].try_into().unwrap());
     let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
@@ -138,7 +143,7 @@ fn initiator(config: TcpConfig) -> (TcpTransport, Done) {
     let t = TcpTransport::new(config);
     t.start(TransportContext {
         completions: Arc::new(Channel(tx)),
-        control: Arc::new(NoControl),
+        control: Some(Arc::new(NoControl)),
         staging: None,
     })
     .unwrap();
