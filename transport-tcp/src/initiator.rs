@@ -629,16 +629,38 @@ impl SendState {
         if inline {
             return false;
         }
-        if let Some((op, deadline)) = self.unsent.take() {
+        if let Some((op, mut deadline)) = self.unsent.take() {
+            let now = Instant::now();
+            if deadline <= now {
+                // What ended while it waited is not sent.
+                let completions = &self.completions;
+                self.frame.retain(|s| {
+                    let live = s.deadline > now;
+                    if !live {
+                        completions.complete(s.token, Err(FailReason::TimedOut));
+                    }
+                    live
+                });
+                deadline = self.frame.iter().map(|s| s.deadline).min().unwrap_or(now);
+            }
             if self.state.dead.load(Ordering::Acquire) {
                 self.fail_frame(self.closed_reason());
-            } else if let Err(e) = self.send_frame(op, deadline, false) {
-                self.kill(&e);
+            } else if !self.frame.is_empty() {
+                if let Err(e) = self.send_frame(op, deadline, false) {
+                    self.kill(&e);
+                }
             }
         }
         if let Some(p) = self.partial.take() {
-            // Its entries are in flight: a closed lane fails them there.
-            if !self.state.dead.load(Ordering::Acquire) {
+            // Its entries are in flight: a closed lane fails them there. Half a frame
+            // cannot be taken back, so one whose deadline passed closes the lane rather
+            // than land late.
+            if p.deadline <= Instant::now() {
+                self.kill(&io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a frame was not sent before its deadline",
+                ));
+            } else if !self.state.dead.load(Ordering::Acquire) {
                 if let Err(e) = self.write_frame(p, false) {
                     self.kill(&e);
                 }
