@@ -220,7 +220,7 @@ fn info() {
             println!(
                 "  {:<5} not compiled in; rebuild with `--features {}`",
                 p.name(),
-                p.feature()
+                ferry_engine::protocol_feature(p)
             );
         }
     }

@@ -15,6 +15,16 @@ pub fn compiled() -> &'static [Protocol] {
     }
 }
 
+/// The Cargo feature of `ferry-engine` that compiles `protocol` in (named in errors and
+/// `ferry info`). TCP, the fallback every engine has, is always compiled in.
+pub const fn protocol_feature(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Rdma => "rdma",
+        Protocol::Efa => "efa",
+        Protocol::Tcp => "tcp",
+    }
+}
+
 /// A fabric device this build can use, as its library lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FabricDevice {
@@ -65,7 +75,7 @@ pub(crate) fn fabric_engine(
             let _ = (config, builder, fallback);
             Err(Error::FeatureNotCompiled {
                 what: format!("protocol `{other}`"),
-                feature: other.feature(),
+                feature: protocol_feature(other),
             })
         }
     }
@@ -145,7 +155,7 @@ pub(crate) fn require_protocol(protocol: Protocol) -> Result<(), Error> {
     } else {
         Err(Error::FeatureNotCompiled {
             what: format!("protocol `{protocol}`"),
-            feature: protocol.feature(),
+            feature: protocol_feature(protocol),
         })
     }
 }

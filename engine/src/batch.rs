@@ -166,14 +166,13 @@ impl SlotData {
                     self.end_task();
                 }
             }
-            Err(FailReason::Fabric(code))
-                if attempt == 0 && self.retry_over_tcp && self.retry(task, t) =>
+            Err(reason)
+                if reason.retryable()
+                    && attempt == 0
+                    && self.retry_over_tcp
+                    && self.retry(task, t) =>
             {
-                tracing::warn!(
-                    task,
-                    error = code,
-                    "fabric transfer failed; retrying it over TCP"
-                );
+                tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
             }
             Err(reason) => {
                 t.remaining.fetch_sub(1, Ordering::AcqRel);

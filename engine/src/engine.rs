@@ -413,14 +413,21 @@ impl Engine {
         let staging = backends::device::staging();
         let ctx = ferry_transport_api::TransportContext {
             completions: batches.clone(),
-            control: control.clone(),
+            control: None,
             staging: staging.clone(),
         };
         let mut transports = fabrics;
         transports.push(tcp.clone());
         let mut endpoints = Vec::new();
         for (i, t) in transports.iter().enumerate() {
-            match t.start(ctx.clone()) {
+            // Only TCP serves the engine's port, so only it answers descriptor fetches
+            // and notifications.
+            let control =
+                (t.protocol() == Protocol::Tcp).then(|| control.clone() as Arc<dyn ControlPlane>);
+            match t.start(ferry_transport_api::TransportContext {
+                control,
+                ..ctx.clone()
+            }) {
                 Ok(ep) => endpoints.push(ep),
                 Err(e) => {
                     for started in &transports[..i] {

@@ -70,7 +70,9 @@ mod error;
 mod memory;
 mod segment;
 
-pub use backends::{compiled, cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice};
+pub use backends::{
+    compiled, cuda_status, fabric_devices, fabrics, protocol_feature, CudaStatus, FabricDevice,
+};
 pub use batch::{Batch, BatchBuilder, BatchId, BatchStats, Progress, TaskStatus};
 pub use builder::{
     AddTransport, Buildable, EngineBuilder, EngineConfig, Metadata, NeedsFallback, NeedsTransport,

@@ -44,13 +44,16 @@ fn fabric_protocols_not_compiled_in_name_their_feature() {
         })
         .unwrap_err();
         assert!(
-            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == protocol.feature()),
+            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == ferry_engine::protocol_feature(protocol)),
             "{err}"
         );
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         let msg = err.to_string();
         assert!(
-            msg.contains(&format!("--features {}", protocol.feature())),
+            msg.contains(&format!(
+                "--features {}",
+                ferry_engine::protocol_feature(protocol)
+            )),
             "{msg}"
         );
     }

@@ -183,39 +183,61 @@ fn failed_fabric_transfers_are_retried_over_tcp_when_allowed() {
 }
 
 #[test]
-fn without_retry_a_failed_fabric_transfer_fails_its_task() {
+fn without_retry_a_failed_fabric_transfer_fails_its_task_and_reopening_reconnects() {
+    use ferry_engine::{FailReason, TaskStatus};
     let target = efa_engine("tcp;ofi_rxm");
     let initiator = faulty_engine(false);
     let remote_buf = target.allocate(1 << 20, Location::host()).unwrap();
     let local = initiator.allocate(1 << 20, Location::host()).unwrap();
     let remote = common::remote_of(&initiator, &target, &remote_buf);
-    let mut b = initiator.batch();
-    for i in 0..10usize {
-        b.write(&local, i << 16, &remote, (i << 16) as u64, 1 << 16)
-            .unwrap();
-    }
-    let batch = b.submit().unwrap();
+    let batch_of = |remote: &ferry_engine::RemoteBuffer, retry: bool, tasks: usize| {
+        let mut b = initiator.batch().retry_over_tcp(retry);
+        for i in 0..tasks {
+            b.write(&local, i << 16, remote, (i << 16) as u64, 1 << 16)
+                .unwrap();
+        }
+        b.submit().unwrap()
+    };
+    let batch = batch_of(&remote, false, 10);
     let r = batch.wait(common::WAIT);
+    // The fifth post is refused as a provider refuses one: its task fails with the
+    // fabric's reason and the connection is dead, so every task after it fails too.
     assert!(
-        matches!(r, Err(ferry_engine::Error::TasksFailed { failed: 2, .. })),
+        matches!(r, Err(ferry_engine::Error::TasksFailed { failed: 6, .. })),
         "{r:?}"
     );
-    let failed: Vec<_> = batch
-        .statuses()
-        .into_iter()
-        .filter(|s| {
-            matches!(
-                s,
-                ferry_engine::TaskStatus::Failed(ferry_engine::FailReason::Fabric(_))
-            )
-        })
-        .collect();
-    assert_eq!(failed.len(), 2);
-    // The same batch with retries allowed completes.
-    let mut b = initiator.batch().retry_over_tcp(true);
-    for i in 0..10usize {
-        b.write(&local, i << 16, &remote, (i << 16) as u64, 1 << 16)
-            .unwrap();
-    }
-    b.submit().unwrap().wait(common::WAIT).unwrap();
+    let statuses = batch.statuses();
+    assert!(
+        statuses[..4].iter().all(|s| *s == TaskStatus::Completed),
+        "{statuses:?}"
+    );
+    assert!(
+        matches!(
+            statuses[4],
+            TaskStatus::Failed(FailReason::Device {
+                transport: Protocol::Efa,
+                ..
+            })
+        ),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[5..]
+            .iter()
+            .all(|s| *s == TaskStatus::Failed(FailReason::ConnectionLost)),
+        "{statuses:?}"
+    );
+    // The same batch with retries allowed completes (over TCP: the segment's fabric
+    // connection is dead).
+    batch_of(&remote, true, 10).wait(common::WAIT).unwrap();
+    // Opening the segment again connects over the fabric afresh: without retries, the
+    // next four posts (the knob fails the fifth) all complete on the new connection.
+    let remote = common::remote_of(&initiator, &target, &remote_buf);
+    assert_eq!(remote.segment().protocol(), Some(Protocol::Efa));
+    let data = common::random(4 << 16);
+    local.write_at(0, &data).unwrap();
+    batch_of(&remote, false, 4).wait(common::WAIT).unwrap();
+    let mut on_target = vec![0u8; data.len()];
+    remote_buf.read_at(0, &mut on_target).unwrap();
+    common::assert_bytes_eq(&on_target, &data, "target memory after the reconnect");
 }

@@ -30,11 +30,6 @@ impl Protocol {
         }
     }
 
-    /// The Cargo feature of `ferry-engine` that compiles this protocol in.
-    pub const fn feature(self) -> &'static str {
-        self.name()
-    }
-
     /// Parses a protocol name (case-insensitive). This is the one place names from
     /// configuration, environment and command line are turned into protocols.
     pub fn parse(name: &str) -> Result<Self, TransportError> {

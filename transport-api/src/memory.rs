@@ -16,8 +16,13 @@ use crate::Location;
 /// `Arc<RegionMemory>` for every slice in flight, so a region outlives the transfers that
 /// touch it.
 ///
-/// Host accessors ([`io_slice`](Self::io_slice), [`copy_from_slice_at`](Self::copy_from_slice_at), ...) return
-/// `None` or refuse for device memory: a GPU pointer never reaches a socket.
+/// Two views of the bytes:
+/// - the host accessors ([`io_slice`](Self::io_slice),
+///   [`copy_from_slice_at`](Self::copy_from_slice_at), ...) return `None` or refuse for
+///   device memory: a GPU pointer never reaches a socket or a CPU copy;
+/// - the NIC's view, [`dma_addr`](Self::dma_addr), is a bounds-checked address valid for
+///   any location, for transports that hand memory to a NIC or driver (libfabric with
+///   `FI_HMEM`, ibverbs) and never dereference it.
 pub struct RegionMemory {
     ptr: NonNull<u8>,
     len: usize,
@@ -80,6 +85,21 @@ impl RegionMemory {
     /// Whether `offset..offset+len` lies inside the region.
     pub fn contains(&self, offset: usize, len: usize) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+
+    /// The address of `len` bytes at `offset`, for handing to a NIC or driver (a work
+    /// request, an RMA post), whatever the [`Location`]: for device memory it is a device
+    /// address. `None` when the range is not inside the region.
+    ///
+    /// Never dereferenced by ferry: a transport passes it to hardware that reaches the
+    /// memory by DMA, with the registration that covers the region. Reading or writing the
+    /// bytes from the CPU goes through the host accessors, which refuse device memory.
+    pub fn dma_addr(&self, offset: usize, len: usize) -> Option<u64> {
+        if !self.contains(offset, len) {
+            return None;
+        }
+        // `offset <= len`, and `addr..addr+len` is one allocation, so this cannot wrap.
+        self.addr().checked_add(offset as u64)
     }
 
     fn host_ptr(&self, offset: usize, len: usize) -> Option<*mut u8> {
@@ -198,5 +218,27 @@ mod tests {
         assert!(r.io_slice(0, 4).is_none());
         assert!(r.io_slice_mut(0, 4).is_none());
         assert!(!r.copy_from_slice_at(0, &[1]));
+    }
+
+    /// The NIC's view covers device memory as well as host memory, checked against the
+    /// region's bounds like the host views.
+    #[test]
+    fn dma_addresses_cover_every_location_within_bounds() {
+        let host = region(16);
+        let owner = vec![0u8; 16];
+        let ptr = NonNull::new(owner.as_ptr() as *mut u8).unwrap();
+        // SAFETY: never dereferenced as device memory.
+        let device = unsafe {
+            RegionMemory::from_raw(ptr, 16, Location::Cuda { device: 1 }, Box::new(owner))
+        };
+        for r in [&host, &device] {
+            assert_eq!(r.dma_addr(0, 16), Some(r.addr()));
+            assert_eq!(r.dma_addr(5, 11), Some(r.addr() + 5));
+            assert_eq!(r.dma_addr(16, 0), Some(r.addr() + 16));
+            assert_eq!(r.dma_addr(5, 12), None);
+            assert_eq!(r.dma_addr(17, 0), None);
+            assert_eq!(r.dma_addr(usize::MAX, 2), None);
+        }
+        assert!(device.io_slice(5, 11).is_none(), "host views still refuse");
     }
 }

@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::{RegionMemory, RemoteKeys};
+use crate::{Protocol, RegionMemory, RemoteKeys};
 
 /// One-sided operation, seen from the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +102,11 @@ impl fmt::Display for RemoteStatus {
 }
 
 /// Why a slice (and so its task) failed. `Copy`, so failing costs no allocation.
+///
+/// The reasons are the same for every transport: the engine decides what to do with a
+/// failure by asking the reason ([`retryable`](Self::retryable),
+/// [`suggests_stale_descriptor`](Self::suggests_stale_descriptor)), never by reading a
+/// vendor's code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailReason {
@@ -115,40 +120,102 @@ pub enum FailReason {
     Shutdown,
     /// The transport cannot carry this request (e.g. device memory without staging).
     Unsupported,
-    /// The fabric reported an error for the operation (a libfabric `FI_E*` code; the
-    /// provider's message is logged where it happened).
-    Fabric(i32),
+    /// The transport's device or library failed the operation (a NIC error, a refused
+    /// post, a provider's error completion).
+    Device {
+        /// The transport that failed it.
+        transport: Protocol,
+        /// The transport's own error code (libfabric's `FI_E*` for EFA, an ibverbs work
+        /// completion status for RDMA). Only that transport can read it; its message is
+        /// logged where the failure happened.
+        code: i32,
+    },
+}
+
+/// [`FailReason::to_bits`]'s tag of each reason (bits 32..40 of the word).
+const TAG_REMOTE: u64 = 1;
+const TAG_CONNECTION_LOST: u64 = 2;
+const TAG_TIMED_OUT: u64 = 3;
+const TAG_SHUTDOWN: u64 = 4;
+const TAG_UNSUPPORTED: u64 = 5;
+const TAG_DEVICE: u64 = 6;
+
+/// A protocol as one byte of [`FailReason::to_bits`]'s word (never 0).
+fn protocol_bits(p: Protocol) -> u64 {
+    match p {
+        Protocol::Rdma => 1,
+        Protocol::Efa => 2,
+        Protocol::Tcp => 3,
+    }
+}
+
+fn protocol_from_bits(bits: u64) -> Option<Protocol> {
+    Protocol::ALL
+        .into_iter()
+        .find(|&p| protocol_bits(p) == bits)
 }
 
 impl FailReason {
     /// The reason as one word, losslessly, for storage in an atomic (a task's failure
     /// reason is written by a transport thread and read by a poll). Never 0, so 0 can
     /// mean "no reason yet"; [`from_bits`](Self::from_bits) inverts it.
+    ///
+    /// Layout: the payload (a remote status, a device's code) in bits 0..32, the tag of
+    /// the variant in bits 32..40, the transport of a [`Device`](Self::Device) failure
+    /// in bits 40..48.
     pub fn to_bits(self) -> u64 {
-        let (tag, payload): (u64, u32) = match self {
-            FailReason::Remote(s) => (1, s as u8 as u32),
-            FailReason::ConnectionLost => (2, 0),
-            FailReason::TimedOut => (3, 0),
-            FailReason::Shutdown => (4, 0),
-            FailReason::Unsupported => (5, 0),
-            FailReason::Fabric(code) => (6, code as u32),
+        let (tag, transport, payload): (u64, u64, u32) = match self {
+            FailReason::Remote(s) => (TAG_REMOTE, 0, s as u8 as u32),
+            FailReason::ConnectionLost => (TAG_CONNECTION_LOST, 0, 0),
+            FailReason::TimedOut => (TAG_TIMED_OUT, 0, 0),
+            FailReason::Shutdown => (TAG_SHUTDOWN, 0, 0),
+            FailReason::Unsupported => (TAG_UNSUPPORTED, 0, 0),
+            FailReason::Device { transport, code } => {
+                (TAG_DEVICE, protocol_bits(transport), code as u32)
+            }
         };
-        tag << 32 | u64::from(payload)
+        transport << 40 | tag << 32 | u64::from(payload)
     }
 
     /// The reason [`to_bits`](Self::to_bits) encoded; `None` for a word it cannot have
     /// produced.
     pub fn from_bits(bits: u64) -> Option<FailReason> {
         let payload = bits as u32;
-        Some(match bits >> 32 {
-            1 => FailReason::Remote(RemoteStatus::from_u8(u8::try_from(payload).ok()?)),
-            2 => FailReason::ConnectionLost,
-            3 => FailReason::TimedOut,
-            4 => FailReason::Shutdown,
-            5 => FailReason::Unsupported,
-            6 => FailReason::Fabric(payload as i32),
-            _ => return None,
-        })
+        let tag = bits >> 32 & 0xff;
+        let transport = bits >> 40;
+        if tag != TAG_DEVICE && transport != 0 {
+            return None;
+        }
+        let plain = |reason| (payload == 0).then_some(reason);
+        match tag {
+            TAG_REMOTE => Some(FailReason::Remote(RemoteStatus::from_u8(
+                u8::try_from(payload).ok()?,
+            ))),
+            TAG_CONNECTION_LOST => plain(FailReason::ConnectionLost),
+            TAG_TIMED_OUT => plain(FailReason::TimedOut),
+            TAG_SHUTDOWN => plain(FailReason::Shutdown),
+            TAG_UNSUPPORTED => plain(FailReason::Unsupported),
+            TAG_DEVICE => Some(FailReason::Device {
+                transport: protocol_from_bits(transport)?,
+                code: payload as i32,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether another transport may succeed where this one failed: the transport's
+    /// device failed the operation, or its connection broke. False for what any path
+    /// would meet again: the target's refusal, a passed deadline, a shutdown, memory no
+    /// transport was set up to carry. The engine asks this to decide whether a task that
+    /// failed on a fabric is retried over its fallback.
+    pub fn retryable(self) -> bool {
+        match self {
+            FailReason::Device { .. } | FailReason::ConnectionLost => true,
+            FailReason::Remote(_)
+            | FailReason::TimedOut
+            | FailReason::Shutdown
+            | FailReason::Unsupported => false,
+        }
     }
 
     /// Whether the failure suggests the cached descriptor of the peer is out of date.
@@ -169,7 +236,12 @@ impl fmt::Display for FailReason {
             FailReason::TimedOut => f.write_str("deadline passed"),
             FailReason::Shutdown => f.write_str("transport shut down"),
             FailReason::Unsupported => f.write_str("transport cannot carry this memory"),
-            FailReason::Fabric(code) => write!(f, "fabric error {code}"),
+            FailReason::Device { transport, code } => {
+                write!(
+                    f,
+                    "{transport} device error {code} (its message is in the log)"
+                )
+            }
         }
     }
 }
@@ -213,8 +285,8 @@ pub trait Completions: Send + Sync {
 mod tests {
     use super::*;
 
-    /// Every reason survives the word encoding, libfabric's own codes (256 and up) and
-    /// negative codes included; no reason encodes to 0.
+    /// Every reason survives the word encoding, libfabric's own codes (256 and up),
+    /// negative codes and every transport included; no reason encodes to 0.
     #[test]
     fn fail_reasons_round_trip_through_bits() {
         let mut reasons = vec![
@@ -225,14 +297,43 @@ mod tests {
         ];
         reasons.extend((0..=8).map(|c| FailReason::Remote(RemoteStatus::from_u8(c))));
         // FI_EOTHER, FI_ETRUNC, FI_ENOKEY, a small errno, extremes.
-        reasons.extend([256, 265, 266, 11, -5, i32::MAX, i32::MIN].map(FailReason::Fabric));
-        for r in reasons {
+        for transport in Protocol::ALL {
+            reasons.extend(
+                [256, 265, 266, 11, 0, -5, i32::MAX, i32::MIN]
+                    .map(|code| FailReason::Device { transport, code }),
+            );
+        }
+        let mut words = std::collections::HashSet::new();
+        for r in &reasons {
             let bits = r.to_bits();
             assert_ne!(bits, 0, "{r:?}");
-            assert_eq!(FailReason::from_bits(bits), Some(r), "{r:?}");
+            assert!(words.insert(bits), "{r:?} shares its word");
+            assert_eq!(FailReason::from_bits(bits), Some(*r), "{r:?}");
         }
         assert_eq!(FailReason::from_bits(0), None);
         assert_eq!(FailReason::from_bits(7 << 32), None);
         assert_eq!(FailReason::from_bits(1 << 32 | 300), None);
+        // A transport byte on a reason that has none, an unknown transport, a payload
+        // on a reason without one: never produced, so refused.
+        assert_eq!(FailReason::from_bits(2 << 40 | 2 << 32), None);
+        assert_eq!(FailReason::from_bits(9 << 40 | 6 << 32 | 5), None);
+        assert_eq!(FailReason::from_bits(6 << 32 | 5), None);
+        assert_eq!(FailReason::from_bits(3 << 32 | 1), None);
+    }
+
+    /// Device failures and broken connections may succeed elsewhere; what the target or
+    /// the clock decided would be met again on any path.
+    #[test]
+    fn only_transport_level_failures_are_retryable() {
+        for transport in Protocol::ALL {
+            assert!(FailReason::Device { transport, code: 5 }.retryable());
+        }
+        assert!(FailReason::ConnectionLost.retryable());
+        assert!(!FailReason::TimedOut.retryable());
+        assert!(!FailReason::Shutdown.retryable());
+        assert!(!FailReason::Unsupported.retryable());
+        for c in 0..=8 {
+            assert!(!FailReason::Remote(RemoteStatus::from_u8(c)).retryable());
+        }
     }
 }

@@ -10,8 +10,9 @@ use crate::{
 pub struct TransportContext {
     /// Where slice completions go.
     pub completions: Arc<dyn Completions>,
-    /// The engine's control plane, for transports that carry the handshake.
-    pub control: Arc<dyn ControlPlane>,
+    /// The engine's control plane (descriptor fetches, notifications), given only to
+    /// the transport that serves the engine's port; `None` for every other.
+    pub control: Option<Arc<dyn ControlPlane>>,
     /// How to move device memory through host memory, when the engine has device
     /// support (feature `cuda`) and a driver was found; `None` otherwise.
     pub staging: Option<Arc<dyn Staging>>,

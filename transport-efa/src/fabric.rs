@@ -126,6 +126,9 @@ pub(crate) struct Device {
     mr_mode: u64,
     /// The provider registers device memory (FI_HMEM granted).
     hmem: bool,
+    /// Test knob ([`EfaConfig::device_memory_is_host`]): device memory is host memory
+    /// standing in for it, registered as host memory.
+    device_is_host: bool,
     address: Vec<u8>,
     domain_name: String,
     /// Keys this domain accepts when ferry chooses them (without `FI_MR_PROV_KEY`):
@@ -463,6 +466,7 @@ impl Device {
                 waitable: AtomicBool::new(waitable),
                 mr_mode,
                 hmem,
+                device_is_host: config.device_memory_is_host,
                 address,
                 domain_name,
                 key_mask,
@@ -504,13 +508,15 @@ impl Device {
         self.mr_mode & u64::from(bit) != 0
     }
 
-    /// Registers a host region with the access peers get.
+    /// Registers a region (host memory, or device memory where the provider granted
+    /// FI_HMEM) with the access peers get.
     pub(crate) fn register(
         self: &Arc<Self>,
         region: &RegionMemory,
         access: Access,
     ) -> Result<Mr, TransportError> {
         let (iface, cuda_device) = match region.location() {
+            Location::Cuda { .. } if self.device_is_host => (fi::fi_hmem_iface_FI_HMEM_SYSTEM, 0),
             Location::Cuda { device } if self.hmem => (fi::fi_hmem_iface_FI_HMEM_CUDA, device),
             Location::Host { .. } => (fi::fi_hmem_iface_FI_HMEM_SYSTEM, 0),
             other => {
@@ -662,10 +668,12 @@ impl Device {
         } else {
             slice.remote_addr - slice.remote_base
         };
+        // The NIC's view of the local memory: host or device (registered with FI_HMEM),
+        // handed to the provider, never dereferenced here.
         let Some(buf) = slice
             .local
-            .io_slice(slice.local_offset, slice.len)
-            .map(|s| s.as_ptr() as *mut c_void)
+            .dma_addr(slice.local_offset, slice.len)
+            .map(|a| a as usize as *mut c_void)
         else {
             return Err(PostError::Fatal(fi::FI_EINVAL as i32));
         };

@@ -25,8 +25,8 @@
 //!   the data is in the target's memory), serialized per endpoint, retrying `FI_EAGAIN`
 //!   after driving progress, a bounded number of times;
 //! - a progress thread reads the completion queue (providers with manual progress need
-//!   it on the target side too) and maps completion errors to [`FailReason::Fabric`],
-//!   logging the provider's message;
+//!   it on the target side too) and maps completion errors to [`FailReason::Device`]
+//!   (transport `efa`, the libfabric code), logging the provider's message;
 //! - every slice ends, once: an operation's context comes from a slab allocated when the
 //!   rail opens (no allocation per operation), and the progress thread sweeps the
 //!   deadlines of the operations in flight. A slice whose completion never comes (a
@@ -88,10 +88,17 @@ pub struct EfaConfig {
     /// Ask the provider for device-memory registration (`FI_HMEM`, CUDA), settling for
     /// host memory only when it has none. The engine sets it in builds with `cuda`.
     pub hmem: bool,
-    /// Fault injection: every `fault_every`-th post fails with a fabric I/O error instead
-    /// of being posted (0, the default: never). Exercises error and retry paths without
-    /// faulty hardware.
+    /// Fault injection: every `fault_every`-th post fails as if the provider had refused
+    /// it with an I/O error (`FI_EIO`) instead of being posted (0, the default: never):
+    /// the slice fails [`FailReason::Device`] and its connection is marked dead, as with
+    /// a real refusal. Exercises error, retry and reconnect paths without faulty hardware.
     pub fault_every: u64,
+    /// Test only: registers device memory (`cuda:N` regions) with libfabric's host
+    /// interface (`FI_HMEM_SYSTEM`) instead of `FI_HMEM_CUDA`, so host bytes labelled as
+    /// device memory stand in for it where no GPU exists. The stand-in must really be
+    /// host memory; never set it for real device memory.
+    #[doc(hidden)]
+    pub device_memory_is_host: bool,
     /// Fault injection for tests: the first `lose_completions` completions each rail
     /// reads are held back as if the provider had lost them, and handed over only once
     /// their slice has passed its deadline (so the deadline sweep and the late-completion
@@ -110,6 +117,7 @@ impl Default for EfaConfig {
             busy_poll: Duration::from_micros(50),
             hmem: false,
             fault_every: 0,
+            device_memory_is_host: false,
             lose_completions: 0,
         }
     }
@@ -199,6 +207,14 @@ impl EfaTransport {
             all += d.op_stats();
         }
         all
+    }
+}
+
+/// A libfabric error code as a failure reason of this transport.
+pub(crate) fn fabric_error(code: i32) -> FailReason {
+    FailReason::Device {
+        transport: Protocol::Efa,
+        code,
     }
 }
 
@@ -389,10 +405,6 @@ impl Connection for EfaConnection {
         if !self.alive.load(Ordering::Acquire) {
             return Err(FailReason::ConnectionLost);
         }
-        let every = self.inner.config.fault_every;
-        if every > 0 && self.inner.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
-            return Err(FailReason::Fabric(libfabric_sys::FI_EIO as i32));
-        }
         let local = self
             .inner
             .regions
@@ -410,17 +422,23 @@ impl Connection for EfaConnection {
             Some(key) => (path, key),
             None => (&self.paths[0], slice.remote_keys.first()),
         };
-        match path
-            .device
-            .post(path.peer, &local[path.local], key, slice, Some(&self.alive))
-        {
+        let every = self.inner.config.fault_every;
+        let posted =
+            if every > 0 && self.inner.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+                // The fault knob: a refusal, handled below like the provider's own.
+                Err(PostError::Fatal(libfabric_sys::FI_EIO as i32))
+            } else {
+                path.device
+                    .post(path.peer, &local[path.local], key, slice, Some(&self.alive))
+            };
+        match posted {
             Ok(()) => Ok(()),
             Err(PostError::Closed) => Err(FailReason::Shutdown),
             Err(PostError::Fatal(code)) => {
                 self.alive.store(false, Ordering::Release);
-                Err(FailReason::Fabric(code))
+                Err(fabric_error(code))
             }
-            Err(PostError::Busy) => Err(FailReason::Fabric(libfabric_sys::FI_EAGAIN as i32)),
+            Err(PostError::Busy) => Err(fabric_error(libfabric_sys::FI_EAGAIN as i32)),
         }
     }
 
@@ -435,7 +453,7 @@ mod tests {
 
     use crossbeam_channel::{Receiver, Sender};
     use ferry_transport_api::{
-        CompletionToken, Completions, ControlPlane, Opcode, RegionMemory, RemoteKeys, Slice,
+        CompletionToken, Completions, Opcode, RegionMemory, RemoteKeys, Slice,
     };
 
     use super::*;
@@ -445,18 +463,6 @@ mod tests {
     impl Completions for Channel {
         fn complete(&self, _token: CompletionToken, result: Result<usize, FailReason>) {
             let _ = self.0.send(result);
-        }
-    }
-
-    /// The libfabric transport never asks the control plane anything.
-    struct NoControl;
-
-    impl ControlPlane for NoControl {
-        fn descriptor(&self) -> Vec<u8> {
-            Vec::new()
-        }
-        fn notification(&self, _from: &str, _body: &[u8]) -> bool {
-            false
         }
     }
 
@@ -478,7 +484,7 @@ mod tests {
         let endpoint = t
             .start(TransportContext {
                 completions: Arc::new(Channel(tx)),
-                control: Arc::new(NoControl),
+                control: None,
                 staging: None,
             })
             .expect("shm transport starts");
@@ -599,7 +605,7 @@ mod tests {
         let err = t
             .start(TransportContext {
                 completions: Arc::new(Channel(tx)),
-                control: Arc::new(NoControl),
+                control: None,
                 staging: None,
             })
             .unwrap_err()

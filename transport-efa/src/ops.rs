@@ -377,7 +377,7 @@ impl OpSlab {
                 Phase::InFlight(p) => {
                     let result = match error {
                         None => Ok(p.slice.len),
-                        Some(code) => Err(FailReason::Fabric(code)),
+                        Some(code) => Err(crate::fabric_error(code)),
                     };
                     s.stats.in_flight -= 1;
                     s.stats.completed += 1;
@@ -591,7 +591,7 @@ mod tests {
         // A duplicate completion for a freed context changes nothing.
         finish_one(&slab, a, None, &rec);
         assert_eq!(rec.of(1), vec![Ok(101)]);
-        assert_eq!(rec.of(2), vec![Err(FailReason::Fabric(5))]);
+        assert_eq!(rec.of(2), vec![Err(crate::fabric_error(5))]);
         let st = slab.stats();
         assert_eq!((st.in_flight, st.completed, st.stray), (0, 2, 1));
         // The same contexts serve the next operations.

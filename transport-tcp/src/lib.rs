@@ -226,7 +226,7 @@ impl Shared {
     }
 
     fn control(&self) -> Option<&Arc<dyn ControlPlane>> {
-        self.ctx.get().map(|c| &c.control)
+        self.ctx.get().and_then(|c| c.control.as_ref())
     }
 
     /// The engine's staging for device memory, if it has one.

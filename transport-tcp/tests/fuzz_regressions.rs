@@ -70,7 +70,7 @@ fn started(config: TcpConfig) -> (TcpTransport, String, Done) {
     let ep = t
         .start(TransportContext {
             completions: Arc::new(Channel(tx)),
-            control: Arc::new(Control),
+            control: Some(Arc::new(Control)),
             staging: None,
         })
         .unwrap();

@@ -153,10 +153,10 @@ fn started(config: TcpConfig) -> Target {
     let ep = t
         .start(TransportContext {
             completions: Arc::new(Channel(tx)),
-            control: Arc::new(Control {
+            control: Some(Arc::new(Control {
                 descriptor: descriptor.clone(),
                 notes: AtomicUsize::new(0),
-            }),
+            })),
             staging: None,
         })
         .unwrap();

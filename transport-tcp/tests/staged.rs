@@ -184,7 +184,7 @@ fn started(staging: &Arc<CpuStaging>) -> (TcpTransport, String, Done) {
     let ep = t
         .start(TransportContext {
             completions: Arc::new(Channel(tx)),
-            control: Arc::new(NoControl),
+            control: Some(Arc::new(NoControl)),
             staging: Some(staging.clone() as Arc<dyn Staging>),
         })
         .unwrap();

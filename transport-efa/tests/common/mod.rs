@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_transport_api::{
-    Access, CompletionToken, Completions, Connection, ControlPlane, Endpoint, FailReason, Location,
-    Opcode, RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
+    Access, CompletionToken, Completions, Connection, Endpoint, FailReason, Location, Opcode,
+    RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
 use ferry_transport_efa::{providers, EfaConfig, EfaTransport};
 use rand::RngCore;
@@ -45,18 +45,6 @@ impl Completions for Channel {
     }
 }
 
-/// The libfabric transport never asks the control plane anything.
-pub struct NoControl;
-
-impl ControlPlane for NoControl {
-    fn descriptor(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    fn notification(&self, _from: &str, _body: &[u8]) -> bool {
-        false
-    }
-}
-
 /// A started transport with `config`, reporting to `completions`.
 pub fn start_with(
     config: EfaConfig,
@@ -66,7 +54,7 @@ pub fn start_with(
     let ep = t
         .start(TransportContext {
             completions,
-            control: Arc::new(NoControl),
+            control: None,
             staging: None,
         })
         .unwrap_or_else(|e| panic!("{} transport starts: {e}", config.provider));
@@ -189,4 +177,32 @@ pub fn round_trip(
     }
     assert!(contents(remote) == contents(source), "written bytes differ");
     assert!(contents(back) == contents(source), "read bytes differ");
+}
+
+/// Host memory holding `bytes`, labelled as device memory (`cuda:0`): a stand-in for a
+/// GPU buffer where none exists. Only a transport started with
+/// [`EfaConfig::device_memory_is_host`] registers it (as host memory); every host
+/// accessor of the region refuses it, as for real device memory.
+pub fn stand_in_device(bytes: Vec<u8>) -> Arc<RegionMemory> {
+    let mut bytes = bytes.into_boxed_slice();
+    let len = bytes.len();
+    let ptr = NonNull::new(bytes.as_mut_ptr()).expect("a boxed slice is not null");
+    // SAFETY: the boxed slice moves into the region as its owner, so the bytes live as
+    // long as the region; the tests read them only through `stand_in_contents`.
+    Arc::new(unsafe {
+        RegionMemory::from_raw(ptr, len, Location::Cuda { device: 0 }, Box::new(bytes))
+    })
+}
+
+/// The bytes of a [`stand_in_device`] region, read from the host memory behind it.
+pub fn stand_in_contents(r: &RegionMemory) -> Vec<u8> {
+    assert_eq!(r.location(), Location::Cuda { device: 0 });
+    let mut out = vec![0u8; r.len()];
+    // SAFETY: stand-in regions are host memory of `r.len()` bytes owned by the region
+    // (see `stand_in_device`), alive while `r` is borrowed; nothing is in flight on
+    // them when the tests read them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(r.addr() as usize as *const u8, out.as_mut_ptr(), r.len())
+    };
+    out
 }
