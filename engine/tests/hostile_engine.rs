@@ -23,6 +23,7 @@ use ferry_transport_api::{BufferDescriptor, Endpoint, TransportKey};
 const WRITE: u8 = 1;
 const GET_DESCRIPTOR: u8 = 4;
 const DESCRIPTOR: u8 = 5;
+const LANE: u8 = 11;
 
 fn header(kind: u8, count: u32, seq: u64) -> Vec<u8> {
     let mut h = b"FY".to_vec();
@@ -81,6 +82,10 @@ fn serve_hostile(mut s: TcpStream, body: &[u8], tx: &Sender<Frame>) {
     let _ = s.set_read_timeout(Some(WAIT));
     let mut h = [0u8; 16];
     if s.read_exact(&mut h).is_err() {
+        return;
+    }
+    // A data lane opens with a header-only `Lane` frame; the request comes next.
+    if h[3] == LANE && s.read_exact(&mut h).is_err() {
         return;
     }
     let count = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::fence;
 use std::sync::OnceLock;
 use std::thread::Thread;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use ferry_transport_api::sync::Doorbell;
 use ferry_transport_api::{
     Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
@@ -220,39 +220,54 @@ struct Lane {
     state: Arc<LaneState>,
     tx: Sender<Item>,
     rx: Receiver<Item>,
-    /// The sending half; whoever holds it sends (a submitter inline, or the lane's
-    /// sender thread).
+    /// Who drains the queue: at most one thread at a time (a submitter inline, or the
+    /// lane's sender thread), and nothing queued is left waiting for a timer. The
+    /// protocol is model-checked in `ferry_transport_api::sync`.
+    bell: Doorbell,
+    /// The sending half; only the runner the doorbell chose touches it (and the sender
+    /// thread once the connection is gone).
     send: Mutex<SendState>,
-    /// The lane's sender thread, woken only when work is left for it.
+    /// The lane's sender thread, woken only when the doorbell hands it work.
     sender: OnceLock<Thread>,
     /// Cleared when the connection is dropped: the sender thread then exits.
     open: AtomicBool,
 }
 
 impl Lane {
+    /// Makes sure what is queued gets sent without the caller sending it: rings, and if
+    /// nobody was draining, hands the role to the sender thread.
     fn wake_sender(&self) {
+        if self.bell.ring() {
+            self.hand_over();
+        }
+    }
+
+    fn hand_over(&self) {
+        self.bell.hand();
         if let Some(t) = self.sender.get() {
             t.unpark();
         }
     }
 
     /// Sends what is queued on the calling thread, up to `budget` bytes, unless another
-    /// thread is already sending (it then sends this too); wakes the sender thread for
-    /// whatever is left.
+    /// thread is already sending (it then sends this too); hands whatever is left past
+    /// the budget to the sender thread.
     fn pump(&self, budget: usize) {
+        if self.bell.ring() {
+            self.run(budget);
+        }
+    }
+
+    /// Drains the queue as the doorbell's runner until it is empty and nobody rang
+    /// meanwhile, or `budget` bytes went out (the rest goes to the sender thread).
+    fn run(&self, budget: usize) {
         loop {
-            fence(Ordering::SeqCst);
-            if self.rx.is_empty() {
+            let finished = self.send.lock().pump(self, budget);
+            if !finished {
+                self.hand_over();
                 return;
             }
-            let Some(mut s) = self.send.try_lock() else {
-                // The holder checks the queue again after letting go.
-                return;
-            };
-            let finished = s.pump(self, budget);
-            drop(s);
-            if !finished {
-                self.wake_sender();
+            if !self.bell.done() {
                 return;
             }
         }
@@ -262,9 +277,8 @@ impl Lane {
         let span = tracing::debug_span!("lane-send");
         let _enter = span.enter();
         loop {
-            let finished = self.send.lock().pump(&self, usize::MAX);
-            fence(Ordering::SeqCst);
-            if !finished || !self.rx.is_empty() {
+            if self.bell.take() {
+                self.run(usize::MAX);
                 continue;
             }
             if !self.open.load(Ordering::Acquire) {
@@ -275,7 +289,7 @@ impl Lane {
                 }
                 return;
             }
-            std::thread::park_timeout(Duration::from_millis(200));
+            std::thread::park();
         }
     }
 }
@@ -310,6 +324,9 @@ impl TcpConnection {
             let mut stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
             // Keepalive, and the shared secret's proof when one is set.
             crate::prepare_client(&mut stream, &shared.config)?;
+            // Says "data lane": the target keeps it through idle spells (keepalive
+            // decides), where it closes a connection that never speaks.
+            io::Write::write_all(&mut stream, &Header::new(Kind::Lane, 0, 0).encode())?;
             let socket = stream.try_clone()?;
             let recv_stream = stream.try_clone()?;
             let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;
@@ -331,6 +348,7 @@ impl TcpConnection {
                 state: state.clone(),
                 tx,
                 rx,
+                bell: Doorbell::new(),
                 send: Mutex::new(SendState {
                     shared: shared.clone(),
                     completions: completions.clone(),
@@ -416,6 +434,11 @@ impl TcpConnection {
         for lane in &self.lanes {
             lane.state.kill(&self.peer, reason, &"closed locally");
             lane.wake_sender();
+            // Also when another thread holds the doorbell: the sender thread must see
+            // the lane closed (and, after a drop, exit).
+            if let Some(t) = lane.sender.get() {
+                t.unpark();
+            }
         }
     }
 }
