@@ -69,7 +69,8 @@ fn harness() -> &'static Harness {
         let ep = tcp
             .start(TransportContext {
                 completions: Arc::new(NoCompletions),
-                control: Arc::new(Control),
+                // The port's transport is the one given the control plane.
+                control: (Arc::new(Control) as Arc<dyn ControlPlane>).into(),
                 staging: None,
             })
             .expect("the target starts on loopback");
@@ -92,11 +93,13 @@ fn harness() -> &'static Harness {
 
 fuzz_target!(|data: &[u8]| {
     let h = harness();
-    let mut out = data.to_vec();
     // A WRITE that would land if the target ever served this peer.
-    out.extend_from_slice(&encode_header(WRITE, 1, 0).expect("WRITE is a kind"));
-    out.extend_from_slice(&encode_desc(h.region.addr(), 8, h.key));
-    out.extend_from_slice(&[0xee; 8]);
+    let mut tail = encode_header(WRITE, 1, 0)
+        .expect("WRITE is a kind")
+        .to_vec();
+    tail.extend_from_slice(&encode_desc(h.region.addr(), 8, h.key));
+    tail.extend_from_slice(&[0xee; 8]);
+    let out = [data, &tail[..]].concat();
     let mut s = TcpStream::connect(h.addr).expect("connecting to the target");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
@@ -125,11 +128,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     });
-    let hello = data
+    // What the target read first: the input, or the input followed by the WRITE (which
+    // may complete a short hello's nonce).
+    let sent = [data, &tail[..]].concat();
+    let hello = sent
         .get(..HEADER_LEN)
         .and_then(|b| decode_header(b.try_into().expect("header length")).ok())
         .is_some_and(|(kind, count, _)| kind == HELLO && count as usize == AUTH_LEN)
-        && data.len() >= HEADER_LEN + AUTH_LEN;
+        && sent.len() >= HEADER_LEN + AUTH_LEN;
     let mut p = 0;
     let mut frames = 0;
     while let Some(head) = answers.get(p..p + HEADER_LEN) {

@@ -100,7 +100,8 @@ fn harness() -> &'static Harness {
         let ep = tcp
             .start(TransportContext {
                 completions: Arc::new(NoCompletions),
-                control: Arc::new(Control),
+                // The port's transport is the one given the control plane.
+                control: (Arc::new(Control) as Arc<dyn ControlPlane>).into(),
                 staging: None,
             })
             .expect("the target starts on loopback");

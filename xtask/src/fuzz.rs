@@ -234,13 +234,13 @@ fn fuzz(targets: &[&str], secs: u64, extra: &[String]) -> Result<()> {
         outcomes.push(fuzz_one(&bins, target, secs, extra)?);
     }
     println!(
-        "{:<14} {:>6} {:>12} {:>8}  libFuzzer's last status",
+        "{:<16} {:>6} {:>12} {:>8}  libFuzzer's last status",
         "target", "secs", "executions", "exec/s"
     );
     let show = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
     for o in &outcomes {
         println!(
-            "{:<14} {:>6} {:>12} {:>8}  {}",
+            "{:<16} {:>6} {:>12} {:>8}  {}",
             o.target,
             o.secs,
             show(o.execs),
