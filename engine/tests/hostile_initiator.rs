@@ -156,7 +156,7 @@ mod crossbeam_like {
 #[test]
 fn a_stalled_peer_ends_batches_by_their_deadline_and_its_segment_is_opened_afresh() {
     let chunk = 1 << 20;
-    let chunks = 32; // far more than the sockets on the way can hold
+    let chunks = 64; // more than the sockets on the way hold (tens of MiB at most)
     let target = engine();
     let initiator = Arc::new(engine());
     let target_buf = target.allocate(chunks * chunk, Location::host()).unwrap();

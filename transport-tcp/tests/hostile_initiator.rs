@@ -431,6 +431,41 @@ fn posting_to_a_full_queue_ends_by_the_deadline() {
     drop(done);
 }
 
+#[test]
+fn a_submitter_does_not_wait_on_a_frame_of_a_later_deadline() {
+    // A peer that takes the connection and reads nothing.
+    let (l, addr) = listener();
+    let (release, released) = crossbeam_channel::bounded::<()>(1);
+    let peer = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let _ = released.recv();
+        drop(c);
+    });
+    let (tcp, done) = initiator(TcpConfig::default());
+    let conn = tcp.connect_tcp(&addr).unwrap();
+    // Another batch's WRITE, far bigger than the sockets hold and due only at `FAR`,
+    // queued but not yet sent ...
+    let len = 64 << 20;
+    let big = random_region(len);
+    conn.post(slice(Opcode::Write, &big, len, 0, Instant::now() + FAR))
+        .unwrap();
+    // ... when a small submission with a short deadline rings the doorbell: it may send
+    // what the socket takes, but not wait for the peer until `FAR`.
+    let small = random_region(64);
+    let c = conn.clone();
+    let s = small.clone();
+    bounded("a short submission behind a long one", move || {
+        c.post(slice(Opcode::Write, &s, 64, 100, Instant::now() + SHORT))
+            .unwrap();
+        c.flush();
+    });
+    tcp.shutdown();
+    let ended = completions(&done, 2);
+    assert!(ended.iter().all(|(_, r)| r.is_err()), "{ended:?}");
+    release.send(()).unwrap();
+    peer.join().unwrap();
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
