@@ -26,10 +26,21 @@ struct Fake {
     reply: &'static Mutex<Vec<u8>>,
 }
 
+/// Ignores SIGPIPE, as the Rust runtime does before `main` in every Rust program:
+/// libFuzzer's `main` does not, and ferry's vectored socket writes (`writev`) to a peer
+/// that has gone would otherwise kill the fuzzer instead of returning `EPIPE`.
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 fn fake() -> &'static Fake {
     static F: OnceLock<Fake> = OnceLock::new();
     static REPLY: Mutex<Vec<u8>> = Mutex::new(Vec::new());
     F.get_or_init(|| {
+        ignore_sigpipe();
         let listener = TcpListener::bind("127.0.0.1:0").expect("loopback listener");
         let addr = listener.local_addr().expect("bound").to_string();
         std::thread::spawn(move || {

@@ -59,9 +59,20 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
+/// Ignores SIGPIPE, as the Rust runtime does before `main` in every Rust program:
+/// libFuzzer's `main` does not, and ferry's vectored socket writes (`writev`) to a peer
+/// that has gone would otherwise kill the fuzzer instead of returning `EPIPE`.
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
+        ignore_sigpipe();
         let tcp = TcpTransport::new(TcpConfig {
             secret: Some(SharedSecret::new("fuzzing secret, never sent")),
             ..TcpConfig::default()

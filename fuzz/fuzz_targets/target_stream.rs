@@ -47,6 +47,7 @@ const GET_DESCRIPTOR: u8 = 4;
 const DESCRIPTOR: u8 = 5;
 const ACK: u8 = 6;
 const READ_DATA: u8 = 7;
+const LANE: u8 = 11;
 
 const OK: u8 = 0;
 const NOT_REGISTERED: u8 = 1;
@@ -93,9 +94,20 @@ fn pattern() -> Vec<u8> {
         .collect()
 }
 
+/// Ignores SIGPIPE, as the Rust runtime does before `main` in every Rust program:
+/// libFuzzer's `main` does not, and ferry's vectored socket writes (`writev`) to a peer
+/// that has gone would otherwise kill the fuzzer instead of returning `EPIPE`.
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to "ignore" installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
+        ignore_sigpipe();
         let tcp = TcpTransport::new(TcpConfig::default());
         let ep = tcp
             .start(TransportContext {
@@ -197,7 +209,7 @@ impl Harness {
             };
             let seq = next_seq.wrapping_add(rel_seq);
             let mut head = head;
-            if kind != GET_DESCRIPTOR {
+            if !matches!(kind, GET_DESCRIPTOR | LANE) {
                 head[8..16].copy_from_slice(&seq.to_le_bytes());
             }
             out.extend_from_slice(&head);
@@ -292,6 +304,8 @@ impl Harness {
                     due.push_back(Due::Ack { seq, status });
                 }
                 GET_DESCRIPTOR => due.push_back(Due::Descriptor),
+                // Opens a data lane: no answer, no sequence number.
+                LANE => {}
                 // Anything else is not for a target: it closes.
                 _ => break,
             }

@@ -397,6 +397,45 @@ fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
         }
         stream_seeds.push((format!("connection-{c}"), conn_seed));
     }
+    // The lane's answers to each submission above, as the initiator_stream target takes
+    // them: the requests (READ or WRITE, length), then the target's frames, with sequence
+    // numbers counted from the submission's first request as on a fresh lane.
+    let submissions: [&[(Opcode, usize)]; 5] = [
+        &[(w, 100)],
+        &[(w, 33), (w, 96)],
+        &[(r, 64), (r, 8)],
+        &[(r, 4096)],
+        &[(w, 8), (w, 16), (w, 8), (r, 8)],
+    ];
+    let lane = &recorded[0];
+    let mut answers = frames(&lane.to_client, read_lengths(&lane.to_target)).into_iter();
+    let (mut at, mut base) = (0, 0u64);
+    let mut initiator_seeds = Vec::new();
+    for requests in submissions {
+        let mut seed = vec![requests.len() as u8 - 1];
+        for &(op, len) in requests {
+            seed.push(u8::from(op == Opcode::Read));
+            seed.extend_from_slice(&(len as u16 - 1).to_le_bytes());
+        }
+        let mut covered = 0;
+        while covered < requests.len() {
+            let (kind, head, end) = answers.next().expect("an answer for every request");
+            assert!(kind == 6 || kind == READ_DATA, "answer of kind {kind}");
+            let (_, count, seq) = decode_header(&head[..HEADER_LEN].try_into().unwrap()).unwrap();
+            let mut frame = lane.to_client[at..end].to_vec();
+            frame[8..16].copy_from_slice(&(seq - base).to_le_bytes());
+            seed.extend_from_slice(&frame);
+            covered += count as usize;
+            at = end;
+        }
+        assert_eq!(
+            covered,
+            requests.len(),
+            "answers cover their submission exactly"
+        );
+        base += requests.len() as u64;
+        initiator_seeds.push(seed);
+    }
     for kind in [WRITE, READ, NOTIFY, 4, 5, 6, 7] {
         assert!(
             kinds_seen.contains(&kind),
@@ -417,6 +456,9 @@ fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
     }
     for (name, stream) in &stream_seeds {
         write("target_stream", name, stream);
+    }
+    for (i, seed) in initiator_seeds.iter().enumerate() {
+        write("initiator_stream", &format!("submission-{i}"), seed);
     }
     // The reply to the descriptor request, as the descriptor_reply target takes it (a
     // leading 0: the client holds no secret).

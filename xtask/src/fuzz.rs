@@ -30,6 +30,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "target_stream",
     "target_auth",
     "descriptor_reply",
+    "initiator_stream",
 ];
 
 /// Seconds per target when none are given.
