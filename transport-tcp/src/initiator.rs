@@ -46,6 +46,10 @@ const INLINE_BYTES: usize = 256 * 1024;
 const SPIN_INFLIGHT_BYTES: usize = 256 * 1024;
 /// Longest sleep of a blocked lane thread between checks of shutdown and deadlines.
 const STEP: Duration = Duration::from_millis(100);
+/// How long a submitting thread sending inline waits for the socket or for room in flight
+/// before it leaves the frame to the sender thread: long enough for a healthy peer (no
+/// thread hand-off), short enough that a stalled peer does not hold the submission.
+const INLINE_WAIT: Duration = Duration::from_millis(2);
 
 enum Item {
     Slice(Slice),
@@ -183,16 +187,16 @@ impl LaneState {
     }
 }
 
-/// Locks the in-flight table once it has room for `n` more entries. Without `wait` it
-/// says [`NoRoom::Full`] at once; otherwise it waits until `deadline` at most (the earliest
-/// of the entries to add: they cannot end in time any more, and nothing of them was
-/// sent). A closed lane is [`NoRoom::Closed`].
+/// Locks the in-flight table once it has room for `n` more entries, waiting until
+/// `give_up` at most ([`NoRoom::Full`]) and never past `deadline`, the earliest of the
+/// entries to add ([`NoRoom::TimedOut`]: they cannot end in time any more, and nothing of
+/// them was sent). A closed lane is [`NoRoom::Closed`].
 fn reserve(
     state: &LaneState,
     cap: usize,
     n: usize,
     deadline: Instant,
-    wait: bool,
+    give_up: Instant,
 ) -> Result<parking_lot::MutexGuard<'_, Inflight>, NoRoom> {
     let cap = cap.max(MAX_DESCS);
     let mut g = state.inflight.lock();
@@ -203,15 +207,17 @@ fn reserve(
         if g.entries.len() + n <= cap {
             return Ok(g);
         }
-        if !wait {
-            return Err(NoRoom::Full);
-        }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(NoRoom::TimedOut);
         }
-        // Bounded so a missed wake-up costs a step, not the whole deadline.
-        let step = Instant::now() + Duration::from_millis(100);
-        state.not_full.wait_until(&mut g, deadline.min(step));
+        if now >= give_up {
+            return Err(NoRoom::Full);
+        }
+        // Bounded so a missed wake-up costs a step, not the whole wait.
+        state
+            .not_full
+            .wait_until(&mut g, deadline.min(give_up).min(now + STEP));
     }
 }
 
@@ -495,11 +501,12 @@ impl Drop for TcpConnection {
 
 /// The sending half of a lane.
 ///
-/// A submitting thread that sends inline (with a byte budget) never waits: when the
-/// in-flight table has no room or the socket takes no more, it leaves the frame where it
-/// is (`unsent` or `partial`) and returns, and the lane's sender thread, which sends with
-/// no budget, finishes it, waiting up to the frame's deadline at most. So a submission
-/// never waits on a frame of someone else's with a later deadline.
+/// A submitting thread that sends inline (with a byte budget) waits [`INLINE_WAIT`] at
+/// most: when the in-flight table has no room or the socket takes no more by then, it
+/// leaves the frame where it is (`unsent` or `partial`) and returns, and the lane's
+/// sender thread, which sends with no budget, finishes it, waiting up to the frame's
+/// deadline at most. So a submission never waits on another batch's frame with a later
+/// deadline.
 struct SendState {
     shared: Arc<Shared>,
     completions: Arc<dyn Completions>,
@@ -543,15 +550,15 @@ enum NoRoom {
     Closed(FailReason),
     /// The deadline passed while waiting.
     TimedOut,
-    /// No room now, and the caller does not wait.
+    /// No room by the time the caller gives up waiting.
     Full,
 }
 
 impl SendState {
     /// Sends queued items until the queue is empty (returns true), or `budget` bytes went
     /// out, or (when `budget` is not `usize::MAX`: a submitting thread sending inline) the
-    /// socket or the in-flight table is full (returns false: the sender thread takes over
-    /// from where this left).
+    /// socket or the in-flight table stays full for [`INLINE_WAIT`] (returns false: the
+    /// sender thread takes over from where this left).
     fn pump(&mut self, lane: &Lane, budget: usize) -> bool {
         let inline = budget != usize::MAX;
         if !self.finish_unfinished(inline) {
@@ -725,7 +732,7 @@ impl SendState {
 
     /// Sends the gathered slices as one frame. `deadline` is the earliest of theirs: the
     /// frame waits for room in flight and for the socket until then at most, and an
-    /// inline sender does not wait at all (returns false, leaving the frame).
+    /// inline sender waits `INLINE_WAIT` at most (then returns false, leaving the frame).
     fn send_frame(&mut self, op: Opcode, deadline: Instant, inline: bool) -> io::Result<bool> {
         let n = self.frame.len();
         let first_seq = self.seq;
@@ -760,7 +767,12 @@ impl SendState {
         }
         // Entries go in before the bytes leave: the answer may come back at once.
         let cap = self.shared.config.max_inflight;
-        let refused = match reserve(&self.state, cap, n, deadline, !inline) {
+        let give_up = if inline {
+            Instant::now() + INLINE_WAIT
+        } else {
+            deadline
+        };
+        let refused = match reserve(&self.state, cap, n, deadline, give_up) {
             Ok(mut g) => {
                 g.bytes += self.frame.iter().map(|s| s.len).sum::<usize>();
                 let read_frame = if op == Opcode::Read { n as u32 } else { 0 };
@@ -843,9 +855,15 @@ impl SendState {
         }
         let mut rest = &mut bufs[..k];
         IoSlice::advance_slices(&mut rest, frame.written);
+        let mut pace = SendPace {
+            shared: &self.shared,
+            state: &self.state,
+            deadline: frame.deadline,
+        };
         if inline {
             let left: usize = rest.iter().map(|b| b.len()).sum();
-            let n = self.pipe.write_now(rest)?;
+            let until = Instant::now() + INLINE_WAIT;
+            let n = self.pipe.write_until(rest, &mut pace, until)?;
             if n < left {
                 frame.written += n;
                 self.partial = Some(frame);
@@ -853,11 +871,6 @@ impl SendState {
             }
             return Ok(true);
         }
-        let mut pace = SendPace {
-            shared: &self.shared,
-            state: &self.state,
-            deadline: frame.deadline,
-        };
         self.pipe.write_all(rest, &mut pace).map(|()| true)
     }
 
@@ -870,7 +883,12 @@ impl SendState {
     ) -> io::Result<bool> {
         let seq = self.seq;
         let cap = self.shared.config.max_inflight;
-        match reserve(&self.state, cap, 1, deadline, !inline) {
+        let give_up = if inline {
+            Instant::now() + INLINE_WAIT
+        } else {
+            deadline
+        };
+        match reserve(&self.state, cap, 1, deadline, give_up) {
             Ok(mut g) => g.push(Entry::Notify {
                 seq,
                 deadline,

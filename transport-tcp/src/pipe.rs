@@ -162,26 +162,36 @@ impl Pipe {
         Ok(filled)
     }
 
-    /// Writes what the socket takes now, without waiting, and returns how many bytes of
-    /// `bufs` went.
-    pub(crate) fn write_now(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<usize> {
+    /// Writes what the socket takes until `until`, waiting for room in between (paced by
+    /// `pace`), and returns how many bytes of `bufs` went.
+    pub(crate) fn write_until(
+        &mut self,
+        mut bufs: &mut [IoSlice<'_>],
+        pace: &mut dyn Pace,
+        until: Instant,
+    ) -> io::Result<usize> {
         IoSlice::advance_slices(&mut bufs, 0);
         let mut sent = 0;
         while !bufs.is_empty() {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
-            match (&self.stream).write_vectored(bufs) {
+            let full = match (&self.stream).write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     IoSlice::advance_slices(&mut bufs, n);
                     sent += n;
-                    if n < want {
-                        // The send buffer is full.
-                        break;
-                    }
+                    n < want
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
                 Err(e) => return Err(e),
+            };
+            if full {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                let timeout = pace.before_sleep()?.min(until - now);
+                self.sleep(timeout)?;
             }
         }
         Ok(sent)
