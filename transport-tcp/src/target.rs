@@ -345,10 +345,16 @@ impl Pace for TargetPace<'_> {
             return Err(closing(io::ErrorKind::ConnectionAborted, Closing::Shutdown));
         }
         if self.handle.close.load(Ordering::Acquire) {
-            return Err(closing(
-                io::ErrorKind::ConnectionAborted,
-                Closing::Deregistered,
-            ));
+            if self.handle.held_n.load(Ordering::Acquire) > 0 {
+                return Err(closing(
+                    io::ErrorKind::ConnectionAborted,
+                    Closing::Deregistered,
+                ));
+            }
+            // The frame that held the region ended before this wait (its answer may have
+            // been what let the application drop the region): nothing is held now, so
+            // the connection goes on.
+            self.handle.close.store(false, Ordering::Release);
         }
         let now = Instant::now();
         let until = match self.limit {
