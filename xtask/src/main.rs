@@ -4,7 +4,8 @@
 //! - `cargo xtask test [--hw] [--full]`: formatting; the feature matrix (clippy with `-D
 //!   warnings` for every package and feature set that must build, a failing check with
 //!   its message for those that must not); docs with warnings denied; every test and doc
-//!   test; the downstream crate per deployment profile. `--hw` also runs the tests that
+//!   test; the loom models of the thread hand-overs; every fuzz target for a bounded time;
+//!   the downstream crate per deployment profile. `--hw` also runs the tests that
 //!   need hardware (GPU, EFA, RDMA); `--full` adds `cross aarch64`.
 //! - `cargo xtask cross aarch64`: the `ferry` binary and the test binaries for
 //!   `aarch64-unknown-linux-gnu` with `efa`, and the TCP and EFA loopback tests under
@@ -13,6 +14,8 @@
 //!   loopback, interleaved in one run, with their ratios.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
 //!   RMA loop, for the `tcp;ofi_rxm` and `shm` providers.
+//! - `cargo xtask fuzz [TARGET] [--time SECS]`: the libFuzzer targets of `fuzz/` on the
+//!   stable toolchain (`cargo xtask test` runs each for a bounded time).
 //! - `cargo xtask stall [--runs N] [--duration SECS]`: `ferry bench` N times (200) over
 //!   mixed shapes; fails if any run outlived its window (a wait that missed its wake-up).
 #![forbid(unsafe_code)]
@@ -38,7 +41,7 @@ fn main() -> Result<()> {
         "stall" => reliability::stall(rest),
         "fuzz" => fuzz::run(rest),
         _ => {
-            eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64\n       cargo xtask stall [--runs N] [--duration SECS]");
+            eprintln!("usage: cargo xtask test [--hw] [--full]\n       cargo xtask bench [--efa] [--duration SECS] [--rounds N]\n       cargo xtask cross aarch64\n       cargo xtask fuzz [TARGET] [--time SECS] [--ci]\n       cargo xtask stall [--runs N] [--duration SECS]");
             if task == "help" || task == "--help" {
                 Ok(())
             } else {
@@ -314,6 +317,7 @@ fn test(args: &[String]) -> Result<()> {
     docs()?;
     run(&mut nextest_or_test(&[], None, hw))?;
     reliability::loom()?;
+    fuzz::ci()?;
     for features in TEST_FEATURES {
         run(&mut nextest_or_test(
             &["ferry-engine", "ferry-cli"],
