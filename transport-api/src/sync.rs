@@ -39,6 +39,9 @@ fn park_for(timeout: Duration) {
     thread::park_timeout(timeout);
 }
 
+/// How often a second, concurrent waiter on an [`EndGate`] looks at the count.
+const POLL_STEP: Duration = Duration::from_millis(1);
+
 /// The bit of [`EndGate`]'s word that says a waiter is registered.
 const WAITING: u32 = 1 << 31;
 /// The bits of [`EndGate`]'s word that count open tasks.
@@ -93,12 +96,10 @@ impl EndGate {
             if cur & OPEN == 0 {
                 return false;
             }
-            match self.word.compare_exchange_weak(
-                cur,
-                cur - 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .word
+                .compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
@@ -120,12 +121,21 @@ impl EndGate {
 
     /// Waits until every task has ended. Before each sleep it asks `budget` how long it
     /// may sleep; `None` gives up. Returns whether every task has ended. Spurious
-    /// wake-ups are absorbed here.
+    /// wake-ups are absorbed here. One thread at a time is woken by the last `end_one`;
+    /// another thread waiting at the same time polls the count every millisecond.
     pub fn wait(&self, mut budget: impl FnMut() -> Option<Duration>) -> bool {
         if self.open() == 0 {
             return true;
         }
-        *self.lock_waiter() = Some(thread::current());
+        {
+            let me = thread::current();
+            let mut slot = self.lock_waiter();
+            if slot.as_ref().is_some_and(|t| t.id() != me.id()) {
+                drop(slot);
+                return self.poll(budget);
+            }
+            *slot = Some(me);
+        }
         // Register in the word itself: after this, the last `end_one` sees the flag.
         if self.word.fetch_or(WAITING, Ordering::AcqRel) & OPEN == 0 {
             return true;
@@ -136,6 +146,20 @@ impl EndGate {
             }
             match budget() {
                 Some(timeout) => park_for(timeout),
+                None => return self.open() == 0,
+            }
+        }
+    }
+
+    /// A second thread waiting at once: the slot has its first waiter, so this one
+    /// checks the count in short sleeps instead of being woken.
+    fn poll(&self, mut budget: impl FnMut() -> Option<Duration>) -> bool {
+        loop {
+            if self.open() == 0 {
+                return true;
+            }
+            match budget() {
+                Some(timeout) => park_for(timeout.min(POLL_STEP)),
                 None => return self.open() == 0,
             }
         }
@@ -425,12 +449,8 @@ mod loom_tests {
             });
             lane.produce(3);
             producer.join().unwrap();
-            // Whoever runs last drains what is left before letting go; wait for it by
-            // ringing once more (an empty ring drains nothing new).
-            if lane.bell.ring() {
-                lane.run(usize::MAX);
-            }
-            // Quiesce: once the bell is idle with nothing handed, every item is drained.
+            // Quiesce: once the bell is idle (nobody running, nothing handed), every item
+            // must have been drained; an item stranded by a lost ring stays queued.
             loop {
                 let s = lane.bell.state.load(Ordering::Acquire);
                 if s == IDLE {
