@@ -111,6 +111,50 @@ struct Task {
     attempt: AtomicU8,
 }
 
+/// What one slice's report means for its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reported {
+    /// Slices of the attempt are still out.
+    Pending,
+    /// Every slice of the attempt succeeded.
+    Completed,
+    /// Every slice of the attempt has reported and one failed (the first reason).
+    Failed(FailReason),
+}
+
+impl Task {
+    /// Records one slice's result for the current attempt. The outcome is known only once
+    /// every slice of the attempt has reported: a task never ends while one of its
+    /// slices may still write into its buffer (each transport ends every slice by its
+    /// deadline, so this stays bounded).
+    fn report(&self, result: Result<usize, FailReason>) -> Reported {
+        if let Err(reason) = result {
+            // The first failure is the task's reason.
+            let _ = self.reason.compare_exchange(
+                0,
+                reason.to_bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Reported::Pending;
+        }
+        match FailReason::from_bits(self.reason.load(Ordering::Acquire)) {
+            None => Reported::Completed,
+            Some(reason) => Reported::Failed(reason),
+        }
+    }
+
+    /// Ends a pending task in state `to`; false when it had ended already (its deadline
+    /// passed first).
+    fn finish(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 /// Completion tokens carry a task's attempt in the top bit of the task index, so
 /// completions of an abandoned attempt are told apart and ignored.
 const RETRY_BIT: u32 = 1 << 31;
@@ -150,23 +194,21 @@ impl SlotData {
         if t.attempt.load(Ordering::Acquire) != attempt {
             return; // a completion of an abandoned attempt
         }
-        match result {
-            Ok(bytes) => {
-                let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
-                if before > EARLY_WAKE_BYTES
-                    && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
-                {
-                    self.gate.nudge();
-                }
-                if t.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-                    && t.state
-                        .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
+        if let Ok(bytes) = result {
+            let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
+            if before > EARLY_WAKE_BYTES && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
+            {
+                self.gate.nudge();
+            }
+        }
+        match t.report(result) {
+            Reported::Pending => {}
+            Reported::Completed => {
+                if t.finish(DONE) {
                     self.end_task();
                 }
             }
-            Err(reason)
+            Reported::Failed(reason)
                 if reason.retryable()
                     && attempt == 0
                     && self.retry_over_tcp
@@ -174,18 +216,13 @@ impl SlotData {
             {
                 tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
             }
-            Err(reason) => {
-                t.remaining.fetch_sub(1, Ordering::AcqRel);
+            Reported::Failed(reason) => {
                 let to = if reason == FailReason::TimedOut {
                     TIMED_OUT
                 } else {
                     FAILED
                 };
-                t.reason.store(reason.to_bits(), Ordering::Release);
-                if t.state
-                    .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
+                if t.finish(to) {
                     if reason.suggests_stale_descriptor() {
                         self.specs[task].segment.mark_stale();
                     }
@@ -216,8 +253,11 @@ impl SlotData {
             return false;
         }
         let step = self.tcp_slice.max(1);
+        // Every slice of attempt 0 has reported: attempt 1 starts with a clean record.
+        t.reason.store(0, Ordering::Release);
         t.remaining
             .store(spec.len.div_ceil(step) as u32, Ordering::Release);
+        self.bytes_left.fetch_add(spec.len as u64, Ordering::AcqRel);
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,
@@ -851,4 +891,46 @@ pub(crate) fn progress_of(table: &BatchTable, id: BatchId) -> Result<Progress> {
         return Err(Error::StaleBatch);
     }
     Ok(d.progress())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport_api::Protocol;
+
+    fn task(slices: u32) -> Task {
+        let t = Task::default();
+        t.remaining.store(slices, Ordering::Relaxed);
+        t
+    }
+
+    /// A failed slice does not end its task while the task's other slices are out: they
+    /// may still write into the buffer. The first failure is the reason.
+    #[test]
+    fn a_task_ends_only_when_every_slice_has_reported() {
+        let t = task(3);
+        assert_eq!(t.report(Err(FailReason::ConnectionLost)), Reported::Pending);
+        assert_eq!(t.report(Ok(4096)), Reported::Pending);
+        let device = FailReason::Device {
+            transport: Protocol::Efa,
+            code: 265,
+        };
+        assert_eq!(
+            t.report(Err(device)),
+            Reported::Failed(FailReason::ConnectionLost)
+        );
+
+        let t = task(2);
+        assert_eq!(t.report(Err(device)), Reported::Pending);
+        assert_eq!(
+            t.report(Err(FailReason::TimedOut)),
+            Reported::Failed(device)
+        );
+
+        let t = task(2);
+        assert_eq!(t.report(Ok(1)), Reported::Pending);
+        assert_eq!(t.report(Ok(1)), Reported::Completed);
+        assert!(t.finish(DONE));
+        assert!(!t.finish(FAILED), "a task ends once");
+    }
 }
