@@ -444,6 +444,9 @@ impl Engine {
             .unwrap_or_default();
         *control.name.write() = name.clone();
         *control.endpoints.write() = endpoints;
+        // The port serves descriptors from the moment TCP starts: one asked for before the
+        // name and endpoints were known must not stay cached.
+        *control.encoded.lock() = None;
         tracing::info!(segment = %name, protocols = ?transports.iter().map(|t| t.protocol()).collect::<Vec<_>>(), "engine started");
         Ok(Engine {
             inner: Arc::new(Inner {

@@ -210,8 +210,21 @@ impl Drop for BufferInner {
         self.engine.deregister(&self.memory, self.published);
         if self.borrowed {
             // The caller may free its memory once we return: wait until no transfer in
-            // flight still uses it. Transfers end by their deadline, so this is bounded.
+            // flight still uses it. TCP ends every transfer by its deadline and closes
+            // connections whose frame holds a deregistered region; a fabric operation
+            // whose completion the provider never delivers keeps the memory (the NIC may
+            // still write it) until the transport shuts down, so say so when it lasts.
+            let start = std::time::Instant::now();
+            let mut warned = false;
             while Arc::strong_count(&self.memory) > 1 {
+                if !warned && start.elapsed() >= std::time::Duration::from_secs(5) {
+                    warned = true;
+                    tracing::warn!(
+                        len = self.memory.len(),
+                        holders = Arc::strong_count(&self.memory) - 1,
+                        "dropping a caller-owned buffer waits for transfers still using it (a fabric operation the provider never completed holds it until the engine shuts down)"
+                    );
+                }
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
         }

@@ -184,6 +184,14 @@ impl SegmentDescriptor {
             if self.endpoints[..i].iter().any(|o| o.protocol == e.protocol) {
                 return bad(format!("it lists two {} endpoints", e.protocol));
             }
+            // A fabric endpoint lists one address per rail, comma-separated.
+            if e.address.split(',').count() > Self::MAX_RAILS {
+                return bad(format!(
+                    "its {} endpoint lists more than {} rails",
+                    e.protocol,
+                    Self::MAX_RAILS
+                ));
+            }
         }
         if self.endpoint(Protocol::Tcp).is_none() {
             return bad("it lists no TCP endpoint".into());
@@ -340,6 +348,16 @@ mod tests {
             address: "00".into(),
         });
         assert!(many_rails.validate().is_err());
+        let mut many_addresses = peer(Vec::new());
+        many_addresses.endpoints.push(Endpoint {
+            protocol: Protocol::Efa,
+            address: vec!["00"; SegmentDescriptor::MAX_RAILS + 1].join(","),
+        });
+        assert!(many_addresses
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than 64 rails"));
         let mut no_tcp = peer(Vec::new());
         no_tcp.endpoints.clear();
         assert!(no_tcp.validate().is_err());

@@ -326,10 +326,19 @@ impl TcpConnection {
             lanes: Vec::with_capacity(shared.config.lanes.max(1)),
             next: AtomicUsize::new(0),
         };
+        // One deadline for every lane's connect and proof, however many lanes there are.
+        let deadline = Instant::now() + shared.config.connect_timeout;
         for index in 0..shared.config.lanes.max(1) {
-            let mut stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect timeout passed while opening the lanes",
+                ));
+            }
+            let mut stream = TcpStream::connect_timeout(&addr, left)?;
             // Keepalive, and the shared secret's proof when one is set.
-            crate::prepare_client(&mut stream, &shared.config)?;
+            crate::prepare_client(&mut stream, &shared.config, deadline)?;
             // Says "data lane": the target keeps it through idle spells (keepalive
             // decides), where it closes a connection that never speaks.
             io::Write::write_all(&mut stream, &Header::new(Kind::Lane, 0, 0).encode())?;

@@ -84,9 +84,10 @@ pub struct TcpConfig {
     pub max_connections: usize,
     /// A connection that has sent no request for this long is closed (counted in
     /// [`TcpStats::idle_timeouts`]): one that was accepted and sent nothing, or one that
-    /// only fetched a descriptor. A lane that has carried requests stays open while idle
-    /// for as long as TCP keepalive finds the peer alive. An initiator's lane left unused
-    /// past this time is closed too; the next `open_segment` opens a new one.
+    /// only fetched a descriptor. An initiator's data lane (it says so when it opens) and a
+    /// connection that has carried requests stay open while idle for as long as TCP
+    /// keepalive finds the peer alive; only [`TcpConfig::max_connections`] bounds how
+    /// many such connections one peer holds.
     pub idle_timeout: Duration,
     /// A frame that stops moving for this long (a request's payload no longer arrives, an
     /// answer is no longer read by the peer, the handshake stalls) closes its connection
@@ -543,12 +544,14 @@ pub(crate) fn set_keepalive(
 }
 
 /// Prepares a connection this side opened to a peer's port: keepalive, then, with a
-/// secret, the mutual proof, all within `timeout`. Errors name the secret when it is
-/// the cause.
-pub(crate) fn prepare_client(stream: &mut TcpStream, config: &TcpConfig) -> io::Result<()> {
+/// secret, the mutual proof, by `deadline`. Errors name the secret when it is the cause.
+pub(crate) fn prepare_client(
+    stream: &mut TcpStream,
+    config: &TcpConfig,
+    deadline: Instant,
+) -> io::Result<()> {
     set_keepalive(stream, config.keepalive)?;
     if let Some(secret) = &config.secret {
-        let deadline = Instant::now() + config.connect_timeout;
         authenticate(stream, secret, deadline)?;
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(None)?;

@@ -37,30 +37,6 @@ pub(crate) trait Pace {
     }
 }
 
-/// Pacing with no hooks: wait in 100 ms steps until `stop` says to give up.
-// Every lane and connection paces with its own deadlines now; the tests still use it.
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) struct Plain<'a> {
-    pub(crate) spin: Duration,
-    pub(crate) stop: &'a dyn Fn() -> bool,
-}
-
-impl Pace for Plain<'_> {
-    fn spin(&self) -> Duration {
-        self.spin
-    }
-    fn before_sleep(&mut self) -> io::Result<Duration> {
-        if (self.stop)() {
-            Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "shutting down",
-            ))
-        } else {
-            Ok(Duration::from_millis(100))
-        }
-    }
-}
-
 /// One direction (or both) of a TCP connection, with its own `epoll` instance.
 pub(crate) struct Pipe {
     stream: mio::net::TcpStream,
@@ -262,6 +238,28 @@ impl Idle {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    /// Pacing with no hooks: wait in 100 ms steps until `stop` says to give up.
+    struct Plain<'a> {
+        spin: Duration,
+        stop: &'a dyn Fn() -> bool,
+    }
+
+    impl Pace for Plain<'_> {
+        fn spin(&self) -> Duration {
+            self.spin
+        }
+        fn before_sleep(&mut self) -> io::Result<Duration> {
+            if (self.stop)() {
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "shutting down",
+                ))
+            } else {
+                Ok(Duration::from_millis(100))
+            }
+        }
+    }
 
     #[test]
     fn moves_vectored_bytes_and_sees_eof() {
