@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::{cargo, render, root, run as run_cmd};
+use crate::sh::{apt_install, cargo, have, render, root, run as run_cmd};
 
 /// Every fuzz target, a binary of the fuzz crate each.
 pub(crate) const TARGETS: &[&str] = &[
@@ -97,9 +97,9 @@ fn host_triple() -> Result<String> {
 pub(crate) fn build() -> Result<PathBuf> {
     let triple = host_triple()?;
     let target_dir = fuzz_dir().join("target");
-    if !super::have("c++") {
+    if !have("c++") {
         // libfuzzer-sys compiles libFuzzer (C++) in its build script.
-        super::apt_install(&["g++"])?;
+        apt_install(&["g++"])?;
     }
     let mut flags = RUSTFLAGS.join(" ");
     if triple.contains("-linux-") {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run};
+use crate::sh::{cargo, root, run};
 
 /// The loom models of `ferry_transport_api::sync` (batch waits, lane hand-off), built
 /// with `--cfg loom` in a build directory of their own so the main build is not redone.
