@@ -110,6 +110,7 @@ const TEST_FEATURES: &[&str] = &["efa", "efa,cuda"];
 /// Deployment profiles of the downstream crate (`tests/downstream`).
 const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda"];
 
+/// `--no-default-features` and the list for `Some`; nothing for `None` (the defaults).
 fn with_features(c: &mut Command, features: Option<&str>) {
     if let Some(f) = features {
         c.arg("--no-default-features");
@@ -119,6 +120,7 @@ fn with_features(c: &mut Command, features: Option<&str>) {
     }
 }
 
+/// A feature set in words, for error messages.
 fn describe(features: Option<&str>) -> String {
     match features {
         None => "default features".into(),
@@ -188,6 +190,8 @@ fn downstream() -> Result<()> {
     Ok(())
 }
 
+/// nextest (or `cargo test` where nextest is missing) of `packages` (none: the workspace)
+/// with `features` on top of the defaults; `hw` includes the ignored hardware tests.
 fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
     let mut c = cargo();
     if have("cargo-nextest") {
@@ -214,6 +218,7 @@ fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Comma
     c
 }
 
+/// `cargo xtask test [--hw] [--full]`.
 pub(crate) fn test(args: &[String]) -> Result<()> {
     let hw = args.iter().any(|a| a == "--hw");
     let full = args.iter().any(|a| a == "--full");
