@@ -22,6 +22,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// `cargo xtask bench [--efa] [--duration SECS] [--rounds N]`.
 pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
