@@ -341,7 +341,12 @@ impl TcpConnection {
             crate::prepare_client(&mut stream, &shared.config, deadline)?;
             // Says "data lane": the target keeps it through idle spells (keepalive
             // decides), where it closes a connection that never speaks.
-            io::Write::write_all(&mut stream, &Header::new(Kind::Lane, 0, 0).encode())?;
+            crate::write_all_by(
+                &mut stream,
+                &Header::new(Kind::Lane, 0, 0).encode(),
+                deadline,
+                "while announcing the lane",
+            )?;
             let socket = stream.try_clone()?;
             let recv_stream = stream.try_clone()?;
             let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;

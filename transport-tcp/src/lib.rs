@@ -599,7 +599,7 @@ fn read_exact_by(
 }
 
 /// Writes all of `buf` before `deadline`.
-fn write_all_by(s: &mut TcpStream, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
+pub(crate) fn write_all_by(s: &mut TcpStream, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -607,7 +607,7 @@ fn write_all_by(s: &mut TcpStream, buf: &[u8], deadline: Instant, what: &str) ->
             return Err(deadline_passed(what));
         }
         s.set_write_timeout(Some(left))?;
-        match s.write(&buf[at..]) {
+        match pipe::send(s, &[std::io::IoSlice::new(&buf[at..])]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => at += n,
             Err(e)

@@ -37,6 +37,13 @@ pub(crate) trait Pace {
     }
 }
 
+/// Sends on a socket like `writev`, but a peer that has gone is an `EPIPE` error rather
+/// than a SIGPIPE, which would kill a host process that does not ignore the signal (a C
+/// or C++ program embedding ferry; Rust and Python ignore it).
+pub(crate) fn send(socket: &impl std::os::fd::AsFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+}
+
 /// One direction (or both) of a TCP connection, with its own `epoll` instance.
 pub(crate) struct Pipe {
     stream: mio::net::TcpStream,
@@ -150,7 +157,7 @@ impl Pipe {
         let mut sent = 0;
         while !bufs.is_empty() {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
-            let full = match (&self.stream).write_vectored(bufs) {
+            let full = match send(&self.stream, bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     IoSlice::advance_slices(&mut bufs, n);
@@ -183,7 +190,7 @@ impl Pipe {
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
-            match (&self.stream).write_vectored(bufs) {
+            match send(&self.stream, bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     IoSlice::advance_slices(&mut bufs, n);
