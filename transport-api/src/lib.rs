@@ -33,6 +33,9 @@ mod memory;
 mod request;
 mod staging;
 pub mod sync;
+#[cfg(feature = "__testing")]
+#[doc(hidden)]
+pub mod testing;
 mod transport;
 
 pub use descriptor::{
