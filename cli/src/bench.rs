@@ -103,28 +103,19 @@ fn spawn_target(args: &RunArgs) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let e = &args.engine;
     let mut cmd = Command::new(exe);
+    // The target runs the initiator's own configuration (all but the port), so a
+    // setting added later reaches both sides without being copied flag by flag. The
+    // secret is never serialized: it goes by file.
+    let config = e.config("127.0.0.1:0")?;
+    let json = serde_json::to_string(&config).context("encoding the target's configuration")?;
     cmd.args(["target", "--listen", "127.0.0.1:0", "--exit-on-stdin-eof"])
+        .args(["--config-json", &json])
         .args([
-            "--protocol",
-            &e.protocol,
-            "--metadata",
-            &e.metadata,
             "--location",
             &e.location,
-        ])
-        .args([
             "--buffer-size",
             &e.buffer_size.to_string(),
-            "--lanes",
-            &e.lanes.to_string(),
-        ])
-        .args(["--busy-poll-us", &e.busy_poll_us.to_string()]);
-    if let Some(p) = &e.provider {
-        cmd.args(["--provider", p]);
-    }
-    if !e.fabric_devices.is_empty() {
-        cmd.args(["--fabric-devices", &e.fabric_devices.join(",")]);
-    }
+        ]);
     if let Some(f) = &e.secret_file {
         cmd.arg("--secret-file").arg(f);
     }

@@ -81,20 +81,29 @@ impl EngineArgs {
                 );
             }
         }
-        Ok(EngineConfig {
+        #[allow(unused_mut)]
+        let mut config = EngineConfig {
             protocol: self.protocol.clone(),
-            provider: self
-                .provider
-                .clone()
-                .unwrap_or_else(|| EngineConfig::default().provider),
-            fabric_devices: self.fabric_devices.clone(),
             listen: listen.to_string(),
             metadata: self.metadata.clone(),
-            lanes: self.lanes,
-            busy_poll_us: self.busy_poll_us,
             secret: self.secret()?,
+            tcp: ferry_engine::TcpConfig {
+                lanes: self.lanes,
+                busy_poll: Duration::from_micros(self.busy_poll_us),
+                ..ferry_engine::TcpConfig::default()
+            },
             ..EngineConfig::default()
-        })
+        };
+        #[cfg(feature = "efa")]
+        if self.protocol.eq_ignore_ascii_case("efa") {
+            let default = ferry_engine::fabrics::EfaConfig::default();
+            config.efa = Some(ferry_engine::fabrics::EfaConfig {
+                provider: self.provider.clone().unwrap_or(default.provider.clone()),
+                devices: self.fabric_devices.clone(),
+                ..default
+            });
+        }
+        Ok(config)
     }
 
     fn secret(&self) -> Result<Option<String>> {
@@ -129,6 +138,11 @@ struct TargetArgs {
     /// Exit when standard input closes (used by `ferry bench` for its child).
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
+    /// The whole engine configuration as JSON (`EngineConfig`), in place of the engine
+    /// flags; `--listen`, `--advertise` and `--secret-file` still apply on top. `ferry
+    /// bench` hands its child the initiator's configuration this way.
+    #[arg(long, hide = true)]
+    config_json: Option<String>,
 }
 
 fn main() {
@@ -156,10 +170,20 @@ fn main() {
 }
 
 fn target(args: TargetArgs) -> Result<()> {
-    let config = EngineConfig {
-        advertise: args.advertise.clone(),
-        ..args.engine.config(&args.listen)?
+    let mut config = match &args.config_json {
+        Some(json) => {
+            let mut config: EngineConfig =
+                serde_json::from_str(json).context("reading --config-json")?;
+            config.listen = args.listen.clone();
+            // Never serialized: the secret travels by file.
+            config.secret = args.engine.secret()?;
+            config
+        }
+        None => args.engine.config(&args.listen)?,
     };
+    if args.advertise.is_some() {
+        config.advertise = args.advertise.clone();
+    }
     let engine = Engine::from_config(&config).context("starting the engine")?;
     let location = args.engine.location()?;
     let buffer = engine
@@ -213,15 +237,20 @@ fn info() {
                 ..EngineConfig::default()
             }) {
                 Ok(e) => format!("usable (engine started on {})", e.name()),
-                Err(e) => format!("compiled in but not usable here: {e}"),
+                Err(e) => format!(
+                    "compiled in but not usable here: {:#}",
+                    anyhow::Error::from(e)
+                ),
             };
             println!("  {:<5} {usable}", p.name());
         } else {
-            println!(
-                "  {:<5} not compiled in; rebuild with `--features {}`",
-                p.name(),
-                ferry_engine::protocol_feature(p)
-            );
+            match ferry_engine::protocol_feature(p) {
+                Some(feature) => println!(
+                    "  {:<5} not compiled in; rebuild with `--features {feature}`",
+                    p.name()
+                ),
+                None => println!("  {:<5} not implemented yet", p.name()),
+            }
         }
     }
     let devices = ferry_engine::fabric_devices();

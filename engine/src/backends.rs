@@ -15,13 +15,52 @@ pub fn compiled() -> &'static [Protocol] {
     }
 }
 
+/// The Cargo features of `ferry-engine` that errors and `ferry info` name. Only features
+/// that exist are listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Feature {
+    /// `tcp`: the TCP transport, the fallback every engine has (on by default).
+    Tcp,
+    /// `efa`: the libfabric transport (AWS EFA).
+    Efa,
+    /// `cuda`: GPU device memory.
+    Cuda,
+}
+
+impl Feature {
+    /// The feature's name, as `--features` takes it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Feature::Tcp => "tcp",
+            Feature::Efa => "efa",
+            Feature::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The Cargo feature of `ferry-engine` that compiles `protocol` in (named in errors and
-/// `ferry info`). TCP, the fallback every engine has, is always compiled in.
-pub const fn protocol_feature(protocol: Protocol) -> &'static str {
+/// `ferry info`); `None` for a protocol ferry does not implement yet (RDMA).
+pub const fn protocol_feature(protocol: Protocol) -> Option<Feature> {
     match protocol {
-        Protocol::Rdma => "rdma",
-        Protocol::Efa => "efa",
-        Protocol::Tcp => "tcp",
+        Protocol::Rdma => None,
+        Protocol::Efa => Some(Feature::Efa),
+        Protocol::Tcp => Some(Feature::Tcp),
+    }
+}
+
+/// Why `protocol` is not in this build: its feature is off, or it is not implemented.
+fn protocol_missing(protocol: Protocol) -> Error {
+    let what = format!("protocol `{protocol}`");
+    match protocol_feature(protocol) {
+        Some(feature) => Error::FeatureNotCompiled { what, feature },
+        None => Error::NotImplemented { what },
     }
 }
 
@@ -63,20 +102,12 @@ pub(crate) fn fabric_engine(
     match protocol {
         #[cfg(feature = "efa")]
         Protocol::Efa => builder
-            .transport(fabrics::Efa::new(fabrics::EfaConfig {
-                provider: config.provider.clone(),
-                devices: config.fabric_devices.clone(),
-                max_slice: config.max_slice,
-                ..fabrics::EfaConfig::default()
-            }))
+            .transport(fabrics::Efa::new(config.efa.clone().unwrap_or_default()))
             .fallback(fallback)
             .build(),
         other => {
             let _ = (config, builder, fallback);
-            Err(Error::FeatureNotCompiled {
-                what: format!("protocol `{other}`"),
-                feature: protocol_feature(other),
-            })
+            Err(protocol_missing(other))
         }
     }
 }
@@ -113,12 +144,15 @@ pub mod fabrics {
 
             fn add_to(self, parts: &mut Parts) {
                 parts.add_fabric(Box::new(move |host| {
-                    let mut t = EfaTransport::new(self.config);
-                    t.set_default_source(host);
-                    if cfg!(feature = "cuda") {
-                        t.want_hmem();
+                    // The settings the engine completes, before the transport exists.
+                    let mut config = self.config;
+                    if config.source.is_none() && config.ip_based() {
+                        config.source = Some(host.to_string());
                     }
-                    Arc::new(t)
+                    if cfg!(feature = "cuda") {
+                        config.hmem = true;
+                    }
+                    Arc::new(EfaTransport::new(config))
                 }));
             }
         }
@@ -153,10 +187,7 @@ pub(crate) fn require_protocol(protocol: Protocol) -> Result<(), Error> {
     if compiled().contains(&protocol) {
         Ok(())
     } else {
-        Err(Error::FeatureNotCompiled {
-            what: format!("protocol `{protocol}`"),
-            feature: protocol_feature(protocol),
-        })
+        Err(protocol_missing(protocol))
     }
 }
 
@@ -229,8 +260,8 @@ pub(crate) mod device {
     /// Allocates zeroed device memory as a region.
     pub(crate) fn allocate(len: usize, device: u32) -> Result<RegionMemory, Error> {
         let memory: DeviceMemory = cuda().and_then(|c| c.alloc(device, len)).map_err(err)?;
-        let ptr = std::ptr::NonNull::new(memory.ptr())
-            .ok_or_else(|| Error::RegisterRegion("the driver returned a null pointer".into()))?;
+        let ptr =
+            std::ptr::NonNull::new(memory.ptr()).ok_or(Error::Allocate { len, source: None })?;
         // SAFETY: `len` bytes of device memory at `ptr`, owned by `memory`, which moves
         // into the region and frees them when the last user lets go.
         Ok(
@@ -279,12 +310,12 @@ pub(crate) mod device {
 
     use ferry_transport_api::{Location, RegionMemory, Staging};
 
-    use crate::Error;
+    use crate::{Error, Feature};
 
     fn missing(what: String) -> Error {
         Error::FeatureNotCompiled {
             what,
-            feature: "cuda",
+            feature: Feature::Cuda,
         }
     }
 
@@ -303,20 +334,16 @@ pub(crate) mod device {
     }
 
     pub(crate) fn allocate(_len: usize, device: u32) -> Result<RegionMemory, Error> {
-        Err(missing(format!(
-            "device memory (cuda:{device}) needs CUDA support, which"
-        )))
+        Err(missing(format!("device memory (cuda:{device})")))
     }
 
     pub(crate) fn resolve(_ptr: *const u8, claimed: Location) -> Result<Location, Error> {
         match claimed {
             Location::Host { .. } => Ok(claimed),
             Location::Auto => Err(missing(
-                "telling device from host memory (Location::Auto) needs CUDA support, which".into(),
+                "telling device from host memory (Location::Auto)".into(),
             )),
-            Location::Cuda { .. } => Err(missing(format!(
-                "device memory ({claimed}) needs CUDA support, which"
-            ))),
+            Location::Cuda { .. } => Err(missing(format!("device memory ({claimed})"))),
         }
     }
 
@@ -330,8 +357,6 @@ pub(crate) mod device {
         _src: *const u8,
         _len: usize,
     ) -> Result<(), Error> {
-        Err(missing(format!(
-            "copying cuda:{device} memory needs CUDA support, which"
-        )))
+        Err(missing(format!("copying cuda:{device} memory")))
     }
 }

@@ -436,8 +436,11 @@ impl Completions for BatchTable {
 ///
 /// Requests are checked as they are added (bounds on both sides, the peer's access
 /// rights), so a batch that submits only carries requests that can succeed.
-pub struct BatchBuilder<'e> {
-    engine: &'e Arc<Inner>,
+///
+/// It owns a handle on the engine's state, so it may be stored (by a language binding,
+/// say) apart from the [`Engine`](crate::Engine) it came from.
+pub struct BatchBuilder {
+    engine: Arc<Inner>,
     index: u32,
     slot: Option<Arc<Slot>>,
     generation: u32,
@@ -445,11 +448,11 @@ pub struct BatchBuilder<'e> {
     retry_over_tcp: bool,
 }
 
-impl<'e> BatchBuilder<'e> {
-    pub(crate) fn new(engine: &'e Arc<Inner>) -> Self {
+impl BatchBuilder {
+    pub(crate) fn new(engine: &Arc<Inner>) -> Self {
         let (index, slot, generation) = engine.batches.acquire();
         BatchBuilder {
-            engine,
+            engine: Arc::clone(engine),
             index,
             slot: Some(slot),
             generation,
@@ -530,7 +533,7 @@ impl<'e> BatchBuilder<'e> {
         remote_offset: u64,
         len: usize,
     ) -> Result<&mut Self> {
-        if !Arc::ptr_eq(&local.inner.engine, self.engine) {
+        if !Arc::ptr_eq(&local.inner.engine, &self.engine) {
             return Err(Error::InvalidRequest(
                 "the local buffer belongs to another engine".into(),
             ));
@@ -715,7 +718,7 @@ impl<'e> BatchBuilder<'e> {
     }
 }
 
-impl std::fmt::Debug for BatchBuilder<'_> {
+impl std::fmt::Debug for BatchBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BatchBuilder")
             .field("requests", &self.len())
@@ -724,7 +727,7 @@ impl std::fmt::Debug for BatchBuilder<'_> {
     }
 }
 
-impl Drop for BatchBuilder<'_> {
+impl Drop for BatchBuilder {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             self.engine.batches.release(self.index, &slot);

@@ -98,7 +98,7 @@ pub enum Metadata {
 }
 
 impl Metadata {
-    /// Parses `p2p`; `etcd://...` and `redis://...` name the feature they need.
+    /// Parses `p2p`; `etcd://...` and `redis://...` are not implemented yet.
     pub fn parse(text: &str) -> Result<Metadata> {
         let t = text.trim();
         if t.eq_ignore_ascii_case("p2p") || t.is_empty() {
@@ -106,12 +106,11 @@ impl Metadata {
         }
         let scheme = t.split("://").next().unwrap_or(t).to_ascii_lowercase();
         match scheme.as_str() {
-            "etcd" | "redis" => Err(Error::FeatureNotCompiled {
-                what: format!("metadata backend `{scheme}`"),
-                feature: if scheme == "etcd" { "etcd" } else { "redis" },
+            "etcd" | "redis" => Err(Error::NotImplemented {
+                what: format!("the `{scheme}` metadata backend"),
             }),
             _ => Err(Error::Config(format!(
-                "unknown metadata backend `{t}` (expected p2p, etcd://HOST:PORT or redis://HOST:PORT)"
+                "unknown metadata backend `{t}` (expected p2p)"
             ))),
         }
     }
@@ -242,6 +241,12 @@ fn listen_host(listen: &str) -> &str {
 }
 
 /// Engine settings read at run time (from a file, the environment, a command line).
+///
+/// `serde` with defaults for every field, so a partial document works: `{"protocol":
+/// "efa", "tcp": {"lanes": 4}}`. Engine-wide settings are flat; each transport's own
+/// settings nest under its name (`tcp`, and `efa` in builds with the `efa` feature).
+/// Durations are integers whose field names carry the unit (`timeout_ms`,
+/// `busy_poll_us`). Secrets deserialize from a string and are never serialized.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EngineConfig {
@@ -251,28 +256,13 @@ pub struct EngineConfig {
     /// The engine's one port.
     pub listen: String,
     /// The `host:port` peers are told to reach (needed behind NAT, or when listening on
-    /// `0.0.0.0`; peers that reached the engine by another name use that name).
+    /// `0.0.0.0`; peers that reached the engine by another name use that name). Set, it
+    /// takes the place of `tcp.advertise`.
     pub advertise: Option<String>,
-    /// Most peer connections the engine serves at once; more are refused and counted.
-    pub max_connections: usize,
     /// `p2p` (default).
     pub metadata: String,
-    /// TCP lanes per peer.
-    pub lanes: usize,
-    /// Largest slice, in bytes.
-    pub max_slice: usize,
     /// Default batch deadline, in milliseconds.
     pub timeout_ms: u64,
-    /// Spin before sleeping, in microseconds.
-    pub busy_poll_us: u64,
-    /// libfabric provider for `protocol = "efa"`: `efa` (default), `tcp;ofi_rxm`, `shm`.
-    pub provider: String,
-    /// With `protocol = "efa"`: the fabric devices to use as rails (names as `ferry info`
-    /// lists them); empty: every device the provider lists.
-    pub fabric_devices: Vec<String>,
-    /// With `protocol = "efa"`: when the provider finds no device, warn and run on TCP
-    /// instead of failing.
-    pub allow_tcp_only: bool,
     /// Retry a task that fails on the fabric once over TCP, within its deadline.
     pub retry_over_tcp: bool,
     /// Most bytes of notifications queued for the application before peers' further
@@ -280,49 +270,63 @@ pub struct EngineConfig {
     pub notify_queue_bytes: usize,
     /// A secret shared by every engine of the deployment: each connection to the port
     /// then starts with a mutual challenge-response, and peers without it are refused.
-    /// `None` (default): anyone who reaches the port is served.
+    /// `None` (default): anyone who reaches the port is served. Set, it takes the place
+    /// of `tcp.secret`.
     #[serde(skip_serializing)]
     pub secret: Option<String>,
+    /// With a fabric protocol: when its provider lists no device
+    /// ([`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) from the transport),
+    /// warn and run on TCP instead of failing. Any other failure still fails.
+    pub allow_tcp_only: bool,
+    /// The TCP transport: data for TCP-only engines, the fallback of fabric ones.
+    pub tcp: TcpConfig,
+    /// The libfabric transport, with `protocol = "efa"` (`None`: its defaults, provider
+    /// `efa` and every device it lists).
+    #[cfg(feature = "efa")]
+    pub efa: Option<crate::fabrics::EfaConfig>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        let tcp = TcpConfig::default();
         EngineConfig {
             protocol: "tcp".into(),
             listen: "127.0.0.1:0".into(),
             advertise: None,
-            max_connections: tcp.max_connections,
             metadata: "p2p".into(),
-            lanes: tcp.lanes,
-            max_slice: tcp.max_slice,
             timeout_ms: 30_000,
-            busy_poll_us: tcp.busy_poll.as_micros() as u64,
-            provider: "efa".into(),
-            fabric_devices: Vec::new(),
-            allow_tcp_only: false,
             retry_over_tcp: false,
             notify_queue_bytes: crate::engine::NOTIFY_QUEUE_BYTES,
             secret: None,
+            allow_tcp_only: false,
+            tcp: TcpConfig::default(),
+            #[cfg(feature = "efa")]
+            efa: None,
         }
     }
 }
 
 impl EngineConfig {
-    /// The TCP settings this configuration describes.
+    /// The TCP settings this configuration describes: `tcp`, with the engine-wide
+    /// `advertise` and `secret` in place of its own when they are set.
     pub fn tcp_config(&self) -> TcpConfig {
-        TcpConfig {
-            lanes: self.lanes.max(1),
-            max_slice: self.max_slice,
-            busy_poll: Duration::from_micros(self.busy_poll_us),
-            advertise: self.advertise.clone(),
-            max_connections: self.max_connections,
-            secret: self
-                .secret
-                .as_deref()
-                .map(ferry_transport_tcp::SharedSecret::from),
-            ..TcpConfig::default()
+        let mut tcp = self.tcp.clone();
+        tcp.lanes = tcp.lanes.max(1);
+        if self.advertise.is_some() {
+            tcp.advertise = self.advertise.clone();
         }
+        if let Some(secret) = &self.secret {
+            tcp.secret = Some(ferry_transport_tcp::SharedSecret::from(secret.as_str()));
+        }
+        tcp
+    }
+
+    /// The libfabric provider `protocol = "efa"` uses (for messages).
+    fn provider(&self) -> String {
+        #[cfg(feature = "efa")]
+        if let Some(efa) = &self.efa {
+            return efa.provider.clone();
+        }
+        "efa".into()
     }
 }
 
@@ -349,7 +353,7 @@ impl Engine {
                         if config.allow_tcp_only
                             && e.kind() == ferry_transport_api::ErrorKind::Unsupported =>
                     {
-                        tracing::warn!(protocol = %fabric, provider = %config.provider, error = %e, "no fabric device; running on TCP only");
+                        tracing::warn!(protocol = %fabric, provider = %config.provider(), error = %e, "no fabric device; running on TCP only");
                         Engine::builder()
                             .listen(config.listen.clone())
                             .timeout(Duration::from_millis(config.timeout_ms))

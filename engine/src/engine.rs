@@ -15,7 +15,7 @@ use crate::batch::{progress_of, BatchBuilder, BatchId, BatchTable, Progress};
 use crate::builder::{EngineBuilder, NeedsTransport};
 use crate::memory::{self, Buffer, BufferInner};
 use crate::segment::{Route, Segment, SegmentInner};
-use crate::{backends, Error, FailReason, Result};
+use crate::{backends, Error, FailReason, Result, SegmentError};
 
 /// Notifications queued for the application before new ones are refused as busy.
 const NOTIFY_QUEUE: usize = 65536;
@@ -128,21 +128,18 @@ impl ControlState {
     /// peers accept. Returns its id.
     fn publish(&self, descriptor: BufferDescriptor, memory: Arc<RegionMemory>) -> Result<u64> {
         let encoded: Box<[u8]> = serde_json::to_vec(&descriptor)
-            .map_err(|e| Error::RegisterRegion(format!("cannot encode its descriptor: {e}")))?
+            .map_err(Error::EncodeDescriptor)?
             .into();
         let head = self.encoded_head().len() + 2;
         let mut set = self.published.write();
         let total = head + set.encoded_len + encoded.len() + usize::from(!set.by_id.is_empty());
         let cap = SegmentDescriptor::MAX_ENCODED_LEN;
         if total > cap {
-            return Err(Error::RegisterRegion(format!(
-                "publishing it would make this engine's segment descriptor {total} bytes, over the \
-                 {} MiB peers accept ({} buffers are published); publish fewer, larger buffers \
-                 (peers address blocks by offset) or shorter names, or register this one \
-                 with Access::Local",
-                cap >> 20,
-                set.by_id.len()
-            )));
+            return Err(Error::DescriptorFull {
+                total,
+                cap,
+                buffers: set.by_id.len(),
+            });
         }
         let id = set.next_id;
         set.next_id += 1;
@@ -572,7 +569,7 @@ impl Engine {
                     for done in &self.inner.transports {
                         done.deregister(&memory);
                     }
-                    return Err(Error::RegisterRegion(e.to_string()));
+                    return Err(Error::RegisterRegion { source: e });
                 }
             }
         }
@@ -685,9 +682,9 @@ impl Engine {
     }
 
     fn fetch_segment(&self, name: &str) -> Result<SegmentInner> {
-        let open_err = |reason: String| Error::OpenSegment {
+        let open_err = |source: SegmentError| Error::OpenSegment {
             segment: name.to_string(),
-            reason,
+            source,
         };
         if self.inner.is_own_name(name) {
             return Ok(SegmentInner::new(
@@ -700,17 +697,12 @@ impl Engine {
             .inner
             .tcp
             .fetch_descriptor(name)
-            .map_err(|e| open_err(format!("{e}{}", source_text(&e))))?;
-        let descriptor: SegmentDescriptor = serde_json::from_slice(&body).map_err(|e| {
-            open_err(format!(
-                "the peer sent a descriptor that does not parse: {e}"
-            ))
-        })?;
-        descriptor.validate().map_err(|e| {
-            open_err(format!(
-                "the peer sent a descriptor that cannot be right, refused: {e}"
-            ))
-        })?;
+            .map_err(|e| open_err(SegmentError::Fetch(e)))?;
+        let descriptor: SegmentDescriptor =
+            serde_json::from_slice(&body).map_err(|e| open_err(SegmentError::Parse(e)))?;
+        descriptor
+            .validate()
+            .map_err(|e| open_err(SegmentError::Invalid(e)))?;
         if descriptor.incarnation == self.inner.control.incarnation {
             // A peer serving this engine's own descriptor (anyone can fetch it from our
             // port): it is still the peer, reached over the network like any other.
@@ -756,7 +748,7 @@ impl Engine {
     }
 
     /// Starts a batch of requests.
-    pub fn batch(&self) -> BatchBuilder<'_> {
+    pub fn batch(&self) -> BatchBuilder {
         BatchBuilder::new(&self.inner)
     }
 
@@ -817,17 +809,6 @@ impl Engine {
         }
         tracing::info!(segment = %self.name(), "engine shut down");
     }
-}
-
-fn source_text(e: &dyn std::error::Error) -> String {
-    let mut s = String::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl Drop for Engine {

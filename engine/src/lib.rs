@@ -72,6 +72,7 @@ mod segment;
 
 pub use backends::{
     compiled, cuda_status, fabric_devices, fabrics, protocol_feature, CudaStatus, FabricDevice,
+    Feature,
 };
 pub use batch::{Batch, BatchBuilder, BatchId, BatchStats, Progress, TaskStatus};
 pub use builder::{
@@ -79,7 +80,7 @@ pub use builder::{
     Ready, Tcp,
 };
 pub use engine::{Engine, Notification};
-pub use error::{Error, Result};
+pub use error::{Error, Result, SegmentError};
 pub use memory::Buffer;
 pub use segment::{RemoteBuffer, Segment};
 

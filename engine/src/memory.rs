@@ -35,12 +35,15 @@ impl Drop for PageAlloc {
 
 /// Allocates `len` zeroed, page-aligned host bytes as a region.
 pub(crate) fn allocate_host(len: usize, location: Location) -> Result<RegionMemory> {
-    let layout = Layout::from_size_align(len.max(1).next_multiple_of(PAGE), PAGE)
-        .map_err(|e| Error::RegisterRegion(format!("cannot allocate {len} bytes: {e}")))?;
+    let layout = Layout::from_size_align(len.max(1).next_multiple_of(PAGE), PAGE).map_err(|e| {
+        Error::Allocate {
+            len,
+            source: Some(e),
+        }
+    })?;
     // SAFETY: the layout has a non-zero size.
     let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    let ptr = NonNull::new(ptr)
-        .ok_or_else(|| Error::RegisterRegion(format!("out of memory allocating {len} bytes")))?;
+    let ptr = NonNull::new(ptr).ok_or(Error::Allocate { len, source: None })?;
     let owner = PageAlloc { ptr, layout };
     // SAFETY: `len <= layout.size()` bytes at `ptr` are valid for reads and writes until
     // `owner` is dropped, and `owner` moves into the region.
@@ -86,7 +89,8 @@ pub(crate) fn device_copy(
 /// # Safety
 /// As [`crate::Engine::register`].
 pub(crate) unsafe fn borrow(ptr: *mut u8, len: usize, location: Location) -> Result<RegionMemory> {
-    let ptr = NonNull::new(ptr).ok_or_else(|| Error::RegisterRegion("null pointer".into()))?;
+    let ptr = NonNull::new(ptr)
+        .ok_or_else(|| Error::InvalidRequest("cannot register a null pointer".into()))?;
     // SAFETY: forwarded from the caller's contract; the unit owner frees nothing.
     Ok(unsafe { RegionMemory::from_raw(ptr, len, location, Box::new(())) })
 }

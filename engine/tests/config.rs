@@ -3,14 +3,17 @@
 
 mod common;
 
-use ferry_engine::{Engine, EngineConfig, Error, ErrorKind, Location, Protocol};
+use ferry_engine::{Engine, EngineConfig, Error, ErrorKind, Location, Protocol, TcpConfig};
 
 #[test]
 fn from_config_tcp_builds_a_working_engine() {
     let target = Engine::from_config(&EngineConfig::default()).unwrap();
     let initiator = Engine::from_config(&EngineConfig {
         protocol: "TCP".into(),
-        lanes: 2,
+        tcp: TcpConfig {
+            lanes: 2,
+            ..TcpConfig::default()
+        },
         ..EngineConfig::default()
     })
     .unwrap();
@@ -43,19 +46,25 @@ fn fabric_protocols_not_compiled_in_name_their_feature() {
             ..EngineConfig::default()
         })
         .unwrap_err();
-        assert!(
-            matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == ferry_engine::protocol_feature(protocol)),
-            "{err}"
-        );
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         let msg = err.to_string();
-        assert!(
-            msg.contains(&format!(
-                "--features {}",
-                ferry_engine::protocol_feature(protocol)
-            )),
-            "{msg}"
-        );
+        match ferry_engine::protocol_feature(protocol) {
+            Some(feature) => {
+                assert!(
+                    matches!(err, Error::FeatureNotCompiled { feature: f, .. } if f == feature),
+                    "{err}"
+                );
+                assert!(msg.contains(&format!("--features {feature}")), "{msg}");
+            }
+            // No feature provides it: the message must not name one.
+            None => {
+                assert!(matches!(err, Error::NotImplemented { .. }), "{err}");
+                assert!(
+                    msg.contains("not implemented yet") && !msg.contains("--features"),
+                    "{msg}"
+                );
+            }
+        }
     }
 }
 
@@ -72,7 +81,13 @@ fn unknown_protocol_and_metadata_are_errors() {
         ..EngineConfig::default()
     })
     .unwrap_err();
-    assert!(err.to_string().contains("--features etcd"), "{err}");
+    // No `etcd` feature exists: the error must not tell the user to enable one.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("etcd") && msg.contains("not implemented yet") && !msg.contains("--features"),
+        "{msg}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
     let err = Engine::from_config(&EngineConfig {
         metadata: "zookeeper://x".into(),
         ..EngineConfig::default()
@@ -193,4 +208,48 @@ fn peers_reach_an_unadvertised_wildcard_listener_by_the_name_they_used() {
     let mut got = [0u8; 7];
     local.read_at(0, &mut got).unwrap();
     assert_eq!(&got, b"reached");
+}
+
+#[test]
+fn a_partial_nested_document_configures_the_engine_and_the_secret_never_leaves() {
+    let config: EngineConfig = serde_json::from_str(
+        r#"{"protocol": "tcp", "timeout_ms": 1234, "secret": "s3cret-value",
+            "tcp": {"lanes": 3, "busy_poll_us": 7, "keepalive_ms": null, "secret": "other"}}"#,
+    )
+    .unwrap();
+    assert_eq!(config.timeout_ms, 1234);
+    assert_eq!(config.listen, EngineConfig::default().listen);
+    assert_eq!(config.tcp.lanes, 3);
+    assert_eq!(config.tcp.busy_poll, std::time::Duration::from_micros(7));
+    assert_eq!(config.tcp.keepalive, None);
+    assert_eq!(
+        config.tcp.max_slice,
+        TcpConfig::default().max_slice,
+        "an absent field keeps its default"
+    );
+    // The engine-wide secret takes the place of the transport's.
+    assert_eq!(
+        config.tcp_config().secret,
+        Some(ferry_engine::SharedSecret::from("s3cret-value"))
+    );
+    let text = serde_json::to_string(&config).unwrap();
+    assert!(
+        !text.contains("s3cret") && !text.contains("other") && !text.contains("secret"),
+        "{text}"
+    );
+    // What is written reads back as the same configuration, secrets aside.
+    let back: EngineConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        back,
+        EngineConfig {
+            secret: None,
+            tcp: TcpConfig {
+                secret: None,
+                ..config.tcp.clone()
+            },
+            ..config
+        }
+    );
+    let err = serde_json::from_str::<EngineConfig>(r#"{"tcp": {"secret": ""}}"#).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
 }

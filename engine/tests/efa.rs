@@ -42,8 +42,11 @@ fn shm_provider_moves_every_size_both_ways() {
 fn rails_engine(provider: &str, device: &str, rails: usize) -> Engine {
     Engine::from_config(&EngineConfig {
         protocol: "efa".into(),
-        provider: provider.into(),
-        fabric_devices: vec![device.to_string(); rails],
+        efa: Some(EfaConfig {
+            provider: provider.into(),
+            devices: vec![device.to_string(); rails],
+            ..EfaConfig::default()
+        }),
         ..EngineConfig::default()
     })
     .unwrap_or_else(|e| panic!("{rails} rails over {provider}: {e}"))
@@ -85,12 +88,18 @@ fn shm_device() -> String {
 fn naming_an_absent_fabric_device_is_an_error_that_lists_the_found_ones() {
     let Err(err) = Engine::from_config(&EngineConfig {
         protocol: "efa".into(),
-        provider: "shm".into(),
-        fabric_devices: vec!["nic9".into()],
+        efa: Some(EfaConfig {
+            provider: "shm".into(),
+            devices: vec!["nic9".into()],
+            ..EfaConfig::default()
+        }),
         ..EngineConfig::default()
     }) else {
         panic!("an engine started on a device that does not exist");
     };
+    // A device the provider does not list is a configuration error, never "no device",
+    // which `allow_tcp_only` would turn into a quiet fall back to TCP.
+    assert_eq!(err.kind(), ferry_engine::ErrorKind::InvalidInput, "{err}");
     let err = err.to_string();
     assert!(err.contains("nic9") && err.contains(&shm_device()), "{err}");
 }
@@ -117,7 +126,10 @@ fn protocol_tcp_in_an_efa_build_uses_tcp_only() {
 fn from_config_efa_brings_its_tcp_fallback() {
     let e = Engine::from_config(&EngineConfig {
         protocol: "efa".into(),
-        provider: "tcp;ofi_rxm".into(),
+        efa: Some(EfaConfig {
+            provider: "tcp;ofi_rxm".into(),
+            ..EfaConfig::default()
+        }),
         ..EngineConfig::default()
     })
     .unwrap();
@@ -137,6 +149,7 @@ fn a_provider_without_devices_is_a_clear_error_or_tcp_when_allowed() {
         Err(e) => {
             let msg = e.to_string();
             assert!(msg.contains("`efa`") && msg.contains("no device"), "{msg}");
+            assert_eq!(e.kind(), ferry_engine::ErrorKind::Unsupported, "{msg}");
             let e = Engine::from_config(&EngineConfig {
                 allow_tcp_only: true,
                 ..config

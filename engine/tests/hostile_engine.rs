@@ -309,12 +309,14 @@ fn impossible_descriptors_are_refused_at_open() {
     for (descriptor, why) in cases {
         let peer = hostile(serde_json::to_vec(&descriptor).unwrap());
         let err = initiator.open_segment(&peer.name).unwrap_err();
-        let msg = err.to_string();
+        let msg = chain(&err);
         assert!(
             matches!(err, Error::OpenSegment { ref segment, .. } if *segment == peer.name),
             "{msg}"
         );
         assert!(msg.contains(why) && msg.contains("refused"), "{msg}");
+        // The peer answered, with something unusable: not a reachability problem.
+        assert_eq!(err.kind(), ferry_engine::ErrorKind::Rejected, "{msg}");
     }
     assert_eq!(initiator.cached_segments(), 0);
 }
@@ -586,4 +588,16 @@ fn a_hanging_connect_does_not_hold_up_other_opens() {
         opened_meanwhile >= 3,
         "only {opened_meanwhile} opens of a healthy segment completed while a connect hung"
     );
+}
+
+/// An error and its causes, as `anyhow` prints them with `{:#}`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -153,12 +153,12 @@ fn engines_sharing_a_secret_transfer_and_others_are_refused() {
     let Err(err) = outsider.open_segment(&name) else {
         panic!("no secret, no segment")
     };
-    assert!(err.to_string().contains("secret"), "{err}");
+    assert!(chain(&err).contains("secret"), "{}", chain(&err));
     let wrong = engine_with(with_secret(Some("a secret no engine here shares")));
     let Err(err) = wrong.open_segment(&name) else {
         panic!("wrong secret, no segment")
     };
-    assert!(err.to_string().contains("secret"), "{err}");
+    assert!(chain(&err).contains("secret"), "{}", chain(&err));
     // The target counts each refusal on its connection's thread, which may finish after
     // the client has its error.
     let until = std::time::Instant::now() + WAIT;
@@ -213,4 +213,16 @@ fn an_initiators_idle_lanes_outlive_the_idle_limit() {
         1,
         "only the silent socket"
     );
+}
+
+/// An error and its causes, as `anyhow` prints them with `{:#}`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::{ErrorKind, TransportError};
+use crate::TransportError;
 
 /// Where a registered region lives. Recorded at registration and never guessed later, so
 /// a transport knows whether it may hand the memory to a socket.
@@ -100,28 +100,6 @@ impl Access {
     /// Whether a peer may write the region.
     pub const fn remote_write(self) -> bool {
         matches!(self, Access::RemoteReadWrite)
-    }
-}
-
-impl TransportError {
-    /// An `InvalidInput` error with a message for the user.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        TransportError::Invalid {
-            message: message.into(),
-        }
-    }
-
-    /// The category of this error.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            TransportError::Invalid { .. } => ErrorKind::InvalidInput,
-            TransportError::Unsupported { .. } => ErrorKind::Unsupported,
-            TransportError::Listen { .. } => ErrorKind::Io,
-            TransportError::ConnectPeer { .. } => ErrorKind::Unreachable,
-            TransportError::Handshake { .. } => ErrorKind::Unreachable,
-            TransportError::RegisterRegion { .. } => ErrorKind::Rejected,
-            TransportError::Closed => ErrorKind::Unreachable,
-        }
     }
 }
 

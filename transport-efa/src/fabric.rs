@@ -38,10 +38,13 @@ fn strerror(code: i32) -> String {
         .into_owned()
 }
 
-fn failed(what: &str, rc: i32) -> TransportError {
-    TransportError::Unsupported {
-        what: format!("libfabric {what}"),
-        why: format!("{} (error {})", strerror(-rc), -rc),
+/// A libfabric call that failed while opening a device: the device exists, so this is
+/// never "no device" (`ErrorKind::Unsupported`).
+fn failed(call: &'static str, rc: i32) -> TransportError {
+    TransportError::Open {
+        call,
+        code: -rc,
+        message: strerror(-rc),
     }
 }
 
@@ -183,7 +186,7 @@ impl Drop for Mr {
     }
 }
 
-fn opened(what: &str, rc: i32) -> Result<(), TransportError> {
+fn opened(what: &'static str, rc: i32) -> Result<(), TransportError> {
     if rc == 0 {
         Ok(())
     } else {
@@ -321,17 +324,19 @@ pub(crate) fn open_rails(
                     .iter()
                     .find(|(name, _)| name == want)
                     .map(|(_, info)| *info)
-                    .ok_or_else(|| TransportError::Unsupported {
-                        what: format!("libfabric device `{want}`"),
-                        why: format!(
-                            "provider `{}` lists {}",
+                    .ok_or_else(|| {
+                        // The provider has devices, just not this one: a configuration
+                        // error, not "no device" (which falling back to TCP would hide).
+                        TransportError::invalid(format!(
+                            "libfabric device `{want}` is not listed by provider `{}`, which \
+                             lists {}; name one of those (`ferry info` lists them)",
                             config.provider,
                             found
                                 .iter()
                                 .map(|(n, _)| format!("`{n}`"))
                                 .collect::<Vec<_>>()
                                 .join(", ")
-                        ),
+                        ))
                     })
             })
             .collect::<Result<_, _>>()?
@@ -420,11 +425,11 @@ impl Device {
                 fi::fi_endpoint(h.domain, info, &mut h.ep, null_mut()),
             )?;
             opened(
-                "binding the address vector",
+                "fi_ep_bind (address vector)",
                 fi::fi_ep_bind(h.ep, &mut (*h.av).fid, 0),
             )?;
             opened(
-                "binding the completion queue",
+                "fi_ep_bind (completion queue)",
                 fi::fi_ep_bind(
                     h.ep,
                     &mut (*h.cq).fid,
@@ -544,10 +549,16 @@ impl Device {
         let serial = self.serial();
         let h = &self.handles;
         let mut mr: *mut fi::fid_mr = null_mut();
-        let reg_err = |rc: i32| TransportError::RegisterRegion {
-            addr: region.addr(),
-            len: region.len() as u64,
-            reason: format!("{} (error {})", strerror(-rc), -rc),
+        let reg_err = |rc: i32| {
+            TransportError::register_region(
+                region.addr(),
+                region.len() as u64,
+                format!(
+                    "fi_mr_regattr failed with error {} ({})",
+                    -rc,
+                    strerror(-rc)
+                ),
+            )
         };
         // SAFETY: the region's memory is valid for its whole life (RegionMemory's
         // contract) and the MR is closed (Mr::drop) before the domain; the endpoint is
@@ -598,10 +609,9 @@ impl Device {
             let key = fi::fi_mr_key(mr);
             if key == fi::FI_KEY_NOTAVAIL {
                 fi::fi_close(&mut (*mr).fid);
-                return Err(TransportError::RegisterRegion {
-                    addr: region.addr(),
-                    len: region.len() as u64,
-                    reason: "the provider uses raw keys (FI_MR_RAW), which ferry does not support"
+                return Err(TransportError::Unsupported {
+                    what: format!("registering memory with device `{}`", self.domain_name),
+                    why: "the provider uses raw keys (FI_MR_RAW), which ferry does not support"
                         .into(),
                 });
             }
@@ -636,17 +646,12 @@ impl Device {
         let rc =
             unsafe { fi::fi_av_insert(h.av, bytes.as_ptr().cast(), 1, &mut addr, 0, null_mut()) };
         if rc != 1 {
-            return Err(TransportError::Handshake {
-                peer: hex.to_string(),
-                reason: format!(
-                    "fi_av_insert: {}",
-                    if rc < 0 {
-                        strerror(-rc)
-                    } else {
-                        "address rejected".into()
-                    }
-                ),
-            });
+            let reason = if rc < 0 {
+                format!("fi_av_insert failed with error {} ({})", -rc, strerror(-rc))
+            } else {
+                "fi_av_insert rejected its address".to_string()
+            };
+            return Err(TransportError::handshake(hex, reason));
         }
         Ok(addr)
     }

@@ -69,7 +69,11 @@ pub use ops::OpStats;
 pub use rma_loop::{rma_loop, LoopResult};
 
 /// Settings of the libfabric transport.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// `serde`, with every field defaulted so a partial document works; `busy_poll` is
+/// `busy_poll_us`, in microseconds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct EfaConfig {
     /// libfabric provider: `efa` on AWS; `tcp;ofi_rxm` or `shm` for development.
     pub provider: String,
@@ -84,6 +88,7 @@ pub struct EfaConfig {
     /// Largest slice a request is cut into.
     pub max_slice: usize,
     /// How long the progress thread spins on an empty completion queue before it sleeps.
+    #[serde(rename = "busy_poll_us", with = "busy_poll_micros")]
     pub busy_poll: Duration,
     /// Ask the provider for device-memory registration (`FI_HMEM`, CUDA), settling for
     /// host memory only when it has none. The engine sets it in builds with `cuda`.
@@ -120,6 +125,21 @@ impl Default for EfaConfig {
             device_memory_is_host: false,
             lose_completions: 0,
         }
+    }
+}
+
+/// `serde` for [`EfaConfig::busy_poll`] as an integer count of microseconds.
+mod busy_poll_micros {
+    use std::time::Duration;
+
+    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_micros)
     }
 }
 
@@ -164,23 +184,6 @@ impl EfaTransport {
     /// The settings.
     pub fn config(&self) -> &EfaConfig {
         &self.inner.config
-    }
-
-    /// Asks for device-memory registration (`FI_HMEM`); the engine calls it in builds
-    /// with CUDA support.
-    pub fn want_hmem(&mut self) {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.config.hmem = true;
-        }
-    }
-
-    /// Sets the source address for IP-based providers when none was configured.
-    pub fn set_default_source(&mut self, host: &str) {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            if inner.config.source.is_none() && inner.config.ip_based() {
-                inner.config.source = Some(host.to_string());
-            }
-        }
     }
 
     fn rails(&self) -> Result<&[Arc<Device>], TransportError> {

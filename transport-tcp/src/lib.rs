@@ -59,7 +59,13 @@ use parking_lot::Mutex;
 pub use initiator::TcpConnection;
 
 /// Settings of the TCP transport. The defaults suit one host or a small cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// `serde`, with every field defaulted so a partial document works. Durations are
+/// integers whose names carry the unit: `busy_poll_us` in microseconds,
+/// `connect_timeout_ms`, `idle_timeout_ms`, `progress_timeout_ms` and `keepalive_ms`
+/// (`null`: off) in milliseconds. `secret` is read from a string and never serialized.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TcpConfig {
     /// Connections kept open per peer; slices are striped over them.
     pub lanes: usize,
@@ -70,8 +76,10 @@ pub struct TcpConfig {
     /// How long a thread that runs out of work spins before it sleeps in the kernel.
     /// Waking a sleeping thread on another core costs tens of microseconds, so a short
     /// spin keeps small-request latency low; zero saves CPU on idle links.
+    #[serde(rename = "busy_poll_us", with = "duration_serde::micros")]
     pub busy_poll: Duration,
     /// Limit for establishing a connection.
+    #[serde(rename = "connect_timeout_ms", with = "duration_serde::millis")]
     pub connect_timeout: Duration,
     /// The address peers should use to reach this engine, when it differs from the bound
     /// one (e.g. listening on `0.0.0.0`).
@@ -88,14 +96,17 @@ pub struct TcpConfig {
     /// connection that has carried requests stay open while idle for as long as TCP
     /// keepalive finds the peer alive; only [`TcpConfig::max_connections`] bounds how
     /// many such connections one peer holds.
+    #[serde(rename = "idle_timeout_ms", with = "duration_serde::millis")]
     pub idle_timeout: Duration,
     /// A frame that stops moving for this long (a request's payload no longer arrives, an
     /// answer is no longer read by the peer, the handshake stalls) closes its connection
     /// (counted in [`TcpStats::progress_timeouts`]), releasing the memory it holds.
+    #[serde(rename = "progress_timeout_ms", with = "duration_serde::millis")]
     pub progress_timeout: Duration,
     /// TCP keepalive on every connection, both sides: probes start after this much
     /// silence and repeat at a third of it (at least 1 s), three times, so a peer that
     /// vanished without closing is found within about twice this. `None` disables it.
+    #[serde(rename = "keepalive_ms", with = "duration_serde::opt_millis")]
     pub keepalive: Option<Duration>,
     /// A secret shared by every engine allowed to use this port. When set, each
     /// connection (data lanes, descriptor fetches, notifications) starts with a mutual
@@ -103,7 +114,66 @@ pub struct TcpConfig {
     /// other frame and counted in [`TcpStats::auth_failures`]. Peers must all set the
     /// same secret. It authenticates who connects; it does not encrypt the data or
     /// protect it from an attacker on the path.
+    #[serde(skip_serializing)]
     pub secret: Option<SharedSecret>,
+}
+
+/// `serde` for durations as integer counts of one unit.
+mod duration_serde {
+    pub(crate) mod micros {
+        use std::time::Duration;
+
+        pub(crate) fn serialize<S: serde::Serializer>(
+            d: &Duration,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        }
+
+        pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Duration, D::Error> {
+            <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_micros)
+        }
+    }
+
+    pub(crate) mod millis {
+        use std::time::Duration;
+
+        pub(crate) fn serialize<S: serde::Serializer>(
+            d: &Duration,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        }
+
+        pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Duration, D::Error> {
+            <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_millis)
+        }
+    }
+
+    pub(crate) mod opt_millis {
+        use std::time::Duration;
+
+        pub(crate) fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            <Option<u64> as serde::Deserialize>::deserialize(d)
+                .map(|m| m.map(Duration::from_millis))
+        }
+    }
 }
 
 /// A shared secret for [`TcpConfig::secret`]. Its `Debug` output does not show the bytes.
@@ -125,6 +195,20 @@ impl SharedSecret {
 impl std::fmt::Debug for SharedSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SharedSecret(<redacted>)")
+    }
+}
+
+/// Reads the secret from a string (its UTF-8 bytes). There is no `Serialize`: a
+/// configuration written back out never carries the secret.
+impl<'de> serde::Deserialize<'de> for SharedSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        if s.is_empty() {
+            return Err(serde::de::Error::custom(
+                "an empty shared secret authenticates no one",
+            ));
+        }
+        Ok(SharedSecret::from(s))
     }
 }
 
@@ -705,13 +789,11 @@ pub fn fetch_descriptor_with(
         peer: address.to_string(),
         source,
     };
-    let handshake = |reason: String| TransportError::Handshake {
-        peer: address.to_string(),
-        reason,
-    };
+    let handshake = |reason: &str| TransportError::handshake(address, reason);
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(connect_err)?;
     if let Some(secret) = secret {
-        authenticate(&mut s, secret, deadline).map_err(|e| handshake(e.to_string()))?;
+        authenticate(&mut s, secret, deadline)
+            .map_err(|e| handshake("proving the shared secret").caused_by(e))?;
     }
     write_all_by(
         &mut s,
@@ -719,20 +801,19 @@ pub fn fetch_descriptor_with(
         deadline,
         "sending the request",
     )
-    .map_err(|e| handshake(format!("sending the request: {e}")))?;
+    .map_err(|e| handshake("sending the request").caused_by(e))?;
     let mut hb = [0u8; frame::HEADER_LEN];
     read_exact_by(&mut s, &mut hb, deadline, "before the answer was complete")
-        .map_err(|e| handshake(format!("reading the answer: {e}")))?;
-    let h = frame::Header::decode(&hb).map_err(|e| handshake(e.to_string()))?;
+        .map_err(|e| handshake("reading the answer").caused_by(e))?;
+    let h = frame::Header::decode(&hb).map_err(|e| handshake(&e.to_string()))?;
     if h.kind == frame::Kind::Challenge && h.count == 0 {
         return Err(handshake(
             "the target requires a shared secret: set `TcpConfig::secret` to the secret its \
-             engines share"
-                .into(),
+             engines share",
         ));
     }
     if h.kind != frame::Kind::Descriptor {
-        return Err(handshake(format!("answered with a {:?} frame", h.kind)));
+        return Err(handshake(&format!("answered with a {:?} frame", h.kind)));
     }
     let mut body = vec![0u8; h.count as usize];
     read_exact_by(
@@ -741,7 +822,7 @@ pub fn fetch_descriptor_with(
         deadline,
         "before the descriptor was complete",
     )
-    .map_err(|e| handshake(format!("reading the descriptor: {e}")))?;
+    .map_err(|e| handshake("reading the descriptor").caused_by(e))?;
     Ok(body)
 }
 

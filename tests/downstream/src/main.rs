@@ -10,11 +10,22 @@ use ferry_engine::{Engine, Location, Protocol};
 fn engine(provider: &str) -> Result<Engine, ferry_engine::Error> {
     // The fabric when compiled in, else TCP: the same code for every profile.
     let protocol = ferry_engine::compiled()[0];
-    Engine::from_config(&ferry_engine::EngineConfig {
+    #[allow(unused_mut)]
+    let mut config = ferry_engine::EngineConfig {
         protocol: protocol.name().into(),
-        provider: provider.into(),
         ..Default::default()
-    })
+    };
+    // The fabric's settings exist in builds that have the fabric.
+    #[cfg(feature = "efa")]
+    {
+        config.efa = Some(ferry_engine::fabrics::EfaConfig {
+            provider: provider.into(),
+            ..Default::default()
+        });
+    }
+    #[cfg(not(feature = "efa"))]
+    let _ = provider;
+    Engine::from_config(&config)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
