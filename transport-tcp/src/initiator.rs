@@ -11,7 +11,6 @@
 //! connect. READ data lands in local memory only while its slice is live (see
 //! `Receiver_`).
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,9 +29,13 @@ use mio::{Interest, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
+// The lane's protocol state, tested without sockets; only this module uses it.
+#[path = "lane.rs"]
+mod lane;
 use crate::pipe::{Pace, Pipe};
 use crate::staged;
 use crate::Shared;
+use lane::{Answers, Entry, Inflight};
 
 /// Most payload bytes gathered into one frame.
 const MAX_FRAME_BYTES: usize = 16 << 20;
@@ -70,82 +73,6 @@ impl Item {
     }
 }
 
-enum Entry {
-    Slice {
-        seq: u64,
-        /// For the first slice of a READ frame, the frame's size (its answer is one
-        /// `ReadData` message of that many statuses); otherwise 0.
-        read_frame: u32,
-        slice: Slice,
-    },
-    Notify {
-        seq: u64,
-        deadline: Instant,
-        reply: Sender<Result<(), FailReason>>,
-    },
-}
-
-impl Entry {
-    fn seq(&self) -> u64 {
-        match self {
-            Entry::Slice { seq, .. } | Entry::Notify { seq, .. } => *seq,
-        }
-    }
-
-    /// Every entry has one: an entry still unanswered after it closes the lane.
-    fn deadline(&self) -> Instant {
-        match self {
-            Entry::Slice { slice, .. } => slice.deadline,
-            Entry::Notify { deadline, .. } => *deadline,
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Entry::Slice { slice, .. } => slice.len,
-            Entry::Notify { .. } => 0,
-        }
-    }
-
-    fn fail(self, completions: &dyn Completions, reason: FailReason) {
-        match self {
-            Entry::Slice { slice, .. } => completions.complete(slice.token, Err(reason)),
-            Entry::Notify { reply, .. } => {
-                let _ = reply.send(Err(reason));
-            }
-        }
-    }
-}
-
-struct Inflight {
-    entries: VecDeque<Entry>,
-    /// Payload bytes of the entries.
-    bytes: usize,
-    /// Set once the lane is dead: nothing more may be added. The first reason given is
-    /// the one everything still in flight fails with.
-    closed: Option<FailReason>,
-    /// No entry's deadline is earlier than this; `None` only when there is no entry.
-    /// Answered entries leave without raising it (that would cost a scan per answer), so
-    /// it may be early: [`Inflight::earliest`] scans once when it passes.
-    earliest: Option<Instant>,
-}
-
-impl Inflight {
-    fn push(&mut self, entry: Entry) {
-        let d = entry.deadline();
-        self.earliest = Some(self.earliest.map_or(d, |e| e.min(d)));
-        self.entries.push_back(entry);
-    }
-
-    /// The earliest deadline of the entries, exact whenever it is at or before `now`.
-    fn earliest(&mut self, now: Instant) -> Option<Instant> {
-        if self.earliest.is_some_and(|e| e <= now) {
-            self.earliest = self.entries.iter().map(Entry::deadline).min();
-        }
-        self.earliest
-    }
-}
-
 struct LaneState {
     dead: AtomicBool,
     inflight: Mutex<Inflight>,
@@ -176,9 +103,7 @@ impl LaneState {
         let (entries, reason): (Vec<Entry>, FailReason) = {
             let mut g = self.inflight.lock();
             let reason = *g.closed.get_or_insert(reason);
-            g.bytes = 0;
-            g.earliest = None;
-            (g.entries.drain(..).collect(), reason)
+            (g.drain_all().collect(), reason)
         };
         self.not_full.notify_all();
         for e in taken.drain(..).chain(entries) {
@@ -353,12 +278,9 @@ impl TcpConnection {
             let recv_pipe = Pipe::new(recv_stream, Interest::READABLE)?;
             let state = Arc::new(LaneState {
                 dead: AtomicBool::new(false),
-                inflight: Mutex::new(Inflight {
-                    entries: VecDeque::with_capacity(shared.config.max_inflight.max(MAX_DESCS)),
-                    bytes: 0,
-                    closed: None,
-                    earliest: None,
-                }),
+                inflight: Mutex::new(Inflight::with_capacity(
+                    shared.config.max_inflight.max(MAX_DESCS),
+                )),
                 not_full: Condvar::new(),
                 socket,
                 wakers: [send_pipe.waker(), recv_pipe.waker()],
@@ -400,7 +322,7 @@ impl TcpConnection {
                 state,
                 pipe: recv_pipe,
                 peer: peer.to_string(),
-                expected: 0,
+                answers: Answers::default(),
                 batch: Vec::with_capacity(MAX_DESCS),
                 guard: Vec::with_capacity(MAX_DESCS),
             };
@@ -788,15 +710,7 @@ impl SendState {
         };
         let refused = match reserve(&self.state, cap, n, deadline, give_up) {
             Ok(mut g) => {
-                g.bytes += self.frame.iter().map(|s| s.len).sum::<usize>();
-                let read_frame = if op == Opcode::Read { n as u32 } else { 0 };
-                for (i, slice) in self.frame.drain(..).enumerate() {
-                    g.push(Entry::Slice {
-                        seq: first_seq + i as u64,
-                        read_frame: if i == 0 { read_frame } else { 0 },
-                        slice,
-                    });
-                }
+                g.on_sent(op, first_seq, &mut self.frame);
                 None
             }
             Err(no_room) => Some(no_room),
@@ -903,11 +817,7 @@ impl SendState {
             deadline
         };
         match reserve(&self.state, cap, 1, deadline, give_up) {
-            Ok(mut g) => g.push(Entry::Notify {
-                seq,
-                deadline,
-                reply,
-            }),
+            Ok(mut g) => g.on_sent_notify(seq, deadline, reply),
             Err(NoRoom::Full) => {
                 self.held = Some(Item::Notify {
                     body,
@@ -1018,7 +928,8 @@ struct Receiver_ {
     state: Arc<LaneState>,
     pipe: Pipe,
     peer: String,
-    expected: u64,
+    /// Which answer is due next, and whether one matches its requests.
+    answers: Answers,
     /// Entries whose answer is being read (out of the in-flight table).
     batch: Vec<Entry>,
     /// For the READ answer being read, per accepted slice in order: where its bytes end
@@ -1143,10 +1054,7 @@ impl Receiver_ {
     fn receive(&mut self) -> io::Result<()> {
         // When the oldest request starts a READ frame, its answer is known to be a
         // ReadData with that many statuses: read header and statuses in one call.
-        let expect = match self.state.inflight.lock().entries.front() {
-            Some(Entry::Slice { read_frame, .. }) => *read_frame as usize,
-            _ => 0,
-        };
+        let expect = self.state.inflight.lock().read_answer_due();
         let mut hb = [0u8; HEADER_LEN];
         let mut statuses = [0u8; MAX_DESCS];
         self.read(&mut [
@@ -1155,77 +1063,22 @@ impl Receiver_ {
         ])?;
         let header = Header::decode(&hb)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        if expect > 0 && (header.kind != Kind::ReadData || header.count as usize != expect) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{:?} of {} where the answer to a READ frame of {expect} was due",
-                    header.kind, header.count
-                ),
-            ));
-        }
-        if !matches!(header.kind, Kind::Ack | Kind::ReadData) || header.seq != self.expected {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "unexpected {:?} frame for sequence {} (expected {})",
-                    header.kind, header.seq, self.expected
-                ),
-            ));
-        }
+        self.answers.check_header(&header, expect)?;
         let n = header.count as usize;
         if expect == 0 {
             self.read(&mut [IoSliceMut::new(&mut statuses[..n])])?;
         }
-        {
-            let mut g = self.state.inflight.lock();
-            if g.entries.len() < n {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "answer for requests never sent",
-                ));
-            }
-            self.batch.extend(g.entries.drain(..n));
-            if g.entries.is_empty() {
-                g.earliest = None;
-            }
-            let done: usize = self.batch.iter().map(Entry::len).sum();
-            g.bytes = g.bytes.saturating_sub(done);
-        }
+        self.state
+            .inflight
+            .lock()
+            .take_answered(n, &mut self.batch)?;
         self.state.not_full.notify_one();
-        for (i, e) in self.batch.iter().enumerate() {
-            let is_read = matches!(e, Entry::Slice { slice, .. } if slice.op == Opcode::Read);
-            if e.seq() != header.seq + i as u64 || is_read != (header.kind == Kind::ReadData) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "answer does not match the request",
-                ));
-            }
-        }
-        self.expected += n as u64;
+        self.answers.on_answer(&header, &self.batch)?;
         if header.kind == Kind::ReadData {
             self.read_data(&statuses[..n])?;
         }
         for (e, &st) in self.batch.drain(..).zip(&statuses[..n]) {
-            let status = RemoteStatus::from_u8(st);
-            match e {
-                Entry::Slice { slice, .. } => {
-                    let r = if status == RemoteStatus::Ok {
-                        Ok(slice.len)
-                    } else {
-                        Err(FailReason::Remote(status))
-                    };
-                    self.completions.complete(slice.token, r);
-                }
-                Entry::Notify { reply, .. } => {
-                    let r = if status == RemoteStatus::Ok {
-                        Ok(())
-                    } else {
-                        Err(FailReason::Remote(status))
-                    };
-                    let _ = reply.send(r);
-                }
-            }
+            e.answer(&*self.completions, st);
         }
         Ok(())
     }
