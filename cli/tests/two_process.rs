@@ -216,3 +216,32 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
         assert!(info.contains("efa   not compiled in"), "{info}");
     }
 }
+
+/// `ferry target --config-json` (how `ferry bench` starts its target) runs the document it
+/// is given, not its own flags' defaults.
+#[test]
+fn a_target_runs_the_configuration_it_is_handed() {
+    let run = |json: &str| {
+        Command::new(FERRY)
+            .args(["target", "--listen", "127.0.0.1:0", "--config-json", json])
+            .output()
+            .unwrap()
+    };
+    // The flags say TCP; the document says RDMA, which no build implements yet.
+    let out = run(r#"{"protocol": "rdma", "tcp": {"lanes": 2}}"#);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`rdma`")
+            && err.contains("not implemented yet")
+            && !err.contains("--features"),
+        "{err}"
+    );
+    let out = run(r#"{"protocol": "tcp", "tcp": {"lanes": "two"}}"#);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--config-json") && err.contains("\"two\""),
+        "{err}"
+    );
+}

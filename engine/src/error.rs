@@ -176,3 +176,35 @@ impl Error {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_registration_keeps_the_transports_kind_and_cause() {
+        let unsupported = Error::RegisterRegion {
+            source: TransportError::Unsupported {
+                what: "registering cuda:0 memory".into(),
+                why: "no FI_HMEM".into(),
+            },
+        };
+        assert_eq!(unsupported.kind(), ErrorKind::Unsupported);
+        let cause = std::error::Error::source(&unsupported).expect("the cause is kept");
+        assert!(cause.to_string().contains("no FI_HMEM"), "{cause}");
+        let refused = Error::RegisterRegion {
+            source: TransportError::register_region(0x1000, 64, "the device refused it"),
+        };
+        assert_eq!(refused.kind(), ErrorKind::Rejected);
+        let open = Error::Transport(TransportError::Open {
+            call: "fi_domain",
+            code: 12,
+            message: "Cannot allocate memory".into(),
+        });
+        assert_ne!(
+            open.kind(),
+            ErrorKind::Unsupported,
+            "an open failure is not 'no device'"
+        );
+    }
+}
