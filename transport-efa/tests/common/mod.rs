@@ -1,17 +1,16 @@
 //! Loopback helpers shared by the transport's integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use ferry_transport_api::testing;
 use ferry_transport_api::{
     Access, CompletionToken, Completions, Connection, Endpoint, FailReason, Location, Opcode,
     RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
 use ferry_transport_efa::{providers, EfaConfig, EfaTransport};
-use rand::RngCore;
 
 /// The providers the tests run over, with the config that reaches loopback.
 pub fn providers_under_test() -> Vec<EfaConfig> {
@@ -70,24 +69,15 @@ pub fn start(config: EfaConfig) -> (EfaTransport, Endpoint, Receiver<Report>) {
 
 /// Host memory holding `bytes`.
 pub fn region(bytes: Vec<u8>) -> Arc<RegionMemory> {
-    let mut bytes = bytes.into_boxed_slice();
-    let len = bytes.len();
-    let ptr = NonNull::new(bytes.as_mut_ptr()).expect("a boxed slice is not null");
-    // SAFETY: the boxed slice moves into the region as its owner, so the bytes live as
-    // long as the region; the tests read them only through the region's copies.
-    Arc::new(unsafe { RegionMemory::from_raw(ptr, len, Location::host(), Box::new(bytes)) })
+    testing::host_region(bytes)
 }
 
 pub fn random(len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rng().fill_bytes(&mut v);
-    v
+    testing::random(len)
 }
 
 pub fn contents(r: &RegionMemory) -> Vec<u8> {
-    let mut out = vec![0u8; r.len()];
-    assert!(r.copy_to_slice_at(0, &mut out));
-    out
+    testing::contents(r)
 }
 
 /// A slice of `len` bytes at `offset` on both sides.
@@ -184,25 +174,11 @@ pub fn round_trip(
 /// [`EfaConfig::device_memory_is_host`] registers it (as host memory); every host
 /// accessor of the region refuses it, as for real device memory.
 pub fn stand_in_device(bytes: Vec<u8>) -> Arc<RegionMemory> {
-    let mut bytes = bytes.into_boxed_slice();
-    let len = bytes.len();
-    let ptr = NonNull::new(bytes.as_mut_ptr()).expect("a boxed slice is not null");
-    // SAFETY: the boxed slice moves into the region as its owner, so the bytes live as
-    // long as the region; the tests read them only through `stand_in_contents`.
-    Arc::new(unsafe {
-        RegionMemory::from_raw(ptr, len, Location::Cuda { device: 0 }, Box::new(bytes))
-    })
+    testing::stand_in_device(bytes)
 }
 
 /// The bytes of a [`stand_in_device`] region, read from the host memory behind it.
 pub fn stand_in_contents(r: &RegionMemory) -> Vec<u8> {
     assert_eq!(r.location(), Location::Cuda { device: 0 });
-    let mut out = vec![0u8; r.len()];
-    // SAFETY: stand-in regions are host memory of `r.len()` bytes owned by the region
-    // (see `stand_in_device`), alive while `r` is borrowed; nothing is in flight on
-    // them when the tests read them.
-    unsafe {
-        std::ptr::copy_nonoverlapping(r.addr() as usize as *const u8, out.as_mut_ptr(), r.len())
-    };
-    out
+    contents(r)
 }
