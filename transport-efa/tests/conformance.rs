@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use ferry_transport_api::testing::{conformance, Capabilities, Pair, Recorder};
+use ferry_transport_api::testing::{conformance, Capabilities, Pair, Recorder, Setup};
 use ferry_transport_api::{Transport, TransportContext};
 use ferry_transport_efa::{EfaConfig, EfaTransport};
 
@@ -15,7 +15,10 @@ use ferry_transport_efa::{EfaConfig, EfaTransport};
 /// fewer on one pair.
 const FAULT_EVERY: u64 = 256;
 
-fn pair(config: &EfaConfig) -> Pair {
+/// Completions each rail withholds when a check asks (at least what it posts).
+const HELD: u64 = 1024;
+
+fn pair(config: &EfaConfig, setup: &Setup) -> Pair {
     let config = EfaConfig {
         device_memory_is_host: true,
         ..config.clone()
@@ -36,6 +39,7 @@ fn pair(config: &EfaConfig) -> Pair {
     let (initiator, _) = start(
         EfaConfig {
             fault_every: FAULT_EVERY,
+            lose_completions: if setup.hold_completions { HELD } else { 0 },
             ..config
         },
         reports.clone(),
@@ -63,9 +67,10 @@ fn efa_passes_the_transport_conformance_suite_over_shm_and_tcp() {
             &Capabilities {
                 device_memory: true,
                 refusal_is_remote_status: false,
+                holds_completions: true,
                 posts_per_pair: FAULT_EVERY as usize - 1,
             },
-            &|| pair(&config),
+            &|setup| pair(&config, setup),
         );
     }
 }
