@@ -340,7 +340,17 @@ fn the_descriptor_fetch_has_one_deadline_for_the_whole_exchange() {
         .recv_timeout(WAIT)
         .expect("the fetch must end by its deadline");
     let err = result.expect_err("a trickled answer must fail");
-    assert!(err.to_string().contains("deadline"), "{err}");
+    // The step that failed is the message; the deadline is its cause, and the kind.
+    let cause = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(
+        cause.as_deref().is_some_and(|c| c.contains("deadline")),
+        "{err}: {cause:?}"
+    );
+    assert_eq!(
+        err.kind(),
+        ferry_transport_api::ErrorKind::TimedOut,
+        "{err}"
+    );
     assert!(sent.load(Ordering::Relaxed) < 2016);
     let _ = stop_tx.send(());
     trickler.join().unwrap();
