@@ -35,7 +35,8 @@ enum Command {
 /// Flags shared by every command that starts an engine.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct EngineArgs {
-    /// Transport: tcp, efa or rdma (a fabric brings TCP as its fallback).
+    /// Transport: tcp or efa (a fabric brings TCP as its fallback; rdma is not
+    /// implemented yet).
     #[arg(long, default_value = "tcp")]
     protocol: String,
     /// libfabric provider for `--protocol efa` (efa, 'tcp;ofi_rxm', shm).
@@ -45,7 +46,8 @@ pub(crate) struct EngineArgs {
     /// `ferry info` lists them; a name may repeat); default: every device found.
     #[arg(long, value_delimiter = ',')]
     fabric_devices: Vec<String>,
-    /// Metadata: p2p (default), etcd://HOST:PORT, redis://HOST:PORT.
+    /// Metadata: p2p (the default, and the only store so far: etcd and redis are not
+    /// implemented yet).
     #[arg(long, default_value = "p2p")]
     metadata: String,
     /// Memory the buffers live in: cpu, cpu:NUMA or cuda:N.

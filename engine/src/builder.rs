@@ -250,8 +250,8 @@ fn listen_host(listen: &str) -> &str {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EngineConfig {
-    /// `tcp`, `efa` or `rdma`; honoured exactly. A fabric protocol brings TCP as its
-    /// fallback.
+    /// `tcp` or `efa` (`rdma` is not implemented yet); honoured exactly. A fabric
+    /// protocol brings TCP as its fallback.
     pub protocol: String,
     /// The engine's one port.
     pub listen: String,
@@ -332,8 +332,9 @@ impl EngineConfig {
 
 impl Engine {
     /// Builds an engine from run-time configuration, through the same builder. The
-    /// protocol is honoured exactly: `tcp` never touches a fabric library, and a protocol
-    /// this build lacks is an error naming the Cargo feature to enable.
+    /// protocol is honoured exactly: `tcp` never touches a fabric library, a protocol
+    /// this build lacks is an error naming the Cargo feature to enable, and one ferry does
+    /// not implement yet says so.
     pub fn from_config(config: &EngineConfig) -> Result<Engine> {
         let protocol = Protocol::parse(&config.protocol)?;
         backends::require_protocol(protocol)?;
