@@ -29,13 +29,10 @@ use mio::{Interest, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
-// The lane's protocol state, tested without sockets; only this module uses it.
-#[path = "lane.rs"]
-mod lane;
+use crate::lane::{Answers, Entry, Inflight};
 use crate::pipe::{Pace, Pipe};
 use crate::staged;
 use crate::Shared;
-use lane::{Answers, Entry, Inflight};
 
 /// Most payload bytes gathered into one frame.
 const MAX_FRAME_BYTES: usize = 16 << 20;

@@ -38,13 +38,14 @@
 
 mod frame;
 mod initiator;
+mod lane;
 mod pipe;
 mod regions;
 mod staged;
 mod target;
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -683,7 +684,12 @@ fn read_exact_by(
 }
 
 /// Writes all of `buf` before `deadline`.
-pub(crate) fn write_all_by(s: &mut TcpStream, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
+pub(crate) fn write_all_by(
+    s: &mut TcpStream,
+    buf: &[u8],
+    deadline: Instant,
+    what: &str,
+) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());

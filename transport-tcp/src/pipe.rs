@@ -3,7 +3,7 @@
 //! wake) and then sleeping in `epoll` until the socket is ready, a deadline check is due,
 //! or the transport is shutting down.
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
