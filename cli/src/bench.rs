@@ -263,7 +263,8 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         let (block, batch) = (args.block_size, args.batch_size);
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
-                let one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<()> {
+                // Returns the bytes the batch moved: only completed tasks count.
+                let one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<u64> {
                     let start = Instant::now();
                     let mut b = engine.batch();
                     for i in 0..batch {
@@ -275,13 +276,15 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
                         }
                     }
                     let handle = b.submit()?;
+                    let mut completed = batch;
                     if let Err(e) = handle.wait(Duration::from_secs(60)) {
                         let p = handle.poll();
                         *errors += (p.failed + p.timed_out + p.pending) as u64;
+                        completed = p.completed;
                         tracing::warn!(error = %e, "batch did not complete");
                     }
                     lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    Ok(())
+                    Ok((block * completed) as u64)
                 };
                 let mut warm = Vec::new();
                 let mut errors = 0;
@@ -292,8 +295,8 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
                 let mut lat = Vec::with_capacity(1 << 16);
                 barrier.wait();
                 while !stop.load(Ordering::Relaxed) {
-                    one(&mut lat, &mut errors)?;
-                    moved.fetch_add((block * batch) as u64, Ordering::Relaxed);
+                    let bytes = one(&mut lat, &mut errors)?;
+                    moved.fetch_add(bytes, Ordering::Relaxed);
                 }
                 Ok((w, lat, errors))
             },
