@@ -10,30 +10,9 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::wire::{closed_by_target, desc, header, ACK, NOTIFY, READ, READ_DATA, WRITE};
 use common::{assert_bytes_eq, engine, random, WAIT};
 use ferry_engine::{Access, Location, Protocol};
-
-const WRITE: u8 = 1;
-const READ: u8 = 2;
-const NOTIFY: u8 = 3;
-const ACK: u8 = 6;
-const READ_DATA: u8 = 7;
-
-fn header(kind: u8, count: u32, seq: u64) -> Vec<u8> {
-    let mut h = b"FY".to_vec();
-    h.push(1);
-    h.push(kind);
-    h.extend_from_slice(&count.to_le_bytes());
-    h.extend_from_slice(&seq.to_le_bytes());
-    h
-}
-
-fn desc(addr: u64, len: u64, key: u64) -> Vec<u8> {
-    [addr, len, key]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect()
-}
 
 fn connect(name: &str) -> TcpStream {
     let s = TcpStream::connect(name).unwrap();
@@ -51,19 +30,6 @@ fn answer(s: &mut TcpStream) -> (u8, u64, Vec<u8>) {
     let mut st = vec![0u8; count];
     s.read_exact(&mut st).unwrap();
     (h[3], seq, st)
-}
-
-/// Whether the target closed the connection (EOF or reset), draining what it sent.
-fn closed_by_target(s: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use common::wire::{header, DESCRIPTOR, GET_DESCRIPTOR, LANE, WRITE};
 use common::{assert_bytes_eq, engine, random, WAIT};
 use crossbeam_channel::{Receiver, Sender};
 use ferry_engine::{
@@ -19,20 +20,6 @@ use ferry_engine::{
     TaskStatus,
 };
 use ferry_transport_api::{BufferDescriptor, Endpoint, TransportKey};
-
-const WRITE: u8 = 1;
-const GET_DESCRIPTOR: u8 = 4;
-const DESCRIPTOR: u8 = 5;
-const LANE: u8 = 11;
-
-fn header(kind: u8, count: u32, seq: u64) -> Vec<u8> {
-    let mut h = b"FY".to_vec();
-    h.push(1);
-    h.push(kind);
-    h.extend_from_slice(&count.to_le_bytes());
-    h.extend_from_slice(&seq.to_le_bytes());
-    h
-}
 
 /// Fetches an engine's descriptor bytes from its port, as any client can.
 fn fetch_raw(name: &str) -> Vec<u8> {

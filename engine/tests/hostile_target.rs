@@ -8,52 +8,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::wire::{closed_by_target, desc, header, wait_for, READ, READ_DATA};
 use common::{assert_bytes_eq, engine, engine_with, random, WAIT};
 use ferry_engine::{Access, Location, Protocol, TcpConfig};
 use ferry_transport_tcp::SharedSecret;
-
-const READ: u8 = 2;
-const READ_DATA: u8 = 7;
-
-fn header(kind: u8, count: u32, seq: u64) -> Vec<u8> {
-    let mut h = b"FY".to_vec();
-    h.push(1);
-    h.push(kind);
-    h.extend_from_slice(&count.to_le_bytes());
-    h.extend_from_slice(&seq.to_le_bytes());
-    h
-}
-
-fn desc(addr: u64, len: u64, key: u64) -> Vec<u8> {
-    [addr, len, key]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect()
-}
-
-#[track_caller]
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let give_up = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < give_up, "gave up waiting: {what}");
-        std::thread::yield_now();
-    }
-}
-
-fn closed_by_target(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
-}
 
 #[test]
 fn dropping_a_registered_buffer_returns_while_a_peer_refuses_to_read_its_answer() {
@@ -161,11 +121,9 @@ fn engines_sharing_a_secret_transfer_and_others_are_refused() {
     assert!(chain(&err).contains("secret"), "{}", chain(&err));
     // The target counts each refusal on its connection's thread, which may finish after
     // the client has its error.
-    let until = std::time::Instant::now() + WAIT;
-    while target.tcp_stats().auth_failures < 2 && std::time::Instant::now() < until {
-        std::thread::yield_now();
-    }
-    assert!(target.tcp_stats().auth_failures >= 2);
+    wait_for("both refusals are counted", || {
+        target.tcp_stats().auth_failures >= 2
+    });
 
     let initiator = engine_with(with_secret(Some("a secret every engine here shares")));
     let local = initiator.allocate(1 << 16, Location::host()).unwrap();

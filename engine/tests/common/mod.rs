@@ -6,6 +6,8 @@ use std::time::Duration;
 use ferry_engine::{Engine, Tcp, TcpConfig};
 use rand::RngCore;
 
+pub mod wire;
+
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// An engine on 127.0.0.1 with an ephemeral port.
