@@ -1,6 +1,6 @@
 use ferry_transport_api::{ErrorKind, FailReason, TransportError};
 
-use crate::Feature;
+use crate::features::Feature;
 
 /// Errors of `ferry-engine`. Messages are whole sentences that say what to do; a variant
 /// that wraps a cause keeps it as its [`source`](std::error::Error::source), so print the
@@ -136,6 +136,10 @@ pub enum SegmentError {
     /// The peer sent a descriptor that parses but cannot be right. Kind: `Rejected`.
     #[error("the peer sent a descriptor that cannot be right, refused")]
     Invalid(#[source] TransportError),
+    /// The metadata store gave no address for the peer's TCP lanes and its descriptor
+    /// names no TCP endpoint. Kind: `Rejected`.
+    #[error("the peer's descriptor names no TCP endpoint, and the metadata store gave no address")]
+    NoTcpEndpoint,
 }
 
 impl SegmentError {
@@ -143,7 +147,9 @@ impl SegmentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SegmentError::Fetch(e) => e.kind(),
-            SegmentError::Parse(_) | SegmentError::Invalid(_) => ErrorKind::Rejected,
+            SegmentError::Parse(_) | SegmentError::Invalid(_) | SegmentError::NoTcpEndpoint => {
+                ErrorKind::Rejected
+            }
         }
     }
 }

@@ -65,24 +65,30 @@ mod readme {}
 mod backends;
 mod batch;
 mod builder;
+mod config;
+mod control;
 mod engine;
 mod error;
+mod features;
+mod local;
 mod memory;
-mod segment;
+mod metadata;
+mod peer;
+mod registry;
 
-pub use backends::{
-    compiled, cuda_status, fabric_devices, fabrics, protocol_feature, CudaStatus, FabricDevice,
-    Feature,
-};
+pub use backends::{cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice};
 pub use batch::{Batch, BatchBuilder, BatchId, BatchStats, Progress, TaskStatus};
 pub use builder::{
-    AddTransport, Buildable, EngineBuilder, EngineConfig, Metadata, NeedsFallback, NeedsTransport,
-    Ready, Tcp,
+    AddTransport, Buildable, EngineBuilder, NeedsFallback, NeedsTransport, Ready, Tcp,
 };
-pub use engine::{Engine, Notification};
+pub use config::EngineConfig;
+pub use control::Notification;
+pub use engine::Engine;
 pub use error::{Error, Result, SegmentError};
+pub use features::{compiled, protocol_feature, Feature};
 pub use memory::Buffer;
-pub use segment::{RemoteBuffer, Segment};
+pub use metadata::Metadata;
+pub use peer::{RemoteBuffer, Segment};
 
 pub use ferry_transport_api::{
     Access, BufferDescriptor, ErrorKind, FailReason, Location, Opcode, Protocol, RemoteStatus,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use ferry_transport_api::{Access, BufferDescriptor, Location, RegionMemory};
 
-use crate::engine::Inner;
-use crate::{backends, Engine, Error, Result};
+use crate::backends::device;
+use crate::registry::{Registered, Registry};
+use crate::{Error, Result};
 
 const PAGE: usize = 4096;
 
@@ -75,7 +76,7 @@ pub(crate) fn device_copy(
     // SAFETY: both ranges are inside registered regions (checked), which stay valid
     // while the references live.
     unsafe {
-        backends::device::copy(
+        device::copy(
             device,
             region_ptr(dst, dst_off),
             region_ptr(src, src_off),
@@ -108,7 +109,23 @@ pub(crate) struct BufferInner {
     pub(crate) borrowed: bool,
     /// Its id in the engine's published set; `None` for local-only buffers.
     pub(crate) published: Option<u64>,
-    pub(crate) engine: Arc<Inner>,
+    /// The engine's registry it was registered with (and deregisters from).
+    pub(crate) registry: Arc<Registry>,
+}
+
+impl Buffer {
+    /// Wraps a region just registered with `registry`.
+    pub(crate) fn new(registry: Arc<Registry>, registered: Registered, borrowed: bool) -> Self {
+        Buffer {
+            inner: Arc::new(BufferInner {
+                memory: registered.memory,
+                descriptor: registered.descriptor,
+                borrowed,
+                published: registered.published,
+                registry,
+            }),
+        }
+    }
 }
 
 impl Buffer {
@@ -153,9 +170,7 @@ impl Buffer {
             Location::Cuda { device } => {
                 // SAFETY: the range is inside the device region (checked); `data` is
                 // readable host memory.
-                unsafe {
-                    backends::device::copy(device, region_ptr(m, offset), data.as_ptr(), data.len())
-                }
+                unsafe { device::copy(device, region_ptr(m, offset), data.as_ptr(), data.len()) }
             }
             _ if m.copy_from_slice_at(offset, data) => Ok(()),
             _ => Err(self.bounds_error(offset, data.len())),
@@ -172,14 +187,7 @@ impl Buffer {
         match m.location() {
             Location::Cuda { device } => {
                 // SAFETY: as in `write_at`, the other way.
-                unsafe {
-                    backends::device::copy(
-                        device,
-                        out.as_mut_ptr(),
-                        region_ptr(m, offset),
-                        out.len(),
-                    )
-                }
+                unsafe { device::copy(device, out.as_mut_ptr(), region_ptr(m, offset), out.len()) }
             }
             _ if m.copy_to_slice_at(offset, out) => Ok(()),
             _ => Err(self.bounds_error(offset, out.len())),
@@ -211,7 +219,7 @@ impl std::fmt::Debug for Buffer {
 
 impl Drop for BufferInner {
     fn drop(&mut self) {
-        self.engine.deregister(&self.memory, self.published);
+        self.registry.deregister(&self.memory, self.published);
         if self.borrowed {
             // The caller may free its memory once we return: wait until no transfer in
             // flight still uses it. TCP ends every transfer by its deadline and closes
@@ -232,32 +240,5 @@ impl Drop for BufferInner {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
         }
-    }
-}
-
-impl Engine {
-    /// Registers memory the caller owns (a tensor, an mmap) at `location`, published to
-    /// peers with `access`. With the `cuda` feature the pointer's attributes are checked:
-    /// [`Location::Auto`] becomes host or `cuda:N`, and a location that does not match
-    /// the memory is an error. Without it, device locations and `Auto` are errors that
-    /// name the feature.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must stay valid for reads and writes until the returned [`Buffer`]
-    /// and all its clones are dropped (the drop waits for transfers still using it). The
-    /// memory is shared with peers and transports: they read and write it concurrently
-    /// with the caller, as a NIC would, so the caller must not hold Rust references into
-    /// it while transfers touch it. `location` must be where the memory really is.
-    pub unsafe fn register(
-        &self,
-        ptr: *mut u8,
-        len: usize,
-        location: Location,
-        access: Access,
-    ) -> Result<Buffer> {
-        let location = backends::device::resolve(ptr, location)?;
-        // SAFETY: forwarded from this function's contract.
-        let memory = unsafe { borrow(ptr, len, location)? };
-        self.publish(memory, access, "", true)
     }
 }

@@ -101,6 +101,15 @@ impl Access {
     pub const fn remote_write(self) -> bool {
         matches!(self, Access::RemoteReadWrite)
     }
+
+    /// Whether a peer may do `op` on the region (contract 5's access check, the one
+    /// every target and the engine's own copy path apply).
+    pub const fn allows(self, op: crate::Opcode) -> bool {
+        match op {
+            crate::Opcode::Read => self.remote_read(),
+            crate::Opcode::Write => self.remote_write(),
+        }
+    }
 }
 
 #[cfg(test)]

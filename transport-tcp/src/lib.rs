@@ -52,8 +52,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    Access, Connection, ControlPlane, Endpoint, Protocol, RegionMemory, Staging, Transport,
-    TransportContext, TransportError,
+    Access, Connection, ControlPlane, Endpoint, Opcode, Protocol, RegionMemory, RemoteStatus,
+    Staging, Transport, TransportContext, TransportError,
 };
 use parking_lot::Mutex;
 
@@ -387,6 +387,24 @@ impl TcpTransport {
     /// or fewer where the file-descriptor limit allows fewer (known once started).
     pub fn max_connections(&self) -> usize {
         self.shared.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request against the target's table of registered regions exactly as a
+    /// peer's request is checked (key, range, access), for a caller that serves requests
+    /// to its own memory without a socket (the engine's own segment). Device memory is
+    /// allowed: such a caller copies it through the driver. Returns the region and the
+    /// offset into it.
+    pub fn resolve_own(
+        &self,
+        op: Opcode,
+        addr: u64,
+        len: u64,
+        key: u64,
+    ) -> Result<(Arc<RegionMemory>, usize), RemoteStatus> {
+        self.shared
+            .regions
+            .resolve(op, addr, len, key, true)
+            .map(|r| (r.memory, r.offset))
     }
 
     /// Fetches a peer's segment descriptor over its data port, with this transport's

@@ -132,11 +132,7 @@ impl Regions {
                 })
             }
         };
-        let allowed = match op {
-            Opcode::Read => e.access.remote_read(),
-            Opcode::Write => e.access.remote_write(),
-        };
-        if !allowed {
+        if !e.access.allows(op) {
             return Err(RemoteStatus::AccessDenied);
         }
         if addr.checked_add(len).is_none_or(|end| end > e.end) {

@@ -1,0 +1,132 @@
+//! The one place where Cargo features become code: which transports and memory kinds this
+//! build contains. Everything else asks here.
+
+use ferry_transport_api::Protocol;
+
+use crate::features::protocol_feature;
+use crate::Error;
+
+pub(crate) mod device;
+
+pub use device::CudaStatus;
+
+/// Why `protocol` is not in this build: its feature is off, or it is not implemented.
+pub(crate) fn protocol_missing(protocol: Protocol) -> Error {
+    let what = format!("protocol `{protocol}`");
+    match protocol_feature(protocol) {
+        Some(feature) => Error::FeatureNotCompiled { what, feature },
+        None => Error::NotImplemented { what },
+    }
+}
+
+/// A fabric device this build can use, as its library lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FabricDevice {
+    /// The ferry protocol it serves.
+    pub protocol: Protocol,
+    /// The provider (libfabric: `efa`, `tcp;ofi_rxm`, `shm`, ...).
+    pub provider: String,
+    /// The device (domain) name.
+    pub device: String,
+}
+
+/// Every fabric device the compiled-in fabric transports find on this host (empty when
+/// none is compiled in).
+pub fn fabric_devices() -> Vec<FabricDevice> {
+    #[allow(unused_mut)]
+    let mut out: Vec<FabricDevice> = Vec::new();
+    #[cfg(feature = "efa")]
+    out.extend(fabrics::efa_providers().into_iter().map(|p| FabricDevice {
+        protocol: Protocol::Efa,
+        provider: p.provider,
+        device: p.domain,
+    }));
+    // libfabric lists a device once per address format and mode.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|d| seen.insert((d.protocol, d.provider.clone(), d.device.clone())));
+    out
+}
+
+/// The fabric transports this build contains, as pieces for the engine builder.
+pub mod fabrics {
+    #[cfg(feature = "efa")]
+    pub use efa::Efa;
+    #[cfg(feature = "efa")]
+    pub use ferry_transport_efa::{providers as efa_providers, EfaConfig, ProviderInfo};
+
+    #[cfg(feature = "efa")]
+    mod efa {
+        use std::sync::Arc;
+
+        use ferry_transport_efa::{EfaConfig, EfaTransport};
+
+        use crate::builder::{
+            sealed_add, AddTransport, NeedsFallback, NeedsTransport, Parts, Ready,
+        };
+
+        /// The libfabric transport (AWS EFA), as added to a builder. An engine with it
+        /// builds only once a TCP fallback is added too.
+        #[derive(Clone, Debug, Default)]
+        pub struct Efa {
+            config: EfaConfig,
+        }
+
+        impl Efa {
+            /// libfabric with `config` (provider `efa` by default).
+            pub fn new(config: EfaConfig) -> Self {
+                Efa { config }
+            }
+
+            fn add_to(self, parts: &mut Parts) {
+                parts.add_fabric(Box::new(move |host| {
+                    // The settings the engine completes, before the transport exists.
+                    let mut config = self.config;
+                    if config.source.is_none() && config.ip_based() {
+                        config.source = Some(host.to_string());
+                    }
+                    if cfg!(feature = "cuda") {
+                        config.hmem = true;
+                    }
+                    Arc::new(EfaTransport::new(config))
+                }));
+            }
+        }
+
+        impl sealed_add::Sealed for Efa {}
+
+        impl AddTransport<NeedsTransport> for Efa {
+            type Next = NeedsFallback;
+            fn add(self, parts: &mut Parts) {
+                self.add_to(parts)
+            }
+        }
+
+        impl AddTransport<NeedsFallback> for Efa {
+            type Next = NeedsFallback;
+            fn add(self, parts: &mut Parts) {
+                self.add_to(parts)
+            }
+        }
+
+        impl AddTransport<Ready> for Efa {
+            type Next = Ready;
+            fn add(self, parts: &mut Parts) {
+                self.add_to(parts)
+            }
+        }
+    }
+}
+
+/// Fails with the Cargo feature to enable when `protocol` is not compiled in.
+pub(crate) fn require_protocol(protocol: Protocol) -> Result<(), Error> {
+    if crate::features::compiled().contains(&protocol) {
+        Ok(())
+    } else {
+        Err(protocol_missing(protocol))
+    }
+}
+
+/// Whether this build can use CUDA device memory, and what the driver reports.
+pub fn cuda_status() -> CudaStatus {
+    device::status()
+}

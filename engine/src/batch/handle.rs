@@ -1,0 +1,371 @@
+//! The public handles: [`BatchBuilder`] checks and routes requests into a slot,
+//! [`Batch`] polls and waits on it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_transport_api::{FailReason, Opcode};
+
+use super::table::{
+    BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
+};
+use crate::memory::Buffer;
+use crate::peer::RemoteBuffer;
+use crate::registry::Registry;
+use crate::{Error, Result};
+
+/// How long a waiter woken early spins before it parks again.
+const EARLY_WAKE_SPIN: Duration = Duration::from_millis(2);
+
+/// Collects requests for one batch; [`submit`](Self::submit) posts them all.
+///
+/// Requests are checked as they are added (bounds on both sides, the peer's access
+/// rights), so a batch that submits only carries requests that can succeed.
+///
+/// It owns a handle on the engine's state, so it may be stored (by a language binding,
+/// say) apart from the [`Engine`](crate::Engine) it came from.
+pub struct BatchBuilder {
+    table: Arc<BatchTable>,
+    registry: Arc<Registry>,
+    index: u32,
+    slot: Option<Arc<Slot>>,
+    generation: u32,
+    timeout: Duration,
+    retry_over_tcp: bool,
+}
+
+impl BatchBuilder {
+    pub(crate) fn new(table: &Arc<BatchTable>, registry: &Arc<Registry>) -> Self {
+        let (index, slot, generation) = table.acquire();
+        BatchBuilder {
+            table: Arc::clone(table),
+            registry: Arc::clone(registry),
+            index,
+            slot: Some(slot),
+            generation,
+            timeout: table.defaults.timeout,
+            retry_over_tcp: table.defaults.retry_over_tcp,
+        }
+    }
+
+    /// Sets the batch's deadline, counted from `submit` (default: the engine's).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether a task that fails on a fabric (EFA) is retried once over the TCP fallback
+    /// before its deadline (default: the engine's setting).
+    pub fn retry_over_tcp(mut self, retry: bool) -> Self {
+        self.retry_over_tcp = retry;
+        self
+    }
+
+    /// Adds a WRITE of `len` bytes from `local` at `local_offset` to `remote` at
+    /// `remote_offset`.
+    pub fn write(
+        &mut self,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        self.add(
+            Opcode::Write,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        )
+    }
+
+    /// Adds a READ of `len` bytes from `remote` at `remote_offset` into `local` at
+    /// `local_offset`.
+    pub fn read(
+        &mut self,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        self.add(
+            Opcode::Read,
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        )
+    }
+
+    /// Number of requests added so far.
+    pub fn len(&self) -> usize {
+        self.slot.as_ref().map_or(0, |s| s.data.read().specs.len())
+    }
+
+    /// Whether no request was added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(
+        &mut self,
+        op: Opcode,
+        local: &Buffer,
+        local_offset: usize,
+        remote: &RemoteBuffer,
+        remote_offset: u64,
+        len: usize,
+    ) -> Result<&mut Self> {
+        if !Arc::ptr_eq(&local.inner.registry, &self.registry) {
+            return Err(Error::InvalidRequest(
+                "the local buffer belongs to another engine".into(),
+            ));
+        }
+        if !local.memory().contains(local_offset, len) {
+            return Err(Error::InvalidRequest(format!(
+                "local range {local_offset}+{len} runs past the local buffer's {} bytes",
+                local.len()
+            )));
+        }
+        let desc = remote.descriptor();
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > desc.len)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "remote range {remote_offset}+{len} runs past the remote buffer's {} bytes",
+                desc.len
+            )));
+        }
+        if !desc.access.allows(op) {
+            return Err(Error::InvalidRequest(format!(
+                "the remote buffer does not allow peers to {op} it ({:?})",
+                desc.access
+            )));
+        }
+        // Descriptors are checked when a segment is opened; this keeps the sum honest
+        // whatever the descriptor says.
+        let remote_addr = desc
+            .addr
+            .checked_add(remote_offset)
+            .filter(|a| a.checked_add(len as u64).is_some())
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "remote range {remote_offset}+{len} of the buffer at {:#x} runs past the end of the address space",
+                    desc.addr
+                ))
+            })?;
+        let peer = remote.segment.inner.clone();
+        let buffer = remote.index();
+        let leg = peer.path_for(local.descriptor(), buffer)?;
+        let remote_keys = peer
+            .path(leg)
+            .keys(buffer)
+            .cloned()
+            .ok_or_else(|| Error::InvalidRequest("the remote buffer has no key".into()))?;
+        let slot = self.slot.as_ref().ok_or(Error::StaleBatch)?;
+        slot.data.write().specs.push(TaskSpec {
+            op,
+            local: local.memory().clone(),
+            local_offset,
+            peer,
+            buffer,
+            remote_addr,
+            remote_base: desc.addr,
+            remote_keys,
+            len,
+            leg,
+        });
+        Ok(self)
+    }
+
+    /// Posts every request and returns the batch's handle. The deadline starts now.
+    pub fn submit(mut self) -> Result<Batch> {
+        let slot = self.slot.take().ok_or(Error::StaleBatch)?;
+        if self.registry.is_shut_down() {
+            self.table.release(self.index, &slot);
+            return Err(Error::Shutdown);
+        }
+        let deadline = Instant::now() + self.timeout;
+        slot.data.write().arm(deadline, self.retry_over_tcp);
+        slot.data.read().post_all();
+        tracing::trace!(batch = self.index, "submitted");
+        Ok(Batch {
+            table: self.table.clone(),
+            index: self.index,
+            slot,
+            generation: self.generation,
+        })
+    }
+}
+
+impl std::fmt::Debug for BatchBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBuilder")
+            .field("requests", &self.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Drop for BatchBuilder {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.table.release(self.index, &slot);
+        }
+    }
+}
+
+/// A submitted batch. Dropping it releases its slot at once (transfers still in flight
+/// finish in the background and are ignored).
+pub struct Batch {
+    table: Arc<BatchTable>,
+    index: u32,
+    slot: Arc<Slot>,
+    generation: u32,
+}
+
+impl Batch {
+    /// The batch's id, for [`crate::Engine::batch_progress`].
+    pub fn id(&self) -> BatchId {
+        BatchId {
+            slot: self.index,
+            generation: self.generation,
+        }
+    }
+
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.slot.data.read().ntasks()
+    }
+
+    /// Whether the batch has no task.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts tasks by state, without waiting.
+    pub fn poll(&self) -> Progress {
+        self.slot.data.read().progress()
+    }
+
+    /// The status of task `index` (in the order requests were added).
+    pub fn task(&self, index: usize) -> Option<TaskStatus> {
+        let d = self.slot.data.read();
+        (index < d.ntasks()).then(|| d.status(index, Instant::now()))
+    }
+
+    /// The status of every task, in order.
+    pub fn statuses(&self) -> Vec<TaskStatus> {
+        let d = self.slot.data.read();
+        let now = Instant::now();
+        (0..d.ntasks()).map(|i| d.status(i, now)).collect()
+    }
+
+    /// Waits until every task has ended or `timeout` passes. `Ok` when every task
+    /// completed; [`Error::TasksFailed`] when some failed or timed out;
+    /// [`Error::WaitTimedOut`] when tasks are still pending after `timeout` (the batch
+    /// goes on; wait again or drop it).
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let end = start + timeout;
+        let d = self.slot.data.read();
+        let mut spin_until = start + self.table.defaults.busy_poll;
+        loop {
+            if d.gate.open() == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= d.deadline {
+                // Marks overdue tasks timed out; each ends the gate once.
+                d.progress();
+                continue;
+            }
+            if now >= end {
+                return Err(Error::WaitTimedOut {
+                    pending: d.gate.open() as usize,
+                });
+            }
+            if now < spin_until {
+                std::thread::yield_now();
+                continue;
+            }
+            // Sleep until the last task ends (the gate cannot lose that wake-up), the
+            // batch's deadline, the caller's timeout, or an early nudge when little is
+            // left, which is followed by a short spin.
+            let mut first = true;
+            let mut parked_until = None;
+            let ended = d.gate.wait(|| {
+                if !std::mem::take(&mut first)
+                    && d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES
+                {
+                    return None;
+                }
+                let now = Instant::now();
+                let until = end.min(d.deadline);
+                parked_until = Some(until);
+                (now < until).then(|| until - now)
+            });
+            if ended && parked_until.is_some_and(|u| Instant::now() >= u) {
+                // Every task had ended, yet the sleep ran to its limit: the wake-up was
+                // lost. The gate's protocol rules this out; the count proves it in use.
+                self.table.late_wakeups.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    batch = self.index,
+                    "a batch wait slept to its deadline after its tasks ended"
+                );
+            }
+            spin_until = Instant::now() + EARLY_WAKE_SPIN;
+        }
+        outcome(&d)
+    }
+}
+
+fn outcome(d: &SlotData) -> Result<()> {
+    let now = Instant::now();
+    let mut first = None;
+    let (mut failed, mut timed_out) = (0, 0);
+    for i in 0..d.ntasks() {
+        match d.status(i, now) {
+            TaskStatus::Failed(r) => {
+                failed += 1;
+                first.get_or_insert((i, r));
+            }
+            TaskStatus::TimedOut => {
+                timed_out += 1;
+                first.get_or_insert((i, FailReason::TimedOut));
+            }
+            _ => {}
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((first_task, first_reason)) => Err(Error::TasksFailed {
+            total: d.ntasks(),
+            failed,
+            timed_out,
+            first_task,
+            first_reason,
+        }),
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.table.release(self.index, &self.slot);
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("id", &self.id())
+            .field("progress", &self.poll())
+            .finish()
+    }
+}

@@ -1,0 +1,492 @@
+//! The slot table: every batch's tasks, their accounting, their retry and their
+//! deadline. Completions arrive here from any transport thread.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_transport_api::sync::EndGate;
+use ferry_transport_api::{
+    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys, Slice,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::peer::{Leg, PeerInner};
+use crate::{Error, Result};
+
+/// A waiter parked on a batch is woken when this many bytes are left, so it is running
+/// (spinning) when the last slice lands instead of paying a cross-core wake-up after it.
+pub(super) const EARLY_WAKE_BYTES: u64 = 512 * 1024;
+
+const PENDING: u8 = 0;
+const DONE: u8 = 1;
+const FAILED: u8 = 2;
+const TIMED_OUT: u8 = 3;
+
+/// Where one task stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Slices are still out.
+    Pending,
+    /// Every byte arrived (for a WRITE: acknowledged by the target).
+    Completed,
+    /// The task ended without completing.
+    Failed(FailReason),
+    /// The batch's deadline passed first.
+    TimedOut,
+}
+
+/// Counts of a batch's tasks by state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Tasks in the batch.
+    pub total: usize,
+    /// Completed tasks.
+    pub completed: usize,
+    /// Failed tasks.
+    pub failed: usize,
+    /// Tasks whose deadline passed.
+    pub timed_out: usize,
+    /// Tasks still under way.
+    pub pending: usize,
+}
+
+impl Progress {
+    /// Whether every task has ended, one way or another.
+    pub fn is_done(&self) -> bool {
+        self.pending == 0
+    }
+}
+
+/// A batch's identity: slot and generation. Plain data, safe to keep; asking about a
+/// released batch is an [`Error::StaleBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchId {
+    pub(super) slot: u32,
+    pub(super) generation: u32,
+}
+
+/// One request of a batch, checked and routed.
+pub(crate) struct TaskSpec {
+    pub(crate) op: Opcode,
+    pub(crate) local: Arc<RegionMemory>,
+    pub(crate) local_offset: usize,
+    pub(crate) peer: Arc<PeerInner>,
+    /// The remote buffer's index in the peer's descriptor.
+    pub(crate) buffer: usize,
+    pub(crate) remote_addr: u64,
+    pub(crate) remote_base: u64,
+    /// The remote buffer's keys on `leg`.
+    pub(crate) remote_keys: RemoteKeys,
+    pub(crate) len: usize,
+    /// The peer's path the task's first attempt travels.
+    pub(crate) leg: Leg,
+}
+
+#[derive(Default)]
+pub(super) struct Task {
+    remaining: AtomicU32,
+    state: AtomicU8,
+    /// [`FailReason::to_bits`] of why the task failed (lossless; 0 while none).
+    reason: AtomicU64,
+    /// 0 for the first attempt, 1 once the task is retried on the peer's other path.
+    attempt: AtomicU8,
+}
+
+/// What one slice's report means for its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reported {
+    /// Slices of the attempt are still out.
+    Pending,
+    /// Every slice of the attempt succeeded.
+    Completed,
+    /// Every slice of the attempt has reported and one failed (the first reason).
+    Failed(FailReason),
+}
+
+impl Task {
+    /// Records one slice's result for the current attempt. The outcome is known only once
+    /// every slice of the attempt has reported: a task never ends while one of its
+    /// slices may still write into its buffer (each transport ends every slice by its
+    /// deadline, so this stays bounded).
+    fn report(&self, result: Result<usize, FailReason>) -> Reported {
+        if let Err(reason) = result {
+            // The first failure is the task's reason.
+            let _ = self.reason.compare_exchange(
+                0,
+                reason.to_bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Reported::Pending;
+        }
+        match FailReason::from_bits(self.reason.load(Ordering::Acquire)) {
+            None => Reported::Completed,
+            Some(reason) => Reported::Failed(reason),
+        }
+    }
+
+    /// Ends a pending task in state `to`; false when it had ended already (its deadline
+    /// passed first).
+    fn finish(&self, to: u8) -> bool {
+        self.state
+            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Completion tokens carry a task's attempt in the top bit of the task index, so
+/// completions of an abandoned attempt are told apart and ignored.
+const RETRY_BIT: u32 = 1 << 31;
+
+pub(super) struct SlotData {
+    index: u32,
+    pub(super) generation: u32,
+    /// Retry tasks that fail on a fabric over the peer's fallback (set at submission).
+    retry: bool,
+    pub(super) specs: Vec<TaskSpec>,
+    tasks: Vec<Task>,
+    pub(super) deadline: Instant,
+    /// Tasks not yet ended, and the thread waiting for them (one atomic word: see
+    /// [`EndGate`], model-checked with loom).
+    pub(super) gate: EndGate,
+    /// Bytes of slices not yet completed.
+    pub(super) bytes_left: AtomicU64,
+}
+
+impl SlotData {
+    pub(super) fn ntasks(&self) -> usize {
+        self.specs.len()
+    }
+
+    fn end_task(&self) {
+        self.gate.end_one();
+    }
+
+    /// Readies the slot's tasks for submission with `deadline`.
+    pub(super) fn arm(&mut self, deadline: Instant, retry: bool) {
+        let n = self.specs.len();
+        if self.tasks.len() < n {
+            self.tasks.resize_with(n, Task::default);
+        }
+        self.deadline = deadline;
+        self.retry = retry;
+        let mut open = 0;
+        for (spec, t) in self.specs.iter().zip(&self.tasks) {
+            let slices = spec.len.div_ceil(spec.peer.path(spec.leg).max_slice());
+            t.reason.store(0, Ordering::Relaxed);
+            t.attempt.store(0, Ordering::Relaxed);
+            t.remaining.store(slices as u32, Ordering::Relaxed);
+            if slices == 0 {
+                t.state.store(DONE, Ordering::Relaxed);
+            } else {
+                t.state.store(PENDING, Ordering::Relaxed);
+                open += 1;
+            }
+        }
+        self.bytes_left.store(
+            self.specs.iter().map(|s| s.len as u64).sum(),
+            Ordering::Relaxed,
+        );
+        self.gate.reset(open);
+    }
+
+    /// Posts every task of an armed slot on its path, then rings each peer's doorbell
+    /// once (small batches go out on this thread).
+    pub(super) fn post_all(&self) {
+        for (task, spec) in self.specs.iter().enumerate() {
+            if spec.len == 0 {
+                continue;
+            }
+            let token = CompletionToken {
+                slot: self.index,
+                generation: self.generation,
+                task: task as u32,
+            };
+            let path = spec.peer.path(spec.leg);
+            self.post_task(
+                spec,
+                path.conn(),
+                path.max_slice(),
+                &spec.remote_keys,
+                token,
+            );
+        }
+        let mut last: Option<&Arc<PeerInner>> = None;
+        for spec in &self.specs {
+            if last.is_some_and(|l| Arc::ptr_eq(l, &spec.peer)) {
+                continue;
+            }
+            spec.peer.flush();
+            last = Some(&spec.peer);
+        }
+    }
+
+    fn apply(&self, word: u32, result: Result<usize, FailReason>) {
+        let task = (word & !RETRY_BIT) as usize;
+        let attempt = u8::from(word & RETRY_BIT != 0);
+        let Some(t) = self.tasks.get(task).filter(|_| task < self.ntasks()) else {
+            return;
+        };
+        if t.attempt.load(Ordering::Acquire) != attempt {
+            return; // a completion of an abandoned attempt
+        }
+        if let Ok(bytes) = result {
+            let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
+            if before > EARLY_WAKE_BYTES && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
+            {
+                self.gate.nudge();
+            }
+        }
+        match t.report(result) {
+            Reported::Pending => {}
+            Reported::Completed => {
+                if t.finish(DONE) {
+                    self.end_task();
+                }
+            }
+            Reported::Failed(reason)
+                if reason.retryable() && attempt == 0 && self.retry && self.retry(task, t) =>
+            {
+                tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
+            }
+            Reported::Failed(reason) => {
+                let to = if reason == FailReason::TimedOut {
+                    TIMED_OUT
+                } else {
+                    FAILED
+                };
+                if t.finish(to) {
+                    if reason.suggests_stale_descriptor() {
+                        self.specs[task].peer.mark_stale();
+                    }
+                    self.end_task();
+                }
+            }
+        }
+    }
+
+    /// Starts attempt 1 of a task on the peer's retry path. Returns false when the task
+    /// cannot be retried (no other path, no key on it, already retried).
+    fn retry(&self, task: usize, t: &Task) -> bool {
+        let spec = &self.specs[task];
+        let Some(leg) = spec.peer.retry_leg(spec.leg, spec.buffer) else {
+            return false;
+        };
+        let path = spec.peer.path(leg);
+        let Some(keys) = path.keys(spec.buffer).cloned() else {
+            return false;
+        };
+        if t.state.load(Ordering::Acquire) != PENDING
+            || t.attempt
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        let step = path.max_slice();
+        // Every slice of attempt 0 has reported: attempt 1 starts with a clean record.
+        t.reason.store(0, Ordering::Release);
+        t.remaining
+            .store(spec.len.div_ceil(step) as u32, Ordering::Release);
+        self.bytes_left.fetch_add(spec.len as u64, Ordering::AcqRel);
+        let token = CompletionToken {
+            slot: self.index,
+            generation: self.generation,
+            task: task as u32 | RETRY_BIT,
+        };
+        self.post_task(spec, path.conn(), step, &keys, token);
+        path.conn().flush();
+        true
+    }
+
+    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
+    /// slice the connection refuses fails at once.
+    fn post_task(
+        &self,
+        spec: &TaskSpec,
+        conn: &dyn Connection,
+        step: usize,
+        keys: &RemoteKeys,
+        token: CompletionToken,
+    ) {
+        let mut off = 0;
+        while off < spec.len {
+            let len = step.min(spec.len - off);
+            let slice = Slice {
+                op: spec.op,
+                local: spec.local.clone(),
+                local_offset: spec.local_offset + off,
+                remote_addr: spec.remote_addr + off as u64,
+                remote_base: spec.remote_base,
+                remote_keys: keys.clone(),
+                len,
+                token,
+                deadline: self.deadline,
+            };
+            if let Err(reason) = conn.post(slice) {
+                self.apply(token.task, Err(reason));
+            }
+            off += len;
+        }
+    }
+
+    pub(super) fn status(&self, task: usize, now: Instant) -> TaskStatus {
+        let t = &self.tasks[task];
+        let mut state = t.state.load(Ordering::Acquire);
+        if state == PENDING && now >= self.deadline {
+            if t.state
+                .compare_exchange(PENDING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                t.reason
+                    .store(FailReason::TimedOut.to_bits(), Ordering::Release);
+                self.end_task();
+            }
+            state = t.state.load(Ordering::Acquire);
+        }
+        match state {
+            PENDING => TaskStatus::Pending,
+            DONE => TaskStatus::Completed,
+            TIMED_OUT => TaskStatus::TimedOut,
+            _ => TaskStatus::Failed(
+                FailReason::from_bits(t.reason.load(Ordering::Acquire))
+                    .unwrap_or(FailReason::ConnectionLost),
+            ),
+        }
+    }
+
+    pub(super) fn progress(&self) -> Progress {
+        let now = Instant::now();
+        let mut p = Progress {
+            total: self.ntasks(),
+            ..Progress::default()
+        };
+        for i in 0..self.ntasks() {
+            match self.status(i, now) {
+                TaskStatus::Pending => p.pending += 1,
+                TaskStatus::Completed => p.completed += 1,
+                TaskStatus::Failed(_) => p.failed += 1,
+                TaskStatus::TimedOut => p.timed_out += 1,
+            }
+        }
+        p
+    }
+}
+
+pub(crate) struct Slot {
+    pub(super) data: RwLock<SlotData>,
+}
+
+/// What a batch gets unless its builder says otherwise.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BatchDefaults {
+    /// The deadline, counted from submission.
+    pub(crate) timeout: Duration,
+    /// Whether a task that fails on a fabric is retried over TCP.
+    pub(crate) retry_over_tcp: bool,
+    /// How long a waiter spins before it parks.
+    pub(crate) busy_poll: Duration,
+}
+
+/// Every batch slot of an engine; the engine's [`Completions`].
+pub(crate) struct BatchTable {
+    slots: RwLock<Vec<Arc<Slot>>>,
+    free: Mutex<Vec<u32>>,
+    pub(super) defaults: BatchDefaults,
+    /// Waits that slept to their limit although every task had ended (a lost wake-up).
+    pub(super) late_wakeups: AtomicU64,
+}
+
+/// Counters of an engine's batch waits, for tests and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Waits that slept until their deadline or timeout although every task of the batch
+    /// had already ended: a lost wake-up. Always zero unless the wait protocol is broken.
+    pub late_wakeups: u64,
+}
+
+impl BatchTable {
+    pub(crate) fn new(defaults: BatchDefaults) -> Self {
+        BatchTable {
+            slots: RwLock::new(Vec::new()),
+            free: Mutex::new(Vec::new()),
+            defaults,
+            late_wakeups: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BatchStats {
+        BatchStats {
+            late_wakeups: self.late_wakeups.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(super) fn acquire(&self) -> (u32, Arc<Slot>, u32) {
+        if let Some(index) = self.free.lock().pop() {
+            let slot = self.slots.read()[index as usize].clone();
+            let generation = slot.data.read().generation;
+            return (index, slot, generation);
+        }
+        let mut slots = self.slots.write();
+        let index = slots.len() as u32;
+        let slot = Arc::new(Slot {
+            data: RwLock::new(SlotData {
+                index,
+                generation: 0,
+                retry: false,
+                specs: Vec::new(),
+                tasks: Vec::new(),
+                deadline: Instant::now(),
+                gate: EndGate::new(),
+                bytes_left: AtomicU64::new(0),
+            }),
+        });
+        slots.push(slot.clone());
+        (index, slot, 0)
+    }
+
+    pub(super) fn release(&self, index: u32, slot: &Slot) {
+        {
+            let mut d = slot.data.write();
+            d.generation = d.generation.wrapping_add(1);
+            d.specs.clear();
+            d.gate.reset(0);
+        }
+        self.free.lock().push(index);
+    }
+
+    fn slot(&self, id: BatchId) -> Option<Arc<Slot>> {
+        let slot = self.slots.read().get(id.slot as usize)?.clone();
+        let live = slot.data.read().generation == id.generation;
+        live.then_some(slot)
+    }
+}
+
+impl Completions for BatchTable {
+    fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>) {
+        let slots = self.slots.read_recursive();
+        let Some(slot) = slots.get(token.slot as usize) else {
+            return;
+        };
+        let d = slot.data.read_recursive();
+        if d.generation == token.generation {
+            d.apply(token.task, result);
+        }
+    }
+}
+
+pub(crate) fn progress_of(table: &BatchTable, id: BatchId) -> Result<Progress> {
+    let slot = table.slot(id).ok_or(Error::StaleBatch)?;
+    let d = slot.data.read();
+    if d.generation != id.generation {
+        return Err(Error::StaleBatch);
+    }
+    Ok(d.progress())
+}
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;

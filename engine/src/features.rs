@@ -1,0 +1,53 @@
+//! The Cargo features of `ferry-engine`, as errors and `ferry info` name them: what this
+//! build contains. Everything that turns a feature into code is in `backends/`.
+
+use ferry_transport_api::Protocol;
+
+/// Protocols compiled into this build, in priority order (best first).
+pub fn compiled() -> &'static [Protocol] {
+    if cfg!(feature = "efa") {
+        &[Protocol::Efa, Protocol::Tcp]
+    } else {
+        &[Protocol::Tcp]
+    }
+}
+
+/// The Cargo features of `ferry-engine` that errors and `ferry info` name. Only features
+/// that exist are listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Feature {
+    /// `tcp`: the TCP transport, the fallback every engine has (on by default).
+    Tcp,
+    /// `efa`: the libfabric transport (AWS EFA).
+    Efa,
+    /// `cuda`: GPU device memory.
+    Cuda,
+}
+
+impl Feature {
+    /// The feature's name, as `--features` takes it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Feature::Tcp => "tcp",
+            Feature::Efa => "efa",
+            Feature::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The Cargo feature of `ferry-engine` that compiles `protocol` in (named in errors and
+/// `ferry info`); `None` for a protocol ferry does not implement yet (RDMA).
+pub const fn protocol_feature(protocol: Protocol) -> Option<Feature> {
+    match protocol {
+        Protocol::Rdma => None,
+        Protocol::Efa => Some(Feature::Efa),
+        Protocol::Tcp => Some(Feature::Tcp),
+    }
+}

@@ -1,0 +1,539 @@
+//! Peers: everything from a segment name to the path one request travels.
+//!
+//! - **Naming**: a name becomes a descriptor through the [`MetadataStore`]; the engine's
+//!   own name (or what the store says reaches it) becomes the local peer.
+//! - **Connecting**: the best transport both sides speak is the *primary* path; a peer
+//!   reached over a fabric also gets a TCP *fallback* path (device memory the fabric could
+//!   not register, and retries). Each path carries its connection, its slice size and
+//!   every buffer's keys for its transport. The engine's own segment is a path too: a
+//!   checked memory copy ([`LocalConnection`]).
+//! - **Per request**: [`PeerInner::path_for`] picks the path, [`PeerInner::retry_leg`]
+//!   the path of a retry. Nothing else in the engine asks which protocol a request uses.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_transport_api::{
+    BufferDescriptor, Connection, ControlPlane, FailReason, Protocol, RemoteKeys, RemoteStatus,
+    SegmentDescriptor, Transport,
+};
+use ferry_transport_tcp::TcpConnection;
+use parking_lot::Mutex;
+
+use crate::control::ControlState;
+use crate::local::LocalConnection;
+use crate::registry::Registry;
+use crate::{Error, Result, SegmentError};
+
+/// Which of a peer's paths a request travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leg {
+    /// The best transport both sides speak (or the local copy).
+    Primary,
+    /// TCP, for a peer whose primary path is a fabric.
+    Fallback,
+}
+
+/// One way to reach a peer: a connection, the slice size its transport takes, and every
+/// published buffer's keys for that transport.
+pub(crate) struct Path {
+    /// The transport; `None` for the engine's own segment (memory copies).
+    protocol: Option<Protocol>,
+    conn: Arc<dyn Connection>,
+    max_slice: usize,
+    /// Per buffer of the descriptor, in order.
+    keys: Vec<Option<RemoteKeys>>,
+}
+
+impl Path {
+    pub(crate) fn new(
+        protocol: Option<Protocol>,
+        conn: Arc<dyn Connection>,
+        max_slice: usize,
+        descriptor: &SegmentDescriptor,
+    ) -> Self {
+        let keyed = protocol.unwrap_or(Protocol::Tcp);
+        Path {
+            protocol,
+            conn,
+            max_slice: max_slice.max(1),
+            keys: descriptor
+                .buffers
+                .iter()
+                .map(|b| b.keys_of(keyed))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn conn(&self) -> &dyn Connection {
+        &*self.conn
+    }
+
+    /// The largest slice the path's transport takes.
+    pub(crate) fn max_slice(&self) -> usize {
+        self.max_slice
+    }
+
+    /// Buffer `index`'s keys on this path.
+    pub(crate) fn keys(&self, index: usize) -> Option<&RemoteKeys> {
+        self.keys.get(index).and_then(Option::as_ref)
+    }
+}
+
+/// Where notifications to a peer go.
+enum Messenger {
+    /// This engine's own queue.
+    Own(Arc<ControlState>),
+    /// The peer's TCP lanes.
+    Lanes(Arc<TcpConnection>),
+}
+
+pub(crate) struct PeerInner {
+    /// The name it was opened by (the peer's descriptor may claim any name).
+    name: String,
+    descriptor: SegmentDescriptor,
+    primary: Path,
+    /// TCP, when the primary path is a fabric.
+    fallback: Option<Path>,
+    messenger: Messenger,
+    stale: AtomicBool,
+}
+
+impl PeerInner {
+    /// The path a request between `local` and the peer's buffer `buffer` travels. A fabric
+    /// carries it only when both buffers are registered with the fabric; device memory it
+    /// could not register goes over TCP, staged.
+    pub(crate) fn path_for(&self, local: &BufferDescriptor, buffer: usize) -> Result<Leg> {
+        let primary = &self.primary;
+        let fabric_ok = match primary.protocol {
+            None | Some(Protocol::Tcp) => true,
+            Some(p) => local.key(p).is_some(),
+        };
+        if fabric_ok && primary.keys(buffer).is_some() {
+            return Ok(Leg::Primary);
+        }
+        if self
+            .fallback
+            .as_ref()
+            .is_some_and(|f| f.keys(buffer).is_some())
+        {
+            return Ok(Leg::Fallback);
+        }
+        let protocol = primary.protocol.unwrap_or(Protocol::Tcp);
+        Err(Error::InvalidRequest(format!(
+            "the remote buffer has no {protocol} key in its descriptor"
+        )))
+    }
+
+    pub(crate) fn path(&self, leg: Leg) -> &Path {
+        match (leg, &self.fallback) {
+            (Leg::Fallback, Some(f)) => f,
+            _ => &self.primary,
+        }
+    }
+
+    /// Where a request that failed on `used` is tried again, if anywhere: the TCP
+    /// fallback of a fabric path, when it has the buffer's keys.
+    pub(crate) fn retry_leg(&self, used: Leg, buffer: usize) -> Option<Leg> {
+        (used == Leg::Primary && self.fallback.as_ref()?.keys(buffer).is_some())
+            .then_some(Leg::Fallback)
+    }
+
+    /// Rings every path's doorbell: all of a submission's slices are posted.
+    pub(crate) fn flush(&self) {
+        self.primary.conn.flush();
+        if let Some(f) = &self.fallback {
+            f.conn.flush();
+        }
+    }
+
+    /// Marks the cached descriptor out of date: the next `open_segment` fetches it again.
+    pub(crate) fn mark_stale(&self) {
+        if !self.stale.swap(true, Ordering::AcqRel) {
+            tracing::debug!(segment = %self.name, "descriptor marked stale after an access error");
+        }
+    }
+
+    fn usable(&self) -> bool {
+        !self.stale.load(Ordering::Acquire)
+            && self.primary.conn.is_alive()
+            && self.fallback.as_ref().is_none_or(|f| f.conn.is_alive())
+            && match &self.messenger {
+                Messenger::Own(_) => true,
+                Messenger::Lanes(tcp) => tcp.is_alive(),
+            }
+    }
+
+    /// Sends a notification from `from` and waits until it is queued.
+    pub(crate) fn notify(
+        &self,
+        from: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<(), FailReason> {
+        match &self.messenger {
+            Messenger::Own(control) => {
+                if ControlPlane::notification(&**control, from, message) {
+                    Ok(())
+                } else {
+                    Err(FailReason::Remote(RemoteStatus::Busy))
+                }
+            }
+            Messenger::Lanes(tcp) => tcp.notify(from, message, timeout).inspect_err(|r| {
+                if r.suggests_stale_descriptor() {
+                    self.mark_stale();
+                }
+            }),
+        }
+    }
+
+    /// A peer made of given paths, for tests of what runs on top of them.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        descriptor: SegmentDescriptor,
+        primary: Path,
+        fallback: Option<Path>,
+        control: Arc<ControlState>,
+    ) -> Self {
+        PeerInner {
+            name: descriptor.name.clone(),
+            descriptor,
+            primary,
+            fallback,
+            messenger: Messenger::Own(control),
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+}
+
+/// Opened peers by name, and how to open more.
+pub(crate) struct Peers {
+    registry: Arc<Registry>,
+    local: Arc<LocalConnection>,
+    /// Opened segments by the name they were opened by. Dead and stale ones are dropped
+    /// whenever a segment is fetched, so the cache holds live peers only.
+    segments: Mutex<HashMap<String, Arc<PeerInner>>>,
+    /// One gate per name being opened, so two opens of one name fetch and connect once
+    /// while opens of other names go ahead. No lock is held across network I/O but the
+    /// gate of the name being opened.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl Peers {
+    pub(crate) fn new(registry: Arc<Registry>, local: Arc<LocalConnection>) -> Self {
+        Peers {
+            registry,
+            local,
+            segments: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many opened peers are cached.
+    pub(crate) fn cached_count(&self) -> usize {
+        self.segments.lock().len()
+    }
+
+    /// Drops every cached peer (at shutdown).
+    pub(crate) fn clear(&self) {
+        let cached = std::mem::take(&mut *self.segments.lock());
+        drop(cached);
+    }
+
+    /// Marks the cached peer `name` stale, so the next open fetches it again.
+    pub(crate) fn mark_stale(&self, name: &str) {
+        if let Some(old) = self.segments.lock().get(name) {
+            old.mark_stale();
+        }
+    }
+
+    /// The cached peer for `name` if it is still usable; a dead or stale one is dropped
+    /// from the cache.
+    fn cached(&self, name: &str) -> Option<Arc<PeerInner>> {
+        let mut segments = self.segments.lock();
+        match segments.get(name) {
+            Some(s) if s.usable() => Some(s.clone()),
+            Some(_) => {
+                let dead = segments.remove(name);
+                // Closing what the dead peer held fails its transfers, which runs
+                // completions: not under the cache's lock.
+                drop(segments);
+                drop(dead);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The peer named `name`, from the cache or opened now.
+    pub(crate) fn open(&self, name: &str) -> Result<Arc<PeerInner>> {
+        if let Some(inner) = self.cached(name) {
+            return Ok(inner);
+        }
+        let gate = self
+            .opening
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let opened = {
+            let _one_at_a_time = gate.lock();
+            match self.cached(name) {
+                Some(inner) => Ok(inner),
+                None => self.connect(name).map(|inner| {
+                    let inner = Arc::new(inner);
+                    let mut evicted = Vec::new();
+                    {
+                        let mut segments = self.segments.lock();
+                        // Bound the cache: what is dead or stale is never handed out
+                        // again, so it goes (and is dropped after the lock).
+                        segments.retain(|_, s| {
+                            let keep = s.usable();
+                            if !keep {
+                                evicted.push(s.clone());
+                            }
+                            keep
+                        });
+                        if !self.registry.is_shut_down() {
+                            evicted.extend(segments.insert(name.to_string(), inner.clone()));
+                        }
+                    }
+                    drop(evicted);
+                    inner
+                }),
+            }
+        };
+        {
+            let mut opening = self.opening.lock();
+            // The map's clone and ours: nobody else waits on this gate.
+            if Arc::strong_count(&gate) == 2
+                && opening.get(name).is_some_and(|g| Arc::ptr_eq(g, &gate))
+            {
+                opening.remove(name);
+            }
+        }
+        opened
+    }
+
+    /// Whether `name` names this engine, by what it knows of itself: its own name, or
+    /// what its metadata store says reaches it. Never from anything a peer sends.
+    fn is_own_name(&self, name: &str) -> bool {
+        name == self.registry.control.own.name() || self.registry.store.names_self(name)
+    }
+
+    /// Names and connects a peer (contract 3: the best transport both sides speak, with
+    /// TCP as the fallback).
+    fn connect(&self, name: &str) -> Result<PeerInner> {
+        let open_err = |source: SegmentError| Error::OpenSegment {
+            segment: name.to_string(),
+            source,
+        };
+        let registry = &self.registry;
+        let tcp_transport = &registry.tcp;
+        if self.is_own_name(name) {
+            let descriptor = registry.control.own.descriptor();
+            let primary = Path::new(
+                None,
+                self.local.clone(),
+                tcp_transport.max_slice(),
+                &descriptor,
+            );
+            return Ok(PeerInner {
+                name: name.to_string(),
+                descriptor,
+                primary,
+                fallback: None,
+                messenger: Messenger::Own(registry.control.clone()),
+                stale: AtomicBool::new(false),
+            });
+        }
+        let fetched = registry.store.fetch(name).map_err(open_err)?;
+        let descriptor: SegmentDescriptor =
+            serde_json::from_slice(&fetched.body).map_err(|e| open_err(SegmentError::Parse(e)))?;
+        descriptor
+            .validate()
+            .map_err(|e| open_err(SegmentError::Invalid(e)))?;
+        if descriptor.incarnation == registry.control.own.incarnation() {
+            // A peer serving this engine's own descriptor (anyone can fetch it from our
+            // port): it is still the peer, reached over the network like any other.
+            tracing::warn!(segment = name, "the peer serves a descriptor with this engine's own incarnation; treating it as the remote peer it is");
+        }
+        let address = match fetched.tcp_address {
+            Some(a) => a,
+            None => descriptor
+                .endpoint(Protocol::Tcp)
+                .map(|e| e.address.clone())
+                .ok_or_else(|| open_err(SegmentError::NoTcpEndpoint))?,
+        };
+        let tcp = tcp_transport.connect_tcp(&address)?;
+        let tcp_path = |d: &SegmentDescriptor| {
+            Path::new(
+                Some(Protocol::Tcp),
+                tcp.clone(),
+                tcp_transport.max_slice(),
+                d,
+            )
+        };
+        // Contract 3: the best transport both sides speak.
+        let mut fabric = None;
+        for t in registry.transports() {
+            let protocol = t.protocol();
+            if protocol == Protocol::Tcp {
+                break;
+            }
+            if let Some(ep) = descriptor.endpoint(protocol) {
+                match t.connect(ep) {
+                    Ok(conn) => {
+                        fabric = Some(Path::new(Some(protocol), conn, t.max_slice(), &descriptor));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = name, %protocol, error = %e, "cannot connect over the fabric; trying the next transport")
+                    }
+                }
+            }
+        }
+        let (primary, fallback) = match fabric {
+            Some(f) => (f, Some(tcp_path(&descriptor))),
+            None => (tcp_path(&descriptor), None),
+        };
+        tracing::info!(segment = name, protocol = ?primary.protocol, "segment opened");
+        Ok(PeerInner {
+            name: name.to_string(),
+            descriptor,
+            primary,
+            fallback,
+            messenger: Messenger::Lanes(tcp),
+            stale: AtomicBool::new(false),
+        })
+    }
+}
+
+/// A peer's segment (or this engine's own), opened with [`crate::Engine::open_segment`].
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Segment {
+    pub(crate) inner: Arc<PeerInner>,
+}
+
+impl Segment {
+    /// The name the segment was opened by (`host:port` with peer-to-peer metadata).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The descriptor as fetched (checked: every range fits, keys match endpoints). Its
+    /// `name` and TCP endpoint are what the peer claims; with peer-to-peer metadata
+    /// requests use neither.
+    pub fn descriptor(&self) -> &SegmentDescriptor {
+        &self.inner.descriptor
+    }
+
+    /// The transport requests to this segment use; `None` for the engine's own segment
+    /// (plain memory copies).
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.inner.primary.protocol
+    }
+
+    /// The `host:port` its TCP lanes are connected to (also the fallback's): with
+    /// peer-to-peer metadata the name it was opened by, not an address its descriptor
+    /// names. `None` for the engine's own segment.
+    pub fn tcp_address(&self) -> Option<&str> {
+        match &self.inner.messenger {
+            Messenger::Own(_) => None,
+            Messenger::Lanes(tcp) => Some(tcp.peer()),
+        }
+    }
+
+    /// Whether this is the engine's own segment.
+    pub fn is_local(&self) -> bool {
+        self.inner.primary.protocol.is_none()
+    }
+
+    /// Buffers the owner published.
+    pub fn buffers(&self) -> &[BufferDescriptor] {
+        &self.inner.descriptor.buffers
+    }
+
+    /// The `index`-th published buffer.
+    pub fn buffer(&self, index: usize) -> Result<RemoteBuffer> {
+        if index < self.buffers().len() {
+            Ok(RemoteBuffer {
+                segment: self.clone(),
+                index,
+            })
+        } else {
+            Err(Error::InvalidRequest(format!(
+                "segment `{}` publishes {} buffers; there is no buffer {index}",
+                self.name(),
+                self.buffers().len()
+            )))
+        }
+    }
+
+    /// The published buffer registered under `name`.
+    pub fn buffer_named(&self, name: &str) -> Result<RemoteBuffer> {
+        let index = self
+            .buffers()
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "segment `{}` publishes no buffer named `{name}`",
+                    self.name()
+                ))
+            })?;
+        self.buffer(index)
+    }
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("name", &self.name())
+            .field("protocol", &self.protocol())
+            .field("buffers", &self.buffers().len())
+            .finish()
+    }
+}
+
+/// One buffer of a peer's segment: the remote side of a request.
+#[derive(Clone, Debug)]
+pub struct RemoteBuffer {
+    pub(crate) segment: Segment,
+    index: usize,
+}
+
+impl RemoteBuffer {
+    /// Its index in the segment's descriptor.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The buffer as published.
+    pub fn descriptor(&self) -> &BufferDescriptor {
+        &self.segment.inner.descriptor.buffers[self.index]
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.descriptor().len as usize
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The segment it belongs to.
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+}
