@@ -178,6 +178,44 @@ fn own_segment_is_a_memory_copy() {
     assert_eq!(e.tcp_stats().connections, 0);
 }
 
+/// The engine's own segment is checked by the same table as a peer's requests: what a
+/// remote initiator is refused, a request to the own segment is refused with the same
+/// reason, and nothing is copied.
+#[test]
+fn the_own_segment_refuses_what_a_peer_is_refused() {
+    let e = engine();
+    let peer = engine();
+    let local = e.allocate(4096, Location::host()).unwrap();
+    let peer_local = peer.allocate(4096, Location::host()).unwrap();
+    let gone = e
+        .allocate_with(4096, Location::host(), Access::RemoteReadWrite, "gone")
+        .unwrap();
+    let own = e.open_segment(&e.name()).unwrap();
+    let from_peer = peer.open_segment(&e.name()).unwrap();
+    assert!(own.is_local() && !from_peer.is_local());
+    let own_gone = own.buffer_named("gone").unwrap();
+    let peer_gone = from_peer.buffer_named("gone").unwrap();
+    local.write_at(0, &[7u8; 64]).unwrap();
+    drop(gone);
+
+    let reason = |engine: &ferry_engine::Engine, buf: &ferry_engine::Buffer, remote| {
+        let mut b = engine.batch();
+        b.write(buf, 0, remote, 0, 64).unwrap();
+        let batch = b.submit().unwrap();
+        let _ = batch.wait(WAIT);
+        batch.task(0)
+    };
+    let refused = Some(TaskStatus::Failed(FailReason::Remote(
+        RemoteStatus::NotRegistered,
+    )));
+    assert_eq!(reason(&peer, &peer_local, &peer_gone), refused);
+    assert_eq!(
+        reason(&e, &local, &own_gone),
+        refused,
+        "the same check, the same reason"
+    );
+}
+
 #[test]
 fn zero_length_requests_complete_at_once() {
     // Every field is bound: one left out of the pattern would be dropped at once.

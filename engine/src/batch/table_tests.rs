@@ -1,1 +1,410 @@
+//! The batch table against fake connections: accounting, retry, generations, deadlines
+//! and reasons, without sockets. A [`Fake`] records what is posted on it; the tests
+//! complete slices as a transport would, in the order they choose.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_transport_api::{
+    Access, BufferDescriptor, Completions, Connection, FailReason, Location, Opcode, Protocol,
+    RemoteStatus, SegmentDescriptor, Slice, TransportKey,
+};
+use parking_lot::Mutex;
+
+use super::*;
+use crate::control::ControlState;
+use crate::peer::{Leg, Path, PeerInner};
+
+/// A connection that keeps what is posted and reports nothing by itself.
+#[derive(Default)]
+struct Fake {
+    posted: Mutex<Vec<Slice>>,
+    /// Refuse every post with this reason.
+    refuse: Option<FailReason>,
+    flushes: Mutex<usize>,
+    dead: AtomicBool,
+}
+
+impl Fake {
+    fn refusing(reason: FailReason) -> Arc<Fake> {
+        Arc::new(Fake {
+            refuse: Some(reason),
+            ..Fake::default()
+        })
+    }
+
+    fn take(&self) -> Vec<Slice> {
+        std::mem::take(&mut *self.posted.lock())
+    }
+}
+
+impl Connection for Fake {
+    fn post(&self, slice: Slice) -> Result<(), FailReason> {
+        if let Some(r) = self.refuse {
+            return Err(r);
+        }
+        self.posted.lock().push(slice);
+        Ok(())
+    }
+
+    fn flush(&self) {
+        *self.flushes.lock() += 1;
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.dead.load(Ordering::Acquire)
+    }
+}
+
+const BASE: u64 = 0x10_0000;
+const EFA_KEY: u64 = 7;
+const TCP_KEY: u64 = 9;
+/// The primary path's slice size; the fallback's is twice it.
+const STEP: usize = 4096;
+
+fn descriptor() -> SegmentDescriptor {
+    SegmentDescriptor {
+        name: "peer".into(),
+        incarnation: 1,
+        endpoints: Vec::new(),
+        buffers: vec![
+            BufferDescriptor {
+                name: "both".into(),
+                addr: BASE,
+                len: 1 << 20,
+                location: Location::host(),
+                access: Access::RemoteReadWrite,
+                keys: vec![
+                    TransportKey {
+                        protocol: Protocol::Efa,
+                        key: EFA_KEY,
+                    },
+                    TransportKey {
+                        protocol: Protocol::Tcp,
+                        key: TCP_KEY,
+                    },
+                ],
+            },
+            // Device memory the fabric could not register: a TCP key only.
+            BufferDescriptor {
+                name: "tcp only".into(),
+                addr: BASE << 4,
+                len: 1 << 20,
+                location: Location::Cuda { device: 0 },
+                access: Access::RemoteReadWrite,
+                keys: vec![TransportKey {
+                    protocol: Protocol::Tcp,
+                    key: TCP_KEY + 1,
+                }],
+            },
+        ],
+    }
+}
+
+/// A peer whose primary path is a fabric on `primary`, with a TCP fallback on
+/// `fallback`.
+fn peer(primary: &Arc<Fake>, fallback: Option<&Arc<Fake>>) -> Arc<PeerInner> {
+    let d = descriptor();
+    let p = Path::new(Some(Protocol::Efa), primary.clone(), STEP, &d);
+    let f = fallback.map(|f| Path::new(Some(Protocol::Tcp), f.clone(), 2 * STEP, &d));
+    Arc::new(PeerInner::for_tests(
+        d,
+        p,
+        f,
+        Arc::new(ControlState::new(1 << 20)),
+    ))
+}
+
+fn table() -> Arc<BatchTable> {
+    Arc::new(BatchTable::new(BatchDefaults {
+        timeout: Duration::from_secs(30),
+        retry_over_tcp: false,
+        busy_poll: Duration::ZERO,
+    }))
+}
+
+fn local(len: usize) -> Arc<RegionMemory> {
+    Arc::new(crate::memory::allocate_host(len, Location::host()).expect("allocate"))
+}
+
+struct Submitted {
+    index: u32,
+    slot: Arc<Slot>,
+}
+
+impl Submitted {
+    fn status(&self, task: usize) -> TaskStatus {
+        self.slot.data.read().status(task, Instant::now())
+    }
+
+    fn open(&self) -> u32 {
+        self.slot.data.read().gate.open()
+    }
+}
+
+/// Submits one WRITE of `len` bytes to buffer 0 of `peer` as `BatchBuilder::submit` does.
+fn submit(
+    table: &BatchTable,
+    peer: &Arc<PeerInner>,
+    len: usize,
+    deadline: Instant,
+    retry: bool,
+) -> Submitted {
+    let (index, slot, _) = table.acquire();
+    let leg = Leg::Primary;
+    let remote_keys = peer.path(leg).keys(0).cloned().expect("keys");
+    slot.data.write().specs.push(TaskSpec {
+        op: Opcode::Write,
+        local: local(len),
+        local_offset: 0,
+        peer: peer.clone(),
+        buffer: 0,
+        remote_addr: BASE,
+        remote_base: BASE,
+        remote_keys,
+        len,
+        leg,
+    });
+    slot.data.write().arm(deadline, retry);
+    slot.data.read().post_all();
+    Submitted { index, slot }
+}
+
+fn later() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+fn device_error() -> FailReason {
+    // FI_ETRUNC: past the 8 bits an older encoding kept.
+    FailReason::Device {
+        transport: Protocol::Efa,
+        code: 265,
+    }
+}
+
+#[test]
+fn a_retryable_failure_is_retried_on_the_fallback_and_late_reports_of_the_first_attempt_are_ignored(
+) {
+    let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let b = submit(&table, &peer, 10_000, later(), true);
+    let first = fabric.take();
+    assert_eq!(first.len(), 3, "10000 bytes in 4096-byte slices");
+    assert!(first.iter().all(|s| s.remote_keys.first() == EFA_KEY));
+    assert_eq!(
+        *fabric.flushes.lock(),
+        1,
+        "one doorbell per path per submission"
+    );
+
+    table.complete(first[0].token, Err(device_error()));
+    table.complete(first[1].token, Ok(first[1].len));
+    assert!(
+        tcp.take().is_empty(),
+        "no retry while a slice of the attempt is out"
+    );
+    table.complete(first[2].token, Ok(first[2].len));
+
+    let retry = tcp.take();
+    assert_eq!(retry.len(), 2, "the fallback slices by its own size");
+    assert!(retry.iter().all(|s| s.remote_keys.first() == TCP_KEY));
+    assert_eq!(retry.iter().map(|s| s.len).sum::<usize>(), 10_000);
+    assert_eq!(b.status(0), TaskStatus::Pending);
+
+    // A late (duplicate) report of the abandoned attempt changes nothing.
+    table.complete(first[1].token, Ok(first[1].len));
+    assert_eq!(b.status(0), TaskStatus::Pending);
+    assert_eq!(b.open(), 1);
+
+    table.complete(retry[0].token, Ok(retry[0].len));
+    assert_eq!(
+        b.status(0),
+        TaskStatus::Pending,
+        "a slice of the retry is still out (the late report must not count for it)"
+    );
+    table.complete(retry[1].token, Ok(retry[1].len));
+    assert_eq!(b.status(0), TaskStatus::Completed);
+    assert_eq!(b.open(), 0);
+    table.release(b.index, &b.slot);
+}
+
+#[test]
+fn a_retried_task_that_fails_again_reports_the_second_reason() {
+    let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let b = submit(&table, &peer, 100, later(), true);
+    let s = fabric.take().remove(0);
+    table.complete(s.token, Err(FailReason::ConnectionLost));
+    let r = tcp.take().remove(0);
+    table.complete(r.token, Err(FailReason::Remote(RemoteStatus::AccessDenied)));
+    assert_eq!(
+        b.status(0),
+        TaskStatus::Failed(FailReason::Remote(RemoteStatus::AccessDenied))
+    );
+    assert!(tcp.take().is_empty(), "a task is retried once");
+}
+
+#[test]
+fn without_retry_the_first_reason_survives_exactly() {
+    let fabric = Arc::new(Fake::default());
+    let tcp = Arc::new(Fake::default());
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let b = submit(&table, &peer, 3 * STEP, later(), false);
+    let posted = fabric.take();
+    table.complete(posted[1].token, Err(device_error()));
+    table.complete(posted[0].token, Err(FailReason::TimedOut));
+    assert_eq!(b.status(0), TaskStatus::Pending, "a slice is still out");
+    table.complete(posted[2].token, Ok(STEP));
+    assert_eq!(b.status(0), TaskStatus::Failed(device_error()));
+    assert!(tcp.take().is_empty(), "retry is off");
+    assert!(
+        !peer.is_stale(),
+        "a device error says nothing about the descriptor"
+    );
+}
+
+#[test]
+fn a_refused_post_fails_its_task_at_once_and_non_retryable_reasons_are_not_retried() {
+    let fabric = Fake::refusing(FailReason::Shutdown);
+    let tcp = Arc::new(Fake::default());
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let b = submit(&table, &peer, 2 * STEP, later(), true);
+    assert_eq!(b.status(0), TaskStatus::Failed(FailReason::Shutdown));
+    assert_eq!(b.open(), 0);
+    assert!(tcp.take().is_empty(), "a shutdown is not worth a retry");
+}
+
+#[test]
+fn an_access_error_marks_the_peer_stale() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    let b = submit(&table, &peer, 10, later(), true);
+    let s = fabric.take().remove(0);
+    table.complete(s.token, Err(FailReason::Remote(RemoteStatus::KeyMismatch)));
+    assert_eq!(
+        b.status(0),
+        TaskStatus::Failed(FailReason::Remote(RemoteStatus::KeyMismatch))
+    );
+    assert!(
+        peer.is_stale(),
+        "the next open fetches the descriptor again"
+    );
+}
+
+#[test]
+fn reports_for_a_released_batch_touch_nothing_in_the_slot_s_next_batch() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    let old = submit(&table, &peer, 10, later(), false);
+    let old_slice = fabric.take().remove(0);
+    table.release(old.index, &old.slot);
+
+    let new = submit(&table, &peer, 10, later(), false);
+    assert_eq!(new.index, old.index, "the slot is reused");
+    let new_slice = fabric.take().remove(0);
+    assert_ne!(new_slice.token.generation, old_slice.token.generation);
+
+    table.complete(old_slice.token, Err(FailReason::ConnectionLost));
+    assert_eq!(new.status(0), TaskStatus::Pending);
+    table.complete(new_slice.token, Ok(10));
+    assert_eq!(new.status(0), TaskStatus::Completed);
+
+    // Tokens naming a slot or a task that does not exist are dropped.
+    let mut bogus = new_slice.token;
+    bogus.task = 99;
+    table.complete(bogus, Err(FailReason::ConnectionLost));
+    bogus.slot = 1234;
+    table.complete(bogus, Err(FailReason::ConnectionLost));
+    assert_eq!(new.status(0), TaskStatus::Completed);
+}
+
+#[test]
+fn the_deadline_ends_a_task_whose_slices_never_report() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    let b = submit(&table, &peer, 3 * STEP, Instant::now(), false);
+    let posted = fabric.take();
+    assert!(posted
+        .iter()
+        .all(|s| s.deadline == b.slot.data.read().deadline));
+    table.complete(posted[0].token, Ok(STEP));
+    let p = b.slot.data.read().progress();
+    assert_eq!((p.timed_out, p.pending), (1, 0));
+    assert_eq!(b.open(), 0, "the timed-out task ended the gate once");
+    // The slices that report after the deadline change nothing.
+    table.complete(posted[1].token, Ok(STEP));
+    table.complete(posted[2].token, Ok(STEP));
+    assert_eq!(b.status(0), TaskStatus::TimedOut);
+    assert_eq!(b.open(), 0);
+}
+
+#[test]
+fn a_path_is_chosen_by_the_keys_both_buffers_have() {
+    let fabric = Arc::new(Fake::default());
+    let tcp = Arc::new(Fake::default());
+    let peer = peer(&fabric, Some(&tcp));
+    let mut local = descriptor().buffers.remove(0);
+    assert_eq!(peer.path_for(&local, 0).ok(), Some(Leg::Primary));
+    assert_eq!(
+        peer.path_for(&local, 1).ok(),
+        Some(Leg::Fallback),
+        "a remote buffer the fabric could not register goes over TCP"
+    );
+    local.keys.retain(|k| k.protocol == Protocol::Tcp);
+    assert_eq!(
+        peer.path_for(&local, 0).ok(),
+        Some(Leg::Fallback),
+        "so does a local one"
+    );
+    assert_eq!(peer.retry_leg(Leg::Primary, 0), Some(Leg::Fallback));
+    assert_eq!(peer.retry_leg(Leg::Fallback, 0), None);
+
+    let alone = self::peer(&fabric, None);
+    assert!(alone.path_for(&local, 0).is_err(), "no path has the keys");
+    assert_eq!(alone.retry_leg(Leg::Primary, 0), None);
+}
+
+/// Kept from the batch's first tests: the task's state machine alone.
+mod task {
+    use super::*;
+
+    fn task(slices: u32) -> Task {
+        let t = Task::default();
+        t.remaining.store(slices, Ordering::Relaxed);
+        t
+    }
+
+    /// A failed slice does not end its task while the task's other slices are out: they
+    /// may still write into the buffer. The first failure is the reason.
+    #[test]
+    fn a_task_ends_only_when_every_slice_has_reported() {
+        let t = task(3);
+        assert_eq!(t.report(Err(FailReason::ConnectionLost)), Reported::Pending);
+        assert_eq!(t.report(Ok(4096)), Reported::Pending);
+        assert_eq!(
+            t.report(Err(device_error())),
+            Reported::Failed(FailReason::ConnectionLost)
+        );
+
+        let t = task(2);
+        assert_eq!(t.report(Err(device_error())), Reported::Pending);
+        assert_eq!(
+            t.report(Err(FailReason::TimedOut)),
+            Reported::Failed(device_error())
+        );
+
+        let t = task(2);
+        assert_eq!(t.report(Ok(1)), Reported::Pending);
+        assert_eq!(t.report(Ok(1)), Reported::Completed);
+        assert!(t.finish(DONE));
+        assert!(!t.finish(FAILED), "a task ends once");
+    }
+}
