@@ -16,7 +16,7 @@ use ferry_transport_tcp::TcpTransport;
 use crate::control::OwnSegment;
 use crate::{Error, Result, SegmentError};
 
-/// How peers find each other's descriptors: which [`MetadataStore`] the engine runs.
+/// How peers find each other's descriptors: which metadata store the engine runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Metadata {
