@@ -113,29 +113,25 @@ impl Engine {
         let protocol = Protocol::parse(&config.protocol)?;
         backends::require_protocol(protocol)?;
         let metadata = Metadata::parse(&config.metadata)?;
-        let builder = Engine::builder()
-            .listen(config.listen.clone())
-            .metadata(metadata)
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .retry_over_tcp(config.retry_over_tcp)
-            .notification_queue_bytes(config.notify_queue_bytes);
+        // Every engine-wide setting, the same whichever transports the engine ends with.
+        let builder = || {
+            Engine::builder()
+                .listen(config.listen.clone())
+                .metadata(metadata.clone())
+                .timeout(Duration::from_millis(config.timeout_ms))
+                .retry_over_tcp(config.retry_over_tcp)
+                .notification_queue_bytes(config.notify_queue_bytes)
+        };
+        let tcp = Tcp::new(config.tcp_config());
         match protocol {
-            Protocol::Tcp => builder.transport(Tcp::new(config.tcp_config())).build(),
-            fabric => {
-                let fallback = Tcp::new(config.tcp_config());
-                match fabric_engine(fabric, config, builder, fallback.clone()) {
-                    Err(e) if config.allow_tcp_only && e.kind() == ErrorKind::Unsupported => {
-                        tracing::warn!(protocol = %fabric, provider = %config.provider(), error = %e, "no fabric device; running on TCP only");
-                        Engine::builder()
-                            .listen(config.listen.clone())
-                            .timeout(Duration::from_millis(config.timeout_ms))
-                            .notification_queue_bytes(config.notify_queue_bytes)
-                            .transport(fallback)
-                            .build()
-                    }
-                    r => r,
+            Protocol::Tcp => builder().transport(tcp).build(),
+            fabric => match fabric_engine(fabric, config, builder(), tcp.clone()) {
+                Err(e) if config.allow_tcp_only && e.kind() == ErrorKind::Unsupported => {
+                    tracing::warn!(protocol = %fabric, provider = %config.provider(), error = %e, "no fabric device; running on TCP only");
+                    builder().transport(tcp).build()
                 }
-            }
+                r => r,
+            },
         }
     }
 }
