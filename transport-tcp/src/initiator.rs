@@ -79,6 +79,19 @@ struct LaneState {
     wakers: [Arc<Waker>; 2],
 }
 
+/// Why a lane's I/O error ends what the lane carries: the transport shutting down (its
+/// workers stop and sockets close under them, whichever thread notices first), a
+/// deadline, or the connection itself.
+fn lane_failure(shared: &Shared, e: &io::Error) -> FailReason {
+    if shared.stopping() {
+        FailReason::Shutdown
+    } else if e.kind() == io::ErrorKind::TimedOut {
+        FailReason::TimedOut
+    } else {
+        FailReason::ConnectionLost
+    }
+}
+
 impl LaneState {
     /// Closes the lane: nothing more is sent or received on it, and everything queued or
     /// in flight fails with the first reason given.
@@ -575,12 +588,8 @@ impl SendState {
 
     /// Closes the lane after a failed write.
     fn kill(&self, e: &io::Error) {
-        let reason = if e.kind() == io::ErrorKind::TimedOut {
-            FailReason::TimedOut
-        } else {
-            FailReason::ConnectionLost
-        };
-        self.state.kill(&self.peer, reason, e);
+        self.state
+            .kill(&self.peer, lane_failure(&self.shared, e), e);
     }
 
     /// Finishes a frame an inline sender left. Returns false when there is one and the
@@ -1027,13 +1036,7 @@ impl Receiver_ {
                 break e;
             }
         };
-        let reason = if self.shared.stopping() {
-            FailReason::Shutdown
-        } else if err.kind() == io::ErrorKind::TimedOut {
-            FailReason::TimedOut
-        } else {
-            FailReason::ConnectionLost
-        };
+        let reason = lane_failure(&self.shared, &err);
         self.state.kill(&self.peer, reason, &err);
         self.state
             .drain(&*self.completions, &mut self.batch, reason);
