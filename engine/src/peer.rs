@@ -98,10 +98,43 @@ pub(crate) struct PeerInner {
     /// TCP, when the primary path is a fabric.
     fallback: Option<Path>,
     messenger: Messenger,
+    /// `(start address, buffer index)` of every buffer, sorted: finds the buffer that
+    /// holds an address in O(log n).
+    by_addr: Vec<(u64, usize)>,
     stale: AtomicBool,
 }
 
+/// How many buffers starting at or below an address [`PeerInner::locate`] looks at.
+/// Buffers overlap only when the same memory is published more than once, so the
+/// nearest few decide.
+const OVERLAP_PROBE: usize = 4;
+
+fn address_index(descriptor: &SegmentDescriptor) -> Vec<(u64, usize)> {
+    let mut v: Vec<(u64, usize)> = descriptor
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.addr, i))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 impl PeerInner {
+    /// The published buffer that holds `addr..addr + len`, and the offset of `addr` in
+    /// it.
+    pub(crate) fn locate(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
+        let end = addr.checked_add(len)?;
+        let below = self.by_addr.partition_point(|&(start, _)| start <= addr);
+        self.by_addr[..below]
+            .iter()
+            .rev()
+            .take(OVERLAP_PROBE)
+            .map(|&(start, i)| (start, i, &self.descriptor.buffers[i]))
+            .find(|(start, _, b)| start.checked_add(b.len).is_some_and(|e| end <= e))
+            .map(|(start, i, _)| (i, addr - start))
+    }
+
     /// The path a request between `local` and the peer's buffer `buffer` travels. A fabric
     /// carries it only when both buffers are registered with the fabric; device memory it
     /// could not register goes over TCP, staged.
@@ -203,6 +236,7 @@ impl PeerInner {
             primary,
             fallback,
             messenger: Messenger::Own(control),
+            by_addr: Vec::new(),
             stale: AtomicBool::new(false),
         }
     }
@@ -347,10 +381,11 @@ impl Peers {
             );
             return Ok(PeerInner {
                 name: name.to_string(),
-                descriptor,
                 primary,
                 fallback: None,
                 messenger: Messenger::Own(registry.control.clone()),
+                by_addr: address_index(&descriptor),
+                descriptor,
                 stale: AtomicBool::new(false),
             });
         }
@@ -407,10 +442,11 @@ impl Peers {
         tracing::info!(segment = name, protocol = ?primary.protocol, "segment opened");
         Ok(PeerInner {
             name: name.to_string(),
-            descriptor,
             primary,
             fallback,
             messenger: Messenger::Lanes(tcp),
+            by_addr: address_index(&descriptor),
+            descriptor,
             stale: AtomicBool::new(false),
         })
     }
@@ -476,6 +512,21 @@ impl Segment {
                 self.buffers().len()
             )))
         }
+    }
+
+    /// The published buffer that holds the peer's addresses `addr..addr + len`, and the
+    /// offset of `addr` in it: how a peer's absolute virtual address becomes a request
+    /// (O(log n) in the number of buffers). `None` when no published buffer holds the
+    /// whole range.
+    pub fn locate(&self, addr: u64, len: u64) -> Option<(RemoteBuffer, u64)> {
+        let (index, offset) = self.inner.locate(addr, len)?;
+        Some((
+            RemoteBuffer {
+                segment: self.clone(),
+                index,
+            },
+            offset,
+        ))
     }
 
     /// The published buffer registered under `name`.

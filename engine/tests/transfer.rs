@@ -216,6 +216,48 @@ fn the_own_segment_refuses_what_a_peer_is_refused() {
     );
 }
 
+/// A peer's absolute address finds its buffer and offset; a range no published buffer
+/// holds whole finds nothing.
+#[test]
+fn peer_addresses_locate_their_buffer_and_offset() {
+    let target = engine();
+    let initiator = engine();
+    let sizes = [4096usize, 1 << 16, 12288, 8192];
+    let bufs: Vec<_> = sizes
+        .iter()
+        .map(|&n| target.allocate(n, Location::host()).unwrap())
+        .collect();
+    let _hidden = target
+        .allocate_with(4096, Location::host(), Access::Local, "hidden")
+        .unwrap();
+    let seg = initiator.open_segment(&target.name()).unwrap();
+    for b in &bufs {
+        let len = b.len() as u64;
+        for (offset, n) in [
+            (0, len),
+            (1, len - 1),
+            (len / 2, 16),
+            (len - 1, 1),
+            (len, 0),
+        ] {
+            let (remote, at) = seg.locate(b.addr() + offset, n).expect("inside a buffer");
+            assert_eq!(remote.descriptor().addr, b.addr());
+            assert_eq!(at, offset);
+        }
+        assert!(seg.locate(b.addr(), len + 1).is_none(), "runs past the end");
+        assert!(
+            seg.locate(b.addr() + len - 1, 2).is_none(),
+            "runs past the end"
+        );
+    }
+    assert!(seg.locate(0, 1).is_none());
+    assert!(seg.locate(u64::MAX, 1).is_none());
+    assert!(
+        seg.locate(_hidden.addr(), 1).is_none(),
+        "local-only memory is not published"
+    );
+}
+
 #[test]
 fn zero_length_requests_complete_at_once() {
     // Every field is bound: one left out of the pattern would be dropped at once.
