@@ -22,7 +22,7 @@ use crate::{Engine, Result};
 /// Durations are integers whose field names carry the unit (`timeout_ms`,
 /// `busy_poll_us`). Secrets deserialize from a string and are never serialized.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// `tcp` or `efa` (`rdma` is not implemented yet); honoured exactly. A fabric
     /// protocol brings TCP as its fallback.

@@ -253,3 +253,16 @@ fn a_partial_nested_document_configures_the_engine_and_the_secret_never_leaves()
     let err = serde_json::from_str::<EngineConfig>(r#"{"tcp": {"secret": ""}}"#).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
 }
+
+/// A misspelt setting is an error that names it, at any depth, instead of a default
+/// silently taking its place.
+#[test]
+fn unknown_settings_are_refused_by_name() {
+    for (doc, field) in [
+        (r#"{"protcol": "tcp"}"#, "protcol"),
+        (r#"{"tcp": {"lane": 4}}"#, "lane"),
+    ] {
+        let err = serde_json::from_str::<EngineConfig>(doc).unwrap_err();
+        assert!(err.to_string().contains(field), "{doc}: {err}");
+    }
+}

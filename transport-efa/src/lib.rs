@@ -73,7 +73,7 @@ pub use rma_loop::{rma_loop, LoopResult};
 /// `serde`, with every field defaulted so a partial document works; `busy_poll` is
 /// `busy_poll_us`, in microseconds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EfaConfig {
     /// libfabric provider: `efa` on AWS; `tcp;ofi_rxm` or `shm` for development.
     pub provider: String,

@@ -66,7 +66,7 @@ pub use initiator::TcpConnection;
 /// `connect_timeout_ms`, `idle_timeout_ms`, `progress_timeout_ms` and `keepalive_ms`
 /// (`null`: off) in milliseconds. `secret` is read from a string and never serialized.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
     /// Connections kept open per peer; slices are striped over them.
     pub lanes: usize,
