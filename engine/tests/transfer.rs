@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{assert_bytes_eq, engine, engine_with, random, WAIT};
 use ferry_engine::{
-    Access, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, TcpConfig,
+    Access, BatchId, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, TcpConfig,
 };
 
 /// WRITE random bytes to the peer, check the target's memory, READ them back, compare.
@@ -373,6 +373,14 @@ fn stale_batch_ids_are_errors() {
     let id = batch.id();
     batch.wait(WAIT).unwrap();
     assert_eq!(initiator.batch_progress(id).unwrap().completed, 1);
+    // As a number (what a language binding hands out), the id round-trips and is never 0.
+    assert_ne!(id.to_u64(), 0);
+    assert_eq!(BatchId::from_u64(id.to_u64()), Some(id));
+    assert_eq!(BatchId::from_u64(0), None);
+    assert!(matches!(
+        initiator.batch_progress(BatchId::from_u64(id.to_u64() + (1 << 32)).unwrap()),
+        Err(Error::StaleBatch)
+    ));
     drop(batch);
     assert!(matches!(
         initiator.batch_progress(id),

@@ -66,6 +66,24 @@ pub struct BatchId {
     pub(super) generation: u32,
 }
 
+impl BatchId {
+    /// The id as one nonzero integer (generation and slot, plus one), for a language
+    /// binding that hands ids out as numbers.
+    pub fn to_u64(self) -> u64 {
+        ((u64::from(self.generation) << 32) | u64::from(self.slot)).wrapping_add(1)
+    }
+
+    /// The id [`to_u64`](Self::to_u64) made; `None` for 0. Any other number is an id, live
+    /// or not: asking about one that names no live batch is an [`Error::StaleBatch`].
+    pub fn from_u64(bits: u64) -> Option<Self> {
+        let bits = bits.checked_sub(1)?;
+        Some(BatchId {
+            slot: bits as u32,
+            generation: (bits >> 32) as u32,
+        })
+    }
+}
+
 /// One request of a batch, checked and routed.
 pub(crate) struct TaskSpec {
     pub(crate) op: Opcode,
