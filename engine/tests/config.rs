@@ -266,3 +266,60 @@ fn unknown_settings_are_refused_by_name() {
         assert!(err.to_string().contains(field), "{doc}: {err}");
     }
 }
+
+/// A finished batch that its owner still holds does not keep caller-owned memory: the
+/// buffer's drop (which waits for transfers in flight) returns at once, on both the
+/// initiator's side and the target's.
+#[test]
+fn a_finished_batch_does_not_hold_caller_memory() {
+    let target = common::engine();
+    let initiator = common::engine();
+    let mut theirs = common::random(8192);
+    let mut ours = vec![0u8; 8192];
+    // SAFETY: both vectors outlive the buffers (dropped below, first), and the test does
+    // not touch them while transfers run.
+    let (remote_buf, local) = unsafe {
+        (
+            target
+                .register(
+                    theirs.as_mut_ptr(),
+                    8192,
+                    Location::host(),
+                    ferry_engine::Access::RemoteRead,
+                )
+                .unwrap(),
+            initiator
+                .register(
+                    ours.as_mut_ptr(),
+                    8192,
+                    Location::host(),
+                    ferry_engine::Access::Local,
+                )
+                .unwrap(),
+        )
+    };
+    let remote = initiator
+        .open_segment(&target.name())
+        .unwrap()
+        .buffer(0)
+        .unwrap();
+    let mut b = initiator.batch();
+    b.read(&local, 0, &remote, 0, 8192).unwrap();
+    let batch = b.submit().unwrap();
+    batch.wait(common::WAIT).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let dropper = std::thread::spawn(move || {
+        drop(local);
+        drop(remote_buf);
+        done_tx.send(()).unwrap();
+    });
+    assert!(
+        done_rx.recv_timeout(common::WAIT).is_ok(),
+        "dropping the buffers waited on a batch that had ended"
+    );
+    dropper.join().unwrap();
+    assert_eq!(batch.statuses(), vec![ferry_engine::TaskStatus::Completed]);
+    drop(batch);
+    assert_eq!(ours, theirs);
+    theirs.clear();
+}

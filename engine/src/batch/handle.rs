@@ -169,9 +169,11 @@ impl BatchBuilder {
             .cloned()
             .ok_or_else(|| Error::InvalidRequest("the remote buffer has no key".into()))?;
         let slot = self.slot.as_ref().ok_or(Error::StaleBatch)?;
-        slot.data.write().specs.push(TaskSpec {
+        let mut d = slot.data.write();
+        d.pins.push(local.memory().clone());
+        d.specs.push(TaskSpec {
             op,
-            local: local.memory().clone(),
+            local: Arc::downgrade(local.memory()),
             local_offset,
             peer,
             buffer,
@@ -181,6 +183,7 @@ impl BatchBuilder {
             len,
             leg,
         });
+        drop(d);
         Ok(self)
     }
 
@@ -194,6 +197,8 @@ impl BatchBuilder {
         let deadline = Instant::now() + self.timeout;
         slot.data.write().arm(deadline, self.retry_over_tcp);
         slot.data.read().post_all();
+        // Posted: the slices in flight hold the memory now, and a finished batch none.
+        slot.data.write().pins.clear();
         tracing::trace!(batch = self.index, "submitted");
         Ok(Batch {
             table: self.table.clone(),

@@ -2,7 +2,7 @@
 //! deadline. Completions arrive here from any transport thread.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::sync::EndGate;
@@ -87,7 +87,11 @@ impl BatchId {
 /// One request of a batch, checked and routed.
 pub(crate) struct TaskSpec {
     pub(crate) op: Opcode,
-    pub(crate) local: Arc<RegionMemory>,
+    /// The local buffer's memory. Weak: once its slices have ended, a batch (finished,
+    /// but still held by its owner) must not keep the memory, so that dropping a
+    /// caller-owned buffer waits only for transfers really in flight. The slot's `pins`
+    /// hold it from `add` until every task is posted; slices in flight hold it after.
+    pub(crate) local: Weak<RegionMemory>,
     pub(crate) local_offset: usize,
     pub(crate) peer: Arc<PeerInner>,
     /// The remote buffer's index in the peer's descriptor.
@@ -165,6 +169,9 @@ pub(super) struct SlotData {
     /// Retry tasks that fail on a fabric over the peer's fallback (set at submission).
     retry: bool,
     pub(super) specs: Vec<TaskSpec>,
+    /// The local memory of the specs, held strongly from `add` to the end of `submit`
+    /// (capacity kept between batches).
+    pub(super) pins: Vec<Arc<RegionMemory>>,
     tasks: Vec<Task>,
     pub(super) deadline: Instant,
     /// Tasks not yet ended, and the thread waiting for them (one atomic word: see
@@ -224,13 +231,18 @@ impl SlotData {
                 task: task as u32,
             };
             let path = spec.peer.path(spec.leg);
-            self.post_task(
-                spec,
-                path.conn(),
-                path.max_slice(),
-                &spec.remote_keys,
-                token,
-            );
+            match spec.local.upgrade() {
+                Some(local) => self.post_task(
+                    spec,
+                    &local,
+                    path.conn(),
+                    path.max_slice(),
+                    &spec.remote_keys,
+                    token,
+                ),
+                // Pinned by the slot until every task is posted: not reached.
+                None => self.fail_unposted(spec, path.max_slice(), token),
+            }
         }
         let mut last: Option<&Arc<PeerInner>> = None;
         for spec in &self.specs {
@@ -297,6 +309,11 @@ impl SlotData {
         let Some(keys) = path.keys(spec.buffer).cloned() else {
             return false;
         };
+        // Its owner dropped the local buffer once the first attempt ended: nothing to
+        // retry from or into.
+        let Some(local) = spec.local.upgrade() else {
+            return false;
+        };
         if t.state.load(Ordering::Acquire) != PENDING
             || t.attempt
                 .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
@@ -315,16 +332,24 @@ impl SlotData {
             generation: self.generation,
             task: task as u32 | RETRY_BIT,
         };
-        self.post_task(spec, path.conn(), step, &keys, token);
+        self.post_task(spec, &local, path.conn(), step, &keys, token);
         path.conn().flush();
         true
     }
 
     /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
     /// slice the connection refuses fails at once.
+    /// Fails every slice of a task that cannot be posted.
+    fn fail_unposted(&self, spec: &TaskSpec, step: usize, token: CompletionToken) {
+        for _ in 0..spec.len.div_ceil(step) {
+            self.apply(token.task, Err(FailReason::Unsupported));
+        }
+    }
+
     fn post_task(
         &self,
         spec: &TaskSpec,
+        local: &Arc<RegionMemory>,
         conn: &dyn Connection,
         step: usize,
         keys: &RemoteKeys,
@@ -335,7 +360,7 @@ impl SlotData {
             let len = step.min(spec.len - off);
             let slice = Slice {
                 op: spec.op,
-                local: spec.local.clone(),
+                local: local.clone(),
                 local_offset: spec.local_offset + off,
                 remote_addr: spec.remote_addr + off as u64,
                 remote_base: spec.remote_base,
@@ -456,6 +481,7 @@ impl BatchTable {
                 generation: 0,
                 retry: false,
                 specs: Vec::new(),
+                pins: Vec::new(),
                 tasks: Vec::new(),
                 deadline: Instant::now(),
                 gate: EndGate::new(),
@@ -471,6 +497,7 @@ impl BatchTable {
             let mut d = slot.data.write();
             d.generation = d.generation.wrapping_add(1);
             d.specs.clear();
+            d.pins.clear();
             d.gate.reset(0);
         }
         self.free.lock().push(index);

@@ -154,9 +154,11 @@ fn submit(
     let (index, slot, _) = table.acquire();
     let leg = Leg::Primary;
     let remote_keys = peer.path(leg).keys(0).cloned().expect("keys");
+    let memory = local(len);
+    slot.data.write().pins.push(memory.clone());
     slot.data.write().specs.push(TaskSpec {
         op: Opcode::Write,
-        local: local(len),
+        local: Arc::downgrade(&memory),
         local_offset: 0,
         peer: peer.clone(),
         buffer: 0,
@@ -168,6 +170,7 @@ fn submit(
     });
     slot.data.write().arm(deadline, retry);
     slot.data.read().post_all();
+    slot.data.write().pins.clear();
     Submitted { index, slot }
 }
 
