@@ -1,0 +1,1116 @@
+//! `ferry.mooncake.TransferEngine`: Mooncake's Python `TransferEngine`, method for method
+//! (names, positional and keyword shapes, 0/-1 returns, batch ids, notifications), on
+//! ferry's engine, so a connector written for Mooncake runs unmodified.
+//!
+//! Where Mooncake trusts its caller, this class checks:
+//! - a peer address is the peer's absolute virtual address: it is mapped to a published
+//!   buffer and offset through the peer's descriptor (fetched again once when it does not
+//!   map: the peer may have registered since), and anything outside is refused;
+//! - a local address must lie in memory registered here;
+//! - async batch ids are the engine's ids (slot and generation): a stale, reused or
+//!   forged id is -1, never a dangling pointer;
+//! - `write_bytes_to_buffer`/`read_bytes_from_buffer` copy only inside registered memory.
+//!
+//! Every call that waits or moves data releases the GIL; every method may be called from
+//! any thread.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::{Access, Batch, Buffer, Engine, EngineConfig, Location, Protocol, Segment};
+use parking_lot::{Mutex, RwLock};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use crate::api::PyEngine;
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TransferEngine>()?;
+    m.add_class::<TransferOpcode>()?;
+    m.add_class::<TransferNotify>()?;
+    Ok(())
+}
+
+/// What Mooncake calls the peer-to-peer metadata mode.
+const P2P_HANDSHAKE: &str = "P2PHANDSHAKE";
+/// Tags a notification that carries a `TransferNotify` name besides its message.
+const NOTIFY_TAG: &[u8; 4] = b"MCN1";
+
+/// READ or WRITE, as Mooncake numbers them.
+#[pyclass(module = "ferry.mooncake", name = "TransferOpcode", eq, eq_int, frozen)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum TransferOpcode {
+    Read = 0,
+    Write = 1,
+}
+
+/// A notification: sent with `transfer_sync(..., notify=TransferNotify(name, msg))`,
+/// received from `get_notifies()`.
+#[pyclass(module = "ferry.mooncake", name = "TransferNotify", get_all, set_all)]
+#[derive(Clone, Debug)]
+pub(crate) struct TransferNotify {
+    name: String,
+    msg: String,
+}
+
+#[pymethods]
+impl TransferNotify {
+    #[new]
+    #[pyo3(signature = (name=String::new(), msg=String::new()))]
+    fn new(name: String, msg: String) -> Self {
+        TransferNotify { name, msg }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("TransferNotify(name={:?}, msg={:?})", self.name, self.msg)
+    }
+
+    fn __eq__(&self, other: &Self) -> bool {
+        self.name == other.name && self.msg == other.msg
+    }
+}
+
+fn encode_notify(n: &TransferNotify) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + n.name.len() + n.msg.len());
+    out.extend_from_slice(NOTIFY_TAG);
+    out.extend_from_slice(&(n.name.len() as u32).to_le_bytes());
+    out.extend_from_slice(n.name.as_bytes());
+    out.extend_from_slice(n.msg.as_bytes());
+    out
+}
+
+/// A received notification: a tagged one gives back its name and message; any other is
+/// named by its sender's segment.
+fn decode_notify(from: String, body: &[u8]) -> TransferNotify {
+    let tagged = body
+        .strip_prefix(NOTIFY_TAG.as_slice())
+        .and_then(|rest| {
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            (rest.len() >= len).then(|| rest.split_at(len))
+        });
+    match tagged {
+        Some((name, msg)) => TransferNotify {
+            name: String::from_utf8_lossy(name).into_owned(),
+            msg: String::from_utf8_lossy(msg).into_owned(),
+        },
+        None => TransferNotify {
+            name: from,
+            msg: String::from_utf8_lossy(body).into_owned(),
+        },
+    }
+}
+
+/// Registered local memory by start address.
+struct Local {
+    buffer: Buffer,
+    /// From `allocate_managed_buffer` (freed by `free_managed_buffer`).
+    managed: bool,
+}
+
+/// An async batch, until `get_batch_transfer_status` or `transfer_check_status` ends it.
+struct Pending {
+    batch: Batch,
+}
+
+struct State {
+    engine: Arc<Engine>,
+    /// The transport used with peers (after any fall back).
+    protocol: Protocol,
+    local: RwLock<BTreeMap<u64, Local>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// The engine as `ferry.Engine`, for `get_engine()`.
+    py_engine: Py<PyEngine>,
+}
+
+/// Where a request's two ends are.
+struct Request {
+    local: Buffer,
+    local_offset: usize,
+    remote: ferry_engine::RemoteBuffer,
+    remote_offset: u64,
+    len: usize,
+}
+
+impl State {
+    /// The registered buffer that holds `addr..addr+len`, and the offset of `addr`.
+    fn local_at(&self, addr: u64, len: usize) -> Option<(Buffer, usize)> {
+        let local = self.local.read();
+        let (&start, l) = local.range(..=addr).next_back()?;
+        let offset = (addr - start) as usize;
+        l.buffer
+            .len()
+            .checked_sub(offset)
+            .filter(|&room| room >= len)
+            .map(|_| (l.buffer.clone(), offset))
+    }
+
+    /// Checks and maps one request; `Err` says why it is refused.
+    fn request(
+        &self,
+        segment: &Segment,
+        local_addr: u64,
+        peer_addr: u64,
+        len: usize,
+    ) -> Result<Request, String> {
+        let (local, local_offset) = self.local_at(local_addr, len).ok_or_else(|| {
+            format!("local range {local_addr:#x}+{len} is not inside memory registered with this engine")
+        })?;
+        let (remote, remote_offset) = segment.locate(peer_addr, len as u64).ok_or_else(|| {
+            format!(
+                "peer range {peer_addr:#x}+{len} is not inside a buffer segment `{}` publishes",
+                segment.name()
+            )
+        })?;
+        Ok(Request {
+            local,
+            local_offset,
+            remote,
+            remote_offset,
+            len,
+        })
+    }
+
+    /// Opens `target` and maps every request, fetching the descriptor again once when an
+    /// address does not map (the peer may have registered memory since).
+    fn prepare(
+        &self,
+        target: &str,
+        locals: &[u64],
+        peers: &[u64],
+        lens: &[usize],
+    ) -> Result<(Segment, Vec<Request>), String> {
+        if locals.len() != peers.len() || locals.len() != lens.len() {
+            return Err(format!(
+                "{} local addresses, {} peer addresses and {} lengths: the lists must be as long as each other",
+                locals.len(),
+                peers.len(),
+                lens.len()
+            ));
+        }
+        let mut segment = self
+            .engine
+            .open_segment(target)
+            .map_err(|e| format!("cannot open segment `{target}`: {}", chain(&e)))?;
+        let mut refreshed = false;
+        loop {
+            let mapped: Result<Vec<Request>, String> = locals
+                .iter()
+                .zip(peers)
+                .zip(lens)
+                .map(|((&l, &p), &n)| self.request(&segment, l, p, n))
+                .collect();
+            match mapped {
+                Ok(requests) => return Ok((segment, requests)),
+                Err(why) if refreshed => return Err(why),
+                Err(_) => {
+                    refreshed = true;
+                    segment = self
+                        .engine
+                        .refresh_segment(target)
+                        .map_err(|e| format!("cannot open segment `{target}`: {}", chain(&e)))?;
+                }
+            }
+        }
+    }
+
+    /// Submits one batch of `requests` with the compat deadline.
+    fn submit(
+        &self,
+        requests: &[Request],
+        op: TransferOpcode,
+        timeout: Duration,
+    ) -> Result<Batch, String> {
+        let bytes: u64 = requests.iter().map(|r| r.len as u64).sum();
+        // Mooncake's deadline: the transfer timeout plus 1 ns per byte.
+        let mut b = self
+            .engine
+            .batch()
+            .timeout(timeout + Duration::from_nanos(bytes));
+        for r in requests {
+            let added = match op {
+                TransferOpcode::Write => {
+                    b.write(&r.local, r.local_offset, &r.remote, r.remote_offset, r.len)
+                }
+                TransferOpcode::Read => {
+                    b.read(&r.local, r.local_offset, &r.remote, r.remote_offset, r.len)
+                }
+            };
+            added.map_err(|e| chain(&e))?;
+        }
+        b.submit().map_err(|e| chain(&e))
+    }
+
+    /// A whole synchronous transfer: 0, or -1 with the reason logged. A failure that
+    /// suggests the peer changed (restarted, deregistered) is tried once more with its
+    /// descriptor fetched again, within the same deadline.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &self,
+        target: &str,
+        locals: &[u64],
+        peers: &[u64],
+        lens: &[usize],
+        op: TransferOpcode,
+        notify: Option<&TransferNotify>,
+        timeout: Duration,
+    ) -> i32 {
+        let start = std::time::Instant::now();
+        let mut retried = false;
+        loop {
+            let (segment, requests) = match self.prepare(target, locals, peers, lens) {
+                Ok(prepared) => prepared,
+                Err(why) => {
+                    tracing::warn!(target, %why, "transfer refused");
+                    return -1;
+                }
+            };
+            let left = timeout.saturating_sub(start.elapsed());
+            let outcome = self
+                .submit(&requests, op, left)
+                .map_err(|why| (why, None))
+                .and_then(|batch| {
+                    batch
+                        .wait(Duration::from_secs(u32::MAX as u64))
+                        .map_err(|e| (chain(&e), first_reason(&e)))
+                });
+            match outcome {
+                Ok(()) => {
+                    if let Some(n) = notify {
+                        if let Err(e) = self.engine.notify(&segment, &encode_notify(n)) {
+                            tracing::warn!(target, error = %chain(&e), "transfer done; its notification failed");
+                            return -1;
+                        }
+                    }
+                    return 0;
+                }
+                // The peer restarted or changed its memory: its descriptor is fetched
+                // again and the transfer tried once more, within the same deadline.
+                Err((why, Some(reason)))
+                    if !retried
+                        && reason.suggests_stale_descriptor()
+                        && start.elapsed() < timeout =>
+                {
+                    retried = true;
+                    tracing::info!(target, %why, "transfer failed; trying once more with the peer's descriptor fetched again");
+                }
+                Err((why, _)) => {
+                    tracing::warn!(target, %why, "transfer failed");
+                    return -1;
+                }
+            }
+        }
+    }
+
+    fn register(&self, addr: u64, len: usize, location: &str) -> Result<(), String> {
+        if addr == 0 || len == 0 {
+            return Err(format!("cannot register {len} bytes at {addr:#x}"));
+        }
+        let location = compat_location(location)?;
+        {
+            let local = self.local.read();
+            let end = addr.checked_add(len as u64).ok_or("the range wraps")?;
+            let below = local.range(..end).next_back();
+            if let Some((&start, l)) = below {
+                if start + l.buffer.len() as u64 > addr {
+                    return Err(format!(
+                        "{addr:#x}+{len} overlaps memory registered at {start:#x}+{}",
+                        l.buffer.len()
+                    ));
+                }
+            }
+        }
+        // SAFETY: Mooncake's contract, which this method keeps: the caller registers
+        // memory it owns and keeps it valid until it unregisters it.
+        let buffer = unsafe {
+            self.engine
+                .register(addr as *mut u8, len, location, Access::RemoteReadWrite)
+        }
+        .map_err(|e| chain(&e))?;
+        self.local.write().insert(
+            addr,
+            Local {
+                buffer,
+                managed: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn unregister(&self, addr: u64) -> Result<(), String> {
+        let removed = self.local.write().remove(&addr);
+        match removed {
+            // Dropped outside the lock: the drop waits for transfers still using it.
+            Some(l) => {
+                drop(l);
+                Ok(())
+            }
+            None => Err(format!("nothing is registered at {addr:#x}")),
+        }
+    }
+}
+
+/// Why the first failed task of a batch failed.
+fn first_reason(e: &ferry_engine::Error) -> Option<ferry_engine::FailReason> {
+    match e {
+        ferry_engine::Error::TasksFailed { first_reason, .. } => Some(*first_reason),
+        _ => None,
+    }
+}
+
+/// The message of an error with its causes.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Mooncake's location strings: `*` (find out), `cpu`, `cpu:N`, `cuda:N`.
+fn compat_location(text: &str) -> Result<Location, String> {
+    if text == "*" || text.is_empty() {
+        // Without CUDA support no device memory can be told apart: the address is
+        // taken as host memory, as Mooncake's CPU builds take it.
+        return Ok(if ferry_engine::cuda_status().compiled {
+            Location::Auto
+        } else {
+            Location::host()
+        });
+    }
+    Location::parse(text).map_err(|e| e.to_string())
+}
+
+/// `host` and, when given, `port` of a Mooncake `local_hostname` (`ip`, `ip:port`,
+/// `[v6]:port`, bare v6).
+fn split_host(text: &str) -> (String, Option<u16>) {
+    if let Some(rest) = text.strip_prefix('[') {
+        if let Some((host, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (host.to_string(), port);
+        }
+    }
+    if text.matches(':').count() > 1 {
+        return (text.to_string(), None);
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => match port.parse() {
+            Ok(p) => (host.to_string(), Some(p)),
+            Err(_) => (text.to_string(), None),
+        },
+        None => (text.to_string(), None),
+    }
+}
+
+fn join_host(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The transport for Mooncake's `protocol`, falling back to TCP (with a warning) when
+/// this build or host lacks it, as Mooncake does; `MC_FORCE_TCP` forces TCP.
+fn choose_protocol(asked: &str) -> Protocol {
+    if std::env::var_os("MC_FORCE_TCP").is_some() {
+        return Protocol::Tcp;
+    }
+    match Protocol::parse(asked) {
+        Ok(p) if ferry_engine::compiled().contains(&p) => p,
+        Ok(p) => {
+            tracing::warn!(protocol = %p, "this build has no such transport; using TCP");
+            Protocol::Tcp
+        }
+        Err(_) => {
+            tracing::warn!(protocol = asked, "ferry has no such transport; using TCP");
+            Protocol::Tcp
+        }
+    }
+}
+
+/// `MC_TRANSFER_TIMEOUT` (seconds, at least 5, default 30).
+fn transfer_timeout() -> Duration {
+    let secs = std::env::var("MC_TRANSFER_TIMEOUT")
+        .ok()
+        .map(|v| v.trim().parse::<i64>().unwrap_or(0).max(5) as u64)
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Mooncake's `TransferEngine` on ferry. See the module documentation of
+/// `ferry.mooncake` for where it is stricter than Mooncake.
+#[pyclass(module = "ferry.mooncake", name = "TransferEngine", frozen)]
+pub(crate) struct TransferEngine {
+    state: RwLock<Option<Arc<State>>>,
+    timeout: Duration,
+}
+
+impl TransferEngine {
+    fn state(&self) -> Option<Arc<State>> {
+        self.state.read().clone()
+    }
+
+    fn opcode(op: &Bound<'_, PyAny>) -> PyResult<TransferOpcode> {
+        if let Ok(op) = op.extract::<TransferOpcode>() {
+            return Ok(op);
+        }
+        match op.extract::<i64>() {
+            Ok(0) => Ok(TransferOpcode::Read),
+            Ok(1) => Ok(TransferOpcode::Write),
+            _ => Err(crate::errors::invalid(
+                "opcode must be TransferOpcode.Read or TransferOpcode.Write",
+            )),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sync(
+        &self,
+        py: Python<'_>,
+        target: &str,
+        locals: Vec<u64>,
+        peers: Vec<u64>,
+        lens: Vec<usize>,
+        op: TransferOpcode,
+        notify: Option<TransferNotify>,
+    ) -> i32 {
+        let Some(state) = self.state() else {
+            tracing::error!("transfer before initialize");
+            return -1;
+        };
+        let timeout = self.timeout;
+        let target = target.to_string();
+        py.detach(move || {
+            state.transfer(&target, &locals, &peers, &lens, op, notify.as_ref(), timeout)
+        })
+    }
+
+    fn submit_async(
+        &self,
+        py: Python<'_>,
+        target: &str,
+        locals: Vec<u64>,
+        peers: Vec<u64>,
+        lens: Vec<usize>,
+        op: TransferOpcode,
+    ) -> u64 {
+        let Some(state) = self.state() else {
+            tracing::error!("transfer before initialize");
+            return 0;
+        };
+        let timeout = self.timeout;
+        let target = target.to_string();
+        py.detach(move || {
+            let submitted = state
+                .prepare(&target, &locals, &peers, &lens)
+                .and_then(|(_, requests)| state.submit(&requests, op, timeout));
+            match submitted {
+                Ok(batch) => {
+                    let id = batch.id().to_u64();
+                    state.pending.lock().insert(id, Pending { batch });
+                    id
+                }
+                Err(why) => {
+                    tracing::warn!(target = %target, %why, "async transfer refused");
+                    0
+                }
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl TransferEngine {
+    #[new]
+    fn new() -> Self {
+        TransferEngine {
+            state: RwLock::new(None),
+            timeout: transfer_timeout(),
+        }
+    }
+
+    /// Starts the engine: `local_hostname` (`ip` or `ip:port`; with a port that port is
+    /// bound and the name is exactly what was given), `metadata_server`
+    /// (`P2PHANDSHAKE`), `protocol` (`tcp`, `efa`, `rdma`: a transport this build or host
+    /// lacks falls back to TCP), `device_name` (comma-separated fabric devices, or "").
+    /// 0 on success, -1 on failure (logged).
+    fn initialize(
+        &self,
+        py: Python<'_>,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: Option<&str>,
+    ) -> i32 {
+        let (kind, server) = match metadata_server.split_once("://") {
+            Some((kind, server)) => (kind.to_string(), server.to_string()),
+            None if metadata_server == P2P_HANDSHAKE => (String::new(), metadata_server.into()),
+            None => ("etcd".to_string(), metadata_server.to_string()),
+        };
+        self.initialize_ext(py, local_hostname, &server, protocol, device_name, &kind)
+    }
+
+    /// As `initialize`, with the metadata type (`etcd`, `redis`, `http`) given apart
+    /// from the server; `metadata_type` comes last, as in Mooncake.
+    fn initialize_ext(
+        &self,
+        py: Python<'_>,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: Option<&str>,
+        metadata_type: &str,
+    ) -> i32 {
+        if self.state.read().is_some() {
+            tracing::error!("initialize: this TransferEngine is already initialized");
+            return -1;
+        }
+        if metadata_server != P2P_HANDSHAKE {
+            tracing::error!(
+                metadata_type,
+                metadata_server,
+                "initialize: ferry serves peer-to-peer metadata (P2PHANDSHAKE) only; etcd, Redis and HTTP metadata servers are not supported yet"
+            );
+            return -1;
+        }
+        let protocol = choose_protocol(protocol);
+        let (host, port) = split_host(local_hostname);
+        let mut config = EngineConfig {
+            protocol: protocol.name().to_string(),
+            listen: join_host(&host, port.unwrap_or(0)),
+            allow_tcp_only: true,
+            ..EngineConfig::default()
+        };
+        if port.is_some() {
+            config.advertise = Some(local_hostname.to_string());
+        }
+        let devices: Vec<String> = device_name
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect();
+        if let Err(why) = apply_devices(&mut config, protocol, devices) {
+            tracing::error!(%why, "initialize");
+            return -1;
+        }
+        let engine = match py.detach(|| Engine::from_config(&config)) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "initialize: cannot start the engine");
+                return -1;
+            }
+        };
+        let used = engine.protocols().first().copied().unwrap_or(Protocol::Tcp);
+        if used != protocol {
+            tracing::warn!(asked = %protocol, used = %used, "initialize: no device for the asked transport; using TCP");
+        }
+        let py_engine = match Py::new(
+            py,
+            PyEngine {
+                inner: engine.clone(),
+            },
+        ) {
+            Ok(p) => p,
+            Err(_) => return -1,
+        };
+        *self.state.write() = Some(Arc::new(State {
+            engine,
+            protocol: used,
+            local: RwLock::new(BTreeMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            py_engine,
+        }));
+        0
+    }
+
+    /// The port peers reach this engine on (its segment name is `host:port`); -1 before
+    /// `initialize`.
+    fn get_rpc_port(&self) -> i64 {
+        self.state()
+            .and_then(|s| {
+                let name = s.engine.name();
+                name.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok())
+            })
+            .unwrap_or(-1)
+    }
+
+    /// The transport in use with peers ("tcp", "efa"), after any fall back; `None`
+    /// before `initialize`.
+    fn get_protocol(&self) -> Option<&'static str> {
+        self.state().map(|s| s.protocol.name())
+    }
+
+    /// This engine's segment name; `None` before `initialize`.
+    fn get_local_segment_name(&self) -> Option<String> {
+        self.state().map(|s| s.engine.name())
+    }
+
+    /// Allocates and registers `length` bytes of host memory; its address, or 0.
+    fn allocate_managed_buffer(&self, py: Python<'_>, length: usize) -> u64 {
+        let Some(s) = self.state() else { return 0 };
+        match py.detach(|| s.engine.allocate(length.max(1), Location::host())) {
+            Ok(buffer) => {
+                let addr = buffer.addr();
+                s.local.write().insert(
+                    addr,
+                    Local {
+                        buffer,
+                        managed: true,
+                    },
+                );
+                addr
+            }
+            Err(e) => {
+                tracing::warn!(length, error = %chain(&e), "allocate_managed_buffer");
+                0
+            }
+        }
+    }
+
+    /// Frees a managed buffer; 0, or -1 when `buffer_addr` is not one.
+    fn free_managed_buffer(&self, py: Python<'_>, buffer_addr: u64, length: usize) -> i32 {
+        let _ = length;
+        let Some(s) = self.state() else { return -1 };
+        let managed = s.local.read().get(&buffer_addr).is_some_and(|l| l.managed);
+        if !managed {
+            tracing::warn!(addr = buffer_addr, "free_managed_buffer: not a managed buffer");
+            return -1;
+        }
+        py.detach(|| s.unregister(buffer_addr)).map_or(-1, |()| 0)
+    }
+
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
+    fn transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        transport_hint: &str,
+    ) -> i32 {
+        let _ = transport_hint;
+        self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Write, None)
+    }
+
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
+    fn transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        transport_hint: &str,
+    ) -> i32 {
+        let _ = transport_hint;
+        self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Read, None)
+    }
+
+    /// One transfer, then (when `notify` is given) a notification to the peer. 0 or -1.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_sync(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        opcode: &Bound<'_, PyAny>,
+        notify: Option<TransferNotify>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let op = Self::opcode(opcode)?;
+        Ok(self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], op, notify))
+    }
+
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
+    fn batch_transfer_sync_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        transport_hint: &str,
+    ) -> i32 {
+        let _ = transport_hint;
+        self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Write, None)
+    }
+
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
+    fn batch_transfer_sync_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        transport_hint: &str,
+    ) -> i32 {
+        let _ = transport_hint;
+        self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Read, None)
+    }
+
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_sync(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        opcode: &Bound<'_, PyAny>,
+        notify: Option<TransferNotify>,
+        transport_hint: &str,
+    ) -> PyResult<i32> {
+        let _ = transport_hint;
+        let op = Self::opcode(opcode)?;
+        Ok(self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, op, notify))
+    }
+
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
+    fn batch_transfer_async_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        transport_hint: &str,
+    ) -> u64 {
+        let _ = transport_hint;
+        self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Write)
+    }
+
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
+    fn batch_transfer_async_read(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        transport_hint: &str,
+    ) -> u64 {
+        let _ = transport_hint;
+        self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Read)
+    }
+
+    /// Submits a batch and returns its id (nonzero), or 0 when it was refused (logged).
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_async(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        opcode: &Bound<'_, PyAny>,
+        transport_hint: &str,
+    ) -> PyResult<u64> {
+        let _ = transport_hint;
+        let op = Self::opcode(opcode)?;
+        Ok(self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, op))
+    }
+
+    /// Waits for every batch in `batch_ids` (each ends by its deadline) and releases them:
+    /// 0 when all completed, -1 when one failed, timed out, or is not a live id.
+    fn get_batch_transfer_status(&self, py: Python<'_>, batch_ids: Vec<u64>) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        py.detach(|| {
+            let taken: Vec<(u64, Option<Pending>)> = {
+                let mut pending = s.pending.lock();
+                batch_ids.iter().map(|id| (*id, pending.remove(id))).collect()
+            };
+            let mut status = 0;
+            for (id, p) in taken {
+                match p {
+                    None => {
+                        tracing::warn!(id, "get_batch_transfer_status: not a live batch id");
+                        status = -1;
+                    }
+                    Some(p) => {
+                        if let Err(e) = p.batch.wait(Duration::from_secs(u32::MAX as u64)) {
+                            tracing::warn!(id, error = %chain(&e), "batch failed");
+                            status = -1;
+                        }
+                    }
+                }
+            }
+            status
+        })
+    }
+
+    /// Submits one WRITE; its id, or 0 when refused.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
+    fn transfer_submit_write(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        transport_hint: &str,
+    ) -> u64 {
+        let _ = transport_hint;
+        self.submit_async(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Write)
+    }
+
+    /// Without waiting: 1 completed, 0 pending, -1 failed (or not a live id), -2 timed
+    /// out. An ended batch is released (asking again is -1).
+    fn transfer_check_status(&self, batch_id: u64) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        let mut pending = s.pending.lock();
+        let Some(p) = pending.get(&batch_id) else {
+            return -1;
+        };
+        let progress = p.batch.poll();
+        let status = if !progress.is_done() {
+            return 0;
+        } else if progress.completed == progress.total {
+            1
+        } else if progress.timed_out > 0 {
+            -2
+        } else {
+            -1
+        };
+        pending.remove(&batch_id);
+        status
+    }
+
+    /// Copies `length` bytes of `src_ptr` (bytes or str) to `dest_address`, which must lie
+    /// in registered memory: 0, or -1.
+    fn write_bytes_to_buffer(
+        &self,
+        py: Python<'_>,
+        dest_address: u64,
+        src_ptr: &Bound<'_, PyAny>,
+        length: usize,
+    ) -> PyResult<i32> {
+        let data: Vec<u8> = if let Ok(b) = src_ptr.cast::<PyBytes>() {
+            b.as_bytes().to_vec()
+        } else if let Ok(s) = src_ptr.cast::<PyString>() {
+            s.extract::<String>()?.into_bytes()
+        } else {
+            return Err(crate::errors::invalid("src_ptr must be bytes or str"));
+        };
+        let Some(s) = self.state() else { return Ok(-1) };
+        if length > data.len() {
+            tracing::warn!(length, have = data.len(), "write_bytes_to_buffer: length is past the data");
+            return Ok(-1);
+        }
+        let Some((buffer, offset)) = s.local_at(dest_address, length) else {
+            tracing::warn!(dest_address, length, "write_bytes_to_buffer: not inside registered memory");
+            return Ok(-1);
+        };
+        Ok(py
+            .detach(|| buffer.write_at(offset, &data[..length]))
+            .map_or(-1, |()| 0))
+    }
+
+    /// `length` bytes at `source_address`, which must lie in registered memory.
+    fn read_bytes_from_buffer<'py>(
+        &self,
+        py: Python<'py>,
+        source_address: u64,
+        length: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let s = self
+            .state()
+            .ok_or_else(|| crate::errors::invalid("read_bytes_from_buffer before initialize"))?;
+        let (buffer, offset) = s.local_at(source_address, length).ok_or_else(|| {
+            crate::errors::invalid(format!(
+                "{source_address:#x}+{length} is not inside memory registered with this engine"
+            ))
+        })?;
+        let mut out = vec![0u8; length];
+        py.detach(|| buffer.read_at(offset, &mut out))
+            .map_err(|e| Python::attach(|py| crate::errors::to_py(py, &e)))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Registers caller memory (`location`: "*" finds out, or "cpu", "cuda:N"); 0 or -1.
+    #[pyo3(signature = (buffer_addr, capacity, location="*"))]
+    fn register_memory(&self, py: Python<'_>, buffer_addr: u64, capacity: usize, location: &str) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        match py.detach(|| s.register(buffer_addr, capacity, location)) {
+            Ok(()) => 0,
+            Err(why) => {
+                tracing::warn!(addr = buffer_addr, capacity, %why, "register_memory");
+                -1
+            }
+        }
+    }
+
+    /// Deregisters memory registered at `buffer_addr`; 0, or -1 when nothing is.
+    fn unregister_memory(&self, py: Python<'_>, buffer_addr: u64) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        match py.detach(|| s.unregister(buffer_addr)) {
+            Ok(()) => 0,
+            Err(why) => {
+                tracing::warn!(addr = buffer_addr, %why, "unregister_memory");
+                -1
+            }
+        }
+    }
+
+    /// Registers every `(address, capacity)` pair, or none: 0, or -1.
+    #[pyo3(signature = (buffer_addresses, capacities, location="*"))]
+    fn batch_register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addresses: Vec<u64>,
+        capacities: Vec<usize>,
+        location: &str,
+    ) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        if buffer_addresses.len() != capacities.len() {
+            tracing::warn!("batch_register_memory: the lists differ in length");
+            return -1;
+        }
+        py.detach(|| {
+            for (i, (&addr, &cap)) in buffer_addresses.iter().zip(&capacities).enumerate() {
+                if let Err(why) = s.register(addr, cap, location) {
+                    tracing::warn!(addr, cap, %why, "batch_register_memory: undoing this call's registrations");
+                    for &done in &buffer_addresses[..i] {
+                        let _ = s.unregister(done);
+                    }
+                    return -1;
+                }
+            }
+            0
+        })
+    }
+
+    /// Deregisters every address; 0, or -1 when one was not registered (the others are
+    /// deregistered all the same).
+    fn batch_unregister_memory(&self, py: Python<'_>, buffer_addresses: Vec<u64>) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        py.detach(|| {
+            let mut status = 0;
+            for addr in buffer_addresses {
+                if s.unregister(addr).is_err() {
+                    status = -1;
+                }
+            }
+            status
+        })
+    }
+
+    /// The address of the first buffer `segment_name` publishes (its descriptor fetched
+    /// anew); 0 when it cannot be opened or publishes none.
+    fn get_first_buffer_address(&self, py: Python<'_>, segment_name: &str) -> u64 {
+        let Some(s) = self.state() else { return 0 };
+        py.detach(|| match s.engine.refresh_segment(segment_name) {
+            Ok(seg) => seg.buffers().first().map_or(0, |b| b.addr),
+            Err(e) => {
+                tracing::warn!(segment = segment_name, error = %chain(&e), "get_first_buffer_address");
+                0
+            }
+        })
+    }
+
+    /// Every notification received since the last call, oldest first.
+    fn get_notifies(&self) -> Vec<TransferNotify> {
+        let Some(s) = self.state() else {
+            return Vec::new();
+        };
+        std::iter::from_fn(|| s.engine.try_recv_notification())
+            .map(|n| decode_notify(n.from, &n.message))
+            .collect()
+    }
+
+    /// 0 when `peer_server_name` answers (its descriptor is fetched), non-zero when it is
+    /// unknown or unreachable; fails fast (a refused connection, the connect timeout).
+    fn send_probe(&self, py: Python<'_>, peer_server_name: &str) -> i32 {
+        let Some(s) = self.state() else { return -1 };
+        py.detach(|| match s.engine.refresh_segment(peer_server_name) {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::info!(peer = peer_server_name, error = %chain(&e), "probe failed");
+                -1
+            }
+        })
+    }
+
+    /// The devices ferry can use on this host, as JSON in Mooncake's shape
+    /// (`{"cpu:0": {"preferred_hca": [...], "avail_hca": [...]}}`), plus what ferry
+    /// itself reports under `"ferry"` (transports compiled in, fabric devices, CUDA).
+    #[pyo3(signature = (device_name=None))]
+    fn get_local_topology(&self, py: Python<'_>, device_name: Option<&str>) -> String {
+        let filter: Vec<String> = device_name
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(String::from)
+            .collect();
+        py.detach(|| {
+            let devices: Vec<ferry_engine::FabricDevice> = ferry_engine::fabric_devices()
+                .into_iter()
+                .filter(|d| filter.is_empty() || filter.contains(&d.device))
+                .collect();
+            let names: Vec<String> = devices.iter().map(|d| d.device.clone()).collect();
+            let cuda = ferry_engine::cuda_status();
+            let mut top = serde_json::Map::new();
+            top.insert(
+                "cpu:0".into(),
+                serde_json::json!({"preferred_hca": names, "avail_hca": names}),
+            );
+            for (ordinal, _, _) in &cuda.devices {
+                top.insert(
+                    format!("cuda:{ordinal}"),
+                    serde_json::json!({"preferred_hca": names, "avail_hca": names}),
+                );
+            }
+            top.insert(
+                "ferry".into(),
+                serde_json::json!({
+                    "protocols": ferry_engine::compiled().iter().map(|p| p.name()).collect::<Vec<_>>(),
+                    "fabric_devices": devices.iter().map(|d| serde_json::json!({
+                        "protocol": d.protocol.name(), "provider": d.provider, "device": d.device,
+                    })).collect::<Vec<_>>(),
+                    "cuda_devices": cuda.devices.iter().map(|(o, n, b)| serde_json::json!({
+                        "ordinal": o, "name": n, "bytes": b,
+                    })).collect::<Vec<_>>(),
+                }),
+            );
+            serde_json::Value::Object(top).to_string()
+        })
+    }
+
+    /// The underlying `ferry.Engine` (shared, not copied); `None` before `initialize`.
+    fn get_engine(&self, py: Python<'_>) -> Option<Py<PyEngine>> {
+        self.state().map(|s| s.py_engine.clone_ref(py))
+    }
+}
+
+/// Puts Mooncake's `device_name` filter into the configuration of the transport that
+/// takes one.
+fn apply_devices(config: &mut EngineConfig, protocol: Protocol, devices: Vec<String>) -> Result<(), String> {
+    if devices.is_empty() || protocol == Protocol::Tcp {
+        return Ok(());
+    }
+    #[cfg(feature = "efa")]
+    if protocol == Protocol::Efa {
+        let mut efa = config.efa.clone().unwrap_or_default();
+        efa.devices = devices;
+        config.efa = Some(efa);
+        return Ok(());
+    }
+    let _ = config;
+    Err(format!("{protocol} takes no device list here"))
+}

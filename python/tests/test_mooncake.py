@@ -1,0 +1,244 @@
+"""The Mooncake-compatible TransferEngine, driven the way real clients drive it, against
+peers in their own processes on loopback, with random data checked byte for byte."""
+
+import os
+import random
+import threading
+
+import pytest
+
+from conftest import LocalMemory, Peer, random_bytes
+from ferry.mooncake import TransferEngine, TransferNotify, TransferOpcode
+
+
+def test_vllm_sequence_ten_threads_write_to_one_peer(peer):
+    # vLLM: initialize(ip, "P2PHANDSHAKE", "rdma", ""), get_rpc_port,
+    # batch_register_memory, then batch_transfer_sync_write from many threads at once.
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "") == 0
+    assert e.get_protocol() == "tcp", "rdma is not in this build: TCP, as Mooncake falls back"
+    assert e.get_rpc_port() > 0
+    threads, block, blocks = 10, 4096, 16
+    mems = [LocalMemory.__new__(LocalMemory) for _ in range(threads)]
+    import ctypes
+
+    for m in mems:
+        m.mem = (ctypes.c_char * (block * blocks)).from_buffer_copy(random_bytes(block * blocks))
+        m.addr = ctypes.addressof(m.mem)
+        m.len = block * blocks
+    assert e.batch_register_memory([m.addr for m in mems], [m.len for m in mems]) == 0
+    remote, remote_len = peer.buffers[0]
+    assert remote_len >= threads * blocks * block
+    results = [None] * threads
+
+    def send(i):
+        m = mems[i]
+        srcs = [m.addr + j * block for j in range(blocks)]
+        dsts = [remote + (i * blocks + j) * block for j in range(blocks)]
+        results[i] = e.batch_transfer_sync_write(peer.name, srcs, dsts, [block] * blocks)
+
+    ts = [threading.Thread(target=send, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert results == [0] * threads
+    for i, m in enumerate(mems):
+        assert peer.read(remote + i * blocks * block, m.len) == m.bytes()
+    assert e.batch_unregister_memory([m.addr for m in mems]) == 0
+
+
+def test_sglang_sequence_register_probe_and_write(engine, peer):
+    local = LocalMemory(engine, 1 << 16)
+    assert engine.unregister_memory(local.addr) == 0
+    assert engine.unregister_memory(local.addr) != 0, "nothing is registered there any more"
+    assert engine.register_memory(local.addr, local.len) == 0
+    remote, _ = peer.buffers[0]
+    assert engine.transfer_sync_write(peer.name, local.addr, remote + 4096, 30000) == 0
+    assert peer.read(remote + 4096, 30000) == local.bytes(0, 30000)
+    # A live peer answers the probe; an unknown one does not.
+    assert engine.send_probe(peer.name) == 0
+    assert engine.send_probe("127.0.0.1:1") != 0
+    assert engine.get_engine().name == f"127.0.0.1:{engine.get_rpc_port()}"
+    more = [LocalMemory(engine, 8192) for _ in range(3)]
+    assert engine.batch_unregister_memory([m.addr for m in more]) == 0
+
+
+def test_rl_sequence_async_writes_to_several_peers_then_status_and_reads(engine, peers):
+    local = LocalMemory(engine, 3 * 65536)
+    ids = []
+    for i, p in enumerate(peers):
+        remote, _ = p.buffers[0]
+        assert engine.get_first_buffer_address(p.name) == remote
+        srcs = [local.addr + i * 65536 + j * 8192 for j in range(8)]
+        dsts = [remote + j * 8192 for j in range(8)]
+        batch_id = engine.batch_transfer_async_write(p.name, srcs, dsts, [8192] * 8)
+        assert batch_id != 0
+        ids.append(batch_id)
+    assert engine.get_batch_transfer_status(ids) == 0
+    for i, p in enumerate(peers):
+        remote, _ = p.buffers[0]
+        assert p.read(remote, 65536) == local.bytes(i * 65536, 65536)
+    # The ids are spent: asking again is -1, never a crash.
+    assert engine.get_batch_transfer_status(ids) == -1
+    # transfer_sync_read brings a peer's bytes back.
+    back = LocalMemory(engine, 65536)
+    remote, _ = peers[1].buffers[0]
+    assert engine.transfer_sync_read(peers[1].name, back.addr, remote, 65536) == 0
+    assert back.bytes() == local.bytes(65536, 65536)
+
+
+def test_a_thousand_small_round_trips_through_bytes_helpers(engine, peer):
+    local = engine.allocate_managed_buffer(4096)
+    assert local != 0
+    remote, _ = peer.buffers[1]
+    rng = random.Random(7)
+    for i in range(1000):
+        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(1, 200)))
+        data = text.encode()
+        assert engine.write_bytes_to_buffer(local, data, len(data)) == 0
+        at = remote + (i % 16) * 256
+        assert engine.transfer_sync_write(peer.name, local, at, len(data)) == 0
+        assert engine.write_bytes_to_buffer(local, b"\0" * len(data), len(data)) == 0
+        assert engine.transfer_sync_read(peer.name, local, at, len(data)) == 0
+        assert engine.read_bytes_from_buffer(local, len(data)) == data
+    assert engine.free_managed_buffer(local, 4096) == 0
+    assert engine.free_managed_buffer(local, 4096) == -1, "freed already"
+
+
+def test_hundred_entry_sync_and_async_batches_both_ways(engine, peer):
+    n, block = 100, 1000
+    local = LocalMemory(engine, n * block)
+    back = LocalMemory(engine, n * block)
+    remote, _ = peer.buffers[0]
+    order = list(range(n))
+    random.Random(3).shuffle(order)
+    srcs = [local.addr + i * block for i in order]
+    dsts = [remote + 7 + i * block for i in range(n)]
+    assert engine.batch_transfer_sync(peer.name, srcs, dsts, [block] * n, TransferOpcode.Write) == 0
+    expect = b"".join(local.bytes(i * block, block) for i in order)
+    assert peer.read(remote + 7, n * block) == expect
+    rid = engine.batch_transfer_async_read(peer.name, [back.addr + i * block for i in range(n)], dsts, [block] * n)
+    assert rid != 0
+    assert engine.get_batch_transfer_status([rid]) == 0
+    assert back.bytes() == expect
+    # transfer_submit_write / transfer_check_status: 1 once done, then the id is spent.
+    wid = engine.transfer_submit_write(peer.name, local.addr, remote, 4096)
+    assert wid != 0
+    status = 0
+    while status == 0:
+        status = engine.transfer_check_status(wid)
+    assert status == 1
+    assert engine.transfer_check_status(wid) == -1
+    assert peer.read(remote, 4096) == local.bytes(0, 4096)
+
+
+def test_notifications_carry_name_and_message(engine, peer):
+    local = LocalMemory(engine, 4096)
+    remote, _ = peer.buffers[0]
+    note = TransferNotify("kv-ready", "blocks 0..4")
+    assert engine.transfer_sync(peer.name, local.addr, remote, 4096, TransferOpcode.Write, note) == 0
+    assert engine.batch_transfer_sync(
+        peer.name, [local.addr], [remote + 4096], [4096], TransferOpcode.Write, notify=TransferNotify("second", "x")
+    ) == 0
+    assert peer.notifies() == [("kv-ready", "blocks 0..4"), ("second", "x")]
+    assert peer.notifies() == [], "drained"
+
+
+def test_memory_registered_after_opening_is_found(engine, peer):
+    local = LocalMemory(engine, 8192)
+    assert engine.transfer_sync_write(peer.name, local.addr, peer.buffers[0][0], 16) == 0
+    later = peer.register(8192)
+    # The cached descriptor does not know it: fetched again, once.
+    assert engine.transfer_sync_write(peer.name, local.addr, later, 8192) == 0
+    assert peer.read(later, 8192) == local.bytes()
+
+
+def test_bad_input_is_refused_and_the_engine_keeps_serving(engine, peer):
+    local = LocalMemory(engine, 8192)
+    remote, remote_len = peer.buffers[0]
+    before = peer.read(remote, 64)
+    # Addresses outside any region, lengths past a region's end, on both sides.
+    assert engine.transfer_sync_write(peer.name, local.addr, remote + remote_len, 16) == -1
+    assert engine.transfer_sync_write(peer.name, local.addr, remote + remote_len - 8, 16) == -1
+    assert engine.transfer_sync_write(peer.name, local.addr, 8, 16) == -1
+    assert engine.transfer_sync_write(peer.name, local.addr + 8190, remote, 16) == -1
+    assert engine.transfer_sync_write(peer.name, 12345, remote, 16) == -1
+    assert engine.batch_transfer_sync_write(peer.name, [local.addr], [remote], [16, 16]) == -1
+    assert engine.batch_transfer_async_write(peer.name, [local.addr], [remote + remote_len], [16]) == 0
+    # Unknown peers fail (fast, and without waiting for the transfer timeout).
+    assert engine.transfer_sync_write("127.0.0.1:1", local.addr, remote, 16) == -1
+    assert engine.transfer_sync_write("no-such-host.invalid:5", local.addr, remote, 16) == -1
+    # Stale and forged batch ids.
+    assert engine.get_batch_transfer_status([0, 12345, 2**64 - 1]) == -1
+    assert engine.transfer_check_status(987654321) == -1
+    # Helpers outside registered memory.
+    assert engine.write_bytes_to_buffer(12345, b"abc", 3) == -1
+    assert engine.write_bytes_to_buffer(local.addr, b"abc", 4) == -1, "length past the data"
+    import ferry
+
+    with pytest.raises(ferry.InvalidInput):
+        engine.read_bytes_from_buffer(local.addr + 8000, 1000)
+    # Wrong types are exceptions, not crashes.
+    with pytest.raises(TypeError):
+        engine.transfer_sync_write(None, local.addr, remote, 16)
+    with pytest.raises(TypeError):
+        engine.transfer_sync_write(peer.name, "not an address", remote, 16)
+    with pytest.raises(TypeError):
+        engine.batch_transfer_sync_write(peer.name, None, [remote], [16])
+    with pytest.raises(ValueError):
+        engine.transfer_sync(peer.name, local.addr, remote, 16, 7)
+    assert engine.register_memory(local.addr + 100, 10) == -1, "overlaps a registration"
+    # Nothing landed, and good requests still work.
+    assert peer.read(remote, 64) == before
+    assert engine.transfer_sync_write(peer.name, local.addr, remote, 8192) == 0
+    assert peer.read(remote, 8192) == local.bytes()
+
+
+def test_uninitialized_engines_and_missing_metadata_servers_fail_cleanly():
+    e = TransferEngine()
+    assert e.get_rpc_port() == -1
+    assert e.transfer_sync_write("127.0.0.1:1", 1, 1, 1) == -1
+    assert e.get_engine() is None
+    assert e.get_notifies() == []
+    for server in ["etcd://127.0.0.1:2379", "http://127.0.0.1:8080/metadata", "redis://127.0.0.1:6379", "127.0.0.1:2379"]:
+        assert TransferEngine().initialize("127.0.0.1", server, "tcp", "") == -1
+    ok = TransferEngine()
+    assert ok.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    assert ok.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1, "already initialized"
+
+
+def test_a_hostname_with_a_port_binds_that_port_and_is_the_name():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = TransferEngine()
+    assert e.initialize(f"127.0.0.1:{port}", "P2PHANDSHAKE", "tcp", "") == 0
+    assert e.get_rpc_port() == port
+    assert e.get_local_segment_name() == f"127.0.0.1:{port}"
+
+
+def test_force_tcp_and_topology():
+    import json
+
+    os.environ["MC_FORCE_TCP"] = "1"
+    try:
+        e = TransferEngine()
+        assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "efa", "") == 0
+        assert e.get_protocol() == "tcp"
+    finally:
+        del os.environ["MC_FORCE_TCP"]
+    top = json.loads(e.get_local_topology())
+    assert "cpu:0" in top and "tcp" in top["ferry"]["protocols"]
+
+
+def test_install_makes_mooncake_engine_resolve_to_ferry():
+    import ferry.mooncake
+
+    module = ferry.mooncake.install()
+    from mooncake.engine import TransferEngine as Imported  # noqa: E402
+
+    assert Imported is TransferEngine
+    assert module.Write == TransferOpcode.Write and int(TransferOpcode.Read) == 0
