@@ -67,9 +67,13 @@ pub(crate) fn config_from(
         } else {
             base.clone()
         };
-        merged.update(base.cast::<PyDict>().map_err(|_| {
-            invalid("config must be a dict or a JSON string in the shape of EngineConfig")
-        })?.as_mapping())?;
+        merged.update(
+            base.cast::<PyDict>()
+                .map_err(|_| {
+                    invalid("config must be a dict or a JSON string in the shape of EngineConfig")
+                })?
+                .as_mapping(),
+        )?;
     }
     merged.update(settings.as_mapping())?;
     let text: String = json.call_method1("dumps", (merged,))?.extract()?;
@@ -99,7 +103,11 @@ impl PyEngine {
         settings: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let all = settings.cloned().unwrap_or_else(|| PyDict::new(py));
-        for (key, value) in [("protocol", protocol), ("listen", listen), ("metadata", metadata)] {
+        for (key, value) in [
+            ("protocol", protocol),
+            ("listen", listen),
+            ("metadata", metadata),
+        ] {
             if let Some(v) = value {
                 all.set_item(key, v)?;
             }
@@ -165,7 +173,7 @@ impl PyEngine {
             let addr: u64 = memory.call_method0("data_ptr")?.extract()?;
             let len: usize = memory.call_method0("numel")?.extract::<usize>()?
                 * memory.call_method0("element_size")?.extract::<usize>()?;
-            if memory.call_method0("is_contiguous")?.extract::<bool>()? == false {
+            if !memory.call_method0("is_contiguous")?.extract::<bool>()? {
                 return Err(invalid("the tensor is not contiguous"));
             }
             if location == Location::Auto {
@@ -178,7 +186,11 @@ impl PyEngine {
                     };
                 }
             }
-            (addr, length.unwrap_or(len).min(len), Some(memory.clone().unbind()))
+            (
+                addr,
+                length.unwrap_or(len).min(len),
+                Some(memory.clone().unbind()),
+            )
         } else {
             let view = py
                 .import("builtins")?
@@ -209,7 +221,11 @@ impl PyEngine {
                 .mul(nbytes)?
                 .call_method1("from_buffer", (&view,))?;
             let addr: u64 = ctypes.call_method1("addressof", (array,))?.extract()?;
-            (addr, length.unwrap_or(nbytes).min(nbytes), Some(view.unbind()))
+            (
+                addr,
+                length.unwrap_or(nbytes).min(nbytes),
+                Some(view.unbind()),
+            )
         };
         let engine = self.inner.clone();
         // SAFETY: the memory is kept valid by `keepalive` (an exported buffer or a
@@ -232,7 +248,11 @@ impl PyEngine {
     /// Starts a batch. Use it as a context manager (`with engine.batch(timeout=5) as b:`)
     /// to submit and wait on leaving the block, or call `submit()`.
     #[pyo3(signature = (timeout=None, retry_over_tcp=None))]
-    fn batch(&self, timeout: Option<f64>, retry_over_tcp: Option<bool>) -> PyResult<PyBatchBuilder> {
+    fn batch(
+        &self,
+        timeout: Option<f64>,
+        retry_over_tcp: Option<bool>,
+    ) -> PyResult<PyBatchBuilder> {
         let mut b = self.inner.batch();
         if let Some(t) = timeout {
             b = b.timeout(seconds(t)?);
@@ -249,7 +269,8 @@ impl PyEngine {
     /// Sends a small message to a segment's engine and waits until it is queued there.
     fn notify(&self, py: Python<'_>, segment: &PySegment, message: &[u8]) -> PyResult<()> {
         let message = message.to_vec();
-        py.detach(|| self.inner.notify(&segment.inner, &message)).py_err()
+        py.detach(|| self.inner.notify(&segment.inner, &message))
+            .py_err()
     }
 
     /// The next notification as `(sender, message)`, waiting up to `timeout` seconds
@@ -267,8 +288,16 @@ impl PyEngine {
             }
             None => self.inner.try_recv_notification(),
         };
-        n.map(|n| PyTuple::new(py, [n.from.into_pyobject(py)?.into_any(), PyBytes::new(py, &n.message).into_any()]))
-            .transpose()
+        n.map(|n| {
+            PyTuple::new(
+                py,
+                [
+                    n.from.into_pyobject(py)?.into_any(),
+                    PyBytes::new(py, &n.message).into_any(),
+                ],
+            )
+        })
+        .transpose()
     }
 
     /// Stops the transports; transfers in flight fail, later calls raise.
@@ -295,7 +324,11 @@ impl PyEngine {
     }
 
     fn __repr__(&self) -> String {
-        format!("Engine(name={:?}, protocols={:?})", self.name(), self.protocols())
+        format!(
+            "Engine(name={:?}, protocols={:?})",
+            self.name(),
+            self.protocols()
+        )
     }
 }
 
@@ -378,9 +411,15 @@ impl PyBuffer {
     }
 
     /// Copies `length` bytes at `offset` out of the buffer.
-    fn read<'py>(&self, py: Python<'py>, offset: usize, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: usize,
+        length: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let mut out = vec![0u8; length];
-        py.detach(|| self.inner.read_at(offset, &mut out)).py_err()?;
+        py.detach(|| self.inner.read_at(offset, &mut out))
+            .py_err()?;
         Ok(PyBytes::new(py, &out))
     }
 
@@ -496,7 +535,8 @@ impl PySegment {
         format!(
             "Segment(name={:?}, protocol={}, buffers={})",
             self.inner.name(),
-            self.protocol().map_or("None".to_string(), |p| format!("{p:?}")),
+            self.protocol()
+                .map_or("None".to_string(), |p| format!("{p:?}")),
             self.inner.buffers().len()
         )
     }
@@ -596,9 +636,21 @@ impl PyBatchBuilder {
             .as_mut()
             .ok_or_else(|| invalid("the batch was already submitted"))?;
         let r = if write {
-            b.write(&local.inner, local_offset, &remote.inner, remote_offset, length)
+            b.write(
+                &local.inner,
+                local_offset,
+                &remote.inner,
+                remote_offset,
+                length,
+            )
         } else {
-            b.read(&local.inner, local_offset, &remote.inner, remote_offset, length)
+            b.read(
+                &local.inner,
+                local_offset,
+                &remote.inner,
+                remote_offset,
+                length,
+            )
         };
         r.map(|_| ()).py_err()
     }

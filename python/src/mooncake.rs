@@ -84,13 +84,11 @@ fn encode_notify(n: &TransferNotify) -> Vec<u8> {
 /// A received notification: a tagged one gives back its name and message; any other is
 /// named by its sender's segment.
 fn decode_notify(from: String, body: &[u8]) -> TransferNotify {
-    let tagged = body
-        .strip_prefix(NOTIFY_TAG.as_slice())
-        .and_then(|rest| {
-            let (len, rest) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            (rest.len() >= len).then(|| rest.split_at(len))
-        });
+    let tagged = body.strip_prefix(NOTIFY_TAG.as_slice()).and_then(|rest| {
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        (rest.len() >= len).then(|| rest.split_at(len))
+    });
     match tagged {
         Some((name, msg)) => TransferNotify {
             name: String::from_utf8_lossy(name).into_owned(),
@@ -487,7 +485,15 @@ impl TransferEngine {
         let timeout = self.timeout;
         let target = target.to_string();
         py.detach(move || {
-            state.transfer(&target, &locals, &peers, &lens, op, notify.as_ref(), timeout)
+            state.transfer(
+                &target,
+                &locals,
+                &peers,
+                &lens,
+                op,
+                notify.as_ref(),
+                timeout,
+            )
         })
     }
 
@@ -637,7 +643,8 @@ impl TransferEngine {
         self.state()
             .and_then(|s| {
                 let name = s.engine.name();
-                name.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok())
+                name.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<i64>().ok())
             })
             .unwrap_or(-1)
     }
@@ -681,7 +688,10 @@ impl TransferEngine {
         let Some(s) = self.state() else { return -1 };
         let managed = s.local.read().get(&buffer_addr).is_some_and(|l| l.managed);
         if !managed {
-            tracing::warn!(addr = buffer_addr, "free_managed_buffer: not a managed buffer");
+            tracing::warn!(
+                addr = buffer_addr,
+                "free_managed_buffer: not a managed buffer"
+            );
             return -1;
         }
         py.detach(|| s.unregister(buffer_addr)).map_or(-1, |()| 0)
@@ -698,7 +708,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Write, None)
+        self.sync(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            TransferOpcode::Write,
+            None,
+        )
     }
 
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
@@ -712,7 +730,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Read, None)
+        self.sync(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            TransferOpcode::Read,
+            None,
+        )
     }
 
     /// One transfer, then (when `notify` is given) a notification to the peer. 0 or -1.
@@ -731,7 +757,15 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = transport_hint;
         let op = Self::opcode(opcode)?;
-        Ok(self.sync(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], op, notify))
+        Ok(self.sync(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            op,
+            notify,
+        ))
     }
 
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
@@ -745,7 +779,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Write, None)
+        self.sync(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Write,
+            None,
+        )
     }
 
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
@@ -759,7 +801,15 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> i32 {
         let _ = transport_hint;
-        self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Read, None)
+        self.sync(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Read,
+            None,
+        )
     }
 
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""))]
@@ -777,7 +827,15 @@ impl TransferEngine {
     ) -> PyResult<i32> {
         let _ = transport_hint;
         let op = Self::opcode(opcode)?;
-        Ok(self.sync(py, target_hostname, buffers, peer_buffer_addresses, lengths, op, notify))
+        Ok(self.sync(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            op,
+            notify,
+        ))
     }
 
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
@@ -791,7 +849,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Write)
+        self.submit_async(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Write,
+        )
     }
 
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
@@ -805,7 +870,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode::Read)
+        self.submit_async(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Read,
+        )
     }
 
     /// Submits a batch and returns its id (nonzero), or 0 when it was refused (logged).
@@ -823,7 +895,14 @@ impl TransferEngine {
     ) -> PyResult<u64> {
         let _ = transport_hint;
         let op = Self::opcode(opcode)?;
-        Ok(self.submit_async(py, target_hostname, buffers, peer_buffer_addresses, lengths, op))
+        Ok(self.submit_async(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            op,
+        ))
     }
 
     /// Waits for every batch in `batch_ids` (each ends by its deadline) and releases them:
@@ -833,7 +912,10 @@ impl TransferEngine {
         py.detach(|| {
             let taken: Vec<(u64, Option<Pending>)> = {
                 let mut pending = s.pending.lock();
-                batch_ids.iter().map(|id| (*id, pending.remove(id))).collect()
+                batch_ids
+                    .iter()
+                    .map(|id| (*id, pending.remove(id)))
+                    .collect()
             };
             let mut status = 0;
             for (id, p) in taken {
@@ -866,7 +948,14 @@ impl TransferEngine {
         transport_hint: &str,
     ) -> u64 {
         let _ = transport_hint;
-        self.submit_async(py, target_hostname, vec![buffer], vec![peer_buffer_address], vec![length], TransferOpcode::Write)
+        self.submit_async(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            TransferOpcode::Write,
+        )
     }
 
     /// Without waiting: 1 completed, 0 pending, -1 failed (or not a live id), -2 timed
@@ -909,11 +998,19 @@ impl TransferEngine {
         };
         let Some(s) = self.state() else { return Ok(-1) };
         if length > data.len() {
-            tracing::warn!(length, have = data.len(), "write_bytes_to_buffer: length is past the data");
+            tracing::warn!(
+                length,
+                have = data.len(),
+                "write_bytes_to_buffer: length is past the data"
+            );
             return Ok(-1);
         }
         let Some((buffer, offset)) = s.local_at(dest_address, length) else {
-            tracing::warn!(dest_address, length, "write_bytes_to_buffer: not inside registered memory");
+            tracing::warn!(
+                dest_address,
+                length,
+                "write_bytes_to_buffer: not inside registered memory"
+            );
             return Ok(-1);
         };
         Ok(py
@@ -944,7 +1041,13 @@ impl TransferEngine {
 
     /// Registers caller memory (`location`: "*" finds out, or "cpu", "cuda:N"); 0 or -1.
     #[pyo3(signature = (buffer_addr, capacity, location="*"))]
-    fn register_memory(&self, py: Python<'_>, buffer_addr: u64, capacity: usize, location: &str) -> i32 {
+    fn register_memory(
+        &self,
+        py: Python<'_>,
+        buffer_addr: u64,
+        capacity: usize,
+        location: &str,
+    ) -> i32 {
         let Some(s) = self.state() else { return -1 };
         match py.detach(|| s.register(buffer_addr, capacity, location)) {
             Ok(()) => 0,
@@ -1100,7 +1203,11 @@ impl TransferEngine {
 
 /// Puts Mooncake's `device_name` filter into the configuration of the transport that
 /// takes one.
-fn apply_devices(config: &mut EngineConfig, protocol: Protocol, devices: Vec<String>) -> Result<(), String> {
+fn apply_devices(
+    config: &mut EngineConfig,
+    protocol: Protocol,
+    devices: Vec<String>,
+) -> Result<(), String> {
     if devices.is_empty() || protocol == Protocol::Tcp {
         return Ok(());
     }

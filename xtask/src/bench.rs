@@ -27,17 +27,22 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
     let mut efa = false;
+    let mut python = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--duration" => duration = it.next().context("--duration needs seconds")?.clone(),
             "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--efa" => efa = true,
+            "--python" => python = true,
             other => bail!("cargo xtask bench: unknown flag `{other}`"),
         }
     }
     if efa {
         return bench_efa(&duration, rounds);
+    }
+    if python {
+        return bench_python(&duration, rounds);
     }
     if !have("iperf3") {
         apt_install(&["iperf3"])?;
@@ -231,4 +236,53 @@ fn iperf3(duration: &str) -> Result<(f64, f64)> {
         + cpu("/end/cpu_utilization_percent/remote_total");
     let rate = bps / 8e9;
     Ok((rate, if cores > 0.0 { rate / cores } else { 0.0 }))
+}
+
+/// `python -m ferry.bench` (the Mooncake-compatible `batch_transfer_sync_write`) against
+/// `ferry bench`, 64 KiB blocks in batches of 128, interleaved rounds.
+fn bench_python(duration: &str, rounds: usize) -> Result<()> {
+    let python = crate::python::venv()?;
+    crate::python::install(&python)?;
+    run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
+    let ferry = root().join("target/release/ferry");
+    let shape = [
+        "--block-size",
+        "64K",
+        "--batch-size",
+        "128",
+        "--duration",
+        duration,
+        "--json",
+    ];
+    let gbps = |out: std::process::Output, what: &str| -> Result<f64> {
+        if !out.status.success() {
+            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
+        v.get("throughput_gbps")
+            .and_then(|x| x.as_f64())
+            .context("no throughput_gbps")
+    };
+    let (mut native, mut compat) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("xtask: round {round}/{rounds}");
+        let out = Command::new(&ferry).arg("bench").args(shape).output()?;
+        native.push(gbps(out, "ferry bench")?);
+        let out = Command::new(&python)
+            .args(["-m", "ferry.bench"])
+            .args(shape)
+            .current_dir(root().join("target"))
+            .output()?;
+        compat.push(gbps(out, "python -m ferry.bench")?);
+    }
+    let (n, c) = (median(native), median(compat));
+    println!("WRITE, 64 KiB x 128, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)");
+    println!("{:<50} {:>8.2} GB/s", "ferry bench (Rust API)", n);
+    println!(
+        "{:<50} {:>8.2} GB/s",
+        "python -m ferry.bench (batch_transfer_sync_write)", c
+    );
+    println!("{:<50} {:>8.2}", "ratio", c / n);
+    Ok(())
 }

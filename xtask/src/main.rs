@@ -5,7 +5,8 @@
 //!   warnings` for every package and feature set that must build, a failing check with
 //!   its message for those that must not); docs with warnings denied; every test and doc
 //!   test; the loom models of the thread hand-overs; every fuzz target for a bounded time;
-//!   the downstream crate per deployment profile. `--hw` also runs the tests that
+//!   the downstream crate per deployment profile; the Python package, installed with pip
+//!   into `target/pyvenv` and tested with pytest. `--hw` also runs the tests that
 //!   need hardware (GPU, EFA, RDMA); `--full` adds `cross aarch64`.
 //! - `cargo xtask cross aarch64`: the `ferry` binary and the test binaries for
 //!   `aarch64-unknown-linux-gnu` with `efa`, and the TCP and EFA loopback tests under
@@ -14,6 +15,8 @@
 //!   loopback, interleaved in one run, with their ratios.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
 //!   RMA loop, for the `tcp;ofi_rxm` and `shm` providers.
+//! - `cargo xtask bench --python`: `python -m ferry.bench` (the Mooncake-compatible API)
+//!   against `ferry bench`, interleaved.
 //! - `cargo xtask fuzz [TARGET] [--time SECS]`: the libFuzzer targets of `fuzz/` on the
 //!   stable toolchain (`cargo xtask test` runs each for a bounded time).
 //! - `cargo xtask stall [--runs N] [--duration SECS]`: `ferry bench` N times (200) over
@@ -23,6 +26,7 @@
 mod bench;
 mod cross;
 mod fuzz;
+mod python;
 mod reliability;
 mod sh;
 mod test;
@@ -31,7 +35,7 @@ use anyhow::{bail, Result};
 
 const HELP: &str = "\
 usage: cargo xtask test [--hw] [--full]
-       cargo xtask bench [--efa] [--duration SECS] [--rounds N]
+       cargo xtask bench [--efa | --python] [--duration SECS] [--rounds N]
        cargo xtask cross aarch64
        cargo xtask fuzz [TARGET] [--time SECS] [--ci]
        cargo xtask stall [--runs N] [--duration SECS]";

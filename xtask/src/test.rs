@@ -241,6 +241,7 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     downstream()?;
+    crate::python::test()?;
     if full {
         cross(&["aarch64".to_string()])?;
     }
