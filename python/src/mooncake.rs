@@ -697,6 +697,8 @@ impl TransferEngine {
         py.detach(|| s.unregister(buffer_addr)).map_or(-1, |()| 0)
     }
 
+    /// One WRITE of `length` bytes from local `buffer` to the peer's address
+    /// `peer_buffer_address` on segment `target_hostname`; 0, or -1 (logged).
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
     fn transfer_sync_write(
         &self,
@@ -719,6 +721,8 @@ impl TransferEngine {
         )
     }
 
+    /// One READ of `length` bytes from the peer's address `peer_buffer_address` on
+    /// segment `target_hostname` into local `buffer`; 0, or -1 (logged).
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint=""))]
     fn transfer_sync_read(
         &self,
@@ -768,6 +772,8 @@ impl TransferEngine {
         ))
     }
 
+    /// WRITEs of `lengths[i]` bytes from `buffers[i]` to the peer's
+    /// `peer_buffer_addresses[i]`, as one batch; 0 when every one completed, else -1.
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
     fn batch_transfer_sync_write(
         &self,
@@ -790,6 +796,8 @@ impl TransferEngine {
         )
     }
 
+    /// READs of `lengths[i]` bytes from the peer's `peer_buffer_addresses[i]` into
+    /// `buffers[i]`, as one batch; 0 when every one completed, else -1.
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
     fn batch_transfer_sync_read(
         &self,
@@ -812,6 +820,8 @@ impl TransferEngine {
         )
     }
 
+    /// READs or WRITEs (`opcode`) as one batch, then (when `notify` is given) a
+    /// notification to the peer; 0 when every one completed, else -1.
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""))]
     #[allow(clippy::too_many_arguments)]
     fn batch_transfer_sync(
@@ -838,6 +848,8 @@ impl TransferEngine {
         ))
     }
 
+    /// Submits WRITEs as `batch_transfer_sync_write` does, without waiting: the batch id
+    /// (nonzero) for `get_batch_transfer_status`, or 0 when refused.
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
     fn batch_transfer_async_write(
         &self,
@@ -859,6 +871,8 @@ impl TransferEngine {
         )
     }
 
+    /// Submits READs as `batch_transfer_sync_read` does, without waiting: the batch id
+    /// (nonzero), or 0 when refused.
     #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""))]
     fn batch_transfer_async_read(
         &self,

@@ -185,3 +185,32 @@ def test_config_dicts_and_json_configure_the_engine():
     engine = ferry.Engine(config='{"protocol": "tcp"}', notify_queue_bytes=1 << 20)
     assert engine.name.startswith("127.0.0.1:")
     assert "tcp" in ferry.COMPILED_PROTOCOLS
+
+
+def test_type_stubs_and_docstrings_cover_the_native_api():
+    import ast
+
+    import ferry._ferry as native
+
+    path = os.path.join(os.path.dirname(ferry.__file__), "_ferry.pyi")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    stubbed = {}
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef):
+            names = set()
+            for node in cls.body:
+                if isinstance(node, ast.FunctionDef):
+                    names.add(node.name)
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    names.add(node.target.id)
+            stubbed[cls.name] = names
+    classes = [n for n in dir(native) if isinstance(getattr(native, n), type)]
+    assert set(classes) <= set(stubbed), f"classes without stubs: {set(classes) - set(stubbed)}"
+    for name in classes:
+        cls = getattr(native, name)
+        public = {m for m in dir(cls) if not m.startswith("_")}
+        assert public <= stubbed[name], f"{name}: not in the stubs: {public - stubbed[name]}"
+        for member in public:
+            if callable(getattr(cls, member)) and not isinstance(getattr(cls, member), cls):
+                assert getattr(cls, member).__doc__ or name in ("TransferOpcode", "TaskStatus"), f"{name}.{member} has no docstring"
