@@ -76,7 +76,9 @@ mod metadata;
 mod peer;
 mod registry;
 
-pub use backends::{cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice};
+pub use backends::{
+    after_cuda_stream, cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice,
+};
 pub use batch::{Batch, BatchBuilder, BatchId, BatchStats, Progress, TaskStatus};
 pub use builder::{
     AddTransport, Buildable, EngineBuilder, NeedsFallback, NeedsTransport, Ready, Tcp,

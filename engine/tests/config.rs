@@ -323,3 +323,24 @@ fn a_finished_batch_does_not_hold_caller_memory() {
     assert_eq!(ours, theirs);
     theirs.clear();
 }
+
+/// Work ordered after a CUDA stream runs once the stream gets there where a device is;
+/// elsewhere the call is an `Unsupported` error that says what is missing (the feature,
+/// or the driver or device).
+#[test]
+fn stream_ordered_work_runs_after_the_stream_or_says_what_is_missing() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = ferry_engine::after_cuda_stream(0, 0, Box::new(move || tx.send(()).unwrap()));
+    let status = ferry_engine::cuda_status();
+    if status.compiled && !status.devices.is_empty() {
+        r.unwrap();
+        assert!(rx.recv_timeout(common::WAIT).is_ok(), "the callback never ran");
+        return;
+    }
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ferry_engine::ErrorKind::Unsupported, "{e}");
+    if !status.compiled {
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+    }
+    assert!(rx.try_recv().is_err(), "nothing ran");
+}

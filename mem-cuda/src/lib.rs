@@ -341,6 +341,34 @@ impl Cuda {
         })
     }
 
+    /// Runs `f` on a driver thread once all work enqueued on `stream` (a `CUstream` as
+    /// an integer; 0: the legacy default stream of `device`'s primary context) before this
+    /// call is done; work enqueued on the stream after it waits until `f` returns. `f`
+    /// must not call CUDA (the driver forbids it there): work that does hands it to
+    /// another thread and waits. A panic in `f` is caught, never unwound into the driver.
+    pub fn launch_host_func(
+        &self,
+        device: u32,
+        stream: usize,
+        f: Box<dyn FnOnce() + Send + 'static>,
+    ) -> Result<(), CudaError> {
+        unsafe extern "C" fn trampoline(data: *mut c_void) {
+            // SAFETY: made by `Box::into_raw` below and handed to the driver, which calls
+            // this exactly once.
+            let f = unsafe { Box::from_raw(data.cast::<Box<dyn FnOnce() + Send>>()) };
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        }
+        self.bind(device)?;
+        let data = Box::into_raw(Box::new(f)).cast::<c_void>();
+        // SAFETY: `stream` is the caller's stream handle (or 0); `data` is a live boxed
+        // closure that the trampoline takes back once.
+        let rc = unsafe { sys::cuLaunchHostFunc(stream as sys::CUstream, Some(trampoline), data) };
+        check("cuLaunchHostFunc", rc).inspect_err(|_| {
+            // SAFETY: the driver refused it, so it will never call the trampoline.
+            drop(unsafe { Box::from_raw(data.cast::<Box<dyn FnOnce() + Send>>()) });
+        })
+    }
+
     /// A dma-buf file descriptor for the device range `ptr..ptr+len` (both aligned to the
     /// host page size), for registering device memory with an RDMA NIC.
     pub fn export_dmabuf(&self, ptr: *const u8, len: usize) -> Result<OwnedFd, CudaError> {

@@ -109,6 +109,17 @@ mod with_cuda {
         // SAFETY: forwarded.
         unsafe { c.copy(device, dst, src, len) }.map_err(err)
     }
+    /// Runs `f` once the work enqueued on `stream` of `device` is done (see
+    /// `ferry_mem_cuda::Cuda::launch_host_func`).
+    pub(crate) fn after_stream(
+        device: u32,
+        stream: usize,
+        f: Box<dyn FnOnce() + Send + 'static>,
+    ) -> Result<(), Error> {
+        cuda()
+            .and_then(|c| c.launch_host_func(device, stream, f))
+            .map_err(err)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -166,5 +177,12 @@ mod without_cuda {
         _len: usize,
     ) -> Result<(), Error> {
         Err(missing(format!("copying cuda:{device} memory")))
+    }
+    pub(crate) fn after_stream(
+        device: u32,
+        _stream: usize,
+        _f: Box<dyn FnOnce() + Send + 'static>,
+    ) -> Result<(), Error> {
+        Err(missing(format!("work ordered on a cuda:{device} stream")))
     }
 }

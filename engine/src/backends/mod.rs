@@ -10,6 +10,21 @@ pub(crate) mod device;
 
 pub use device::CudaStatus;
 
+/// Runs `f` on a driver thread once all work enqueued on the CUDA stream `stream` (a
+/// `CUstream`/`cudaStream_t` as an integer; 0: the default stream of device `device`)
+/// before this call is done; work enqueued on the stream after it waits until `f`
+/// returns. This orders a transfer after the kernels that produce its data (and before
+/// those that consume it). `f` must not call CUDA: work that does (a transfer of device
+/// memory over TCP stages through CUDA copies) runs on another thread while `f` waits.
+/// Without the `cuda` feature, an error naming it; without a driver, the driver's error.
+pub fn after_cuda_stream(
+    device: u32,
+    stream: usize,
+    f: Box<dyn FnOnce() + Send + 'static>,
+) -> Result<(), Error> {
+    device::after_stream(device, stream, f)
+}
+
 /// Why `protocol` is not in this build: its feature is off, or it is not implemented.
 pub(crate) fn protocol_missing(protocol: Protocol) -> Error {
     let what = format!("protocol `{protocol}`");
