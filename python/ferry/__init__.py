@@ -22,6 +22,7 @@ between threads. Mooncake's ``TransferEngine`` is in :mod:`ferry.mooncake`.
 from . import errors
 from ._ferry import (
     COMPILED_PROTOCOLS,
+    CUDA_COMPILED,
     Batch,
     BatchBuilder,
     Buffer,
@@ -43,6 +44,7 @@ from .errors import (
 
 __all__ = [
     "COMPILED_PROTOCOLS",
+    "CUDA_COMPILED",
     "Batch",
     "BatchBuilder",
     "Buffer",

@@ -57,6 +57,11 @@ pub(crate) fn invalid(message: impl Into<String>) -> PyErr {
     Python::attach(|py| exception(py, "InvalidInput", message.into()))
 }
 
+/// A `Rejected` (also a `RuntimeError`) with `message`.
+pub(crate) fn rejected(message: impl Into<String>) -> PyErr {
+    Python::attach(|py| exception(py, "Rejected", message.into()))
+}
+
 /// Converts engine results inside the binding.
 pub(crate) trait IntoPy<T> {
     fn py_err(self) -> PyResult<T>;

@@ -25,6 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use crate::api::PyEngine;
+use crate::errors::rejected;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TransferEngine>()?;
@@ -121,6 +122,8 @@ struct State {
     pending: Mutex<HashMap<u64, Pending>>,
     /// The engine as `ferry.Engine`, for `get_engine()`.
     py_engine: Py<PyEngine>,
+    /// Why stream-ordered transfers failed, not yet reported to the caller.
+    stream_failures: Mutex<Vec<String>>,
 }
 
 /// Where a request's two ends are.
@@ -497,6 +500,83 @@ impl TransferEngine {
         })
     }
 
+    /// A transfer ordered on a CUDA stream: checked and mapped now (a refusal raises),
+    /// run once the stream reaches it, with later work on the stream waiting for it. A
+    /// failure of the transfer itself is kept and raised by the next stream-ordered
+    /// call or by `check_stream_transfers()`; the process is never ended.
+    #[allow(clippy::too_many_arguments)]
+    fn on_stream(
+        &self,
+        py: Python<'_>,
+        target: &str,
+        locals: Vec<u64>,
+        peers: Vec<u64>,
+        lens: Vec<usize>,
+        op: TransferOpcode,
+        stream: usize,
+    ) -> PyResult<()> {
+        let state = self
+            .state()
+            .ok_or_else(|| rejected("a stream-ordered transfer before initialize"))?;
+        self.check_stream_transfers()?;
+        let target = target.to_string();
+        let (_, requests) = py
+            .detach(|| state.prepare(&target, &locals, &peers, &lens))
+            .map_err(rejected)?;
+        let device = requests
+            .iter()
+            .find_map(|r| match r.local.location() {
+                Location::Cuda { device } => Some(device),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let timeout = self.timeout;
+        let job_state = state.clone();
+        let job = Box::new(move || {
+            // On a driver thread, where CUDA may not be called: the transfer (which may
+            // stage device memory through CUDA copies) runs on its own thread while this
+            // callback holds the stream.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let worker_state = job_state.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ferry-stream-transfer".into())
+                .spawn(move || {
+                    let outcome = worker_state.submit(&requests, op, timeout).and_then(|b| {
+                        b.wait(Duration::from_secs(u32::MAX as u64))
+                            .map_err(|e| chain(&e))
+                    });
+                    let _ = done_tx.send(outcome);
+                });
+            let outcome = match spawned {
+                Ok(_) => done_rx
+                    .recv()
+                    .unwrap_or_else(|_| Err("the transfer thread ended without an outcome".into())),
+                Err(e) => Err(format!("cannot start the transfer thread: {e}")),
+            };
+            if let Err(why) = outcome {
+                tracing::error!(target = %target, %why, "stream-ordered transfer failed");
+                job_state.stream_failures.lock().push(why);
+            }
+        });
+        ferry_engine::after_cuda_stream(device, stream, job)
+            .map_err(|e| crate::errors::to_py(py, &e))
+    }
+
+    /// Raises the first stream-ordered failure not yet reported (and forgets them all).
+    fn check_stream_transfers(&self) -> PyResult<()> {
+        let Some(state) = self.state() else {
+            return Ok(());
+        };
+        let failures = std::mem::take(&mut *state.stream_failures.lock());
+        match failures.first() {
+            None => Ok(()),
+            Some(first) => Err(rejected(format!(
+                "{} stream-ordered transfer(s) failed; the first: {first}",
+                failures.len()
+            ))),
+        }
+    }
+
     fn submit_async(
         &self,
         py: Python<'_>,
@@ -633,6 +713,7 @@ impl TransferEngine {
             local: RwLock::new(BTreeMap::new()),
             pending: Mutex::new(HashMap::new()),
             py_engine,
+            stream_failures: Mutex::new(Vec::new()),
         }));
         0
     }
@@ -1207,6 +1288,119 @@ impl TransferEngine {
             );
             serde_json::Value::Object(top).to_string()
         })
+    }
+
+    /// A WRITE ordered on CUDA stream `stream_ptr` (0: the default stream): it starts
+    /// once the work enqueued before it is done, and work enqueued after it waits for it.
+    /// Returns at once. A request that cannot be valid raises now; a transfer that fails
+    /// later is raised by the next stream-ordered call or `check_stream_transfers()`.
+    /// Builds without the `cuda` feature raise `Unsupported`.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_write_on_cuda(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        stream_ptr: usize,
+        transport_hint: &str,
+    ) -> PyResult<()> {
+        let _ = transport_hint;
+        self.on_stream(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            TransferOpcode::Write,
+            stream_ptr,
+        )
+    }
+
+    /// A READ ordered on CUDA stream `stream_ptr`, as `transfer_write_on_cuda`.
+    #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, stream_ptr=0, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_read_on_cuda(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffer: u64,
+        peer_buffer_address: u64,
+        length: usize,
+        stream_ptr: usize,
+        transport_hint: &str,
+    ) -> PyResult<()> {
+        let _ = transport_hint;
+        self.on_stream(
+            py,
+            target_hostname,
+            vec![buffer],
+            vec![peer_buffer_address],
+            vec![length],
+            TransferOpcode::Read,
+            stream_ptr,
+        )
+    }
+
+    /// A batch of WRITEs ordered on CUDA stream `stream_ptr`, as
+    /// `transfer_write_on_cuda`.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_write_on_cuda(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        stream_ptr: usize,
+        transport_hint: &str,
+    ) -> PyResult<()> {
+        let _ = transport_hint;
+        self.on_stream(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Write,
+            stream_ptr,
+        )
+    }
+
+    /// A batch of READs ordered on CUDA stream `stream_ptr`, as
+    /// `transfer_write_on_cuda`.
+    #[pyo3(signature = (target_hostname, buffers, peer_buffer_addresses, lengths, stream_ptr=0, transport_hint=""))]
+    #[allow(clippy::too_many_arguments)]
+    fn batch_transfer_read_on_cuda(
+        &self,
+        py: Python<'_>,
+        target_hostname: &str,
+        buffers: Vec<u64>,
+        peer_buffer_addresses: Vec<u64>,
+        lengths: Vec<usize>,
+        stream_ptr: usize,
+        transport_hint: &str,
+    ) -> PyResult<()> {
+        let _ = transport_hint;
+        self.on_stream(
+            py,
+            target_hostname,
+            buffers,
+            peer_buffer_addresses,
+            lengths,
+            TransferOpcode::Read,
+            stream_ptr,
+        )
+    }
+
+    /// Raises `Rejected` for stream-ordered transfers that failed since the last check
+    /// (and forgets them); returns `None` when none did.
+    #[pyo3(name = "check_stream_transfers")]
+    fn py_check_stream_transfers(&self) -> PyResult<()> {
+        self.check_stream_transfers()
     }
 
     /// The underlying `ferry.Engine` (shared, not copied); `None` before `initialize`.

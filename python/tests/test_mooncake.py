@@ -242,3 +242,27 @@ def test_install_makes_mooncake_engine_resolve_to_ferry():
 
     assert Imported is TransferEngine
     assert module.Write == TransferOpcode.Write and int(TransferOpcode.Read) == 0
+
+
+def test_stream_ordered_transfers_check_now_and_say_what_is_missing(engine, peer):
+    import ferry
+
+    local = LocalMemory(engine, 8192)
+    remote, remote_len = peer.buffers[0]
+    # A request that cannot be valid raises at once, whatever the build.
+    with pytest.raises(ferry.Rejected):
+        engine.transfer_write_on_cuda(peer.name, local.addr, remote + remote_len, 16)
+    with pytest.raises(RuntimeError):
+        engine.batch_transfer_read_on_cuda(peer.name, [local.addr], [remote], [16, 16])
+    engine.check_stream_transfers()
+    if ferry.CUDA_COMPILED and "cuda:0" in __import__("json").loads(engine.get_local_topology()):
+        # A device: the transfer runs once the default stream reaches it.
+        engine.transfer_write_on_cuda(peer.name, local.addr, remote, 8192)
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1").cuCtxSynchronize()
+        engine.check_stream_transfers()
+        assert peer.read(remote, 8192) == local.bytes()
+    else:
+        with pytest.raises(ferry.Unsupported):
+            engine.transfer_write_on_cuda(peer.name, local.addr, remote, 8192)
