@@ -179,12 +179,20 @@ impl PyEngine {
             if location == Location::Auto {
                 let device = memory.getattr("device")?;
                 let kind: String = device.getattr("type")?.extract()?;
-                if kind == "cuda" {
-                    let index: Option<u32> = device.getattr("index")?.extract()?;
-                    location = Location::Cuda {
-                        device: index.unwrap_or(0),
-                    };
-                }
+                location = match kind.as_str() {
+                    "cuda" => Location::Cuda {
+                        device: device
+                            .getattr("index")?
+                            .extract::<Option<u32>>()?
+                            .unwrap_or(0),
+                    },
+                    "cpu" => Location::host(),
+                    other => {
+                        return Err(invalid(format!(
+                            "a tensor on `{other}` cannot be registered (cpu and cuda can)"
+                        )))
+                    }
+                };
             }
             (
                 addr,

@@ -214,3 +214,41 @@ def test_type_stubs_and_docstrings_cover_the_native_api():
         for member in public:
             if callable(getattr(cls, member)) and not isinstance(getattr(cls, member), cls):
                 assert getattr(cls, member).__doc__ or name in ("TransferOpcode", "TaskStatus"), f"{name}.{member} has no docstring"
+
+
+class HostTensor:
+    """The part of a tensor's interface `register` reads (data_ptr, numel,
+    element_size, is_contiguous, device), over a numpy array, as a CPU tensor offers it."""
+
+    class device:
+        type = "cpu"
+        index = None
+
+    def __init__(self, array):
+        self.array = array
+
+    def data_ptr(self):
+        return self.array.ctypes.data
+
+    def numel(self):
+        return self.array.size
+
+    def element_size(self):
+        return self.array.itemsize
+
+    def is_contiguous(self):
+        return self.array.flags.c_contiguous
+
+
+def test_tensors_register_by_their_data_pointer_and_stay_alive():
+    target = ferry.Engine()
+    initiator = ferry.Engine()
+    tensor = HostTensor(np.arange(1024, dtype=np.float32))
+    buf = target.register(tensor)
+    assert buf.addr == tensor.data_ptr() and len(buf) == 4096
+    del tensor  # the buffer keeps the tensor (and its memory) alive
+    local = initiator.allocate(4096)
+    remote = initiator.open_segment(target.name).locate(buf.addr, 4096)[0]
+    with initiator.batch() as b:
+        b.read(local, 0, remote, 0, 4096)
+    assert np.frombuffer(local.read(0, 4096), dtype=np.float32).tolist() == list(range(1024))
