@@ -334,7 +334,10 @@ fn stream_ordered_work_runs_after_the_stream_or_says_what_is_missing() {
     let status = ferry_engine::cuda_status();
     if status.compiled && !status.devices.is_empty() {
         r.unwrap();
-        assert!(rx.recv_timeout(common::WAIT).is_ok(), "the callback never ran");
+        assert!(
+            rx.recv_timeout(common::WAIT).is_ok(),
+            "the callback never ran"
+        );
         return;
     }
     let e = r.unwrap_err();

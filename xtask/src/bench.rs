@@ -16,6 +16,19 @@ const CASES: &[(&str, &str, &str, &str)] = &[
     ("read  4 KiB x1", "read", "4K", "1"),
 ];
 
+/// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `rma_loop`,
+/// `python -m ferry.bench` all print it).
+fn throughput(out: std::process::Output, what: &str) -> Result<f64> {
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
+    v.get("throughput_gbps")
+        .and_then(|x| x.as_f64())
+        .context("no throughput_gbps")
+}
+
 /// The middle value of `xs` (the upper one of an even count).
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
@@ -129,16 +142,6 @@ fn bench_efa(duration: &str, rounds: usize) -> Result<()> {
     ]))?;
     let ferry = root().join("target/release/ferry");
     let rma_loop = root().join("target/release/examples/rma_loop");
-    let json = |out: std::process::Output, what: &str| -> Result<f64> {
-        if !out.status.success() {
-            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
-        v.get("throughput_gbps")
-            .and_then(|x| x.as_f64())
-            .context("no throughput_gbps")
-    };
     let cases: Vec<(&str, &str)> = ["tcp;ofi_rxm", "shm"]
         .into_iter()
         .flat_map(|p| ["write", "read"].into_iter().map(move |o| (p, o)))
@@ -150,7 +153,7 @@ fn bench_efa(duration: &str, rounds: usize) -> Result<()> {
             let base = Command::new(&rma_loop)
                 .args([provider, op, "1048576", duration])
                 .output()?;
-            results[i].0.push(json(base, "rma_loop")?);
+            results[i].0.push(throughput(base, "rma_loop")?);
             let out = Command::new(&ferry)
                 .args([
                     "bench",
@@ -171,7 +174,7 @@ fn bench_efa(duration: &str, rounds: usize) -> Result<()> {
                     "--json",
                 ])
                 .output()?;
-            results[i].1.push(json(out, "ferry bench")?);
+            results[i].1.push(throughput(out, "ferry bench")?);
         }
     }
     println!("libfabric, 1 MiB blocks, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)");
@@ -254,27 +257,17 @@ fn bench_python(duration: &str, rounds: usize) -> Result<()> {
         duration,
         "--json",
     ];
-    let gbps = |out: std::process::Output, what: &str| -> Result<f64> {
-        if !out.status.success() {
-            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
-        v.get("throughput_gbps")
-            .and_then(|x| x.as_f64())
-            .context("no throughput_gbps")
-    };
     let (mut native, mut compat) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
         let out = Command::new(&ferry).arg("bench").args(shape).output()?;
-        native.push(gbps(out, "ferry bench")?);
+        native.push(throughput(out, "ferry bench")?);
         let out = Command::new(&python)
             .args(["-m", "ferry.bench"])
             .args(shape)
             .current_dir(root().join("target"))
             .output()?;
-        compat.push(gbps(out, "python -m ferry.bench")?);
+        compat.push(throughput(out, "python -m ferry.bench")?);
     }
     let (n, c) = (median(native), median(compat));
     println!("WRITE, 64 KiB x 128, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)");
