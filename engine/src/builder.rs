@@ -11,7 +11,7 @@ use ferry_transport_tcp::{TcpConfig, TcpTransport};
 
 use crate::control::NOTIFY_QUEUE_BYTES;
 use crate::engine::Start;
-use crate::metadata::Metadata;
+use crate::metadata::{Metadata, StoreSettings};
 use crate::{Engine, Result};
 
 /// Builder state: no transport yet.
@@ -98,11 +98,18 @@ pub struct EngineBuilder<S> {
     parts: Parts,
     listen: String,
     metadata: Metadata,
+    name: Option<String>,
+    store: StoreSettings,
     timeout: Duration,
     retry_over_tcp: bool,
     notify_queue_bytes: usize,
     _state: PhantomData<S>,
 }
+
+/// How long a metadata store keeps an entry after its last renewal, by default.
+pub(crate) const METADATA_TTL: Duration = Duration::from_secs(10);
+/// The first part of every metadata key, by default.
+pub(crate) const METADATA_NAMESPACE: &str = "ferry";
 
 impl Engine {
     /// Starts building an engine; add a transport next.
@@ -117,6 +124,11 @@ impl EngineBuilder<NeedsTransport> {
             parts: Parts::default(),
             listen: "127.0.0.1:0".into(),
             metadata: Metadata::P2p,
+            name: None,
+            store: StoreSettings {
+                ttl: METADATA_TTL,
+                namespace: METADATA_NAMESPACE.into(),
+            },
             timeout: Duration::from_secs(30),
             retry_over_tcp: false,
             notify_queue_bytes: NOTIFY_QUEUE_BYTES,
@@ -131,6 +143,8 @@ impl<S> EngineBuilder<S> {
             parts: self.parts,
             listen: self.listen,
             metadata: self.metadata,
+            name: self.name,
+            store: self.store,
             timeout: self.timeout,
             retry_over_tcp: self.retry_over_tcp,
             notify_queue_bytes: self.notify_queue_bytes,
@@ -155,6 +169,28 @@ impl<S> EngineBuilder<S> {
     /// How descriptors are found (default peer-to-peer).
     pub fn metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// The segment name peers open this engine by (`"prefill-0"`); with a metadata
+    /// store, the key it is published under. Default: the `host:port` of its port.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// How long a metadata store keeps this engine's entry after its last renewal
+    /// (renewed every third of it); a dead engine's entry goes within this time (stores
+    /// with expiry). Default 10 s.
+    pub fn metadata_ttl(mut self, ttl: Duration) -> Self {
+        self.store.ttl = ttl;
+        self
+    }
+
+    /// The first part of every metadata key (`<namespace>/segments/<name>`), so clusters
+    /// can share one store. Default `ferry`.
+    pub fn metadata_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.store.namespace = namespace.into();
         self
     }
 
@@ -203,6 +239,8 @@ impl<S> EngineBuilder<S> {
             retry_over_tcp: self.retry_over_tcp,
             notify_queue_bytes: self.notify_queue_bytes,
             metadata: self.metadata,
+            name: self.name,
+            store: self.store,
         })
     }
 }

@@ -33,8 +33,17 @@ pub struct EngineConfig {
     /// `0.0.0.0`; peers that reached the engine by another name use that name). Set, it
     /// takes the place of `tcp.advertise`.
     pub advertise: Option<String>,
-    /// `p2p` (default).
+    /// Where descriptors are found: `p2p` (default), `http://host:port/path` (feature
+    /// `http`), `redis://host:port` (feature `redis`).
     pub metadata: String,
+    /// The segment name peers open this engine by; `None`: its `host:port`. With a
+    /// metadata store, the key it is published under.
+    pub name: Option<String>,
+    /// How long a metadata store keeps this engine's entry after its last renewal, in
+    /// milliseconds (renewed every third of it).
+    pub metadata_ttl_ms: u64,
+    /// The first part of every metadata key: `<namespace>/segments/<name>`.
+    pub metadata_namespace: String,
     /// Default batch deadline, in milliseconds.
     pub timeout_ms: u64,
     /// Retry a task that fails on the fabric once over TCP, within its deadline.
@@ -67,6 +76,9 @@ impl Default for EngineConfig {
             listen: "127.0.0.1:0".into(),
             advertise: None,
             metadata: "p2p".into(),
+            name: None,
+            metadata_ttl_ms: crate::builder::METADATA_TTL.as_millis() as u64,
+            metadata_namespace: crate::builder::METADATA_NAMESPACE.into(),
             timeout_ms: 30_000,
             retry_over_tcp: false,
             notify_queue_bytes: NOTIFY_QUEUE_BYTES,
@@ -115,10 +127,16 @@ impl Engine {
         let metadata = Metadata::parse(&config.metadata)?;
         // Every engine-wide setting, the same whichever transports the engine ends with.
         let builder = || {
-            Engine::builder()
+            let b = Engine::builder()
                 .listen(config.listen.clone())
                 .metadata(metadata.clone())
-                .timeout(Duration::from_millis(config.timeout_ms))
+                .metadata_ttl(Duration::from_millis(config.metadata_ttl_ms))
+                .metadata_namespace(config.metadata_namespace.clone());
+            let b = match &config.name {
+                Some(n) => b.name(n.clone()),
+                None => b,
+            };
+            b.timeout(Duration::from_millis(config.timeout_ms))
                 .retry_over_tcp(config.retry_over_tcp)
                 .notification_queue_bytes(config.notify_queue_bytes)
         };

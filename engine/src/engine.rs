@@ -16,7 +16,7 @@ use crate::batch::{progress_of, BatchBuilder, BatchDefaults, BatchId, BatchTable
 use crate::control::{ControlState, Notification};
 use crate::local::LocalConnection;
 use crate::memory::{self, Buffer};
-use crate::metadata::{Metadata, MetadataStore, P2p};
+use crate::metadata::{self, Metadata, StoreSettings};
 use crate::peer::{Peers, Segment};
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -31,6 +31,9 @@ pub(crate) struct Start {
     pub(crate) retry_over_tcp: bool,
     pub(crate) notify_queue_bytes: usize,
     pub(crate) metadata: Metadata,
+    /// The segment name; `None`: the TCP address peers reach it on.
+    pub(crate) name: Option<String>,
+    pub(crate) store: StoreSettings,
 }
 
 /// A transfer engine: registered memory, peers' segments, batches of READ and WRITE.
@@ -55,6 +58,8 @@ impl Engine {
             retry_over_tcp,
             notify_queue_bytes,
             metadata,
+            name: chosen_name,
+            store: store_settings,
         } = parts;
         let busy_poll = tcp.config().busy_poll;
         tcp.set_listen(&listen);
@@ -92,16 +97,24 @@ impl Engine {
                 }
             }
         }
-        let name = endpoints
+        let address = endpoints
             .iter()
             .find(|e| e.protocol == Protocol::Tcp)
             .map(|e| e.address.clone())
             .unwrap_or_default();
+        let name = chosen_name.unwrap_or(address);
         control.own.set_identity(name.clone(), endpoints);
-        let store: Arc<dyn MetadataStore> = match metadata {
-            Metadata::P2p => Arc::new(P2p::new(tcp.clone())),
+        let store = metadata::open(&metadata, tcp.clone(), &store_settings)
+            .and_then(|store| store.start(&control.own).map(|()| store));
+        let store = match store {
+            Ok(store) => store,
+            Err(e) => {
+                for t in &transports {
+                    t.shutdown();
+                }
+                return Err(e);
+            }
         };
-        store.publish(&control.own);
         let local = Arc::new(LocalConnection::new(tcp.clone(), batches.clone()));
         let protocols: Vec<Protocol> = transports.iter().map(|t| t.protocol()).collect();
         let registry = Arc::new(Registry::new(transports, tcp, control, store, staging));

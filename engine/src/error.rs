@@ -117,6 +117,24 @@ pub enum Error {
         /// Why.
         reason: FailReason,
     },
+    /// The metadata store could not be reached or refused a write when the engine
+    /// started. Kind: `Unreachable`.
+    #[error("metadata store `{store}`: {message}")]
+    MetadataStore {
+        /// The store.
+        store: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Another live engine holds this segment name in the metadata store. Kind:
+    /// `Rejected`.
+    #[error("segment name `{name}` is held by another live engine in metadata store `{store}`; choose another name, or stop that engine")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The store.
+        store: String,
+    },
     /// The engine was shut down. Kind: `Unreachable`.
     #[error("the engine is shut down")]
     Shutdown,
@@ -136,6 +154,21 @@ pub enum SegmentError {
     /// The peer sent a descriptor that parses but cannot be right. Kind: `Rejected`.
     #[error("the peer sent a descriptor that cannot be right, refused")]
     Invalid(#[source] TransportError),
+    /// The metadata store has no segment by this name (no engine publishes it, or its
+    /// entry expired). Kind: `Unreachable`.
+    #[error("metadata store `{store}` has no segment by this name")]
+    NotFound {
+        /// The store.
+        store: String,
+    },
+    /// The metadata store could not be asked. Kind: `Unreachable`.
+    #[error("metadata store `{store}` cannot be reached: {message}")]
+    Store {
+        /// The store.
+        store: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The metadata store gave no address for the peer's TCP lanes and its descriptor
     /// names no TCP endpoint. Kind: `Rejected`.
     #[error("the peer's descriptor names no TCP endpoint, and the metadata store gave no address")]
@@ -147,6 +180,7 @@ impl SegmentError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SegmentError::Fetch(e) => e.kind(),
+            SegmentError::NotFound { .. } | SegmentError::Store { .. } => ErrorKind::Unreachable,
             SegmentError::Parse(_) | SegmentError::Invalid(_) | SegmentError::NoTcpEndpoint => {
                 ErrorKind::Rejected
             }
@@ -173,7 +207,8 @@ impl Error {
             Error::Allocate { source: None, .. } => ErrorKind::Io,
             Error::RegisterRegion { source } | Error::Transport(source) => source.kind(),
             Error::OpenSegment { source, .. } => source.kind(),
-            Error::Shutdown => ErrorKind::Unreachable,
+            Error::Shutdown | Error::MetadataStore { .. } => ErrorKind::Unreachable,
+            Error::NameTaken { .. } => ErrorKind::Rejected,
             Error::TasksFailed { .. } | Error::Notify { .. } => ErrorKind::Rejected,
             Error::WaitTimedOut { .. } => ErrorKind::TimedOut,
         }

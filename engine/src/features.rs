@@ -23,6 +23,10 @@ pub enum Feature {
     Efa,
     /// `cuda`: GPU device memory.
     Cuda,
+    /// `http`: the HTTP metadata store (Mooncake's HTTP metadata protocol).
+    Http,
+    /// `redis`: the Redis metadata store.
+    Redis,
 }
 
 impl Feature {
@@ -32,6 +36,8 @@ impl Feature {
             Feature::Tcp => "tcp",
             Feature::Efa => "efa",
             Feature::Cuda => "cuda",
+            Feature::Http => "http",
+            Feature::Redis => "redis",
         }
     }
 }

@@ -105,7 +105,7 @@ fn matrix() -> Result<Vec<Combo>> {
 }
 
 /// Feature sets the engine's and the CLI's tests run with, besides the defaults.
-const TEST_FEATURES: &[&str] = &["efa", "efa,cuda"];
+const TEST_FEATURES: &[&str] = &["efa", "efa,cuda,http,redis"];
 
 /// Deployment profiles of the downstream crate (`tests/downstream`).
 const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda"];
@@ -226,6 +226,8 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
         bail!("cargo xtask test: unknown flag `{a}` (expected --hw or --full)");
     }
     apt_install(BUILD_PACKAGES)?;
+    // The metadata stores' tests start a real server.
+    apt_install(&["redis-server"])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     feature_matrix()?;
     docs()?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ferry_engine::{Engine, Tcp, TcpConfig};
 use rand::RngCore;
 
+pub mod stores;
 pub mod wire;
 
 pub const WAIT: Duration = Duration::from_secs(30);

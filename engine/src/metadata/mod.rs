@@ -14,7 +14,15 @@ use std::sync::Arc;
 use ferry_transport_tcp::TcpTransport;
 
 use crate::control::OwnSegment;
+use crate::features::Feature;
 use crate::{Error, Result, SegmentError};
+
+#[cfg(feature = "http")]
+mod http;
+#[cfg(any(feature = "http", feature = "redis"))]
+mod leased;
+#[cfg(feature = "redis")]
+mod redis_store;
 
 /// How peers find each other's descriptors: which metadata store the engine runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,25 +31,95 @@ pub enum Metadata {
     /// Fetched from the peer's own port; segment names are `host:port`.
     #[default]
     P2p,
+    /// An HTTP key-value server speaking Mooncake's HTTP metadata protocol
+    /// (`GET`/`PUT`/`DELETE <url>?key=<key>`); feature `http`.
+    Http {
+        /// The server's URL, `http://host:port/path`.
+        url: String,
+    },
+    /// A Redis server, descriptors as keys with an expiry; feature `redis`.
+    Redis {
+        /// `redis://host:port[/db]`.
+        url: String,
+    },
 }
 
 impl Metadata {
-    /// Parses `p2p`; `etcd://...` and `redis://...` are not implemented yet.
+    /// Parses `p2p`, `http://host:port/path` (feature `http`) or `redis://host:port`
+    /// (feature `redis`). etcd (`etcd://...`, or a bare `host:port` as Mooncake reads
+    /// it) is not implemented yet.
     pub fn parse(text: &str) -> Result<Metadata> {
         let t = text.trim();
-        if t.eq_ignore_ascii_case("p2p") || t.is_empty() {
+        if t.eq_ignore_ascii_case("p2p") || t.eq_ignore_ascii_case("P2PHANDSHAKE") || t.is_empty() {
             return Ok(Metadata::P2p);
         }
-        let scheme = t.split("://").next().unwrap_or(t).to_ascii_lowercase();
-        match scheme.as_str() {
-            "etcd" | "redis" => Err(Error::NotImplemented {
-                what: format!("the `{scheme}` metadata backend"),
+        let missing = |what: &str, feature| Error::FeatureNotCompiled {
+            what: what.to_string(),
+            feature,
+        };
+        match t.split_once("://").map(|(s, _)| s.to_ascii_lowercase()) {
+            Some(s) if s == "http" => {
+                if cfg!(feature = "http") {
+                    Ok(Metadata::Http { url: t.to_string() })
+                } else {
+                    Err(missing("the HTTP metadata store", Feature::Http))
+                }
+            }
+            Some(s) if s == "redis" => {
+                if cfg!(feature = "redis") {
+                    Ok(Metadata::Redis { url: t.to_string() })
+                } else {
+                    Err(missing("the Redis metadata store", Feature::Redis))
+                }
+            }
+            Some(s) if s == "etcd" => Err(Error::NotImplemented {
+                what: "the etcd metadata store".into(),
+            }),
+            None if t.contains(':') => Err(Error::NotImplemented {
+                what: format!("the etcd metadata store (a bare `{t}` names an etcd server)"),
             }),
             _ => Err(Error::Config(format!(
-                "unknown metadata backend `{t}` (expected p2p)"
+                "unknown metadata store `{t}` (expected p2p, http://host:port/path or redis://host:port)"
             ))),
         }
     }
+}
+
+/// How a store keeps this engine's entry.
+#[derive(Clone, Debug)]
+pub(crate) struct StoreSettings {
+    /// How long an entry outlives its last renewal (stores with expiry); the renewal
+    /// period is a third of it.
+    pub(crate) ttl: std::time::Duration,
+    /// The first part of every key: `<namespace>/segments/<name>`, so clusters can share a
+    /// server.
+    pub(crate) namespace: String,
+}
+
+/// The store `metadata` names.
+pub(crate) fn open(
+    metadata: &Metadata,
+    tcp: Arc<TcpTransport>,
+    settings: &StoreSettings,
+) -> Result<Arc<dyn MetadataStore>> {
+    let _ = settings;
+    Ok(match metadata {
+        Metadata::P2p => Arc::new(P2p::new(tcp)),
+        #[cfg(feature = "http")]
+        Metadata::Http { url } => Arc::new(leased::Leased::new(
+            Box::new(http::Http::new(url)),
+            tcp,
+            settings.clone(),
+        )),
+        #[cfg(feature = "redis")]
+        Metadata::Redis { url } => Arc::new(leased::Leased::new(
+            Box::new(redis_store::Redis::new(url)?),
+            tcp,
+            settings.clone(),
+        )),
+        #[allow(unreachable_patterns)]
+        other => return Err(Error::Config(format!("{other:?} is not in this build"))),
+    })
 }
 
 /// A peer's descriptor as a store found it.
@@ -60,8 +138,15 @@ pub(crate) struct Fetched {
 /// block on the network for long (a store that talks to a server queues the change and
 /// retries it in the background): registration waits for it.
 pub(crate) trait MetadataStore: Send + Sync {
-    /// What the store is, for logs and errors (`p2p`, `etcd://...`).
+    /// What the store is, for logs and errors (`p2p`, `redis://...`).
     fn describe(&self) -> String;
+
+    /// The engine starts as `own`: claim its name (refused when a live other engine holds
+    /// it) and publish its descriptor. An error here stops the engine's start.
+    fn start(&self, own: &OwnSegment) -> Result<()> {
+        self.publish(own);
+        Ok(())
+    }
 
     /// This engine's segment changed (it started, or a published buffer was registered
     /// or deregistered): from now on `fetch(own.name())` must return `own`'s descriptor.

@@ -1,0 +1,218 @@
+//! Metadata stores with real servers: Redis (`redis-server`, started by the test on a
+//! free loopback port) and an HTTP server speaking Mooncake's metadata protocol. Engines
+//! find each other by name, a live name is not taken twice, a dead or withdrawn entry
+//! goes, and a store outage leaves opened peers working.
+#![cfg(any(feature = "http", feature = "redis"))]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::stores::PATIENCE;
+use common::{assert_bytes_eq, random, WAIT};
+use ferry_engine::{Engine, Error, ErrorKind, Location, Metadata, Tcp, TcpConfig};
+
+fn engine(metadata: &Metadata, name: &str, ttl: Duration) -> Result<Engine, Error> {
+    Engine::builder()
+        .transport(Tcp::new(TcpConfig::default()))
+        .metadata(metadata.clone())
+        .name(name)
+        .metadata_ttl(ttl)
+        .build()
+}
+
+/// Two engines named `prefill-0` and `decode-0` open each other by name and move random
+/// bytes both ways.
+fn by_name_both_ways(metadata: &Metadata) {
+    let ttl = Duration::from_secs(10);
+    let prefill = engine(metadata, "prefill-0", ttl).unwrap();
+    let decode = engine(metadata, "decode-0", ttl).unwrap();
+    assert_eq!(prefill.name(), "prefill-0");
+    let kv_p = prefill.allocate(1 << 20, Location::host()).unwrap();
+    let kv_d = decode.allocate(1 << 20, Location::host()).unwrap();
+    for (from, to, local, remote_name, remote_buf) in [
+        (&decode, &prefill, &kv_d, "prefill-0", &kv_p),
+        (&prefill, &decode, &kv_p, "decode-0", &kv_d),
+    ] {
+        let data = random(1 << 20);
+        local.write_at(0, &data).unwrap();
+        let seg = from.open_segment(remote_name).unwrap();
+        assert!(!seg.is_local());
+        assert_eq!(
+            seg.tcp_address().map(String::from),
+            to.descriptor()
+                .endpoint(ferry_engine::Protocol::Tcp)
+                .map(|e| e.address.clone())
+        );
+        let (remote, offset) = seg.locate(remote_buf.addr(), 1 << 20).unwrap();
+        let mut b = from.batch();
+        b.write(local, 0, &remote, offset, 1 << 20).unwrap();
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        remote_buf.read_at(0, &mut got).unwrap();
+        assert_bytes_eq(&got, &data, remote_name);
+    }
+    // Its own name is its own segment.
+    assert!(prefill.open_segment("prefill-0").unwrap().is_local());
+    // A name nobody publishes fails, naming the store.
+    let err = decode.open_segment("nobody").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unreachable);
+    assert!(format!("{:?}", err).contains("NotFound"), "{err:?}");
+}
+
+/// Polls `cond` until it holds or `PATIENCE` runs out.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use common::stores::RedisServer;
+
+    #[test]
+    fn engines_find_each_other_by_name() {
+        let server = RedisServer::start();
+        by_name_both_ways(&Metadata::Redis { url: server.url() });
+        assert!(
+            !server.has("ferry/segments/prefill-0"),
+            "a stopped engine withdraws its entry"
+        );
+    }
+
+    #[test]
+    fn a_live_name_is_not_taken_twice() {
+        let server = RedisServer::start();
+        let m = Metadata::Redis { url: server.url() };
+        let first = engine(&m, "kv-store", Duration::from_secs(10)).unwrap();
+        let second = engine(&m, "kv-store", Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(second, Error::NameTaken { .. }), "{second}");
+        assert_eq!(second.kind(), ErrorKind::Rejected);
+        drop(first);
+        engine(&m, "kv-store", Duration::from_secs(10)).expect("free once the holder stopped");
+    }
+
+    #[test]
+    fn a_store_outage_leaves_opened_peers_working_and_the_entries_come_back() {
+        let server = RedisServer::start();
+        let m = Metadata::Redis { url: server.url() };
+        let ttl = Duration::from_millis(900);
+        let target = engine(&m, "target", ttl).unwrap();
+        let initiator = engine(&m, "initiator", ttl).unwrap();
+        let kv = target.allocate(65536, Location::host()).unwrap();
+        let local = initiator.allocate(65536, Location::host()).unwrap();
+        let seg = initiator.open_segment("target").unwrap();
+        let remote = seg.buffer(0).unwrap();
+        let port = server.kill();
+        // Opened peers keep transferring.
+        let data = random(65536);
+        local.write_at(0, &data).unwrap();
+        let mut b = initiator.batch();
+        b.write(&local, 0, &remote, 0, 65536).unwrap();
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut got = vec![0u8; 65536];
+        kv.read_at(0, &mut got).unwrap();
+        assert_bytes_eq(&got, &data, "during the outage");
+        // A new open fails, naming the store.
+        let err = initiator.refresh_segment("target").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unreachable);
+        assert!(
+            format!("{err:?}").contains(&format!("127.0.0.1:{port}")),
+            "{err:?}"
+        );
+        // The store comes back empty; the renewals fill it again.
+        let server = RedisServer::on(port);
+        eventually("both entries republished", || {
+            server.has("ferry/segments/target") && server.has("ferry/segments/initiator")
+        });
+        assert!(initiator.refresh_segment("target").is_ok());
+    }
+
+    /// An entry lives only as long as it is renewed: one expired under a live engine
+    /// (as after a store restart) is written again by the next renewal.
+    #[test]
+    fn an_expired_entry_is_renewed_while_its_engine_lives() {
+        let server = RedisServer::start();
+        let m = Metadata::Redis { url: server.url() };
+        let e = engine(&m, "short-lived", Duration::from_millis(600)).unwrap();
+        assert!(server.has("ferry/segments/short-lived"));
+        server.command(&["PEXPIRE", "ferry/segments/short-lived", "1"]);
+        eventually("the entry expired", || {
+            !server.has("ferry/segments/short-lived")
+        });
+        eventually("the entry renewed", || {
+            server.has("ferry/segments/short-lived")
+        });
+        drop(e);
+        assert!(
+            !server.has("ferry/segments/short-lived"),
+            "withdrawn on shutdown"
+        );
+    }
+}
+
+#[cfg(feature = "http")]
+mod http {
+    use super::*;
+    use common::stores::HttpServer;
+
+    #[test]
+    fn engines_find_each_other_by_name() {
+        let server = HttpServer::start(false);
+        by_name_both_ways(&Metadata::Http { url: server.url() });
+        assert!(
+            server.entries.lock().unwrap().is_empty(),
+            "stopped engines withdraw"
+        );
+    }
+
+    #[test]
+    fn a_server_that_refuses_overwrites_is_coped_with() {
+        let server = HttpServer::start(true);
+        let m = Metadata::Http { url: server.url() };
+        let target = engine(&m, "t", Duration::from_millis(300)).unwrap();
+        let initiator = engine(&m, "i", Duration::from_secs(10)).unwrap();
+        // A registration republishes the descriptor: the server says 400, the engine
+        // deletes and writes again.
+        let kv = target.allocate(4096, Location::host()).unwrap();
+        eventually("the new buffer published", || {
+            initiator
+                .refresh_segment("t")
+                .is_ok_and(|s| s.buffers().iter().any(|b| b.addr == kv.addr()))
+        });
+        assert!(
+            *server.refused.lock().unwrap() > 0,
+            "the server refused an overwrite"
+        );
+    }
+
+    #[test]
+    fn a_dead_engines_entry_is_taken_over_and_a_live_ones_is_not() {
+        let server = HttpServer::start(false);
+        let m = Metadata::Http { url: server.url() };
+        let live = engine(&m, "decode-1", Duration::from_secs(10)).unwrap();
+        let refused = engine(&m, "decode-1", Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(refused, Error::NameTaken { .. }), "{refused}");
+        // An entry left by an engine that no longer answers (HTTP has no expiry).
+        let mut stale = live.descriptor();
+        stale.incarnation ^= 1;
+        stale
+            .endpoints
+            .iter_mut()
+            .for_each(|e| e.address = "127.0.0.1:1".into());
+        server.entries.lock().unwrap().insert(
+            "ferry/segments/decode-2".into(),
+            serde_json::to_vec(&stale).unwrap(),
+        );
+        let taker =
+            engine(&m, "decode-2", Duration::from_secs(10)).expect("a dead engine's name is free");
+        assert_eq!(taker.name(), "decode-2");
+    }
+}
