@@ -451,3 +451,20 @@ fn a_hung_peer_times_tasks_out_by_their_deadline() {
     assert_eq!(p.completed + p.failed + p.timed_out, 16);
     assert!(p.completed < 16);
 }
+
+/// Deadlines and waits of any length are taken (capped), never an overflow.
+#[test]
+fn huge_timeouts_are_capped_not_overflowed() {
+    let common::Pair {
+        target: _target,
+        target_buf: _target_buf,
+        initiator,
+        local,
+        remote,
+    } = common::pair(4096);
+    let mut b = initiator.batch().timeout(Duration::MAX);
+    b.write(&local, 0, &remote, 0, 4096).unwrap();
+    let batch = b.submit().unwrap();
+    batch.wait(Duration::MAX).unwrap();
+    assert_eq!(batch.task(0), Some(TaskStatus::Completed));
+}

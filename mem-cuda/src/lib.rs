@@ -112,7 +112,18 @@ struct Gpu {
     total_memory: usize,
     /// Retained on first use, so untouched devices get no context.
     context: OnceLock<Result<Context, CudaError>>,
+    /// The stream plain copies run on: non-blocking, so a copy never waits on work the
+    /// caller queued on the legacy default stream (or on a stream held by a host
+    /// function waiting for this very copy). Created on first copy; the lock serialises
+    /// copies on it.
+    copy_stream: Mutex<Option<CopyStream>>,
 }
+
+struct CopyStream(sys::CUstream);
+
+// SAFETY: a stream handle may be used from any thread; uses are serialised by the
+// `copy_stream` lock.
+unsafe impl Send for CopyStream {}
 
 /// One CUDA device as the driver reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,6 +204,7 @@ impl Cuda {
                     name: CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned(),
                     total_memory,
                     context: OnceLock::new(),
+                    copy_stream: Mutex::new(None),
                 });
             }
             Ok(Cuda {
@@ -335,9 +347,31 @@ impl Cuda {
             return Ok(());
         }
         self.bind(device)?;
-        // SAFETY: the caller's contract.
-        check("cuMemcpy", unsafe {
-            sys::cuMemcpy(dst as sys::CUdeviceptr, src as sys::CUdeviceptr, len)
+        let gpu = self.gpus.get(device as usize).ok_or(CudaError::NoDevice {
+            device,
+            count: self.gpus.len() as u32,
+        })?;
+        let mut stream = gpu.copy_stream.lock();
+        if stream.is_none() {
+            let mut s: sys::CUstream = std::ptr::null_mut();
+            // SAFETY: creates a stream of the current (`device`'s primary) context into a
+            // live local.
+            check("cuStreamCreate", unsafe {
+                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            })?;
+            *stream = Some(CopyStream(s));
+        }
+        let Some(CopyStream(s)) = stream.as_ref() else {
+            return Err(CudaError::Invalid("no copy stream".into()));
+        };
+        // SAFETY: the caller's contract for both ranges; the copy is complete when the
+        // stream is synchronised below, before the ranges can go.
+        check("cuMemcpyAsync", unsafe {
+            sys::cuMemcpyAsync(dst as sys::CUdeviceptr, src as sys::CUdeviceptr, len, *s)
+        })?;
+        // SAFETY: a live stream of this context.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(*s)
         })
     }
 

@@ -32,6 +32,7 @@ SUPPORT_EFA = "efa" in COMPILED_PROTOCOLS
 SUPPORT_HIP = False
 SUPPORT_MNNVL = False
 SUPPORT_INTRA_NVLINK = False
+SUPPORT_MUSA = False
 
 
 def install():

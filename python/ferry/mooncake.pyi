@@ -9,5 +9,6 @@ SUPPORT_EFA: bool
 SUPPORT_HIP: bool
 SUPPORT_MNNVL: bool
 SUPPORT_INTRA_NVLINK: bool
+SUPPORT_MUSA: bool
 
 def install() -> object: ...

@@ -166,7 +166,11 @@ impl PyEngine {
     ) -> PyResult<PyBuffer> {
         let access = parse_access(access)?;
         let mut location = parse_location(location)?;
-        let (addr, len, keepalive) = if let Ok(addr) = memory.extract::<u64>() {
+        // Only a plain `int` is an address: a bool, a numpy scalar or a one-element tensor
+        // also converts to an integer, and is not one.
+        let is_int = memory.is_exact_instance_of::<pyo3::types::PyInt>();
+        let (addr, len, keepalive) = if is_int {
+            let addr: u64 = memory.extract()?;
             let len = length.ok_or_else(|| invalid("a raw address needs its length"))?;
             (addr, len, None)
         } else if memory.hasattr("data_ptr")? && memory.hasattr("element_size")? {
@@ -176,23 +180,36 @@ impl PyEngine {
             if !memory.call_method0("is_contiguous")?.extract::<bool>()? {
                 return Err(invalid("the tensor is not contiguous"));
             }
-            if location == Location::Auto {
-                let device = memory.getattr("device")?;
-                let kind: String = device.getattr("type")?.extract()?;
-                location = match kind.as_str() {
-                    "cuda" => Location::Cuda {
-                        device: device
-                            .getattr("index")?
-                            .extract::<Option<u32>>()?
-                            .unwrap_or(0),
-                    },
-                    "cpu" => Location::host(),
-                    other => {
-                        return Err(invalid(format!(
-                            "a tensor on `{other}` cannot be registered (cpu and cuda can)"
-                        )))
-                    }
-                };
+            // Where the tensor says it is decides; a different location is refused (a
+            // device pointer taken as host memory would be dereferenced).
+            let device = memory.getattr("device")?;
+            let kind: String = device.getattr("type")?.extract()?;
+            let actual = match kind.as_str() {
+                "cuda" => Location::Cuda {
+                    device: device
+                        .getattr("index")?
+                        .extract::<Option<u32>>()?
+                        .unwrap_or(0),
+                },
+                "cpu" => Location::host(),
+                other => {
+                    return Err(invalid(format!(
+                        "a tensor on `{other}` cannot be registered (cpu and cuda can)"
+                    )))
+                }
+            };
+            let same = match (location, actual) {
+                (Location::Auto, _) => true,
+                (Location::Host { .. }, Location::Host { .. }) => true,
+                (a, b) => a == b,
+            };
+            if !same {
+                return Err(invalid(format!(
+                    "the tensor is on {actual}, not {location}"
+                )));
+            }
+            if !matches!(location, Location::Host { .. }) {
+                location = actual;
             }
             (
                 addr,
@@ -216,8 +233,14 @@ impl PyEngine {
                 return Err(invalid("the object's buffer is not contiguous"));
             }
             // What the buffer protocol exports is host memory.
-            if location == Location::Auto {
-                location = Location::host();
+            match location {
+                Location::Auto => location = Location::host(),
+                Location::Cuda { .. } => {
+                    return Err(invalid(format!(
+                        "an object with the buffer protocol is host memory, not {location}"
+                    )))
+                }
+                Location::Host { .. } => {}
             }
             let nbytes: usize = view.getattr("nbytes")?.extract()?;
             if nbytes == 0 {
@@ -271,6 +294,7 @@ impl PyEngine {
         Ok(PyBatchBuilder {
             inner: Mutex::new(Some(b)),
             submitted: Mutex::new(None),
+            locals: Mutex::new(Vec::new()),
         })
     }
 
@@ -627,13 +651,17 @@ impl From<ferry_engine::TaskStatus> for PyTaskStatus {
 pub(crate) struct PyBatchBuilder {
     inner: Mutex<Option<ferry_engine::BatchBuilder>>,
     submitted: Mutex<Option<Py<PyBatch>>>,
+    /// The local buffers of the requests, held until the batch is dropped: a buffer whose
+    /// last Python reference goes while a request names it is deregistered only then
+    /// (its drop would otherwise wait for this very batch).
+    locals: Mutex<Vec<Py<PyBuffer>>>,
 }
 
 impl PyBatchBuilder {
     fn add(
         &self,
         write: bool,
-        local: &PyBuffer,
+        local: Bound<'_, PyBuffer>,
         local_offset: usize,
         remote: &PyRemoteBuffer,
         remote_offset: u64,
@@ -643,24 +671,15 @@ impl PyBatchBuilder {
         let b = guard
             .as_mut()
             .ok_or_else(|| invalid("the batch was already submitted"))?;
+        let buf = &local.get().inner;
         let r = if write {
-            b.write(
-                &local.inner,
-                local_offset,
-                &remote.inner,
-                remote_offset,
-                length,
-            )
+            b.write(buf, local_offset, &remote.inner, remote_offset, length)
         } else {
-            b.read(
-                &local.inner,
-                local_offset,
-                &remote.inner,
-                remote_offset,
-                length,
-            )
+            b.read(buf, local_offset, &remote.inner, remote_offset, length)
         };
-        r.map(|_| ()).py_err()
+        r.map(|_| ()).py_err()?;
+        self.locals.lock().push(local.unbind());
+        Ok(())
     }
 }
 
@@ -670,26 +689,26 @@ impl PyBatchBuilder {
     /// `remote_offset`.
     fn write(
         &self,
-        local: PyRef<'_, PyBuffer>,
+        local: Bound<'_, PyBuffer>,
         local_offset: usize,
         remote: PyRef<'_, PyRemoteBuffer>,
         remote_offset: u64,
         length: usize,
     ) -> PyResult<()> {
-        self.add(true, &local, local_offset, &remote, remote_offset, length)
+        self.add(true, local, local_offset, &remote, remote_offset, length)
     }
 
     /// Adds a READ of `length` bytes from `remote` at `remote_offset` into `local` at
     /// `local_offset`.
     fn read(
         &self,
-        local: PyRef<'_, PyBuffer>,
+        local: Bound<'_, PyBuffer>,
         local_offset: usize,
         remote: PyRef<'_, PyRemoteBuffer>,
         remote_offset: u64,
         length: usize,
     ) -> PyResult<()> {
-        self.add(false, &local, local_offset, &remote, remote_offset, length)
+        self.add(false, local, local_offset, &remote, remote_offset, length)
     }
 
     fn __len__(&self) -> usize {
@@ -704,7 +723,10 @@ impl PyBatchBuilder {
             .take()
             .ok_or_else(|| invalid("the batch was already submitted"))?;
         let batch = py.detach(|| b.submit()).py_err()?;
-        Ok(PyBatch { inner: batch })
+        Ok(PyBatch {
+            inner: ManuallyDrop::new(batch),
+            _locals: std::mem::take(&mut *self.locals.lock()),
+        })
     }
 
     /// The batch submitted when the `with` block ended.
@@ -740,7 +762,17 @@ impl PyBatchBuilder {
 /// A submitted batch. Its tasks end by its deadline, each Completed, Failed or TimedOut.
 #[pyclass(module = "ferry", name = "Batch", frozen)]
 pub(crate) struct PyBatch {
-    pub(crate) inner: ferry_engine::Batch,
+    pub(crate) inner: ManuallyDrop<ferry_engine::Batch>,
+    /// The local buffers its requests name, let go after the batch itself.
+    _locals: Vec<Py<PyBuffer>>,
+}
+
+impl Drop for PyBatch {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `inner` is not used after. The batch goes before the
+        // buffers it names.
+        drop(unsafe { ManuallyDrop::take(&mut self.inner) });
+    }
 }
 
 fn progress_dict<'py>(py: Python<'py>, p: Progress) -> PyResult<Bound<'py, PyDict>> {

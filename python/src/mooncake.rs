@@ -107,6 +107,19 @@ struct Local {
     buffer: Buffer,
     /// From `allocate_managed_buffer` (freed by `free_managed_buffer`).
     managed: bool,
+    /// One clone per request that names this memory, from mapping to the end of its
+    /// transfer (a stream-ordered one may run much later): unregistering waits for them.
+    users: Arc<()>,
+}
+
+impl Local {
+    fn new(buffer: Buffer, managed: bool) -> Self {
+        Local {
+            buffer,
+            managed,
+            users: Arc::new(()),
+        }
+    }
 }
 
 /// An async batch, until `get_batch_transfer_status` or `transfer_check_status` ends it.
@@ -129,6 +142,8 @@ struct State {
 /// Where a request's two ends are.
 struct Request {
     local: Buffer,
+    /// Holds off `unregister_memory` of `local` until the request is done.
+    _use: Arc<()>,
     local_offset: usize,
     remote: ferry_engine::RemoteBuffer,
     remote_offset: u64,
@@ -137,7 +152,7 @@ struct Request {
 
 impl State {
     /// The registered buffer that holds `addr..addr+len`, and the offset of `addr`.
-    fn local_at(&self, addr: u64, len: usize) -> Option<(Buffer, usize)> {
+    fn local_at(&self, addr: u64, len: usize) -> Option<(Buffer, usize, Arc<()>)> {
         let local = self.local.read();
         let (&start, l) = local.range(..=addr).next_back()?;
         let offset = (addr - start) as usize;
@@ -145,7 +160,7 @@ impl State {
             .len()
             .checked_sub(offset)
             .filter(|&room| room >= len)
-            .map(|_| (l.buffer.clone(), offset))
+            .map(|_| (l.buffer.clone(), offset, l.users.clone()))
     }
 
     /// Checks and maps one request; `Err` says why it is refused.
@@ -156,7 +171,7 @@ impl State {
         peer_addr: u64,
         len: usize,
     ) -> Result<Request, String> {
-        let (local, local_offset) = self.local_at(local_addr, len).ok_or_else(|| {
+        let (local, local_offset, _use) = self.local_at(local_addr, len).ok_or_else(|| {
             format!("local range {local_addr:#x}+{len} is not inside memory registered with this engine")
         })?;
         let (remote, remote_offset) = segment.locate(peer_addr, len as u64).ok_or_else(|| {
@@ -167,6 +182,7 @@ impl State {
         })?;
         Ok(Request {
             local,
+            _use,
             local_offset,
             remote,
             remote_offset,
@@ -310,17 +326,15 @@ impl State {
             return Err(format!("cannot register {len} bytes at {addr:#x}"));
         }
         let location = compat_location(location)?;
-        {
-            let local = self.local.read();
-            let end = addr.checked_add(len as u64).ok_or("the range wraps")?;
-            let below = local.range(..end).next_back();
-            if let Some((&start, l)) = below {
-                if start + l.buffer.len() as u64 > addr {
-                    return Err(format!(
-                        "{addr:#x}+{len} overlaps memory registered at {start:#x}+{}",
-                        l.buffer.len()
-                    ));
-                }
+        let end = addr.checked_add(len as u64).ok_or("the range wraps")?;
+        // The check and the insert under one lock: two registrations cannot both pass.
+        let mut local = self.local.write();
+        if let Some((&start, l)) = local.range(..end).next_back() {
+            if start + l.buffer.len() as u64 > addr {
+                return Err(format!(
+                    "{addr:#x}+{len} overlaps memory registered at {start:#x}+{}",
+                    l.buffer.len()
+                ));
             }
         }
         // SAFETY: Mooncake's contract, which this method keeps: the caller registers
@@ -330,26 +344,32 @@ impl State {
                 .register(addr as *mut u8, len, location, Access::RemoteReadWrite)
         }
         .map_err(|e| chain(&e))?;
-        self.local.write().insert(
-            addr,
-            Local {
-                buffer,
-                managed: false,
-            },
-        );
+        local.insert(addr, Local::new(buffer, false));
         Ok(())
     }
 
+    /// Deregisters the memory at `addr` once no transfer names it any more (each ends by
+    /// its deadline; a stream-ordered one once its stream reaches it and it has run).
     fn unregister(&self, addr: u64) -> Result<(), String> {
         let removed = self.local.write().remove(&addr);
-        match removed {
-            // Dropped outside the lock: the drop waits for transfers still using it.
-            Some(l) => {
-                drop(l);
-                Ok(())
+        let Some(l) = removed else {
+            return Err(format!("nothing is registered at {addr:#x}"));
+        };
+        let start = std::time::Instant::now();
+        let mut warned = false;
+        while Arc::strong_count(&l.users) > 1 {
+            if !warned && start.elapsed() >= Duration::from_secs(5) {
+                warned = true;
+                tracing::warn!(
+                    addr,
+                    "unregistering waits for transfers still naming the memory"
+                );
             }
-            None => Err(format!("nothing is registered at {addr:#x}")),
+            std::thread::sleep(Duration::from_micros(200));
         }
+        // Outside the lock: the drop waits for slices still in flight.
+        drop(l);
+        Ok(())
     }
 }
 
@@ -397,6 +417,7 @@ fn split_host(text: &str) -> (String, Option<u16>) {
         }
     }
     if text.matches(':').count() > 1 {
+        // A bare IPv6 address (anything else is refused by `initialize`).
         return (text.to_string(), None);
     }
     match text.rsplit_once(':') {
@@ -450,6 +471,26 @@ fn transfer_timeout() -> Duration {
 pub(crate) struct TransferEngine {
     state: RwLock<Option<Arc<State>>>,
     timeout: Duration,
+    /// One `initialize` at a time.
+    init: Mutex<()>,
+}
+
+impl Drop for TransferEngine {
+    fn drop(&mut self) {
+        // Shutting the engine down ends what is in flight and waits for nothing long, but
+        // deregistering caller memory waits for transfers: without the GIL.
+        if let Some(state) = self.state.get_mut().take() {
+            Python::attach(|py| py.detach(move || drop(state)));
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // First the engine: what is in flight fails now (Shutdown) instead of holding
+        // the registered memory below until its deadline.
+        self.engine.shutdown();
+    }
 }
 
 impl TransferEngine {
@@ -618,6 +659,7 @@ impl TransferEngine {
         TransferEngine {
             state: RwLock::new(None),
             timeout: transfer_timeout(),
+            init: Mutex::new(()),
         }
     }
 
@@ -653,6 +695,7 @@ impl TransferEngine {
         device_name: Option<&str>,
         metadata_type: &str,
     ) -> i32 {
+        let _one_at_a_time = self.init.lock();
         if self.state.read().is_some() {
             tracing::error!("initialize: this TransferEngine is already initialized");
             return -1;
@@ -667,6 +710,13 @@ impl TransferEngine {
         }
         let protocol = choose_protocol(protocol);
         let (host, port) = split_host(local_hostname);
+        if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+            tracing::error!(
+                local_hostname,
+                "initialize: expected host, host:port, an IPv6 address or [v6]:port (Ascend's ip:port:npu_N is not supported)"
+            );
+            return -1;
+        }
         let mut config = EngineConfig {
             protocol: protocol.name().to_string(),
             listen: join_host(&host, port.unwrap_or(0)),
@@ -747,13 +797,7 @@ impl TransferEngine {
         match py.detach(|| s.engine.allocate(length.max(1), Location::host())) {
             Ok(buffer) => {
                 let addr = buffer.addr();
-                s.local.write().insert(
-                    addr,
-                    Local {
-                        buffer,
-                        managed: true,
-                    },
-                );
+                s.local.write().insert(addr, Local::new(buffer, true));
                 addr
             }
             Err(e) => {
@@ -1005,29 +1049,43 @@ impl TransferEngine {
     fn get_batch_transfer_status(&self, py: Python<'_>, batch_ids: Vec<u64>) -> i32 {
         let Some(s) = self.state() else { return -1 };
         py.detach(|| {
-            let taken: Vec<(u64, Option<Pending>)> = {
+            let mut waiting = Vec::with_capacity(batch_ids.len());
+            {
                 let mut pending = s.pending.lock();
-                batch_ids
-                    .iter()
-                    .map(|id| (*id, pending.remove(id)))
-                    .collect()
-            };
-            let mut status = 0;
-            for (id, p) in taken {
-                match p {
-                    None => {
-                        tracing::warn!(id, "get_batch_transfer_status: not a live batch id");
-                        status = -1;
-                    }
-                    Some(p) => {
-                        if let Err(e) = p.batch.wait(Duration::from_secs(u32::MAX as u64)) {
-                            tracing::warn!(id, error = %chain(&e), "batch failed");
-                            status = -1;
+                for id in &batch_ids {
+                    match pending.remove(id) {
+                        Some(p) => waiting.push((*id, p)),
+                        None => {
+                            tracing::warn!(id, "get_batch_transfer_status: not a live batch id");
+                            return -1;
                         }
                     }
                 }
             }
-            status
+            // Until every batch completed, or the first failed (the rest are released,
+            // as Mooncake does). Each ends by its deadline.
+            while let Some((id, first)) = waiting.first() {
+                match first.batch.wait(Duration::from_millis(1)) {
+                    Ok(()) => {
+                        waiting.remove(0);
+                    }
+                    Err(ferry_engine::Error::WaitTimedOut { .. }) => {
+                        let failed = waiting.iter().find_map(|(id, p)| {
+                            let progress = p.batch.poll();
+                            (progress.failed + progress.timed_out > 0).then_some(*id)
+                        });
+                        if let Some(id) = failed {
+                            tracing::warn!(id, "batch failed");
+                            return -1;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %chain(&e), "batch failed");
+                        return -1;
+                    }
+                }
+            }
+            0
         })
     }
 
@@ -1054,7 +1112,8 @@ impl TransferEngine {
     }
 
     /// Without waiting: 1 completed, 0 pending, -1 failed (or not a live id), -2 timed
-    /// out. An ended batch is released (asking again is -1).
+    /// out. A completed or failed batch is released (asking again is -1); a timed-out one
+    /// is kept, as in Mooncake.
     fn transfer_check_status(&self, batch_id: u64) -> i32 {
         let Some(s) = self.state() else { return -1 };
         let mut pending = s.pending.lock();
@@ -1067,7 +1126,8 @@ impl TransferEngine {
         } else if progress.completed == progress.total {
             1
         } else if progress.timed_out > 0 {
-            -2
+            // Kept, as Mooncake keeps it: asking again says -2 again.
+            return -2;
         } else {
             -1
         };
@@ -1100,7 +1160,7 @@ impl TransferEngine {
             );
             return Ok(-1);
         }
-        let Some((buffer, offset)) = s.local_at(dest_address, length) else {
+        let Some((buffer, offset, _use)) = s.local_at(dest_address, length) else {
             tracing::warn!(
                 dest_address,
                 length,
@@ -1123,7 +1183,7 @@ impl TransferEngine {
         let s = self
             .state()
             .ok_or_else(|| crate::errors::invalid("read_bytes_from_buffer before initialize"))?;
-        let (buffer, offset) = s.local_at(source_address, length).ok_or_else(|| {
+        let (buffer, offset, _use) = s.local_at(source_address, length).ok_or_else(|| {
             crate::errors::invalid(format!(
                 "{source_address:#x}+{length} is not inside memory registered with this engine"
             ))
@@ -1401,6 +1461,25 @@ impl TransferEngine {
     #[pyo3(name = "check_stream_transfers")]
     fn py_check_stream_transfers(&self) -> PyResult<()> {
         self.check_stream_transfers()
+    }
+
+    /// Mooncake connects EFA paths ahead of time here; ferry connects a peer on first use
+    /// and keeps it: nothing to do, 0.
+    fn warmup_efa_segment(&self, segment_name: &str) -> i32 {
+        let _ = segment_name;
+        0
+    }
+
+    /// Mooncake's raw engine pointer; ferry has no such object to point at: 0.
+    fn get_engine_ptr(&self) -> u64 {
+        0
+    }
+
+    /// `TransferEngine.TransferOpcode`, as Mooncake attaches it to the class.
+    #[classattr]
+    #[pyo3(name = "TransferOpcode")]
+    fn transfer_opcode_class(py: Python<'_>) -> Py<pyo3::types::PyType> {
+        py.get_type::<TransferOpcode>().unbind()
     }
 
     /// The underlying `ferry.Engine` (shared, not copied); `None` before `initialize`.

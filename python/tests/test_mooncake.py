@@ -266,3 +266,57 @@ def test_stream_ordered_transfers_check_now_and_say_what_is_missing(engine, peer
     else:
         with pytest.raises(ferry.Unsupported):
             engine.transfer_write_on_cuda(peer.name, local.addr, remote, 8192)
+
+
+def test_registrations_and_unregistrations_are_safe_under_concurrency(engine, peer):
+    import ctypes
+
+    mem = (ctypes.c_char * 65536)()
+    base = ctypes.addressof(mem)
+    # Eight threads register the same range at once: exactly one wins.
+    results = []
+    ts = [threading.Thread(target=lambda: results.append(engine.register_memory(base, 65536))) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(results) == [-1] * 7 + [0]
+    # Unregistering while transfers name the memory waits for them; they all succeed.
+    remote, _ = peer.buffers[0]
+    outcomes = []
+
+    def send():
+        outcomes.append(engine.transfer_sync_write(peer.name, base, remote, 65536))
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for t in senders:
+        t.start()
+    while not outcomes and any(t.is_alive() for t in senders):
+        if engine.unregister_memory(base) == 0:
+            break
+    for t in senders:
+        t.join()
+    assert all(o in (0, -1) for o in outcomes), outcomes
+    assert engine.register_memory(base, 65536) in (0, -1)
+
+
+def test_mooncake_surface_extras():
+    e = TransferEngine()
+    assert e.warmup_efa_segment("anything") == 0 and e.get_engine_ptr() == 0
+    assert TransferEngine.TransferOpcode is TransferOpcode
+    assert e.initialize("127.0.0.1:1234:npu_0", "P2PHANDSHAKE", "tcp", "") == -1
+
+
+def test_a_temporary_registered_buffer_in_a_batch_does_not_hang():
+    import ferry
+
+    target = ferry.Engine()
+    e = ferry.Engine()
+    kv = target.allocate(4096)
+    seg = e.open_segment(target.name)
+    b = e.batch(timeout=10)
+    # The registered buffer's last Python reference goes right after `write`.
+    b.write(e.register(bytearray(4096)), 0, seg.buffer(0), 0, 16)
+    batch = b.submit()
+    batch.wait()
+    assert batch.statuses() == [ferry.TaskStatus.Completed] and len(kv) == 4096

@@ -277,7 +277,9 @@ pub struct Slice {
 /// threads, so it must be cheap and must not block.
 pub trait Completions: Send + Sync {
     /// Reports one slice: `Ok(bytes)` or why it failed. Called exactly once per posted
-    /// slice.
+    /// slice, while the transport still holds the slice (and so its `local` memory): the
+    /// engine may post a retry from inside this call, and the caller's memory must still
+    /// be there when it does.
     fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>);
 }
 

@@ -15,6 +15,18 @@ use crate::peer::RemoteBuffer;
 use crate::registry::Registry;
 use crate::{Error, Result};
 
+/// The longest deadline or wait: a longer one (`Duration::MAX`, a huge float from a
+/// binding) is taken as this, which no batch outlives.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `start + d`, with `d` capped at [`FOREVER`] (an `Instant` cannot hold any sum).
+fn after(start: Instant, d: Duration) -> Instant {
+    start
+        .checked_add(d.min(FOREVER))
+        .or_else(|| start.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(start)
+}
+
 /// How long a waiter woken early spins before it parks again.
 const EARLY_WAKE_SPIN: Duration = Duration::from_millis(2);
 
@@ -194,7 +206,7 @@ impl BatchBuilder {
             self.table.release(self.index, &slot);
             return Err(Error::Shutdown);
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = after(Instant::now(), self.timeout);
         slot.data.write().arm(deadline, self.retry_over_tcp);
         slot.data.read().post_all();
         // Posted: the slices in flight hold the memory now, and a finished batch none.
@@ -278,7 +290,7 @@ impl Batch {
     /// goes on; wait again or drop it).
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
-        let end = start + timeout;
+        let end = after(start, timeout);
         let d = self.slot.data.read();
         let mut spin_until = start + self.table.defaults.busy_poll;
         loop {

@@ -337,8 +337,6 @@ impl SlotData {
         true
     }
 
-    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
-    /// slice the connection refuses fails at once.
     /// Fails every slice of a task that cannot be posted.
     fn fail_unposted(&self, spec: &TaskSpec, step: usize, token: CompletionToken) {
         for _ in 0..spec.len.div_ceil(step) {
@@ -346,6 +344,8 @@ impl SlotData {
         }
     }
 
+    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
+    /// slice the connection refuses fails at once.
     fn post_task(
         &self,
         spec: &TaskSpec,
@@ -468,7 +468,10 @@ impl BatchTable {
     }
 
     pub(super) fn acquire(&self) -> (u32, Arc<Slot>, u32) {
-        if let Some(index) = self.free.lock().pop() {
+        // The free list's lock is let go before the slots' (a growing table waits on
+        // completions in flight; releases must not wait behind it).
+        let reused = self.free.lock().pop();
+        if let Some(index) = reused {
             let slot = self.slots.read()[index as usize].clone();
             let generation = slot.data.read().generation;
             return (index, slot, generation);

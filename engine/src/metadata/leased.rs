@@ -6,6 +6,7 @@
 //! engine carries on: peers already opened keep working; opening an unknown one fails
 //! with an error naming the store.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,17 +52,49 @@ struct Shared {
     settings: StoreSettings,
     state: Mutex<State>,
     wake: Condvar,
+    /// One write at a time, each of the newest descriptor: an older one never lands
+    /// after a newer.
+    writing: Mutex<()>,
+    /// The last write failed (the server is down): changes wait for the renewal thread.
+    failing: AtomicBool,
 }
 
 impl Shared {
-    /// Writes what is due, renews on the period, backs off while the server fails.
+    /// Writes the newest descriptor now. A failure leaves it due for the renewal thread.
+    fn write_latest(&self) -> Result<(), String> {
+        let _one = self.writing.lock();
+        let (key, value) = {
+            let mut s = self.state.lock();
+            s.dirty = false;
+            match (s.key.clone(), s.latest.clone()) {
+                (Some(k), Some(v)) => (k, v),
+                _ => return Ok(()),
+            }
+        };
+        match self.backend.put(&key, &value, self.settings.ttl) {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(store = %self.backend.describe(), "metadata store reachable again; descriptor published");
+                }
+                Ok(())
+            }
+            Err(why) => {
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(store = %self.backend.describe(), %why, "cannot publish to the metadata store; retrying with back-off (opened peers keep working)");
+                }
+                self.state.lock().dirty = true;
+                Err(why)
+            }
+        }
+    }
+
+    /// Renews on the period, and retries what failed with back-off.
     fn run(&self) {
         let renew = (self.settings.ttl / 3).max(Duration::from_millis(10));
         let mut backoff = FIRST_BACKOFF;
-        let mut failing = false;
         let mut next = Instant::now() + renew;
         loop {
-            let (key, value) = {
+            {
                 let mut s = self.state.lock();
                 while !s.stop && !s.dirty && Instant::now() < next {
                     self.wake.wait_until(&mut s, next);
@@ -69,30 +102,13 @@ impl Shared {
                 if s.stop {
                     return;
                 }
-                s.dirty = false;
-                match (s.key.clone(), s.latest.clone()) {
-                    (Some(k), Some(v)) => (k, v),
-                    _ => {
-                        next = Instant::now() + renew;
-                        continue;
-                    }
-                }
-            };
-            match self.backend.put(&key, &value, self.settings.ttl) {
+            }
+            match self.write_latest() {
                 Ok(()) => {
-                    if failing {
-                        tracing::info!(store = %self.backend.describe(), "metadata store reachable again; descriptor published");
-                    }
-                    failing = false;
                     backoff = FIRST_BACKOFF;
                     next = Instant::now() + renew;
                 }
-                Err(why) => {
-                    if !failing {
-                        tracing::warn!(store = %self.backend.describe(), %why, "cannot publish to the metadata store; retrying with back-off (opened peers keep working)");
-                    }
-                    failing = true;
-                    self.state.lock().dirty = true;
+                Err(_) => {
                     let until = Instant::now() + backoff;
                     backoff = (backoff * 2).min(renew);
                     let mut s = self.state.lock();
@@ -124,6 +140,8 @@ impl Leased {
                 settings,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
+                writing: Mutex::new(()),
+                failing: AtomicBool::new(false),
             }),
             tcp,
             worker: Mutex::new(None),
@@ -200,11 +218,19 @@ impl MetadataStore for Leased {
         Ok(())
     }
 
+    /// Written before the registration returns, so a peer told about the new buffer
+    /// finds it; while the server is down, left to the renewal thread (registration does
+    /// not wait on an outage).
     fn publish(&self, own: &OwnSegment) {
-        let mut s = self.shared.state.lock();
-        if s.key.is_some() {
+        {
+            let mut s = self.shared.state.lock();
+            if s.key.is_none() {
+                return;
+            }
             s.latest = Some(own.encoded());
             s.dirty = true;
+        }
+        if self.shared.failing.load(Ordering::Acquire) || self.shared.write_latest().is_err() {
             self.shared.wake.notify_all();
         }
     }

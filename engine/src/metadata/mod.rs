@@ -134,9 +134,9 @@ pub(crate) struct Fetched {
 
 /// Where segment descriptors live.
 ///
-/// Calls come from any thread; none is made under an engine lock. `publish` must not
-/// block on the network for long (a store that talks to a server queues the change and
-/// retries it in the background): registration waits for it.
+/// Calls come from any thread; none is made under an engine lock. `publish` runs before
+/// a registration returns, so peers told about a buffer find it; it must not wait long
+/// on an unreachable server (a store leaves what failed to a background retry).
 pub(crate) trait MetadataStore: Send + Sync {
     /// What the store is, for logs and errors (`p2p`, `redis://...`).
     fn describe(&self) -> String;
