@@ -46,8 +46,9 @@ pub(crate) struct EngineArgs {
     /// `ferry info` lists them; a name may repeat); default: every device found.
     #[arg(long, value_delimiter = ',')]
     fabric_devices: Vec<String>,
-    /// Metadata: p2p (the default, and the only store so far: etcd and redis are not
-    /// implemented yet).
+    /// Metadata: p2p (the default: a segment is named by its `host:port`),
+    /// http://host:port/path (feature `http`) or redis://host:port (feature `redis`); etcd
+    /// is not implemented yet.
     #[arg(long, default_value = "p2p")]
     metadata: String,
     /// Memory the buffers live in: cpu, cpu:NUMA or cuda:N.
@@ -135,6 +136,10 @@ struct TargetArgs {
     /// 0.0.0.0, or behind NAT).
     #[arg(long)]
     advertise: Option<String>,
+    /// The segment name peers open this target by (with a metadata store, its key);
+    /// default: its `host:port`.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
     /// Exit when standard input closes (used by `ferry bench` for its child).
@@ -185,6 +190,9 @@ fn target(args: TargetArgs) -> Result<()> {
     };
     if args.advertise.is_some() {
         config.advertise = args.advertise.clone();
+    }
+    if args.name.is_some() {
+        config.name = args.name.clone();
     }
     let engine = Engine::from_config(&config).context("starting the engine")?;
     let location = args.engine.location()?;
