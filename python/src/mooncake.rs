@@ -429,6 +429,17 @@ fn split_host(text: &str) -> (String, Option<u16>) {
     }
 }
 
+/// This host's address on its default route (no packet is sent), or 127.0.0.1.
+fn primary_ip() -> String {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".into())
+}
+
 fn join_host(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
@@ -700,14 +711,21 @@ impl TransferEngine {
             tracing::error!("initialize: this TransferEngine is already initialized");
             return -1;
         }
-        if metadata_server != P2P_HANDSHAKE {
-            tracing::error!(
-                metadata_type,
-                metadata_server,
-                "initialize: ferry serves peer-to-peer metadata (P2PHANDSHAKE) only; etcd, Redis and HTTP metadata servers are not supported yet"
-            );
-            return -1;
-        }
+        // Mooncake's metadata strings: P2PHANDSHAKE, or a server of `metadata_type`.
+        let store = if metadata_server == P2P_HANDSHAKE {
+            None
+        } else {
+            let url = if metadata_server.contains("://") {
+                metadata_server.to_string()
+            } else {
+                format!("{metadata_type}://{metadata_server}")
+            };
+            if let Err(e) = ferry_engine::Metadata::parse(&url) {
+                tracing::error!(metadata = %url, error = %chain(&e), "initialize: this metadata store cannot be used");
+                return -1;
+            }
+            Some(url)
+        };
         let protocol = choose_protocol(protocol);
         let (host, port) = split_host(local_hostname);
         if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
@@ -725,6 +743,21 @@ impl TransferEngine {
         };
         if port.is_some() {
             config.advertise = Some(local_hostname.to_string());
+        }
+        if let Some(url) = store {
+            // With a store, the segment is named by `local_hostname` as given, which need
+            // not be a host: the port is then bound where `MC_TCP_BIND_ADDRESS` says, or
+            // on this host's primary address, as Mooncake does.
+            config.metadata = url;
+            config.name = Some(local_hostname.to_string());
+            config.advertise = None;
+            if std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0)).is_err() {
+                let ip = std::env::var("MC_TCP_BIND_ADDRESS")
+                    .ok()
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(primary_ip);
+                config.listen = join_host(&ip, port.unwrap_or(0));
+            }
         }
         let devices: Vec<String> = device_name
             .unwrap_or("")
@@ -773,8 +806,13 @@ impl TransferEngine {
     fn get_rpc_port(&self) -> i64 {
         self.state()
             .and_then(|s| {
-                let name = s.engine.name();
-                name.rsplit_once(':')
+                let address = s
+                    .engine
+                    .descriptor()
+                    .endpoint(Protocol::Tcp)
+                    .map(|e| e.address.clone())?;
+                address
+                    .rsplit_once(':')
                     .and_then(|(_, p)| p.parse::<i64>().ok())
             })
             .unwrap_or(-1)

@@ -201,7 +201,18 @@ def test_uninitialized_engines_and_missing_metadata_servers_fail_cleanly():
     assert e.transfer_sync_write("127.0.0.1:1", 1, 1, 1) == -1
     assert e.get_engine() is None
     assert e.get_notifies() == []
-    for server in ["etcd://127.0.0.1:2379", "http://127.0.0.1:8080/metadata", "redis://127.0.0.1:6379", "127.0.0.1:2379"]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket is closed
+    # etcd is not served yet; HTTP and Redis servers that do not answer fail initialize.
+    for server in [
+        "etcd://127.0.0.1:2379",
+        "127.0.0.1:2379",
+        f"http://127.0.0.1:{closed}/metadata",
+        f"redis://127.0.0.1:{closed}",
+    ]:
         assert TransferEngine().initialize("127.0.0.1", server, "tcp", "") == -1
     ok = TransferEngine()
     assert ok.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
@@ -320,3 +331,59 @@ def test_a_temporary_registered_buffer_in_a_batch_does_not_hang():
     batch = b.submit()
     batch.wait()
     assert batch.statuses() == [ferry.TaskStatus.Completed] and len(kv) == 4096
+
+
+def redis_server():
+    """A redis-server on a free loopback port (the store tests' server), or None when
+    the binary is missing."""
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    if shutil.which("redis-server") is None:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="ferry-redis-")
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not come up")
+
+
+import subprocess  # noqa: E402
+
+
+def test_names_through_a_redis_metadata_server():
+    proc, port = redis_server()
+    if proc is None:
+        pytest.skip("redis-server is not installed (cargo xtask test installs it)")
+    try:
+        target = TransferEngine()
+        assert target.initialize("target-0", f"redis://127.0.0.1:{port}", "tcp", "") == 0
+        assert target.get_local_segment_name() == "target-0" and target.get_rpc_port() > 0
+        initiator = TransferEngine()
+        assert initiator.initialize_ext("initiator-0", f"127.0.0.1:{port}", "tcp", "", "redis") == 0
+        remote = target.allocate_managed_buffer(65536)
+        local = LocalMemory(initiator, 65536)
+        assert initiator.get_first_buffer_address("target-0") == remote
+        assert initiator.transfer_sync_write("target-0", local.addr, remote, 65536) == 0
+        assert target.read_bytes_from_buffer(remote, 65536) == local.bytes()
+        # A second engine cannot take a live name.
+        assert TransferEngine().initialize("target-0", f"redis://127.0.0.1:{port}", "tcp", "") == -1
+    finally:
+        proc.kill()
+        proc.wait()
