@@ -1,7 +1,7 @@
-//! A `ferry target` process publishing to Redis by name: peers open it by that name, and
+//! A `ferry target` process publishing to Redis or etcd by name: peers open it by that name, and
 //! once the process is killed (no withdrawal, no more renewals) its entry expires within
 //! its TTL, freeing the name.
-#![cfg(feature = "redis")]
+#![cfg(any(feature = "redis", feature = "etcd"))]
 
 mod common;
 #[path = "../../engine/tests/common/stores.rs"]
@@ -12,21 +12,18 @@ use std::time::{Duration, Instant};
 
 use common::Target;
 use ferry_engine::{Engine, Metadata, Tcp, TcpConfig};
-use stores::{RedisServer, PATIENCE};
+use stores::PATIENCE;
 
-#[test]
-fn a_killed_targets_entry_expires_within_its_ttl() {
-    let redis = RedisServer::start();
-    let config = format!(
-        r#"{{"metadata": "{}", "name": "victim", "metadata_ttl_ms": 900}}"#,
-        redis.url()
-    );
+/// Starts a target named `victim` on `metadata` (`url` in `EngineConfig::metadata`),
+/// kills it, and waits until `gone()` says its entry expired; then the name is free.
+fn killed_target_expires(url: &str, metadata: Metadata, has: &dyn Fn() -> bool) {
+    let config = format!(r#"{{"metadata": "{url}", "name": "victim", "metadata_ttl_ms": 900}}"#);
     let target = Target::start(&["--buffer-size", "64K", "--config-json", &config]);
     assert_eq!(target.name, "victim");
-    assert!(redis.has("ferry/segments/victim"));
+    assert!(has());
     let peer = Engine::builder()
         .transport(Tcp::new(TcpConfig::default()))
-        .metadata(Metadata::Redis { url: redis.url() })
+        .metadata(metadata.clone())
         .name("peer")
         .build()
         .unwrap();
@@ -35,19 +32,40 @@ fn a_killed_targets_entry_expires_within_its_ttl() {
 
     target.signal("-KILL");
     let start = Instant::now();
-    while redis.has("ferry/segments/victim") {
+    while has() {
         assert!(
             start.elapsed() < PATIENCE,
             "the dead target's entry did not expire"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The name is free again.
     let heir = Engine::builder()
         .transport(Tcp::new(TcpConfig::default()))
-        .metadata(Metadata::Redis { url: redis.url() })
+        .metadata(metadata)
         .name("victim")
         .build()
         .expect("a dead engine's name is free once its entry expired");
     assert_eq!(heir.name(), "victim");
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn a_killed_targets_redis_entry_expires_within_its_ttl() {
+    let redis = stores::RedisServer::start();
+    killed_target_expires(&redis.url(), Metadata::Redis { url: redis.url() }, &|| {
+        redis.has("ferry/segments/victim")
+    });
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn a_killed_targets_etcd_entry_goes_with_its_lease() {
+    let etcd = stores::EtcdServer::start();
+    killed_target_expires(
+        &format!("etcd://{}", etcd.endpoint()),
+        Metadata::Etcd {
+            endpoints: vec![etcd.endpoint()],
+        },
+        &|| etcd.has("ferry/segments/victim"),
+    );
 }

@@ -27,6 +27,8 @@ pub enum Feature {
     Http,
     /// `redis`: the Redis metadata store.
     Redis,
+    /// `etcd`: the etcd metadata store.
+    Etcd,
 }
 
 impl Feature {
@@ -38,6 +40,7 @@ impl Feature {
             Feature::Cuda => "cuda",
             Feature::Http => "http",
             Feature::Redis => "redis",
+            Feature::Etcd => "etcd",
         }
     }
 }

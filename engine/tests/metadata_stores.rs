@@ -1,8 +1,8 @@
-//! Metadata stores with real servers: Redis (`redis-server`, started by the test on a
-//! free loopback port) and an HTTP server speaking Mooncake's metadata protocol. Engines
+//! Metadata stores with real servers: Redis (`redis-server`) and etcd (`etcd`), started by
+//! the test on free loopback ports, and an HTTP server speaking Mooncake's metadata protocol. Engines
 //! find each other by name, a live name is not taken twice, a dead or withdrawn entry
 //! goes, and a store outage leaves opened peers working.
-#![cfg(any(feature = "http", feature = "redis"))]
+#![cfg(any(feature = "http", feature = "redis", feature = "etcd"))]
 
 mod common;
 
@@ -214,5 +214,61 @@ mod http {
         let taker =
             engine(&m, "decode-2", Duration::from_secs(10)).expect("a dead engine's name is free");
         assert_eq!(taker.name(), "decode-2");
+    }
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+    use common::stores::EtcdServer;
+
+    #[test]
+    fn engines_find_each_other_by_name() {
+        let server = EtcdServer::start();
+        by_name_both_ways(&Metadata::Etcd {
+            endpoints: vec![server.endpoint()],
+        });
+        assert!(
+            !server.has("ferry/segments/prefill-0"),
+            "a stopped engine withdraws its entry"
+        );
+    }
+
+    #[test]
+    fn a_live_name_is_not_taken_twice_and_is_free_once_its_holder_stopped() {
+        let server = EtcdServer::start();
+        let m = Metadata::Etcd {
+            endpoints: vec!["127.0.0.1:1".into(), server.endpoint()],
+        };
+        let first = engine(&m, "kv-store", Duration::from_secs(5)).unwrap();
+        let second = engine(&m, "kv-store", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(second, Error::NameTaken { .. }), "{second}");
+        drop(first);
+        engine(&m, "kv-store", Duration::from_secs(5)).expect("free once the holder stopped");
+    }
+
+    #[test]
+    fn a_restarted_empty_etcd_is_filled_again_by_the_renewals() {
+        let server = EtcdServer::start();
+        let m = Metadata::Etcd {
+            endpoints: vec![server.endpoint()],
+        };
+        let target = engine(&m, "target", Duration::from_secs(2)).unwrap();
+        let initiator = engine(&m, "initiator", Duration::from_secs(2)).unwrap();
+        let _kv = target.allocate(4096, Location::host()).unwrap();
+        let seg = initiator.open_segment("target").unwrap();
+        assert_eq!(seg.buffers().len(), 1);
+        let port = server.kill();
+        let err = initiator.refresh_segment("target").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unreachable);
+        // A new member with nothing in it: the lapsed leases are granted anew.
+        let server = EtcdServer::on(port);
+        eventually("both entries republished", || {
+            server.has("ferry/segments/target") && server.has("ferry/segments/initiator")
+        });
+        assert_eq!(
+            initiator.refresh_segment("target").unwrap().buffers().len(),
+            1
+        );
     }
 }

@@ -333,57 +333,125 @@ def test_a_temporary_registered_buffer_in_a_batch_does_not_hang():
     assert batch.statuses() == [ferry.TaskStatus.Completed] and len(kv) == 4096
 
 
-def redis_server():
-    """A redis-server on a free loopback port (the store tests' server), or None when
-    the binary is missing."""
+def start_store(kind):
+    """A metadata server on free loopback ports: ``(process, metadata string for
+    initialize)``, or ``(None, None)`` when its binary is missing."""
     import shutil
     import socket
     import tempfile
     import time
 
-    if shutil.which("redis-server") is None:
-        return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="ferry-redis-")
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-        stdout=subprocess.DEVNULL,
-    )
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, tmp = free(), tempfile.mkdtemp(prefix=f"ferry-{kind}-")
+    if kind == "http":
+        return http_store(), None
+    if kind == "redis":
+        if shutil.which("redis-server") is None:
+            return None, None
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+        url = f"redis://127.0.0.1:{port}"
+    else:
+        if shutil.which("etcd") is None:
+            return None, None
+        client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{free()}"
+        cmd = ["etcd", "--data-dir", tmp + "/d", "--listen-client-urls", client, "--advertise-client-urls", client,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"]
+        url = f"127.0.0.1:{port}"  # a bare host:port is etcd, as Mooncake reads it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
-                    return proc, port
-        except OSError:
-            time.sleep(0.05)
+        probe = TransferEngine()
+        if probe.initialize("probe", url, "tcp", "") == 0:
+            del probe
+            return proc, url
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("redis-server did not come up")
+    raise RuntimeError(f"{kind} did not come up")
 
 
 import subprocess  # noqa: E402
 
 
-def test_names_through_a_redis_metadata_server():
-    proc, port = redis_server()
+class HttpStore:
+    """Mooncake's HTTP metadata protocol in a thread: GET/PUT/DELETE ?key=."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        import urllib.parse
+
+        entries = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def key(self):
+                return urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).get("key", [""])[0]
+
+            def reply(self, code, body=b""):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                v = entries.get(self.key())
+                self.reply(200, v) if v is not None else self.reply(404)
+
+            def do_PUT(self):
+                entries[self.key()] = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.reply(200)
+
+            def do_DELETE(self):
+                entries.pop(self.key(), None)
+                self.reply(200)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metadata"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kill(self):
+        self.server.shutdown()
+
+    def wait(self):
+        self.server.server_close()
+
+
+def http_store():
+    return HttpStore()
+
+
+@pytest.mark.parametrize("kind", ["redis", "etcd", "http"])
+def test_names_through_a_metadata_server(kind):
+    proc, url = start_store(kind)
+    if kind == "http":
+        url = proc.url
     if proc is None:
-        pytest.skip("redis-server is not installed (cargo xtask test installs it)")
+        pytest.skip(f"{kind} is not installed (cargo xtask test installs it)")
     try:
         target = TransferEngine()
-        assert target.initialize("target-0", f"redis://127.0.0.1:{port}", "tcp", "") == 0
+        assert target.initialize("target-0", url, "tcp", "") == 0
         assert target.get_local_segment_name() == "target-0" and target.get_rpc_port() > 0
         initiator = TransferEngine()
-        assert initiator.initialize_ext("initiator-0", f"127.0.0.1:{port}", "tcp", "", "redis") == 0
+        assert initiator.initialize("initiator-0", url, "tcp", "") == 0
         remote = target.allocate_managed_buffer(65536)
         local = LocalMemory(initiator, 65536)
         assert initiator.get_first_buffer_address("target-0") == remote
         assert initiator.transfer_sync_write("target-0", local.addr, remote, 65536) == 0
         assert target.read_bytes_from_buffer(remote, 65536) == local.bytes()
+        back = LocalMemory(initiator, 65536)
+        assert initiator.batch_transfer_sync_read("target-0", [back.addr], [remote], [65536]) == 0
+        assert back.bytes() == local.bytes()
+        assert initiator.send_probe("target-0") == 0 and initiator.send_probe("nobody") != 0
         # A second engine cannot take a live name.
-        assert TransferEngine().initialize("target-0", f"redis://127.0.0.1:{port}", "tcp", "") == -1
+        assert TransferEngine().initialize("target-0", url, "tcp", "") == -1
     finally:
         proc.kill()
         proc.wait()

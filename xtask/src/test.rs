@@ -105,7 +105,7 @@ fn matrix() -> Result<Vec<Combo>> {
 }
 
 /// Feature sets the engine's and the CLI's tests run with, besides the defaults.
-const TEST_FEATURES: &[&str] = &["efa", "efa,cuda,http,redis"];
+const TEST_FEATURES: &[&str] = &["efa", "efa,cuda,http,redis,etcd"];
 
 /// Deployment profiles of the downstream crate (`tests/downstream`).
 const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda"];
@@ -227,7 +227,7 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     }
     apt_install(BUILD_PACKAGES)?;
     // The metadata stores' tests start a real server.
-    apt_install(&["redis-server"])?;
+    apt_install(&["redis-server", "etcd-server"])?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     feature_matrix()?;
     docs()?;

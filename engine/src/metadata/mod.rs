@@ -17,9 +17,11 @@ use crate::control::OwnSegment;
 use crate::features::Feature;
 use crate::{Error, Result, SegmentError};
 
+#[cfg(feature = "etcd")]
+mod etcd;
 #[cfg(feature = "http")]
 mod http;
-#[cfg(any(feature = "http", feature = "redis"))]
+#[cfg(any(feature = "http", feature = "redis", feature = "etcd"))]
 mod leased;
 #[cfg(feature = "redis")]
 mod redis_store;
@@ -42,12 +44,17 @@ pub enum Metadata {
         /// `redis://host:port[/db]`.
         url: String,
     },
+    /// An etcd cluster, descriptors as keys held by a lease; feature `etcd`.
+    Etcd {
+        /// `host:port` of each member, tried in order.
+        endpoints: Vec<String>,
+    },
 }
 
 impl Metadata {
-    /// Parses `p2p`, `http://host:port/path` (feature `http`) or `redis://host:port`
-    /// (feature `redis`). etcd (`etcd://...`, or a bare `host:port` as Mooncake reads
-    /// it) is not implemented yet.
+    /// Parses `p2p` (or Mooncake's `P2PHANDSHAKE`), `http://host:port/path` (feature
+    /// `http`), `redis://host:port` (feature `redis`), or `etcd://host:port[,host:port]`
+    /// and a bare `host:port[,...]` (etcd, as Mooncake reads it; feature `etcd`).
     pub fn parse(text: &str) -> Result<Metadata> {
         let t = text.trim();
         if t.eq_ignore_ascii_case("p2p") || t.eq_ignore_ascii_case("P2PHANDSHAKE") || t.is_empty() {
@@ -72,16 +79,34 @@ impl Metadata {
                     Err(missing("the Redis metadata store", Feature::Redis))
                 }
             }
-            Some(s) if s == "etcd" => Err(Error::NotImplemented {
-                what: "the etcd metadata store".into(),
-            }),
-            None if t.contains(':') => Err(Error::NotImplemented {
-                what: format!("the etcd metadata store (a bare `{t}` names an etcd server)"),
-            }),
+            Some(s) if s == "etcd" => etcd(t.split_once("://").map_or("", |(_, r)| r)),
+            // A bare `host:port[,host:port]` names etcd, as Mooncake reads it.
+            None if t.contains(':') => etcd(t),
             _ => Err(Error::Config(format!(
-                "unknown metadata store `{t}` (expected p2p, http://host:port/path or redis://host:port)"
+                "unknown metadata store `{t}` (expected p2p, http://host:port/path, redis://host:port or etcd://host:port)"
             ))),
         }
+    }
+}
+
+/// `host:port[,host:port]` as etcd endpoints, when the feature is in.
+fn etcd(list: &str) -> Result<Metadata> {
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(Error::Config("an etcd store needs host:port".into()));
+    }
+    if cfg!(feature = "etcd") {
+        Ok(Metadata::Etcd { endpoints })
+    } else {
+        Err(Error::FeatureNotCompiled {
+            what: "the etcd metadata store".into(),
+            feature: Feature::Etcd,
+        })
     }
 }
 
@@ -114,6 +139,12 @@ pub(crate) fn open(
         #[cfg(feature = "redis")]
         Metadata::Redis { url } => Arc::new(leased::Leased::new(
             Box::new(redis_store::Redis::new(url)?),
+            tcp,
+            settings.clone(),
+        )),
+        #[cfg(feature = "etcd")]
+        Metadata::Etcd { endpoints } => Arc::new(leased::Leased::new(
+            Box::new(etcd::Etcd::new(endpoints)),
             tcp,
             settings.clone(),
         )),

@@ -251,3 +251,114 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// An `etcd` member on free loopback ports with a fresh data directory, stopped when
+/// dropped.
+pub struct EtcdServer {
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        Self::on(free_port())
+    }
+
+    pub fn on(port: u16) -> EtcdServer {
+        let dir = TempDir::new("etcd");
+        let peer = free_port();
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.0.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian: apt-get install etcd-server; cargo xtask test installs it)");
+        let server = EtcdServer {
+            port,
+            child,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while server.get("health-probe").is_none() {
+            assert!(start.elapsed() < PATIENCE, "etcd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The gateway's answer to a range request for `key` (`None`: no answer).
+    fn get(&self, key: &str) -> Option<String> {
+        let body = format!("{{\"key\": \"{}\"}}", base64(key.as_bytes()));
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let req = format!(
+            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.starts_with("HTTP/1.1 200").then_some(out)
+    }
+
+    /// Whether `key` exists.
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some_and(|r| r.contains("\"kvs\""))
+    }
+
+    /// Stops the member as a crash would.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
