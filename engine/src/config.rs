@@ -34,7 +34,8 @@ pub struct EngineConfig {
     /// takes the place of `tcp.advertise`.
     pub advertise: Option<String>,
     /// Where descriptors are found: `p2p` (default), `http://host:port/path` (feature
-    /// `http`), `redis://host:port` (feature `redis`).
+    /// `http`), `redis://host:port` (feature `redis`), `etcd://host:port[,host:port]`
+    /// (feature `etcd`).
     pub metadata: String,
     /// The segment name peers open this engine by; `None`: its `host:port`. With a
     /// metadata store, the key it is published under.
