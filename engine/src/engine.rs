@@ -44,7 +44,7 @@ pub(crate) struct Start {
 pub struct Engine {
     registry: Arc<Registry>,
     batches: Arc<BatchTable>,
-    peers: Peers,
+    peers: Arc<Peers>,
     timeout: Duration,
 }
 
@@ -120,7 +120,7 @@ impl Engine {
         let registry = Arc::new(Registry::new(transports, tcp, control, store, staging));
         tracing::info!(segment = %name, ?protocols, metadata = %registry.store.describe(), "engine started");
         Ok(Engine {
-            peers: Peers::new(registry.clone(), local),
+            peers: Arc::new(Peers::new(registry.clone(), local)),
             registry,
             batches,
             timeout,
@@ -260,7 +260,7 @@ impl Engine {
 
     /// Starts a batch of requests.
     pub fn batch(&self) -> BatchBuilder {
-        BatchBuilder::new(&self.batches, &self.registry)
+        BatchBuilder::new(&self.batches, &self.registry, &self.peers)
     }
 
     /// Progress of a batch by id; [`Error::StaleBatch`] once the batch was released.

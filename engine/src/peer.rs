@@ -174,6 +174,11 @@ impl PeerInner {
             .then_some(Leg::Fallback)
     }
 
+    /// The descriptor as fetched.
+    pub(crate) fn descriptor(&self) -> &SegmentDescriptor {
+        &self.descriptor
+    }
+
     /// Rings every path's doorbell: all of a submission's slices are posted.
     pub(crate) fn flush(&self) {
         self.primary.conn.flush();
@@ -267,6 +272,52 @@ impl Peers {
             local,
             segments: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// When `peer` can no longer be used (its connection died, or an access error made
+    /// its descriptor stale, as after a restart), the peer of the same name opened anew
+    /// and where buffer `index` of the old descriptor is in the new one: by its name, or
+    /// at the same index with the same length for an unnamed one. `None` while `peer` is
+    /// usable (the common case, which costs two atomic loads).
+    pub(crate) fn current(
+        &self,
+        peer: &Arc<PeerInner>,
+        index: usize,
+    ) -> Result<Option<(Arc<PeerInner>, usize)>> {
+        if peer.usable() || peer.primary.protocol.is_none() {
+            return Ok(None);
+        }
+        let fresh = self.open(&peer.name)?;
+        let old = &peer.descriptor.buffers[index];
+        let found = if old.name.is_empty() {
+            fresh
+                .descriptor
+                .buffers
+                .get(index)
+                .filter(|b| b.name.is_empty() && b.len == old.len)
+                .map(|_| index)
+        } else {
+            fresh
+                .descriptor
+                .buffers
+                .iter()
+                .position(|b| b.name == old.name)
+        };
+        match found {
+            Some(i) => {
+                tracing::info!(segment = %peer.name, "the peer changed; requests follow it to its new descriptor");
+                Ok(Some((fresh, i)))
+            }
+            None => Err(Error::InvalidRequest(format!(
+                "segment `{}` changed and no longer publishes that buffer ({}); open it again and pick a buffer",
+                peer.name,
+                if old.name.is_empty() {
+                    format!("unnamed, {} bytes, at index {index}", old.len)
+                } else {
+                    format!("`{}`", old.name)
+                }
+            ))),
         }
     }
 

@@ -72,6 +72,58 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A peer restarted under the same name (new port, incarnation, buffers, keys): the
+/// caller's old buffer handle follows it through the store, without opening anything.
+fn restarted_peer_is_followed(metadata: &Metadata) {
+    let ttl = Duration::from_secs(10);
+    let target = engine(metadata, "restarting", ttl).unwrap();
+    let kv = target
+        .allocate_with(
+            8192,
+            Location::host(),
+            ferry_engine::Access::RemoteReadWrite,
+            "kv",
+        )
+        .unwrap();
+    let initiator = engine(metadata, "follower", ttl).unwrap();
+    let local = initiator.allocate(8192, Location::host()).unwrap();
+    let remote = initiator
+        .open_segment("restarting")
+        .unwrap()
+        .buffer_named("kv")
+        .unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 8192).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    drop(kv);
+    drop(target);
+
+    let target = engine(metadata, "restarting", ttl).expect("the name is free again");
+    let kv = target
+        .allocate_with(
+            8192,
+            Location::host(),
+            ferry_engine::Access::RemoteReadWrite,
+            "kv",
+        )
+        .unwrap();
+    let data = random(8192);
+    local.write_at(0, &data).unwrap();
+    let mut landed = false;
+    for _ in 0..3 {
+        let mut b = initiator.batch().timeout(Duration::from_secs(5));
+        b.write(&local, 0, &remote, 0, 8192).unwrap();
+        if b.submit().unwrap().wait(WAIT).is_ok() {
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "no batch reached the restarted peer");
+    let mut got = vec![0u8; 8192];
+    kv.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "the restarted peer's kv");
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
@@ -85,6 +137,12 @@ mod redis {
             !server.has("ferry/segments/prefill-0"),
             "a stopped engine withdraws its entry"
         );
+    }
+
+    #[test]
+    fn a_restarted_peer_is_followed_by_name() {
+        let server = RedisServer::start();
+        restarted_peer_is_followed(&Metadata::Redis { url: server.url() });
     }
 
     #[test]
@@ -232,6 +290,14 @@ mod etcd {
             !server.has("ferry/segments/prefill-0"),
             "a stopped engine withdraws its entry"
         );
+    }
+
+    #[test]
+    fn a_restarted_peer_is_followed_by_name() {
+        let server = EtcdServer::start();
+        restarted_peer_is_followed(&Metadata::Etcd {
+            endpoints: vec![server.endpoint()],
+        });
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{assert_bytes_eq, engine, engine_with, random, WAIT};
 use ferry_engine::{
-    Access, BatchId, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, TcpConfig,
+    Access, BatchId, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, Tcp, TcpConfig,
 };
 
 /// WRITE random bytes to the peer, check the target's memory, READ them back, compare.
@@ -467,4 +467,59 @@ fn huge_timeouts_are_capped_not_overflowed() {
     let batch = b.submit().unwrap();
     batch.wait(Duration::MAX).unwrap();
     assert_eq!(batch.task(0), Some(TaskStatus::Completed));
+}
+
+/// A peer restarted at the same address (a new incarnation, new buffers and keys): the
+/// caller's old handles follow it. The first batch after the restart finds the old
+/// connection gone, opens the peer again by name, finds the buffer by its name in the new
+/// descriptor, and lands there, without the caller opening anything.
+#[test]
+fn handles_follow_a_restarted_peer_without_reopening() {
+    let target = Engine::builder()
+        .transport(Tcp::new(TcpConfig::default()))
+        .build()
+        .unwrap();
+    let address = target.name();
+    let kv = target
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    let initiator = engine();
+    let local = initiator.allocate(8192, Location::host()).unwrap();
+    let segment = initiator.open_segment(&address).unwrap();
+    let remote = segment.buffer_named("kv").unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 8192).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let old_incarnation = segment.descriptor().incarnation;
+
+    drop(kv);
+    drop(target);
+    let restarted = Engine::builder()
+        .transport(Tcp::new(TcpConfig::default()))
+        .listen(address.clone())
+        .build()
+        .expect("the same port again");
+    let _pad = restarted.allocate(4096, Location::host()).unwrap();
+    let kv = restarted
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    let data = random(8192);
+    local.write_at(0, &data).unwrap();
+    // The old connection may not know yet that it died: a batch on it fails (by its
+    // deadline at the latest), and the next one follows the peer.
+    let mut landed = false;
+    for _ in 0..3 {
+        let mut b = initiator.batch().timeout(Duration::from_secs(5));
+        b.write(&local, 0, &remote, 0, 8192).unwrap();
+        if b.submit().unwrap().wait(WAIT).is_ok() {
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "no batch reached the restarted peer");
+    let mut got = vec![0u8; 8192];
+    kv.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "the restarted peer's kv");
+    let now = initiator.open_segment(&address).unwrap();
+    assert_ne!(now.descriptor().incarnation, old_incarnation);
 }

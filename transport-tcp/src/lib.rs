@@ -300,6 +300,9 @@ struct Shared {
     stop: AtomicBool,
     /// Wakes the accept thread (for shutdown).
     accept_waker: Mutex<Option<Arc<mio::Waker>>>,
+    /// The accept thread, joined at shutdown so the port is free when it returns (an
+    /// engine restarted in the same process binds it again).
+    accept_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Every connection being served, removed by its thread as it ends.
     conns: target::Conns,
     /// [`TcpConfig::max_connections`] as the descriptor limit allows, set at start.
@@ -342,6 +345,7 @@ impl TcpTransport {
                 ctx: OnceLock::new(),
                 stop: AtomicBool::new(false),
                 accept_waker: Mutex::new(None),
+                accept_thread: Mutex::new(None),
                 conns: Default::default(),
                 max_connections: AtomicUsize::new(config_max),
             }),
@@ -564,6 +568,11 @@ impl Transport for TcpTransport {
         }
         if let Some(w) = self.shared.accept_waker.lock().take() {
             let _ = w.wake();
+        }
+        if let Some(t) = self.shared.accept_thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
         target::close_all(&self.shared);
         for (_, c) in self.peers.lock().drain() {

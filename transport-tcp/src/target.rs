@@ -159,10 +159,11 @@ pub(crate) fn listen(shared: &Arc<Shared>, addr: &str) -> io::Result<SocketAddr>
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     *shared.accept_waker.lock() = Some(waker);
-    let shared = shared.clone();
-    std::thread::Builder::new()
+    let for_thread = shared.clone();
+    let thread = std::thread::Builder::new()
         .name("ferry-tcp-accept".into())
-        .spawn(move || accept_loop(shared, listener, poll))?;
+        .spawn(move || accept_loop(for_thread, listener, poll))?;
+    *shared.accept_thread.lock() = Some(thread);
     Ok(local)
 }
 

@@ -11,7 +11,7 @@ use super::table::{
     BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
 };
 use crate::memory::Buffer;
-use crate::peer::RemoteBuffer;
+use crate::peer::{Peers, RemoteBuffer};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
@@ -40,6 +40,7 @@ const EARLY_WAKE_SPIN: Duration = Duration::from_millis(2);
 pub struct BatchBuilder {
     table: Arc<BatchTable>,
     registry: Arc<Registry>,
+    peers: Arc<Peers>,
     index: u32,
     slot: Option<Arc<Slot>>,
     generation: u32,
@@ -48,11 +49,16 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    pub(crate) fn new(table: &Arc<BatchTable>, registry: &Arc<Registry>) -> Self {
+    pub(crate) fn new(
+        table: &Arc<BatchTable>,
+        registry: &Arc<Registry>,
+        peers: &Arc<Peers>,
+    ) -> Self {
         let (index, slot, generation) = table.acquire();
         BatchBuilder {
             table: Arc::clone(table),
             registry: Arc::clone(registry),
+            peers: Arc::clone(peers),
             index,
             slot: Some(slot),
             generation,
@@ -144,7 +150,14 @@ impl BatchBuilder {
                 local.len()
             )));
         }
-        let desc = remote.descriptor();
+        // A peer that went away (restarted, or its descriptor out of date) is opened
+        // again by name, and the buffer found again in what it publishes now: a handle
+        // the caller kept follows the peer across restarts.
+        let (peer, buffer) = match self.peers.current(&remote.segment.inner, remote.index())? {
+            Some(found) => found,
+            None => (remote.segment.inner.clone(), remote.index()),
+        };
+        let desc = &peer.descriptor().buffers[buffer];
         if remote_offset
             .checked_add(len as u64)
             .is_none_or(|end| end > desc.len)
@@ -172,8 +185,7 @@ impl BatchBuilder {
                     desc.addr
                 ))
             })?;
-        let peer = remote.segment.inner.clone();
-        let buffer = remote.index();
+        let remote_base = desc.addr;
         let leg = peer.path_for(local.descriptor(), buffer)?;
         let remote_keys = peer
             .path(leg)
@@ -190,7 +202,7 @@ impl BatchBuilder {
             peer,
             buffer,
             remote_addr,
-            remote_base: desc.addr,
+            remote_base,
             remote_keys,
             len,
             leg,
