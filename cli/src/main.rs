@@ -28,8 +28,13 @@ enum Command {
     Target(TargetArgs),
     /// Drive transfers against a running target.
     Initiator(bench::InitiatorArgs),
-    /// Compiled-in transports, what is usable here, and why not.
-    Info,
+    /// Compiled-in transports and metadata stores, what is usable here, and why not.
+    Info {
+        /// A metadata store to check (`redis://host:port`, `etcd://host:port`,
+        /// `http://host:port/path`): whether it answers.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
 }
 
 /// Flags shared by every command that starts an engine.
@@ -165,8 +170,8 @@ fn main() {
         Command::Bench(args) => bench::run_bench(args),
         Command::Target(args) => target(args),
         Command::Initiator(args) => bench::run_initiator(args),
-        Command::Info => {
-            info();
+        Command::Info { metadata } => {
+            info(metadata);
             Ok(())
         }
     };
@@ -236,7 +241,7 @@ fn target(args: TargetArgs) -> Result<()> {
     Ok(())
 }
 
-fn info() {
+fn info(metadata: Option<String>) {
     println!("ferry {}", env!("CARGO_PKG_VERSION"));
     println!("transports (best first):");
     for p in Protocol::ALL {
@@ -261,6 +266,23 @@ fn info() {
                 ),
                 None => println!("  {:<5} not implemented yet", p.name()),
             }
+        }
+    }
+    println!("metadata stores:");
+    for (name, feature, compiled) in ferry_engine::metadata_stores() {
+        match (compiled, feature) {
+            (true, None) => println!("  {name:<5} yes (descriptors served on each engine's port)"),
+            (true, Some(_)) => println!("  {name:<5} compiled in"),
+            (false, Some(f)) => {
+                println!("  {name:<5} not compiled in; rebuild with `--features {f}`")
+            }
+            (false, None) => {}
+        }
+    }
+    if let Some(url) = &metadata {
+        match ferry_engine::Metadata::parse(url).and_then(|m| m.check()) {
+            Ok(()) => println!("  {url}: reachable"),
+            Err(e) => println!("  {url}: {:#}", anyhow::Error::from(e)),
         }
     }
     let devices = ferry_engine::fabric_devices();
@@ -290,12 +312,5 @@ fn info() {
             "  cuda:{ordinal:<2} {name}, {:.1} GiB",
             *bytes as f64 / (1u64 << 30) as f64
         );
-    }
-    println!("metadata:");
-    println!("  p2p   yes (descriptors served on each engine's port)");
-    for backend in ["etcd", "redis"] {
-        if let Err(e) = ferry_engine::Metadata::parse(&format!("{backend}://127.0.0.1:1")) {
-            println!("  {backend:<5} {e}");
-        }
     }
 }

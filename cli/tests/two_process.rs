@@ -215,6 +215,20 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
     } else {
         assert!(info.contains("efa   not compiled in"), "{info}");
     }
+    if cfg!(feature = "redis") {
+        assert!(info.contains("redis compiled in"), "{info}");
+    } else {
+        assert!(info.contains("redis not compiled in; rebuild with `--features redis`"), "{info}");
+    }
+    // A store that does not answer is reported, naming it; the command still succeeds.
+    let out = Command::new(FERRY)
+        .args(["info", "--metadata", "etcd://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(info.contains("etcd://127.0.0.1:1: "), "{info}");
+    assert!(!info.contains("etcd://127.0.0.1:1: reachable"), "{info}");
 }
 
 /// `ferry target --config-json` (how `ferry bench` starts its target) runs the document it

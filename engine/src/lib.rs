@@ -89,7 +89,7 @@ pub use engine::Engine;
 pub use error::{Error, Result, SegmentError};
 pub use features::{compiled, protocol_feature, Feature};
 pub use memory::Buffer;
-pub use metadata::Metadata;
+pub use metadata::{metadata_stores, Metadata};
 pub use peer::{RemoteBuffer, Segment};
 
 pub use ferry_transport_api::{

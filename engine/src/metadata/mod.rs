@@ -89,6 +89,62 @@ impl Metadata {
     }
 }
 
+/// The metadata stores this build contains, as `ferry info` lists them, each with the
+/// Cargo feature it needs (`None`: always there).
+pub fn metadata_stores() -> Vec<(&'static str, Option<Feature>, bool)> {
+    vec![
+        ("p2p", None, true),
+        ("http", Some(Feature::Http), cfg!(feature = "http")),
+        ("redis", Some(Feature::Redis), cfg!(feature = "redis")),
+        ("etcd", Some(Feature::Etcd), cfg!(feature = "etcd")),
+    ]
+}
+
+impl Metadata {
+    /// Asks the store's server once (a read of a key nobody writes): `Ok` when it
+    /// answers, the error naming the store otherwise. Peer-to-peer has no server: `Ok`.
+    pub fn check(&self) -> Result<()> {
+        let backend: Option<Box<dyn leased_backend::Probe>> = match self {
+            Metadata::P2p => None,
+            #[cfg(feature = "http")]
+            Metadata::Http { url } => Some(Box::new(http::Http::new(url))),
+            #[cfg(feature = "redis")]
+            Metadata::Redis { url } => Some(Box::new(redis_store::Redis::new(url)?)),
+            #[cfg(feature = "etcd")]
+            Metadata::Etcd { endpoints } => Some(Box::new(etcd::Etcd::new(endpoints))),
+            #[allow(unreachable_patterns)]
+            other => return Err(Error::Config(format!("{other:?} is not in this build"))),
+        };
+        let Some(backend) = backend else {
+            return Ok(());
+        };
+        backend.probe().map_err(|message| Error::MetadataStore {
+            store: backend.name(),
+            message,
+        })
+    }
+}
+
+/// What `Metadata::check` needs of a store's client.
+mod leased_backend {
+    /// A store's client that can be asked once.
+    pub(super) trait Probe {
+        fn name(&self) -> String;
+        fn probe(&self) -> Result<(), String>;
+    }
+
+    #[cfg(any(feature = "http", feature = "redis", feature = "etcd"))]
+    impl<B: super::leased::Backend> Probe for B {
+        fn name(&self) -> String {
+            self.describe()
+        }
+
+        fn probe(&self) -> Result<(), String> {
+            self.get("ferry/health-probe").map(|_| ())
+        }
+    }
+}
+
 /// `host:port[,host:port]` as etcd endpoints, when the feature is in.
 fn etcd(list: &str) -> Result<Metadata> {
     let endpoints: Vec<String> = list
