@@ -218,7 +218,10 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
     if cfg!(feature = "redis") {
         assert!(info.contains("redis compiled in"), "{info}");
     } else {
-        assert!(info.contains("redis not compiled in; rebuild with `--features redis`"), "{info}");
+        assert!(
+            info.contains("redis not compiled in; rebuild with `--features redis`"),
+            "{info}"
+        );
     }
     // A store that does not answer is reported, naming it; the command still succeeds.
     let out = Command::new(FERRY)

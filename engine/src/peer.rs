@@ -263,7 +263,12 @@ pub(crate) struct Peers {
     /// while opens of other names go ahead. No lock is held across network I/O but the
     /// gate of the name being opened.
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Peers whose re-opening failed, and when (see [`Peers::current`]).
+    unreachable: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a peer that could not be opened again is left alone before the next try.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Peers {
     pub(crate) fn new(registry: Arc<Registry>, local: Arc<LocalConnection>) -> Self {
@@ -272,6 +277,7 @@ impl Peers {
             local,
             segments: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
         }
     }
 
@@ -288,7 +294,30 @@ impl Peers {
         if peer.usable() || peer.primary.protocol.is_none() {
             return Ok(None);
         }
-        let fresh = self.open(&peer.name)?;
+        // A peer that could not be opened a moment ago is not tried again for every
+        // request: until then the request goes to the old path, where it fails at once.
+        if self
+            .unreachable
+            .lock()
+            .get(&peer.name)
+            .is_some_and(|at| at.elapsed() < REOPEN_BACKOFF)
+        {
+            return Ok(None);
+        }
+        let fresh = match self.open(&peer.name) {
+            Ok(fresh) => {
+                self.unreachable.lock().remove(&peer.name);
+                fresh
+            }
+            Err(e) => {
+                tracing::debug!(segment = %peer.name, error = %e, "the peer cannot be opened again yet");
+                let mut unreachable = self.unreachable.lock();
+                // Bounded: names that failed long ago go first.
+                unreachable.retain(|_, at| at.elapsed() < REOPEN_BACKOFF);
+                unreachable.insert(peer.name.clone(), std::time::Instant::now());
+                return Ok(None);
+            }
+        };
         let old = &peer.descriptor.buffers[index];
         let found = if old.name.is_empty() {
             fresh

@@ -14,7 +14,7 @@ use ferry_transport_api::SegmentDescriptor;
 use ferry_transport_tcp::TcpTransport;
 use parking_lot::{Condvar, Mutex};
 
-use super::{Fetched, MetadataStore, StoreSettings};
+use super::store::{Fetched, MetadataStore, StoreSettings};
 use crate::control::OwnSegment;
 use crate::{Error, Result, SegmentError};
 
