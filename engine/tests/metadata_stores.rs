@@ -107,21 +107,7 @@ fn restarted_peer_is_followed(metadata: &Metadata) {
             "kv",
         )
         .unwrap();
-    let data = random(8192);
-    local.write_at(0, &data).unwrap();
-    let mut landed = false;
-    for _ in 0..3 {
-        let mut b = initiator.batch().timeout(Duration::from_secs(5));
-        b.write(&local, 0, &remote, 0, 8192).unwrap();
-        if b.submit().unwrap().wait(WAIT).is_ok() {
-            landed = true;
-            break;
-        }
-    }
-    assert!(landed, "no batch reached the restarted peer");
-    let mut got = vec![0u8; 8192];
-    kv.read_at(0, &mut got).unwrap();
-    assert_bytes_eq(&got, &data, "the restarted peer's kv");
+    common::write_to_restarted_peer(&initiator, &local, &remote, &kv, 8192);
 }
 
 #[cfg(feature = "redis")]

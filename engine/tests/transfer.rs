@@ -503,23 +503,7 @@ fn handles_follow_a_restarted_peer_without_reopening() {
     let kv = restarted
         .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
         .unwrap();
-    let data = random(8192);
-    local.write_at(0, &data).unwrap();
-    // The old connection may not know yet that it died: a batch on it fails (by its
-    // deadline at the latest), and the next one follows the peer.
-    let mut landed = false;
-    for _ in 0..3 {
-        let mut b = initiator.batch().timeout(Duration::from_secs(5));
-        b.write(&local, 0, &remote, 0, 8192).unwrap();
-        if b.submit().unwrap().wait(WAIT).is_ok() {
-            landed = true;
-            break;
-        }
-    }
-    assert!(landed, "no batch reached the restarted peer");
-    let mut got = vec![0u8; 8192];
-    kv.read_at(0, &mut got).unwrap();
-    assert_bytes_eq(&got, &data, "the restarted peer's kv");
+    common::write_to_restarted_peer(&initiator, &local, &remote, &kv, 8192);
     let now = initiator.open_segment(&address).unwrap();
     assert_ne!(now.descriptor().incarnation, old_incarnation);
 }

@@ -173,3 +173,27 @@ pub fn round_trips_at(
     }
     remote.segment().protocol()
 }
+
+/// Writes random bytes from `local` to `remote` (both `len` long) until a batch
+/// completes, then checks they are in `landed_in`, the restarted peer's buffer. The old
+/// connection may not know yet that it died: a batch on it fails (by its deadline at
+/// the latest), and a later one follows the peer to its new descriptor.
+pub fn write_to_restarted_peer(
+    initiator: &Engine,
+    local: &ferry_engine::Buffer,
+    remote: &ferry_engine::RemoteBuffer,
+    landed_in: &ferry_engine::Buffer,
+    len: usize,
+) {
+    let data = random(len);
+    local.write_at(0, &data).unwrap();
+    let landed = (0..3).any(|_| {
+        let mut b = initiator.batch().timeout(Duration::from_secs(5));
+        b.write(local, 0, remote, 0, len).unwrap();
+        b.submit().unwrap().wait(WAIT).is_ok()
+    });
+    assert!(landed, "no batch reached the restarted peer");
+    let mut got = vec![0u8; len];
+    landed_in.read_at(0, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "the restarted peer's buffer");
+}
