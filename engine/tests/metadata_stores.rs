@@ -218,6 +218,12 @@ mod http {
     }
 
     #[test]
+    fn a_restarted_peer_is_followed_by_name() {
+        let server = HttpServer::start(false);
+        restarted_peer_is_followed(&Metadata::Http { url: server.url() });
+    }
+
+    #[test]
     fn a_server_that_refuses_overwrites_is_coped_with() {
         let server = HttpServer::start(true);
         let m = Metadata::Http { url: server.url() };
