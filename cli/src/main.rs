@@ -53,7 +53,7 @@ pub(crate) struct EngineArgs {
     fabric_devices: Vec<String>,
     /// Metadata: p2p (the default: a segment is named by its `host:port`),
     /// http://host:port/path (feature `http`), redis://host:port (feature `redis`) or
-    /// etcd://host:port[,host:port] (feature `etcd`).
+    /// `etcd://host:port[,host:port]` (feature `etcd`).
     #[arg(long, default_value = "p2p")]
     metadata: String,
     /// Memory the buffers live in: cpu, cpu:NUMA or cuda:N.
