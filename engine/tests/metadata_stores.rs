@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stores::PATIENCE;
 use common::{assert_bytes_eq, random, WAIT};
 use ferry_engine::{Engine, Error, ErrorKind, Location, Metadata, Tcp, TcpConfig};
 
@@ -58,18 +57,6 @@ fn by_name_both_ways(metadata: &Metadata) {
     let err = decode.open_segment("nobody").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unreachable);
     assert!(format!("{:?}", err).contains("NotFound"), "{err:?}");
-}
-
-/// Polls `cond` until it holds or `PATIENCE` runs out.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "{what} did not happen within {PATIENCE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A peer restarted under the same name (new port, incarnation, buffers, keys): the
@@ -173,9 +160,8 @@ mod redis {
         );
         // The store comes back empty; the renewals fill it again.
         let server = RedisServer::on(port);
-        eventually("both entries republished", || {
-            server.has("ferry/segments/target") && server.has("ferry/segments/initiator")
-        });
+        server.wait_key("ferry/segments/target", true);
+        server.wait_key("ferry/segments/initiator", true);
         assert!(initiator.refresh_segment("target").is_ok());
     }
 
@@ -188,12 +174,8 @@ mod redis {
         let e = engine(&m, "short-lived", Duration::from_millis(600)).unwrap();
         assert!(server.has("ferry/segments/short-lived"));
         server.command(&["PEXPIRE", "ferry/segments/short-lived", "1"]);
-        eventually("the entry expired", || {
-            !server.has("ferry/segments/short-lived")
-        });
-        eventually("the entry renewed", || {
-            server.has("ferry/segments/short-lived")
-        });
+        server.wait_key("ferry/segments/short-lived", false);
+        server.wait_key("ferry/segments/short-lived", true);
         drop(e);
         assert!(
             !server.has("ferry/segments/short-lived"),
@@ -232,11 +214,9 @@ mod http {
         // A registration republishes the descriptor: the server says 400, the engine
         // deletes and writes again.
         let kv = target.allocate(4096, Location::host()).unwrap();
-        eventually("the new buffer published", || {
-            initiator
-                .refresh_segment("t")
-                .is_ok_and(|s| s.buffers().iter().any(|b| b.addr == kv.addr()))
-        });
+        // Written before the registration returned.
+        let seen = initiator.refresh_segment("t").unwrap();
+        assert!(seen.buffers().iter().any(|b| b.addr == kv.addr()));
         assert!(
             *server.refused.lock().unwrap() > 0,
             "the server refused an overwrite"
@@ -321,9 +301,8 @@ mod etcd {
         assert_eq!(err.kind(), ErrorKind::Unreachable);
         // A new member with nothing in it: the lapsed leases are granted anew.
         let server = EtcdServer::on(port);
-        eventually("both entries republished", || {
-            server.has("ferry/segments/target") && server.has("ferry/segments/initiator")
-        });
+        server.wait_key("ferry/segments/target", true);
+        server.wait_key("ferry/segments/initiator", true);
         assert_eq!(
             initiator.refresh_segment("target").unwrap().buffers().len(),
             1

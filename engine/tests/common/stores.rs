@@ -43,25 +43,60 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // Key events, so tests wait for a key to come or go instead of polling.
+                "--notify-keyspace-events",
+                "KA",
             ])
             .arg("--dir")
             .arg(&dir.0)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect(
                 "redis-server (Debian: apt-get install redis-server; cargo xtask test installs it)",
             );
-        let server = RedisServer {
+        let mut child = child;
+        wait_for_line(
+            child.stdout.take(),
+            "Ready to accept connections",
+            "redis-server",
+        );
+        RedisServer {
             port,
             child,
             _dir: dir,
-        };
-        let start = Instant::now();
-        while server.command(&["PING"]).as_deref() != Some("+PONG") {
-            assert!(start.elapsed() < PATIENCE, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
         }
-        server
+    }
+
+    /// Waits until `key` exists (`present`) or not: on the server's key events, each
+    /// followed by a look at the key, until `PATIENCE` runs out.
+    pub fn wait_key(&self, key: &str, present: bool) {
+        let mut sub = TcpStream::connect(("127.0.0.1", self.port)).expect("subscribe");
+        let channel = format!("__keyspace@0__:{key}");
+        let req = format!(
+            "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+            channel.len()
+        );
+        sub.write_all(req.as_bytes()).expect("subscribe");
+        let mut reader = BufReader::new(sub.try_clone().expect("clone"));
+        // The subscription's confirmation: 3 elements, 6 lines after the array header.
+        let mut line = String::new();
+        for _ in 0..7 {
+            line.clear();
+            reader.read_line(&mut line).expect("subscribed");
+        }
+        let end = Instant::now() + PATIENCE;
+        while self.has(key) != present {
+            let left = end
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| {
+                    panic!("`{key}` present={present} not reached within {PATIENCE:?}")
+                });
+            sub.set_read_timeout(Some(left)).expect("timeout");
+            line.clear();
+            reader
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("waiting for `{key}`: {e}"));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -101,6 +136,28 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits (up to `PATIENCE`) until a server's log says `ready`; the rest of the log is
+/// drained in the background so the server never blocks on it.
+fn wait_for_line<R: Read + Send + 'static>(log: Option<R>, ready: &str, what: &str) {
+    let log = log.expect("the server's log is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        let mut seen = false;
+        for line in BufReader::new(log).lines() {
+            let Ok(line) = line else { return };
+            if !seen && line.contains(&ready) {
+                seen = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    assert!(
+        rx.recv_timeout(PATIENCE).is_ok(),
+        "{what} did not say it is ready within {PATIENCE:?}"
+    );
 }
 
 /// A temporary directory, removed when dropped.
@@ -287,20 +344,59 @@ impl EtcdServer {
             ])
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("etcd (Debian: apt-get install etcd-server; cargo xtask test installs it)");
-        let server = EtcdServer {
+        let mut child = child;
+        wait_for_line(
+            child.stderr.take(),
+            "ready to serve client requests",
+            "etcd",
+        );
+        EtcdServer {
             port,
             child,
             _dir: dir,
-        };
-        let start = Instant::now();
-        while server.get("health-probe").is_none() {
-            assert!(start.elapsed() < PATIENCE, "etcd did not come up");
-            std::thread::sleep(Duration::from_millis(50));
         }
-        server
+    }
+
+    /// Waits until `key` exists (`present`) or not: on a watch of the key (etcd's
+    /// streaming watch through its gateway), each event followed by a look at the key,
+    /// until `PATIENCE` runs out.
+    pub fn wait_key(&self, key: &str, present: bool) {
+        let body = format!(
+            "{{\"create_request\": {{\"key\": \"{}\"}}}}",
+            base64(key.as_bytes())
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("watch");
+        let req = format!(
+            "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("watch");
+        let mut reader = BufReader::new(s.try_clone().expect("clone"));
+        // Events after this line are changes after the watch began.
+        let mut line = String::new();
+        while !line.contains("\"created\"") {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).expect("watch created") > 0,
+                "the watch ended"
+            );
+        }
+        let end = Instant::now() + PATIENCE;
+        while self.has(key) != present {
+            let left = end
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| {
+                    panic!("`{key}` present={present} not reached within {PATIENCE:?}")
+                });
+            s.set_read_timeout(Some(left)).expect("timeout");
+            line.clear();
+            reader
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("waiting for `{key}`: {e}"));
+        }
     }
 
     pub fn endpoint(&self) -> String {
