@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
-use ferry_transport_api::{BufferDescriptor, ControlPlane, Endpoint, SegmentDescriptor};
+use ferry_transport_api::{
+    BufferDescriptor, ControlPlane, Endpoint, Protocol, SegmentDescriptor, Transport,
+};
 use parking_lot::{Mutex, RwLock};
 
 use crate::{Error, Result};
@@ -194,6 +196,9 @@ pub(crate) struct ControlState {
     notify_bytes: AtomicUsize,
     notify_cap: usize,
     notify_refused: AtomicU64,
+    /// The transports that answer peers' set-up exchanges. Weak: the TCP transport holds
+    /// this state as its control plane.
+    answerers: RwLock<Vec<Weak<dyn Transport>>>,
 }
 
 impl ControlState {
@@ -207,6 +212,7 @@ impl ControlState {
             notify_bytes: AtomicUsize::new(0),
             notify_cap,
             notify_refused: AtomicU64::new(0),
+            answerers: RwLock::new(Vec::new()),
         }
     }
 
@@ -223,6 +229,11 @@ impl ControlState {
             return false;
         }
         true
+    }
+
+    /// The transports whose peers' set-up exchanges this engine answers.
+    pub(crate) fn answer_with(&self, transports: &[Arc<dyn Transport>]) {
+        *self.answerers.write() = transports.iter().map(Arc::downgrade).collect();
     }
 
     /// The next notification, waiting up to `timeout` (`None`: do not wait).
@@ -267,5 +278,18 @@ impl ControlPlane for ControlState {
             }
         }
         queued
+    }
+
+    fn exchange(&self, protocol: Protocol, body: &[u8]) -> Result<Vec<u8>, String> {
+        let transport = self
+            .answerers
+            .read()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|t| t.protocol() == protocol);
+        match transport {
+            Some(t) => t.answer(body).map_err(|e| e.to_string()),
+            None => Err(format!("this engine has no {protocol} transport")),
+        }
     }
 }

@@ -78,6 +78,7 @@ impl Engine {
         };
         let mut transports = fabrics;
         transports.push(tcp.clone());
+        control.answer_with(&transports);
         let mut endpoints = Vec::new();
         for (i, t) in transports.iter().enumerate() {
             // Only TCP serves the engine's port, so only it answers descriptor fetches

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_transport_api::{
-    BufferDescriptor, Connection, ControlPlane, FailReason, Protocol, RemoteKeys, RemoteStatus,
-    SegmentDescriptor, Transport,
+    BufferDescriptor, Connection, ControlPlane, FailReason, PeerControl, Protocol, RemoteKeys,
+    RemoteStatus, SegmentDescriptor, Transport, TransportError,
 };
 use ferry_transport_tcp::TcpConnection;
 use parking_lot::Mutex;
@@ -504,7 +504,11 @@ impl Peers {
                 break;
             }
             if let Some(ep) = descriptor.endpoint(protocol) {
-                match t.connect(ep) {
+                let port = PeerPort {
+                    tcp: tcp_transport,
+                    address: &address,
+                };
+                match t.connect(ep, &port) {
                     Ok(conn) => {
                         fabric = Some(Path::new(Some(protocol), conn, t.max_slice(), &descriptor));
                         break;
@@ -529,6 +533,24 @@ impl Peers {
             descriptor,
             stale: AtomicBool::new(false),
         })
+    }
+}
+
+/// The peer's port, as a fabric transport's way to set up its connection state with the
+/// peer's transport of the same protocol (contract 8: no second listener).
+struct PeerPort<'a> {
+    tcp: &'a ferry_transport_tcp::TcpTransport,
+    address: &'a str,
+}
+
+impl PeerControl for PeerPort<'_> {
+    fn exchange(
+        &self,
+        protocol: Protocol,
+        body: &[u8],
+        timeout: Duration,
+    ) -> std::result::Result<Vec<u8>, TransportError> {
+        self.tcp.exchange(self.address, protocol, body, timeout)
     }
 }
 

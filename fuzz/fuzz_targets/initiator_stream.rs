@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use ferry_transport_api::{
+use ferry_transport_api::{NoExchange, 
     CompletionToken, Completions, ControlPlane, Endpoint, FailReason, Location, Opcode, Protocol,
     RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
@@ -137,10 +137,13 @@ fuzz_target!(|data: &[u8]| {
     });
     let conn = h
         .tcp
-        .connect(&Endpoint {
+        .connect(
+            &Endpoint {
             protocol: Protocol::Tcp,
             address,
-        })
+        },
+            &NoExchange,
+        )
         .expect("connecting to the fake target");
     let start = Instant::now();
     let mut posted = Vec::new();

@@ -30,6 +30,7 @@ mod descriptor;
 mod error;
 mod location;
 mod memory;
+pub mod ops;
 mod request;
 mod staging;
 pub mod sync;
@@ -46,4 +47,6 @@ pub use location::{Access, Location};
 pub use memory::RegionMemory;
 pub use request::{CompletionToken, Completions, FailReason, Opcode, RemoteStatus, Slice};
 pub use staging::{Staging, StagingBuffer, StagingStats};
-pub use transport::{Connection, ControlPlane, Transport, TransportContext};
+pub use transport::{
+    Connection, ControlPlane, NoExchange, PeerControl, Transport, TransportContext,
+};

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::{
     Access, CompletionToken, Completions, Connection, ControlPlane, Endpoint, FailReason, Location,
-    Opcode, RegionMemory, RemoteKeys, Slice, Staging, StagingBuffer, StagingStats, Transport,
-    TransportError,
+    Opcode, PeerControl, Protocol, RegionMemory, RemoteKeys, Slice, Staging, StagingBuffer,
+    StagingStats, Transport, TransportError,
 };
 
 /// One report: the slice's token and its result.
@@ -479,9 +479,29 @@ fn stop(pair: &Pair, slots: &[u32]) {
     }
 }
 
+/// A [`PeerControl`] that hands a set-up message straight to the peer transport's
+/// [`Transport::answer`], as the peer's engine does when the message arrives on its port.
+pub struct Direct(pub Arc<dyn Transport>);
+
+impl PeerControl for Direct {
+    fn exchange(
+        &self,
+        protocol: Protocol,
+        body: &[u8],
+        _timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        assert_eq!(
+            protocol,
+            self.0.protocol(),
+            "an exchange for another transport"
+        );
+        self.0.answer(body)
+    }
+}
+
 fn connect(pair: &Pair) -> Arc<dyn Connection> {
     pair.initiator
-        .connect(&pair.endpoint)
+        .connect(&pair.endpoint, &Direct(pair.target.clone()))
         .unwrap_or_else(|e| panic!("{} connects: {e}", pair.initiator.protocol()))
 }
 
@@ -620,7 +640,10 @@ fn shutdown_fails_in_flight_work_and_later_posts(
     );
     // A shut-down transport opens no working connection: connect fails, or what it
     // returns is not alive and refuses work.
-    if let Ok(late) = pair.initiator.connect(&pair.endpoint) {
+    if let Ok(late) = pair
+        .initiator
+        .connect(&pair.endpoint, &Direct(pair.target.clone()))
+    {
         assert!(!late.is_alive(), "{proto}: connected after shutdown");
         let refused = late.post(slice(Opcode::Write, &source, &remote, &keys, 0, 64, 21, 1));
         assert!(refused.is_err(), "{proto}: posted after shutdown");

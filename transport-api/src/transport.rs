@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{
     Access, Completions, Endpoint, FailReason, Protocol, RegionMemory, Slice, Staging,
@@ -24,6 +25,49 @@ pub trait ControlPlane: Send + Sync {
     fn descriptor(&self) -> Vec<u8>;
     /// A notification from a peer; returns false when it could not be queued.
     fn notification(&self, from: &str, body: &[u8]) -> bool;
+
+    /// A peer's set-up message for this engine's `protocol` transport (see
+    /// [`PeerControl::exchange`]): the answer to send back, or why it was refused (the
+    /// peer sees the message). The default refuses: an engine with no such transport.
+    fn exchange(&self, protocol: Protocol, body: &[u8]) -> Result<Vec<u8>, String> {
+        let _ = body;
+        Err(format!(
+            "this peer has no {protocol} transport to answer the exchange"
+        ))
+    }
+}
+
+/// One peer's control port, lent to [`Transport::connect`]: how a transport that must set
+/// up state with its peer before data flows (ibverbs RC queue pairs) reaches the peer's
+/// transport of the same protocol. It travels over the engine's one port (DESIGN.md,
+/// contract 8), so a transport never listens on a port of its own.
+pub trait PeerControl: Send + Sync {
+    /// Sends `body` to the peer's `protocol` transport ([`Transport::answer`]) and returns
+    /// its answer. `timeout` bounds the whole exchange, connecting included.
+    fn exchange(
+        &self,
+        protocol: Protocol,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError>;
+}
+
+/// A [`PeerControl`] that reaches nobody: for transports that set nothing up with their
+/// peer (TCP, libfabric RDM endpoints), and for their tests.
+pub struct NoExchange;
+
+impl PeerControl for NoExchange {
+    fn exchange(
+        &self,
+        protocol: Protocol,
+        _body: &[u8],
+        _timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        Err(TransportError::Unsupported {
+            what: format!("a {protocol} set-up exchange"),
+            why: "no control port to the peer was given".into(),
+        })
+    }
 }
 
 /// A one-sided, keyed RMA transport.
@@ -55,7 +99,25 @@ pub trait Transport: Send + Sync {
     fn deregister(&self, region: &RegionMemory);
 
     /// Connects to a peer's endpoint (or returns the live connection already open).
-    fn connect(&self, endpoint: &Endpoint) -> Result<Arc<dyn Connection>, TransportError>;
+    /// `peer` reaches the peer's own transport of this protocol, for transports that set
+    /// up state with it first; others ignore it.
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+        peer: &dyn PeerControl,
+    ) -> Result<Arc<dyn Connection>, TransportError>;
+
+    /// Answers a peer's set-up message ([`PeerControl::exchange`]); the engine calls it
+    /// from the thread serving its port, for the transport of the message's protocol.
+    /// It must check everything in `body` (it comes from the network) and must not block
+    /// for long. The default refuses: a transport that sets nothing up.
+    fn answer(&self, body: &[u8]) -> Result<Vec<u8>, TransportError> {
+        let _ = body;
+        Err(TransportError::Unsupported {
+            what: format!("a {} set-up exchange", self.protocol()),
+            why: "this transport sets nothing up with its peers".into(),
+        })
+    }
 
     /// The largest slice this transport accepts; the engine cuts requests to it.
     fn max_slice(&self) -> usize;

@@ -57,8 +57,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ferry_transport_api::{
-    Access, Connection, Endpoint, FailReason, Protocol, RegionMemory, Slice, Transport,
-    TransportContext, TransportError,
+    Access, Connection, Endpoint, FailReason, PeerControl, Protocol, RegionMemory, Slice,
+    Transport, TransportContext, TransportError,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -277,7 +277,11 @@ impl Transport for EfaTransport {
         self.inner.regions.write().remove(&key_of(region));
     }
 
-    fn connect(&self, endpoint: &Endpoint) -> Result<Arc<dyn Connection>, TransportError> {
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+        _peer: &dyn PeerControl,
+    ) -> Result<Arc<dyn Connection>, TransportError> {
         if endpoint.protocol != Protocol::Efa {
             return Err(TransportError::invalid(format!(
                 "{} endpoint given to the libfabric transport",
@@ -579,7 +583,9 @@ mod tests {
             let back = filled(len, 99);
             initiator.register(&source, Access::Local).unwrap();
             initiator.register(&back, Access::Local).unwrap();
-            let conn = initiator.connect(&target_ep).unwrap();
+            let conn = initiator
+                .connect(&target_ep, &ferry_transport_api::NoExchange)
+                .unwrap();
 
             transfer(&*conn, &rx, Opcode::Write, &source, &remote, &keys);
             assert!(

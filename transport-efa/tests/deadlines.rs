@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use crossbeam_channel::Receiver;
-use ferry_transport_api::{FailReason, Opcode, RemoteKeys, Transport};
+use ferry_transport_api::{FailReason, NoExchange, Opcode, RemoteKeys, Transport};
 use ferry_transport_efa::{providers, EfaConfig, EfaTransport, OpStats};
 
 /// Waits until `cond` holds for the transport's operation counters; fails the test (with
@@ -55,7 +55,7 @@ fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_th
         let (warm, warm_keys) = target_region(&initiator, 4096);
         let warm_source = local_region(&target, 4096);
         target
-            .connect(&initiator_ep)
+            .connect(&initiator_ep, &NoExchange)
             .unwrap()
             .post(slice(
                 Opcode::Write,
@@ -71,7 +71,7 @@ fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_th
         assert_eq!(next(&target_rx).1, Ok(4096), "{provider}");
         assert!(contents(&warm) == contents(&warm_source), "{provider}");
 
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
         assert!(conn.is_alive());
 
         // The first completion is lost: only the slice's own deadline ends it.
@@ -118,7 +118,7 @@ fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_th
         assert_eq!((st.lost, st.timed_out), (1, 1), "{provider}: {st:?}");
         assert_eq!((st.in_flight, st.abandoned), (0, 0), "{provider}: {st:?}");
 
-        let fresh = initiator.connect(&target_ep).unwrap();
+        let fresh = initiator.connect(&target_ep, &NoExchange).unwrap();
         assert!(
             !Arc::ptr_eq(&conn, &fresh),
             "{provider}: the dead connection is replaced"
@@ -126,7 +126,7 @@ fn a_lost_completion_ends_its_slice_at_its_deadline_once_and_connect_replaces_th
         assert!(fresh.is_alive());
         round_trip(&*fresh, &rx, &source, &back, &remote, &keys, 8);
         assert!(
-            Arc::ptr_eq(&fresh, &initiator.connect(&target_ep).unwrap()),
+            Arc::ptr_eq(&fresh, &initiator.connect(&target_ep, &NoExchange).unwrap()),
             "{provider}: a live connection is kept"
         );
         no_more_reports(&rx);
@@ -167,7 +167,7 @@ fn a_wrong_key_on_one_shm_rail_ends_by_the_deadline_and_shutdown_frees_the_conte
     assert_eq!(keys.rails(), 2);
     let source = local_region(&initiator, 1 << 20);
     let back = local_region(&initiator, 1 << 20);
-    let conn = initiator.connect(&target_ep).unwrap();
+    let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
 
     let bad = RemoteKeys::new(vec![
         keys.rail(0).unwrap(),
@@ -211,7 +211,7 @@ fn a_wrong_key_on_one_shm_rail_ends_by_the_deadline_and_shutdown_frees_the_conte
 
     // The replacement leaves out the rail whose provider kept the lost operation (shm
     // stops answering on that endpoint) and still reaches both of the target's rails.
-    let fresh = initiator.connect(&target_ep).unwrap();
+    let fresh = initiator.connect(&target_ep, &NoExchange).unwrap();
     round_trip(&*fresh, &rx, &source, &back, &remote, &keys, 16);
     assert_eq!(initiator.rail_posts(), vec![1 + 32, 1]);
 
@@ -240,7 +240,7 @@ fn shutdown_ends_operations_in_flight_once_and_frees_their_contexts() {
         });
         let (remote, keys) = target_region(&target, 1 << 20);
         let local = local_region(&initiator, 1 << 20);
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
         for task in 0..8u32 {
             let op = if task % 2 == 0 {
                 Opcode::Write
@@ -310,7 +310,7 @@ fn shutdown_under_load_reports_every_slice_once() {
         let (initiator, _, rx) = start(config);
         let (remote, keys) = target_region(&target, 16 << 20);
         let local = local_region(&initiator, 16 << 20);
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
         let pieces = 64u32;
         let len = (16 << 20) / pieces as usize;
         let mut posted = 0;
@@ -371,7 +371,7 @@ fn connect_fails_when_every_rail_lost_an_operation() {
     let (initiator, _, rx) = start(config);
     let (remote, keys) = target_region(&target, 1 << 16);
     let local = local_region(&initiator, 1 << 16);
-    let conn = initiator.connect(&target_ep).unwrap();
+    let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
     let wrong = RemoteKeys::single(keys.first() ^ 0x5a5a_5a5a);
     conn.post(slice(
         Opcode::Write,
@@ -386,7 +386,7 @@ fn connect_fails_when_every_rail_lost_an_operation() {
     .expect("posted");
     assert_eq!(next(&rx), (token(3), Err(FailReason::TimedOut)));
     let err = initiator
-        .connect(&target_ep)
+        .connect(&target_ep, &NoExchange)
         .err()
         .expect("no rail left to connect over");
     assert!(err.to_string().contains(&target_ep.address), "{err}");
@@ -421,7 +421,7 @@ fn shutdown_ends_a_slice_the_provider_never_completes() {
     let (initiator, _, rx) = start(config);
     let (remote, keys) = target_region(&target, 1 << 16);
     let local = local_region(&initiator, 1 << 16);
-    let conn = initiator.connect(&target_ep).unwrap();
+    let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
     let wrong = RemoteKeys::single(keys.first() ^ 0x5a5a_5a5a);
     conn.post(slice(
         Opcode::Write,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ferry_transport_api::{
-    Access, Connection, Location, Opcode, RegionMemory, RemoteKeys, Transport,
+    Access, Connection, Location, NoExchange, Opcode, RegionMemory, RemoteKeys, Transport,
 };
 use ferry_transport_efa::EfaConfig;
 
@@ -69,7 +69,7 @@ fn device_memory_is_written_from_and_read_into_byte_for_byte() {
         };
         let (target, target_ep, _target_rx) = start(config.clone());
         let (initiator, _, rx) = start(config);
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
 
         // Device to host and back into device memory; then device to device.
         let host_remote = region(random(LEN));

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ferry_transport_api::{
-    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
-    Transport,
+    CompletionToken, Completions, Connection, FailReason, NoExchange, Opcode, RegionMemory,
+    RemoteKeys, Transport,
 };
 use ferry_transport_efa::providers;
 
@@ -134,7 +134,7 @@ fn steady_state_transfers_allocate_nothing_and_shutdown_leaves_no_context() {
         let (remote, keys) = target_region(&target, 4 << 20);
         let source = local_region(&initiator, 4 << 20);
         let back = local_region(&initiator, 4 << 20);
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
 
         // Warm up: connections, provider caches, lazily built state.
         pump(&*conn, &tally, Opcode::Write, &source, &remote, &keys, 256);

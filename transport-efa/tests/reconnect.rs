@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferry_transport_api::{FailReason, Opcode, Protocol, Transport};
+use ferry_transport_api::{FailReason, NoExchange, Opcode, Protocol, Transport};
 use ferry_transport_efa::EfaConfig;
 
 /// Posts before the knob fails one: two round trips of two slices each.
@@ -27,7 +27,7 @@ fn a_fatal_post_error_marks_the_connection_dead_and_connect_replaces_it() {
         let source = local_region(&initiator, 1 << 20);
         let back = local_region(&initiator, 1 << 20);
 
-        let conn = initiator.connect(&target_ep).unwrap();
+        let conn = initiator.connect(&target_ep, &NoExchange).unwrap();
         // Posts 1 to 4 go through.
         round_trip(&*conn, &rx, &source, &back, &remote, &keys, 2);
         assert!(conn.is_alive(), "{provider}");
@@ -76,7 +76,7 @@ fn a_fatal_post_error_marks_the_connection_dead_and_connect_replaces_it() {
         );
 
         // The next connect replaces it, and the new connection carries every byte.
-        let fresh = initiator.connect(&target_ep).unwrap();
+        let fresh = initiator.connect(&target_ep, &NoExchange).unwrap();
         assert!(
             !Arc::ptr_eq(&conn, &fresh),
             "{provider}: the dead connection is replaced"
@@ -85,7 +85,7 @@ fn a_fatal_post_error_marks_the_connection_dead_and_connect_replaces_it() {
         assert!(source.copy_from_slice_at(0, &random(source.len())));
         round_trip(&*fresh, &rx, &source, &back, &remote, &keys, 2);
         assert!(
-            Arc::ptr_eq(&fresh, &initiator.connect(&target_ep).unwrap()),
+            Arc::ptr_eq(&fresh, &initiator.connect(&target_ep, &NoExchange).unwrap()),
             "{provider}: a live connection is kept"
         );
         assert!(rx.try_recv().is_err(), "{provider}: nothing reported twice");

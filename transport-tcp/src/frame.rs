@@ -20,6 +20,12 @@
 //! is 0, in order), `Descriptor` (count body bytes). Sequence numbers count requests per
 //! connection; responses come back in request order.
 //!
+//! Set-up exchanges (a fabric transport's connection state, e.g. RDMA queue pairs, over
+//! this one port): the initiator sends `Exchange` (count body bytes: the protocol as one
+//! byte, then the transport's message) on a connection of its own; the target answers
+//! `Exchanged` (count body bytes: 0 and the transport's answer, or 1 and why it refused,
+//! in UTF-8) and goes on serving that connection.
+//!
 //! Authentication (only when the target has a shared secret; without one these kinds are
 //! never sent and a target closes a connection that sends them): the client opens with
 //! `Hello` (count 32: its nonce), the target answers `Challenge` (count 64: its nonce,
@@ -29,6 +35,8 @@
 //! neither side's proof can be replayed or reflected as the other's. A target with a
 //! secret answers any other first frame with a `Challenge` of count 0 ("a secret is
 //! required") and closes.
+
+use ferry_transport_api::Protocol;
 
 /// First two bytes of every header.
 pub(crate) const MAGIC: [u8; 2] = *b"FY";
@@ -44,6 +52,8 @@ pub(crate) const MAX_DESCS: usize = 256;
 pub(crate) const MAX_NOTIFY: usize = 64 * 1024;
 /// Largest descriptor document a peer may send.
 pub(crate) const MAX_DESCRIPTOR: usize = ferry_transport_api::SegmentDescriptor::MAX_ENCODED_LEN;
+/// Largest set-up exchange message or answer (protocol and status bytes included).
+pub(crate) const MAX_EXCHANGE: usize = 64 * 1024;
 /// Largest single request a target accepts at all; beyond it the stream is treated as
 /// hostile and closed (smaller out-of-range requests are refused one by one).
 pub(crate) const MAX_REQUEST: u64 = 1 << 30;
@@ -70,6 +80,8 @@ pub(crate) enum Kind {
     Challenge = 9,
     Proof = 10,
     Lane = 11,
+    Exchange = 12,
+    Exchanged = 13,
 }
 
 impl Kind {
@@ -86,6 +98,8 @@ impl Kind {
             9 => Kind::Challenge,
             10 => Kind::Proof,
             11 => Kind::Lane,
+            12 => Kind::Exchange,
+            13 => Kind::Exchanged,
             _ => return None,
         })
     }
@@ -156,11 +170,21 @@ impl Header {
             Kind::Notify => MAX_NOTIFY,
             Kind::GetDescriptor | Kind::Lane => 0,
             Kind::Descriptor => MAX_DESCRIPTOR,
+            Kind::Exchange | Kind::Exchanged => MAX_EXCHANGE,
             Kind::Hello | Kind::Proof => AUTH_LEN,
             Kind::Challenge => 2 * AUTH_LEN,
         };
         if count as usize > limit
-            || (count == 0 && matches!(kind, Kind::Write | Kind::Read | Kind::Ack | Kind::ReadData))
+            || (count == 0
+                && matches!(
+                    kind,
+                    Kind::Write
+                        | Kind::Read
+                        | Kind::Ack
+                        | Kind::ReadData
+                        | Kind::Exchange
+                        | Kind::Exchanged
+                ))
         {
             return Err(FrameError::TooLong { kind, count });
         }
@@ -194,6 +218,44 @@ impl Desc {
             len: word(8),
             key: word(16),
         }
+    }
+}
+
+/// A protocol as the first byte of an `Exchange` body.
+pub(crate) fn protocol_byte(p: Protocol) -> u8 {
+    match p {
+        Protocol::Rdma => 1,
+        Protocol::Efa => 2,
+        Protocol::Tcp => 3,
+    }
+}
+
+/// The protocol an `Exchange` body names, if any.
+pub(crate) fn protocol_of(byte: u8) -> Option<Protocol> {
+    Protocol::ALL
+        .into_iter()
+        .find(|&p| protocol_byte(p) == byte)
+}
+
+/// An `Exchanged` body: the transport's answer, or why the target refused.
+pub(crate) fn encode_exchanged(answer: &Result<Vec<u8>, String>) -> Vec<u8> {
+    let (status, body) = match answer {
+        Ok(a) => (0u8, a.as_slice()),
+        Err(why) => (1u8, why.as_bytes()),
+    };
+    let mut b = Vec::with_capacity(1 + body.len().min(MAX_EXCHANGE - 1));
+    b.push(status);
+    b.extend_from_slice(&body[..body.len().min(MAX_EXCHANGE - 1)]);
+    b
+}
+
+/// Reads an `Exchanged` body: `Ok(answer)` or `Err(why the peer refused)`; `None` when
+/// the body is malformed.
+pub(crate) fn decode_exchanged(body: &[u8]) -> Option<Result<&[u8], String>> {
+    match body.split_first()? {
+        (0, answer) => Some(Ok(answer)),
+        (1, why) => Some(Err(String::from_utf8_lossy(why).into_owned())),
+        _ => None,
     }
 }
 

@@ -52,8 +52,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
-    Access, Connection, ControlPlane, Endpoint, Opcode, Protocol, RegionMemory, RemoteStatus,
-    Staging, Transport, TransportContext, TransportError,
+    Access, Connection, ControlPlane, Endpoint, Opcode, PeerControl, Protocol, RegionMemory,
+    RemoteStatus, Staging, Transport, TransportContext, TransportError,
 };
 use parking_lot::Mutex;
 
@@ -419,6 +419,24 @@ impl TcpTransport {
         fetch_descriptor_with(address, c.connect_timeout, c.secret.as_ref())
     }
 
+    /// Sends a set-up message to the `protocol` transport of the peer at `address` (its TCP
+    /// endpoint) with this transport's secret (if any); see [`exchange_with`].
+    pub fn exchange(
+        &self,
+        address: &str,
+        protocol: Protocol,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        exchange_with(
+            address,
+            protocol,
+            body,
+            timeout,
+            self.shared.config.secret.as_ref(),
+        )
+    }
+
     /// Connects to a peer's TCP endpoint (`host:port`), or returns the live lanes already
     /// open to it.
     pub fn connect_tcp(&self, address: &str) -> Result<Arc<TcpConnection>, TransportError> {
@@ -548,7 +566,11 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn connect(&self, endpoint: &Endpoint) -> Result<Arc<dyn Connection>, TransportError> {
+    fn connect(
+        &self,
+        endpoint: &Endpoint,
+        _peer: &dyn PeerControl,
+    ) -> Result<Arc<dyn Connection>, TransportError> {
         if endpoint.protocol != Protocol::Tcp {
             return Err(TransportError::invalid(format!(
                 "{} endpoint given to the TCP transport",
@@ -816,6 +838,67 @@ pub fn fetch_descriptor_with(
     timeout: Duration,
     secret: Option<&SharedSecret>,
 ) -> Result<Vec<u8>, TransportError> {
+    ask(
+        address,
+        timeout,
+        secret,
+        frame::Kind::GetDescriptor,
+        &[],
+        frame::Kind::Descriptor,
+    )
+}
+
+/// Sends a set-up message to the peer's `protocol` transport through its port and returns
+/// the answer, proving `secret` first when one is given; `timeout` bounds the whole
+/// exchange. A peer that refuses gives [`TransportError::Handshake`] with its reason.
+pub fn exchange_with(
+    address: &str,
+    protocol: Protocol,
+    body: &[u8],
+    timeout: Duration,
+    secret: Option<&SharedSecret>,
+) -> Result<Vec<u8>, TransportError> {
+    if body.len() + 1 > frame::MAX_EXCHANGE {
+        return Err(TransportError::invalid(format!(
+            "a set-up message of {} bytes; at most {} fit",
+            body.len(),
+            frame::MAX_EXCHANGE - 1
+        )));
+    }
+    let mut message = Vec::with_capacity(body.len() + 1);
+    message.push(frame::protocol_byte(protocol));
+    message.extend_from_slice(body);
+    let answer = ask(
+        address,
+        timeout,
+        secret,
+        frame::Kind::Exchange,
+        &message,
+        frame::Kind::Exchanged,
+    )?;
+    match frame::decode_exchanged(&answer) {
+        Some(Ok(a)) => Ok(a.to_vec()),
+        Some(Err(why)) => Err(TransportError::handshake(
+            address,
+            format!("the peer refused the {protocol} set-up: {why}"),
+        )),
+        None => Err(TransportError::handshake(
+            address,
+            "the peer answered the set-up with a malformed frame",
+        )),
+    }
+}
+
+/// One request and its answer on a connection of their own, within one deadline for
+/// connecting, authenticating, sending and reading.
+fn ask(
+    address: &str,
+    timeout: Duration,
+    secret: Option<&SharedSecret>,
+    kind: frame::Kind,
+    body: &[u8],
+    answer: frame::Kind,
+) -> Result<Vec<u8>, TransportError> {
     let deadline = Instant::now() + timeout;
     let addr = resolve(address)?;
     let connect_err = |source| TransportError::ConnectPeer {
@@ -828,13 +911,11 @@ pub fn fetch_descriptor_with(
         authenticate(&mut s, secret, deadline)
             .map_err(|e| handshake("proving the shared secret").caused_by(e))?;
     }
-    write_all_by(
-        &mut s,
-        &frame::Header::new(frame::Kind::GetDescriptor, 0, 0).encode(),
-        deadline,
-        "sending the request",
-    )
-    .map_err(|e| handshake("sending the request").caused_by(e))?;
+    let mut request = Vec::with_capacity(frame::HEADER_LEN + body.len());
+    request.extend_from_slice(&frame::Header::new(kind, body.len() as u32, 0).encode());
+    request.extend_from_slice(body);
+    write_all_by(&mut s, &request, deadline, "sending the request")
+        .map_err(|e| handshake("sending the request").caused_by(e))?;
     let mut hb = [0u8; frame::HEADER_LEN];
     read_exact_by(&mut s, &mut hb, deadline, "before the answer was complete")
         .map_err(|e| handshake("reading the answer").caused_by(e))?;
@@ -845,7 +926,7 @@ pub fn fetch_descriptor_with(
              engines share",
         ));
     }
-    if h.kind != frame::Kind::Descriptor {
+    if h.kind != answer {
         return Err(handshake(&format!("answered with a {:?} frame", h.kind)));
     }
     let mut body = vec![0u8; h.count as usize];
@@ -853,9 +934,9 @@ pub fn fetch_descriptor_with(
         &mut s,
         &mut body,
         deadline,
-        "before the descriptor was complete",
+        "before the answer was complete",
     )
-    .map_err(|e| handshake("reading the descriptor").caused_by(e))?;
+    .map_err(|e| handshake("reading the answer").caused_by(e))?;
     Ok(body)
 }
 

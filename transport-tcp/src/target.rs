@@ -614,6 +614,7 @@ impl TargetConn {
                     self.notify(header)
                 }
                 Kind::GetDescriptor => self.send_descriptor(),
+                Kind::Exchange => self.exchange(header),
                 Kind::Lane => {
                     // An initiator's data lane: idle until it has work, kept while
                     // keepalive says its peer is alive.
@@ -649,6 +650,32 @@ impl TargetConn {
             .map(|c| c.descriptor())
             .unwrap_or_default();
         let h = Header::new(Kind::Descriptor, body.len() as u32, 0).encode();
+        write_chunked(
+            &mut self.pipe,
+            &mut [IoSlice::new(&h), IoSlice::new(&body)],
+            &self.shared,
+            &self.handle,
+        )
+    }
+
+    /// A peer's set-up message for one of this engine's transports: handed to the
+    /// control plane, whose answer (or refusal) goes back at once.
+    fn exchange(&mut self, header: Header) -> io::Result<()> {
+        let mut body = vec![0u8; header.count as usize];
+        self.read(&mut [IoSliceMut::new(&mut body)])?;
+        flush_acks(&mut self.pipe, &mut self.acks, &self.shared, &self.handle)?;
+        let answer = match frame::protocol_of(body[0]) {
+            None => Err(format!("unknown protocol byte {}", body[0])),
+            Some(p) => match self.shared.control() {
+                Some(c) => c.exchange(p, &body[1..]),
+                None => Err("this target serves no control plane".into()),
+            },
+        };
+        if let Err(why) = &answer {
+            tracing::debug!(%why, "refused a set-up exchange");
+        }
+        let body = frame::encode_exchanged(&answer);
+        let h = Header::new(Kind::Exchanged, body.len() as u32, 0).encode();
         write_chunked(
             &mut self.pipe,
             &mut [IoSlice::new(&h), IoSlice::new(&body)],

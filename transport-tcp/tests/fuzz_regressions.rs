@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use ferry_transport_api::{
     Access, CompletionToken, Completions, Connection, ControlPlane, Endpoint, FailReason, Location,
-    Opcode, Protocol, RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
+    NoExchange, Opcode, Protocol, RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
 use ferry_transport_tcp::fuzzing::{
     decode_desc, decode_header, encode_desc, encode_header, encode_notification,
@@ -291,10 +291,13 @@ fn real_traffic_decodes_frame_by_frame_and_seeds_the_fuzzers() {
     let ro_key = target.register(&ro, Access::RemoteRead).unwrap()[0];
     let (proxy, recorded) = recording_proxy(target_addr);
     let conn = initiator
-        .connect(&Endpoint {
-            protocol: Protocol::Tcp,
-            address: proxy.clone(),
-        })
+        .connect(
+            &Endpoint {
+                protocol: Protocol::Tcp,
+                address: proxy.clone(),
+            },
+            &NoExchange,
+        )
         .unwrap();
     let local = host(3 * 4096);
     let (w, r) = (Opcode::Write, Opcode::Read);
@@ -485,10 +488,13 @@ fn authenticated_traffic_decodes_and_seeds_the_fuzzers() {
     let rw_key = target.register(&rw, Access::RemoteReadWrite).unwrap()[0];
     let (proxy, recorded) = recording_proxy(target_addr);
     let conn = initiator
-        .connect(&Endpoint {
-            protocol: Protocol::Tcp,
-            address: proxy.clone(),
-        })
+        .connect(
+            &Endpoint {
+                protocol: Protocol::Tcp,
+                address: proxy.clone(),
+            },
+            &NoExchange,
+        )
         .unwrap();
     let local = host(4096);
     let a = rw.addr();

@@ -12,8 +12,8 @@ use ferry_transport_api::testing::{
     contents, host_region, random, stand_in_device, CpuStaging, NoControl,
 };
 use ferry_transport_api::{
-    Access, CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
-    Slice, Staging, Transport, TransportContext,
+    Access, CompletionToken, Completions, Connection, FailReason, NoExchange, Opcode, RegionMemory,
+    RemoteKeys, Slice, Staging, Transport, TransportContext,
 };
 use ferry_transport_tcp::{TcpConfig, TcpTransport};
 
@@ -102,10 +102,13 @@ fn device_payloads_are_staged_on_both_sides_mixed_with_host_ones() {
         })
         .collect();
     let conn = initiator
-        .connect(&ferry_transport_api::Endpoint {
-            protocol: ferry_transport_api::Protocol::Tcp,
-            address,
-        })
+        .connect(
+            &ferry_transport_api::Endpoint {
+                protocol: ferry_transport_api::Protocol::Tcp,
+                address,
+            },
+            &NoExchange,
+        )
         .unwrap();
     let wants: Vec<Vec<u8>> = regions.iter().map(|(local, ..)| contents(local)).collect();
     let writes: Vec<_> = regions.iter().map(|(l, r, _, k)| (l, r, *k)).collect();
