@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_transport_api::ops::{OpRef, OpTable};
 pub use ferry_transport_api::ops::OpStats;
+use ferry_transport_api::ops::{OpRef, OpTable};
 pub(crate) use ferry_transport_api::ops::{Outcomes, OUTCOMES};
 use ferry_transport_api::Slice;
 use libfabric_sys as fi;
