@@ -177,6 +177,51 @@ impl Outcomes {
         }
     }
 
+    /// Like [`deliver`](Self::deliver), but a failed slice is first offered to
+    /// `redirect` with its reason and what the table kept for it: `Ok(())` means it was
+    /// posted again elsewhere (that post reports it), `Err(slice)` hands it back to be
+    /// reported as failed. Returns how many were reported.
+    pub fn deliver_or(
+        &mut self,
+        to: &dyn Completions,
+        mut redirect: impl FnMut(
+            Slice,
+            FailReason,
+            Option<&Arc<dyn Any + Send + Sync>>,
+        ) -> Result<(), Slice>,
+    ) -> usize {
+        let mut reported = 0;
+        for item in &mut self.items[..self.len] {
+            let Some(Outcome { report, release }) = item.take() else {
+                continue;
+            };
+            match (report, release) {
+                (Some((token, Err(reason))), Some(p)) => {
+                    let Pending {
+                        slice, _keep: keep, ..
+                    } = p;
+                    match redirect(slice, reason, keep.as_ref()) {
+                        Ok(()) => {}
+                        Err(slice) => {
+                            to.complete(token, Err(reason));
+                            reported += 1;
+                            drop(slice);
+                        }
+                    }
+                }
+                (report, release) => {
+                    if let Some((token, result)) = report {
+                        to.complete(token, result);
+                        reported += 1;
+                    }
+                    drop(release);
+                }
+            }
+        }
+        self.len = 0;
+        reported
+    }
+
     /// Reports every outcome to `to`, then drops the released slices; returns how many
     /// were reported.
     pub fn deliver(&mut self, to: &dyn Completions) -> usize {

@@ -3,6 +3,8 @@
 //! the engine in [`crate::TransportContext::staging`]; transports never depend on a GPU
 //! library.
 
+use std::os::fd::OwnedFd;
+
 use crate::{Location, RegionMemory, TransportError};
 
 /// A pool of pinned host buffers and the copy engine of each device.
@@ -14,6 +16,23 @@ pub trait Staging: Send + Sync {
 
     /// What the pool holds: to check that buffers come back and stay on their devices.
     fn stats(&self) -> StagingStats;
+
+    /// The PCI bus id (`dddd:bb:dd.f`) of device `device`, for transports that choose a
+    /// NIC close to it; `None` when unknown.
+    fn pci_bus_id(&self, device: u32) -> Option<String> {
+        let _ = device;
+        None
+    }
+
+    /// Exports device memory as a dma-buf, for fabric transports that register it with
+    /// their NIC directly: the descriptor, and the offset of the region's start in it.
+    fn export_dmabuf(&self, region: &RegionMemory) -> Result<(OwnedFd, u64), TransportError> {
+        let _ = region;
+        Err(TransportError::Unsupported {
+            what: "exporting device memory as a dma-buf".into(),
+            why: "these device services cannot".into(),
+        })
+    }
 }
 
 /// A staging pool's accounting.

@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn the_states_follow_reset_init_rtr_rts() {
         let s = settings(LinkLayer::Infiniband);
-        let steps = bring_up(&s, &peer(9, 5), 0x1_00_0077);
+        let steps = bring_up(&s, &peer(9, 5), 0x0100_0077);
         let states: Vec<u32> = steps.iter().map(|t| t.state).collect();
         assert_eq!(
             states,

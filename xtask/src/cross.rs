@@ -5,22 +5,28 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::sh::{apt_install, cargo, root, run, BUILD_PACKAGES};
+use crate::sh::{apt_install, as_root, cargo, root, run, BUILD_PACKAGES};
 
-/// Debian packages for the aarch64 cross build (arm64 multiarch for libfabric).
+/// Debian packages for the aarch64 cross build (arm64 multiarch for libfabric, libibverbs
+/// and librdmacm).
 const CROSS_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
     "libfabric-dev:arm64",
+    "libibverbs-dev:arm64",
+    "librdmacm-dev:arm64",
     "libgcc-s1:arm64",
     "file",
 ];
 
+/// The fabric features the cross build compiles in.
+const FEATURES: &str = "efa,rdma";
+
 /// `cargo xtask cross aarch64`: installs the Rust target and Debian's cross toolchain
-/// and arm64 libfabric, builds `ferry` and the engine's tests for
-/// `aarch64-unknown-linux-gnu` with `efa`, and runs the TCP and `tcp;ofi_rxm` loopback
-/// tests under `qemu-aarch64-static`.
+/// and arm64 libfabric and ibverbs, builds `ferry` and the engine's tests for
+/// `aarch64-unknown-linux-gnu` with `efa` and `rdma`, and runs the TCP and `tcp;ofi_rxm`
+/// loopback tests under `qemu-aarch64-static`.
 pub(crate) fn cross(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("aarch64") if args.len() == 1 => {}
@@ -38,9 +44,9 @@ pub(crate) fn cross(args: &[String]) -> Result<()> {
         .arg("--print-foreign-architectures")
         .output()?;
     if !String::from_utf8_lossy(&foreign.stdout).contains("arm64") {
-        run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+        run(as_root("dpkg").args(["--add-architecture", "arm64"]))?;
         // The package lists must now include arm64.
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(as_root("apt-get").args(["update", "-qq"]))?;
     }
     apt_install(BUILD_PACKAGES)?;
     apt_install(CROSS_PACKAGES)?;
@@ -70,6 +76,17 @@ pub(crate) fn cross(args: &[String]) -> Result<()> {
         ),
         ("LIBFABRIC_INCLUDE_DIR", include.display().to_string()),
         ("LIBFABRIC_LIB_DIR", "/usr/lib/aarch64-linux-gnu".into()),
+        // rdma-sys finds libibverbs and librdmacm with pkg-config: the arm64 `.pc` files
+        // only (their paths are the multiarch ones, no sysroot to prepend). Scoped to
+        // the target, so build scripts' own host probes are untouched.
+        (
+            "PKG_CONFIG_ALLOW_CROSS_aarch64_unknown_linux_gnu",
+            "1".into(),
+        ),
+        (
+            "PKG_CONFIG_LIBDIR_aarch64_unknown_linux_gnu",
+            "/usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig".into(),
+        ),
     ];
     let cross_cargo = |args: &[&str]| {
         let mut c = cargo();
@@ -88,7 +105,7 @@ pub(crate) fn cross(args: &[String]) -> Result<()> {
         "-p",
         "ferry-cli",
         "--features",
-        "efa",
+        FEATURES,
     ]))?;
     run(&mut cross_cargo(&[
         "test",
@@ -98,16 +115,17 @@ pub(crate) fn cross(args: &[String]) -> Result<()> {
         "-p",
         "ferry-cli",
         "--features",
-        "efa",
+        FEATURES,
     ]))?;
-    // The loopback suites: TCP (transfer) and libfabric over tcp;ofi_rxm (efa). Tests
-    // that start the `ferry` binary as a child need binfmt support and run natively only.
+    // The loopback suites: TCP (transfer) and libfabric over tcp;ofi_rxm (efa), in the
+    // build above (ibverbs loaded, no RDMA device under qemu). Tests that start the
+    // `ferry` binary as a child need binfmt support and run natively only.
     run(&mut cross_cargo(&[
         "test",
         "-p",
         "ferry-engine",
         "--features",
-        "efa",
+        FEATURES,
         "--test",
         "transfer",
         "--test",

@@ -27,6 +27,7 @@ mod bench;
 mod cross;
 mod fuzz;
 mod python;
+mod rdma;
 mod reliability;
 mod sh;
 mod test;

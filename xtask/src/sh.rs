@@ -59,6 +59,21 @@ pub(crate) fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `program` as root: itself when this process is root (as on CI), else through `sudo`.
+pub(crate) fn as_root(program: &str) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if root {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
 /// Installs Debian packages that are missing (needs root, as on CI).
 pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -74,20 +89,8 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let sudo = if Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"))
-    {
-        vec![]
-    } else {
-        vec!["sudo"]
-    };
     let apt = |args: &[&str]| {
-        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-        if !sudo.is_empty() {
-            c.arg("apt-get");
-        }
+        let mut c = as_root("apt-get");
         c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         c
     };
@@ -98,5 +101,14 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 /// Debian packages the full build needs: libfabric and its headers for the `efa`
-/// feature, libclang for bindgen.
-pub(crate) const BUILD_PACKAGES: &[&str] = &["libfabric-dev", "libfabric-bin", "libclang-dev"];
+/// feature; libibverbs and librdmacm with their headers (found by pkg-config) for `rdma`,
+/// and the user-space drivers of ibverbs (soft-RoCE's `rxe` among them) its tests load;
+/// libclang for bindgen.
+pub(crate) const BUILD_PACKAGES: &[&str] = &[
+    "libfabric-dev",
+    "libfabric-bin",
+    "libibverbs-dev",
+    "librdmacm-dev",
+    "ibverbs-providers",
+    "libclang-dev",
+];

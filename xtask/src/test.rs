@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::cross::cross;
 use crate::sh::{apt_install, cargo, have, render, root, run, BUILD_PACKAGES};
-use crate::{fuzz, reliability};
+use crate::{fuzz, rdma, reliability};
 
 /// What a feature combination must do.
 #[derive(Clone, Copy)]
@@ -104,11 +104,13 @@ fn matrix() -> Result<Vec<Combo>> {
     Ok(m)
 }
 
-/// Feature sets the engine's and the CLI's tests run with, besides the defaults.
-const TEST_FEATURES: &[&str] = &["efa", "efa,cuda,http,redis,etcd"];
+/// Feature sets the engine's and the CLI's tests run with, besides the defaults. `rdma`
+/// rides along with the others rather than costing a run of its own (clippy checks it
+/// alone).
+const TEST_FEATURES: &[&str] = &["efa", "efa,rdma,cuda,http,redis,etcd"];
 
 /// Deployment profiles of the downstream crate (`tests/downstream`).
-const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda"];
+const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda", "rdma", "rdma,cuda"];
 
 /// `--no-default-features` and the list for `Some`; nothing for `None` (the defaults).
 fn with_features(c: &mut Command, features: Option<&str>) {
@@ -191,8 +193,9 @@ fn downstream() -> Result<()> {
 }
 
 /// nextest (or `cargo test` where nextest is missing) of `packages` (none: the workspace)
-/// with `features` on top of the defaults; `hw` includes the ignored hardware tests.
-fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
+/// with `features` on top of the defaults; `hw` includes the ignored hardware tests (and
+/// leaves the RDMA transport out of the workspace: the RDMA step runs it, see `rdma.rs`).
+pub(crate) fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Command {
     let mut c = cargo();
     if have("cargo-nextest") {
         c.args(["nextest", "run", "--no-fail-fast"]);
@@ -201,6 +204,9 @@ fn nextest_or_test(packages: &[&str], features: Option<&str>, hw: bool) -> Comma
     }
     if packages.is_empty() {
         c.arg("--workspace");
+        if hw {
+            c.args(["--exclude", rdma::PACKAGE]);
+        }
     }
     for p in packages {
         c.args(["-p", p]);
@@ -235,11 +241,22 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     reliability::loom()?;
     fuzz::ci()?;
     for features in TEST_FEATURES {
-        run(&mut nextest_or_test(
-            &["ferry-engine", "ferry-cli"],
-            Some(features),
-            hw,
-        ))?;
+        // With --hw, `rdma` is the RDMA step's, which sets up devices for it.
+        let features = if hw {
+            rdma::without_rdma(features)
+        } else {
+            Some(features.to_string())
+        };
+        if let Some(features) = features {
+            run(&mut nextest_or_test(
+                &["ferry-engine", "ferry-cli"],
+                Some(&features),
+                hw,
+            ))?;
+        }
+    }
+    if hw {
+        rdma::hw()?;
     }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     downstream()?;
