@@ -24,8 +24,8 @@ use crate::{Engine, Result};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// `tcp` or `efa` (`rdma` is not implemented yet); honoured exactly. A fabric
-    /// protocol brings TCP as its fallback.
+    /// `tcp`, `efa` or `rdma`; honoured exactly. A fabric protocol brings TCP as its
+    /// fallback.
     pub protocol: String,
     /// The engine's one port.
     pub listen: String,
@@ -68,6 +68,10 @@ pub struct EngineConfig {
     /// `efa` and every device it lists).
     #[cfg(feature = "efa")]
     pub efa: Option<crate::fabrics::EfaConfig>,
+    /// The ibverbs transport, with `protocol = "rdma"` (`None`: its defaults, every usable
+    /// port).
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<crate::fabrics::RdmaConfig>,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +92,8 @@ impl Default for EngineConfig {
             tcp: TcpConfig::default(),
             #[cfg(feature = "efa")]
             efa: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
         }
     }
 }
@@ -107,13 +113,22 @@ impl EngineConfig {
         tcp
     }
 
-    /// The libfabric provider `protocol = "efa"` uses (for messages).
-    fn provider(&self) -> String {
-        #[cfg(feature = "efa")]
-        if let Some(efa) = &self.efa {
-            return efa.provider.clone();
+    /// What a fabric protocol runs on, for messages: the libfabric provider of `efa`,
+    /// the device list of `rdma`.
+    fn fabric(&self, protocol: Protocol) -> String {
+        match protocol {
+            #[cfg(feature = "efa")]
+            Protocol::Efa => match &self.efa {
+                Some(efa) => format!("provider {}", efa.provider),
+                None => "provider efa".into(),
+            },
+            #[cfg(feature = "rdma")]
+            Protocol::Rdma => match &self.rdma {
+                Some(r) if !r.devices.is_empty() => format!("devices {}", r.devices.join(",")),
+                _ => "every RDMA device".into(),
+            },
+            p => p.to_string(),
         }
-        "efa".into()
     }
 }
 
@@ -146,7 +161,7 @@ impl Engine {
             Protocol::Tcp => builder().transport(tcp).build(),
             fabric => match fabric_engine(fabric, config, builder(), tcp.clone()) {
                 Err(e) if config.allow_tcp_only && e.kind() == ErrorKind::Unsupported => {
-                    tracing::warn!(protocol = %fabric, provider = %config.provider(), error = %e, "no fabric device; running on TCP only");
+                    tracing::warn!(protocol = %fabric, on = %config.fabric(fabric), error = %e, "no fabric device; running on TCP only");
                     builder().transport(tcp).build()
                 }
                 r => r,
@@ -167,6 +182,13 @@ fn fabric_engine(
         Protocol::Efa => builder
             .transport(backends::fabrics::Efa::new(
                 config.efa.clone().unwrap_or_default(),
+            ))
+            .fallback(fallback)
+            .build(),
+        #[cfg(feature = "rdma")]
+        Protocol::Rdma => builder
+            .transport(backends::fabrics::Rdma::new(
+                config.rdma.clone().unwrap_or_default(),
             ))
             .fallback(fallback)
             .build(),

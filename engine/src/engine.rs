@@ -77,6 +77,8 @@ impl Engine {
             staging: staging.clone(),
         };
         let mut transports = fabrics;
+        // Best first, whatever order they were added in (contract 3).
+        transports.sort_by_key(|t| t.protocol());
         transports.push(tcp.clone());
         control.answer_with(&transports);
         let mut endpoints = Vec::new();

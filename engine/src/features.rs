@@ -5,10 +5,11 @@ use ferry_transport_api::Protocol;
 
 /// Protocols compiled into this build, in priority order (best first).
 pub fn compiled() -> &'static [Protocol] {
-    if cfg!(feature = "efa") {
-        &[Protocol::Efa, Protocol::Tcp]
-    } else {
-        &[Protocol::Tcp]
+    match (cfg!(feature = "rdma"), cfg!(feature = "efa")) {
+        (true, true) => &[Protocol::Rdma, Protocol::Efa, Protocol::Tcp],
+        (true, false) => &[Protocol::Rdma, Protocol::Tcp],
+        (false, true) => &[Protocol::Efa, Protocol::Tcp],
+        (false, false) => &[Protocol::Tcp],
     }
 }
 
@@ -21,6 +22,8 @@ pub enum Feature {
     Tcp,
     /// `efa`: the libfabric transport (AWS EFA).
     Efa,
+    /// `rdma`: the ibverbs transport (InfiniBand, RoCE).
+    Rdma,
     /// `cuda`: GPU device memory.
     Cuda,
     /// `http`: the HTTP metadata store (Mooncake's HTTP metadata protocol).
@@ -37,6 +40,7 @@ impl Feature {
         match self {
             Feature::Tcp => "tcp",
             Feature::Efa => "efa",
+            Feature::Rdma => "rdma",
             Feature::Cuda => "cuda",
             Feature::Http => "http",
             Feature::Redis => "redis",
@@ -52,10 +56,10 @@ impl std::fmt::Display for Feature {
 }
 
 /// The Cargo feature of `ferry-engine` that compiles `protocol` in (named in errors and
-/// `ferry info`); `None` for a protocol ferry does not implement yet (RDMA).
+/// `ferry info`); `None` for a protocol ferry does not implement.
 pub const fn protocol_feature(protocol: Protocol) -> Option<Feature> {
     match protocol {
-        Protocol::Rdma => None,
+        Protocol::Rdma => Some(Feature::Rdma),
         Protocol::Efa => Some(Feature::Efa),
         Protocol::Tcp => Some(Feature::Tcp),
     }

@@ -76,6 +76,8 @@ mod metadata;
 mod peer;
 mod registry;
 
+#[cfg(feature = "rdma")]
+pub use backends::rdma_devices;
 pub use backends::{
     after_cuda_stream, cuda_status, fabric_devices, fabrics, CudaStatus, FabricDevice,
 };
@@ -93,7 +95,7 @@ pub use metadata::{metadata_stores, Metadata};
 pub use peer::{RemoteBuffer, Segment};
 
 pub use ferry_transport_api::{
-    Access, BufferDescriptor, ErrorKind, FailReason, Location, Opcode, Protocol, RemoteStatus,
-    SegmentDescriptor, StagingStats,
+    Access, BufferDescriptor, Endpoint, ErrorKind, FailReason, Location, Opcode, Protocol,
+    RemoteStatus, SegmentDescriptor, StagingStats, TransportKey,
 };
 pub use ferry_transport_tcp::{SharedSecret, TcpConfig, TcpStats};

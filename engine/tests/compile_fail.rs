@@ -9,4 +9,7 @@ fn builder_typestate() {
     if cfg!(feature = "efa") {
         t.compile_fail("tests/ui-efa/*.rs");
     }
+    if cfg!(feature = "rdma") {
+        t.compile_fail("tests/ui-rdma/*.rs");
+    }
 }

@@ -66,6 +66,8 @@ pub(crate) struct ConnInner {
     flush: Vec<Option<FlushWord>>,
     next: AtomicU64,
     alive: Arc<AtomicBool>,
+    /// Posts so far, for the fault knob.
+    posts: AtomicU64,
 }
 
 impl Drop for RdmaConnection {
@@ -141,6 +143,21 @@ impl ConnInner {
             }
             _ => None,
         };
+        let every = shared.config.fault_every;
+        if every > 0 && self.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
+            // The fault knob: the queue pair fails as a NIC's would.
+            slot.broken.store(true, Ordering::Release);
+            self.alive.store(false, Ordering::Release);
+            slot.qp.fail();
+            let code = libc::EIO;
+            return Err((
+                FailReason::Device {
+                    transport: Protocol::Rdma,
+                    code,
+                },
+                slice,
+            ));
+        }
         let nic = slot.nic.clone();
         nic.submit(Work {
             slice,
@@ -264,6 +281,7 @@ pub(crate) fn open(
         flush,
         next: AtomicU64::new(0),
         alive,
+        posts: AtomicU64::new(0),
     });
     let _ = conn_cell.set(Arc::downgrade(&inner));
     tracing::debug!(

@@ -124,6 +124,19 @@ pub struct RdmaConfig {
     /// Most queue pairs peers may have connected to this transport; beyond it the
     /// connections accepted longest ago are dropped.
     pub max_peer_qps: usize,
+    /// Fault injection: every `fault_every`-th post fails its queue pair as a NIC would
+    /// (0, the default: never): the post is refused with [`FailReason::Device`]
+    /// (`EIO`), the queue pair enters the error state and the connection is marked for
+    /// replacement. Exercises the error, retry and reconnect paths without faulty
+    /// hardware.
+    ///
+    /// [`FailReason::Device`]: ferry_transport_api::FailReason::Device
+    pub fault_every: u64,
+    /// Fault injection for tests: the first `lose_completions` completions each port
+    /// reads are held back as if lost, and handed over only once their slice has passed
+    /// its deadline. 0, the default: none.
+    #[doc(hidden)]
+    pub lose_completions: u64,
 }
 
 mod millis {
@@ -157,6 +170,8 @@ impl Default for RdmaConfig {
             connect_timeout: Duration::from_secs(5),
             busy_poll_us: 20,
             max_peer_qps: 4096,
+            fault_every: 0,
+            lose_completions: 0,
         }
     }
 }
@@ -324,6 +339,7 @@ impl RdmaTransport {
             let settings = self.settings(&info, attr.max_qp_rd_atom);
             let sizes = nic::Sizes {
                 ops: c.ops_per_port.max(1),
+                lose: c.lose_completions,
                 busy_poll: Duration::from_micros(c.busy_poll_us),
                 max_qp_wr: attr.max_qp_wr,
                 max_cqe: attr.max_cqe,

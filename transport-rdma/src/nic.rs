@@ -133,6 +133,8 @@ fn set_nonblocking(fd: i32) {
 pub(crate) struct Sizes {
     /// Operations in flight on the port.
     pub(crate) ops: u32,
+    /// Completions to hold back (test knob).
+    pub(crate) lose: u64,
     /// Busy polling before the progress thread sleeps.
     pub(crate) busy_poll: Duration,
     /// The device's limit on work requests per queue.
@@ -183,7 +185,7 @@ impl OpenNic {
             settings,
             pd,
             cq,
-            ops: OpTable::new(ops as usize, 0),
+            ops: OpTable::new(ops as usize, sizes.lose),
             depth: 2 * ops,
             flush: FlushBuf { mr, mem },
             backlog: Mutex::new(VecDeque::with_capacity(ops as usize)),

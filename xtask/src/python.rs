@@ -67,7 +67,7 @@ pub(crate) fn test() -> Result<()> {
     run(cargo()
         .args(["fmt", "--check", "--manifest-path"])
         .arg(&manifest))?;
-    for features in ["", "efa,cuda"] {
+    for features in ["", "efa,rdma,cuda"] {
         let mut c = cargo();
         c.args(["clippy", "--locked", "--all-targets", "--manifest-path"])
             .arg(&manifest)

@@ -62,12 +62,97 @@ pub fn fabric_devices() -> Vec<FabricDevice> {
     out
 }
 
+/// What ferry finds of this host's RDMA devices: every device ibverbs lists (or why it
+/// lists none), and the ports an RDMA engine with `config` would drive, with the reason
+/// each other one is left out. `None` without the `rdma` feature.
+#[cfg(feature = "rdma")]
+pub fn rdma_devices(
+    config: &fabrics::RdmaConfig,
+) -> (fabrics::RdmaDiscovery, fabrics::RdmaSelection) {
+    let found = ferry_transport_rdma::discover();
+    let selection =
+        ferry_transport_rdma::device::select(&found.devices, &config.devices, config.gid_index);
+    (found, selection)
+}
+
 /// The fabric transports this build contains, as pieces for the engine builder.
 pub mod fabrics {
     #[cfg(feature = "efa")]
     pub use efa::Efa;
     #[cfg(feature = "efa")]
     pub use ferry_transport_efa::{providers as efa_providers, EfaConfig, ProviderInfo};
+    #[cfg(feature = "rdma")]
+    pub use ferry_transport_rdma::{
+        device::{DeviceInfo as RdmaDeviceInfo, Nic as RdmaPort, Selection as RdmaSelection},
+        gid::gid_text,
+        Discovery as RdmaDiscovery, RdmaConfig,
+    };
+    #[cfg(feature = "rdma")]
+    pub use rdma::Rdma;
+
+    /// Adds the builder's typestate moves of a fabric piece: a fabric may come first or
+    /// after another, and leaves the builder needing its TCP fallback (or `Ready` when
+    /// the fallback is there already).
+    #[cfg(any(feature = "efa", feature = "rdma"))]
+    macro_rules! fabric_piece {
+        ($piece:ty) => {
+            impl sealed_add::Sealed for $piece {}
+
+            impl AddTransport<NeedsTransport> for $piece {
+                type Next = NeedsFallback;
+                fn add(self, parts: &mut Parts) {
+                    self.add_to(parts)
+                }
+            }
+
+            impl AddTransport<NeedsFallback> for $piece {
+                type Next = NeedsFallback;
+                fn add(self, parts: &mut Parts) {
+                    self.add_to(parts)
+                }
+            }
+
+            impl AddTransport<Ready> for $piece {
+                type Next = Ready;
+                fn add(self, parts: &mut Parts) {
+                    self.add_to(parts)
+                }
+            }
+        };
+    }
+
+    #[cfg(feature = "rdma")]
+    mod rdma {
+        use std::sync::Arc;
+
+        use ferry_transport_rdma::{RdmaConfig, RdmaTransport};
+
+        use crate::builder::{
+            sealed_add, AddTransport, NeedsFallback, NeedsTransport, Parts, Ready,
+        };
+
+        /// The ibverbs transport (InfiniBand, RoCE), as added to a builder. An engine with
+        /// it builds only once a TCP fallback is added too.
+        #[derive(Clone, Debug, Default)]
+        pub struct Rdma {
+            config: RdmaConfig,
+        }
+
+        impl Rdma {
+            /// ibverbs with `config` (every usable port by default).
+            pub fn new(config: RdmaConfig) -> Self {
+                Rdma { config }
+            }
+
+            fn add_to(self, parts: &mut Parts) {
+                parts.add_fabric(Box::new(move |_host| {
+                    Arc::new(RdmaTransport::new(self.config))
+                }));
+            }
+        }
+
+        fabric_piece!(Rdma);
+    }
 
     #[cfg(feature = "efa")]
     mod efa {
@@ -107,28 +192,7 @@ pub mod fabrics {
             }
         }
 
-        impl sealed_add::Sealed for Efa {}
-
-        impl AddTransport<NeedsTransport> for Efa {
-            type Next = NeedsFallback;
-            fn add(self, parts: &mut Parts) {
-                self.add_to(parts)
-            }
-        }
-
-        impl AddTransport<NeedsFallback> for Efa {
-            type Next = NeedsFallback;
-            fn add(self, parts: &mut Parts) {
-                self.add_to(parts)
-            }
-        }
-
-        impl AddTransport<Ready> for Efa {
-            type Next = Ready;
-            fn add(self, parts: &mut Parts) {
-                self.add_to(parts)
-            }
-        }
+        fabric_piece!(Efa);
     }
 }
 
