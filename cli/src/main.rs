@@ -40,8 +40,7 @@ enum Command {
 /// Flags shared by every command that starts an engine.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct EngineArgs {
-    /// Transport: tcp or efa (a fabric brings TCP as its fallback; rdma is not
-    /// implemented yet).
+    /// Transport: tcp, efa or rdma (a fabric brings TCP as its fallback).
     #[arg(long, default_value = "tcp")]
     protocol: String,
     /// libfabric provider for `--protocol efa` (efa, 'tcp;ofi_rxm', shm).
@@ -51,6 +50,10 @@ pub(crate) struct EngineArgs {
     /// `ferry info` lists them; a name may repeat); default: every device found.
     #[arg(long, value_delimiter = ',')]
     fabric_devices: Vec<String>,
+    /// RDMA devices or ports to drive for `--protocol rdma`, comma-separated (`mlx5_0`,
+    /// or `mlx5_0:1` for one port, as `ferry info` lists them); default: every usable one.
+    #[arg(long, value_delimiter = ',')]
+    rdma_devices: Vec<String>,
     /// Metadata: p2p (the default: a segment is named by its `host:port`),
     /// http://host:port/path (feature `http`), redis://host:port (feature `redis`) or
     /// `etcd://host:port[,host:port]` (feature `etcd`).
@@ -89,6 +92,12 @@ impl EngineArgs {
                 );
             }
         }
+        if !self.rdma_devices.is_empty() && !self.protocol.eq_ignore_ascii_case("rdma") {
+            anyhow::bail!(
+                "--rdma-devices applies to --protocol rdma only (this run uses {})",
+                self.protocol
+            );
+        }
         #[allow(unused_mut)]
         let mut config = EngineConfig {
             protocol: self.protocol.clone(),
@@ -109,6 +118,13 @@ impl EngineArgs {
                 provider: self.provider.clone().unwrap_or(default.provider.clone()),
                 devices: self.fabric_devices.clone(),
                 ..default
+            });
+        }
+        #[cfg(feature = "rdma")]
+        if self.protocol.eq_ignore_ascii_case("rdma") {
+            config.rdma = Some(ferry_engine::fabrics::RdmaConfig {
+                devices: self.rdma_devices.clone(),
+                ..ferry_engine::fabrics::RdmaConfig::default()
             });
         }
         Ok(config)
@@ -286,7 +302,7 @@ fn info(metadata: Option<String>) {
         }
     }
     let devices = ferry_engine::fabric_devices();
-    if compiled().iter().any(|p| *p != Protocol::Tcp) {
+    if compiled().contains(&Protocol::Efa) {
         println!("fabric providers and devices (RDM endpoints with RMA):");
         if devices.is_empty() {
             println!("  none found");
@@ -300,6 +316,7 @@ fn info(metadata: Option<String>) {
             );
         }
     }
+    rdma_info();
     println!("memory:");
     println!("  cpu   yes");
     let cuda = ferry_engine::cuda_status();
@@ -314,3 +331,73 @@ fn info(metadata: Option<String>) {
         );
     }
 }
+
+/// What ferry finds of this host's RDMA devices: each device and port, and which ports an
+/// RDMA engine would drive, or why none.
+#[cfg(feature = "rdma")]
+fn rdma_info() {
+    use ferry_engine::fabrics::{gid_text, RdmaConfig};
+
+    println!("RDMA devices (ibverbs):");
+    let (found, selection) = ferry_engine::rdma_devices(&RdmaConfig::default());
+    if found.devices.is_empty() {
+        println!("  none: {}", found.summary());
+        return;
+    }
+    for d in &found.devices {
+        let place = match (&d.numa_node, &d.pci_path) {
+            (Some(n), Some(p)) => format!("NUMA {n}, {p}"),
+            (None, Some(p)) => format!("NUMA unknown, {p}"),
+            (Some(n), None) => format!("NUMA {n}"),
+            (None, None) => "no PCI function".into(),
+        };
+        println!(
+            "  {} (driver {}, vendor {:#06x}, {place})",
+            d.name,
+            d.driver.as_deref().unwrap_or("none"),
+            d.vendor_id
+        );
+        if let Some(why) = d.unusable() {
+            println!("    not used: {why}");
+        }
+        for p in &d.ports {
+            let layer = p.link_layer.map_or("unknown link layer", |l| l.name());
+            println!(
+                "    port {}: {:?}, {layer}, LID {}, MTU {}",
+                p.num,
+                p.state,
+                p.lid,
+                128u32 << p.active_mtu.min(5)
+            );
+            for g in &p.gids {
+                println!(
+                    "      GID {:<3} {:<8} {}{}",
+                    g.index,
+                    format!("{:?}", g.kind),
+                    gid_text(&g.gid),
+                    g.netdev
+                        .as_ref()
+                        .map(|n| format!(" ({n}{})", if g.netdev_up { "" } else { ", down" }))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    if selection.nics.is_empty() {
+        println!("  no port is usable: {}", selection.explain());
+    }
+    for n in &selection.nics {
+        println!(
+            "  uses {} (GID {} {})",
+            n.label(),
+            n.gid_index,
+            gid_text(&n.gid)
+        );
+    }
+    for s in &selection.skipped {
+        println!("  skips {}: {}", s.what, s.why);
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_info() {}

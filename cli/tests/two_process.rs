@@ -185,6 +185,35 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
         assert!(err.contains("--features efa"), "{err}");
     }
     let out = Command::new(FERRY)
+        .args(["bench", "--protocol", "rdma", "--duration", "0.1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "rdma") {
+        // Compiled in; on a host without RDMA the error says what was found.
+        if !out.status.success() {
+            assert!(err.contains("RDMA"), "{err}");
+        }
+    } else {
+        assert!(!out.status.success());
+        assert!(err.contains("--features rdma"), "{err}");
+    }
+    let out = Command::new(FERRY)
+        .args([
+            "bench",
+            "--protocol",
+            "tcp",
+            "--rdma-devices",
+            "mlx5_0",
+            "--duration",
+            "0.1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--rdma-devices applies to --protocol rdma only"));
+    let out = Command::new(FERRY)
         .args(["bench", "--protocol", "ucx", "--duration", "0.1"])
         .output()
         .unwrap();
@@ -215,6 +244,23 @@ fn unknown_protocols_and_missing_features_are_clear_errors() {
     } else {
         assert!(info.contains("efa   not compiled in"), "{info}");
     }
+    if cfg!(feature = "rdma") {
+        // Every device and port, or exactly why there are none.
+        assert!(info.contains("RDMA devices (ibverbs):"), "{info}");
+        let rdma = info
+            .split("RDMA devices (ibverbs):")
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            rdma.contains("none: ") || rdma.contains("port 1:"),
+            "{info}"
+        );
+    } else {
+        assert!(
+            info.contains("rdma  not compiled in; rebuild with `--features rdma`"),
+            "{info}"
+        );
+    }
     if cfg!(feature = "redis") {
         assert!(info.contains("redis compiled in"), "{info}");
     } else {
@@ -244,16 +290,22 @@ fn a_target_runs_the_configuration_it_is_handed() {
             .output()
             .unwrap()
     };
-    // The flags say TCP; the document says RDMA, which no build implements yet.
-    let out = run(r#"{"protocol": "rdma", "tcp": {"lanes": 2}}"#);
+    // The flags say TCP; the document says RDMA, on a device no host has.
+    let out = run(if cfg!(feature = "rdma") {
+        r#"{"protocol": "rdma", "rdma": {"devices": ["ferry_absent0"]}, "tcp": {"lanes": 2}}"#
+    } else {
+        r#"{"protocol": "rdma", "tcp": {"lanes": 2}}"#
+    });
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("`rdma`")
-            && err.contains("not implemented yet")
-            && !err.contains("--features"),
-        "{err}"
-    );
+    if cfg!(feature = "rdma") {
+        assert!(err.contains("RDMA"), "{err}");
+    } else {
+        assert!(
+            err.contains("`rdma`") && err.contains("--features rdma"),
+            "{err}"
+        );
+    }
     let out = run(r#"{"protocol": "tcp", "tcp": {"lanes": "two"}}"#);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
