@@ -818,7 +818,7 @@ impl TransferEngine {
             .unwrap_or(-1)
     }
 
-    /// The transport in use with peers ("tcp", "efa"), after any fall back; `None`
+    /// The transport in use with peers ("tcp", "efa", "rdma"), after any fall back; `None`
     /// before `initialize`.
     fn get_protocol(&self) -> Option<&'static str> {
         self.state().map(|s| s.protocol.name())
@@ -1359,13 +1359,50 @@ impl TransferEngine {
                 .into_iter()
                 .filter(|d| filter.is_empty() || filter.contains(&d.device))
                 .collect();
-            let names: Vec<String> = devices.iter().map(|d| d.device.clone()).collect();
+            #[allow(unused_mut)]
+            let mut names: Vec<String> = devices.iter().map(|d| d.device.clone()).collect();
+            // RDMA ports by NUMA node, for the `cpu:N` entries' preferred HCAs.
+            #[allow(unused_mut)]
+            let mut by_numa: Vec<(Option<u32>, String)> = Vec::new();
+            #[cfg(feature = "rdma")]
+            {
+                let (_, selection) =
+                    ferry_engine::rdma_devices(&ferry_engine::fabrics::RdmaConfig {
+                        devices: filter.clone(),
+                        ..Default::default()
+                    });
+                for n in selection.nics {
+                    if !names.contains(&n.device) {
+                        names.push(n.device.clone());
+                    }
+                    by_numa.push((n.numa_node, n.device));
+                }
+            }
             let cuda = ferry_engine::cuda_status();
             let mut top = serde_json::Map::new();
-            top.insert(
-                "cpu:0".into(),
-                serde_json::json!({"preferred_hca": names, "avail_hca": names}),
-            );
+            let mut nodes: Vec<u32> = by_numa.iter().filter_map(|(n, _)| *n).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            if nodes.is_empty() {
+                nodes.push(0);
+            }
+            for node in nodes {
+                let mut preferred: Vec<&String> = by_numa
+                    .iter()
+                    .filter(|(n, _)| *n == Some(node))
+                    .map(|(_, d)| d)
+                    .collect();
+                preferred.dedup();
+                let preferred: Vec<&String> = if preferred.is_empty() {
+                    names.iter().collect()
+                } else {
+                    preferred
+                };
+                top.insert(
+                    format!("cpu:{node}"),
+                    serde_json::json!({"preferred_hca": preferred, "avail_hca": names}),
+                );
+            }
             for (ordinal, _, _) in &cuda.devices {
                 top.insert(
                     format!("cuda:{ordinal}"),
@@ -1541,6 +1578,13 @@ fn apply_devices(
         let mut efa = config.efa.clone().unwrap_or_default();
         efa.devices = devices;
         config.efa = Some(efa);
+        return Ok(());
+    }
+    #[cfg(feature = "rdma")]
+    if protocol == Protocol::Rdma {
+        let mut rdma = config.rdma.clone().unwrap_or_default();
+        rdma.devices = devices;
+        config.rdma = Some(rdma);
         return Ok(());
     }
     let _ = config;
