@@ -256,6 +256,24 @@ impl Cuda {
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.0) })
     }
 
+    /// The PCI bus id of `device` (`0000:3b:00.0`), for choosing the NICs closest to it.
+    pub fn pci_bus_id(&self, device: u32) -> Result<String, CudaError> {
+        let gpu = self.gpus.get(device as usize).ok_or(CudaError::NoDevice {
+            device,
+            count: self.gpus.len() as u32,
+        })?;
+        let mut id = [0 as std::ffi::c_char; 64];
+        // SAFETY: the driver writes a NUL-terminated id of at most `len` bytes into a live
+        // local buffer of that size.
+        check("cuDeviceGetPCIBusId", unsafe {
+            sys::cuDeviceGetPCIBusId(id.as_mut_ptr(), id.len() as i32, gpu.device)
+        })?;
+        // SAFETY: NUL-terminated by the driver (the buffer is larger than any bus id).
+        Ok(unsafe { CStr::from_ptr(id.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
     /// What kind of memory `ptr` points to, from the driver's pointer attributes.
     pub fn memory_kind(&self, ptr: *const u8) -> Result<MemoryKind, CudaError> {
         let mut kind: u32 = 0;
@@ -607,6 +625,22 @@ impl Staging for StagingPool {
             pinned: Some(pinned),
             pool: p.clone(),
         }))
+    }
+
+    fn pci_bus_id(&self, device: u32) -> Option<String> {
+        self.inner.cuda.pci_bus_id(device).ok()
+    }
+
+    fn export_dmabuf(&self, region: &RegionMemory) -> Result<(OwnedFd, u64), TransportError> {
+        // The driver exports whole host pages: the region's range, widened to them.
+        const PAGE: u64 = 4096;
+        let start = region.addr() & !(PAGE - 1);
+        let end = (region.addr() + region.len() as u64).div_ceil(PAGE) * PAGE;
+        let fd = self
+            .inner
+            .cuda
+            .export_dmabuf(start as *const u8, (end - start) as usize)?;
+        Ok((fd, region.addr() - start))
     }
 
     fn stats(&self) -> StagingStats {
