@@ -401,14 +401,19 @@ impl Transport for RdmaTransport {
             ));
         }
         let nics = self.open_ports(ctx.completions.clone())?;
-        for n in &nics {
-            n.start().map_err(|e| TransportError::Unsupported {
-                what: "RDMA".into(),
-                why: format!(
-                    "cannot start the progress thread of {}: {e}",
-                    n.info.label()
-                ),
-            })?;
+        for (i, n) in nics.iter().enumerate() {
+            if let Err(e) = n.start() {
+                for started in &nics[..i] {
+                    started.stop();
+                }
+                return Err(TransportError::Unsupported {
+                    what: "RDMA".into(),
+                    why: format!(
+                        "cannot start the progress thread of {}: {e}",
+                        n.info.label()
+                    ),
+                });
+            }
         }
         let address = nics
             .iter()
