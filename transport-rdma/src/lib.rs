@@ -279,6 +279,16 @@ impl RdmaTransport {
         self.shared.nics().iter().map(|n| n.info.clone()).collect()
     }
 
+    /// The operation tables' counters, summed over the ports (for tests and
+    /// diagnostics).
+    pub fn op_stats(&self) -> ferry_transport_api::ops::OpStats {
+        let mut all = ferry_transport_api::ops::OpStats::default();
+        for n in self.shared.nics() {
+            all += n.ops.stats();
+        }
+        all
+    }
+
     /// Queue pairs peers have connected to this transport.
     pub fn accepted_qps(&self) -> usize {
         self.shared.accepted.lock().len()
