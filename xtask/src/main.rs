@@ -7,10 +7,11 @@
 //!   test; the loom models of the thread hand-overs; every fuzz target for a bounded time;
 //!   the downstream crate per deployment profile; the Python package, installed with pip
 //!   into `target/pyvenv` and tested with pytest. `--hw` also runs the tests that
-//!   need hardware (GPU, EFA, RDMA); `--full` adds `cross aarch64`.
+//!   need hardware (GPU, EFA, RDMA; the RDMA ones on soft-RoCE devices it makes where
+//!   the host has none, see `rdma.rs`); `--full` adds `cross aarch64`.
 //! - `cargo xtask cross aarch64`: the `ferry` binary and the test binaries for
-//!   `aarch64-unknown-linux-gnu` with `efa`, and the TCP and EFA loopback tests under
-//!   `qemu-user-static`.
+//!   `aarch64-unknown-linux-gnu` with `efa` and `rdma`, and the TCP and EFA loopback
+//!   tests under `qemu-user-static`.
 //! - `cargo xtask bench [--duration S] [--rounds N]`: `ferry bench` and `iperf3 -l 1M` on
 //!   loopback, interleaved in one run, with their ratios.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
