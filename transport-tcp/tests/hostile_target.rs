@@ -1,19 +1,20 @@
 //! Hostile peers against the TCP target, spoken as raw bytes in ferry's wire format over
 //! real sockets on 127.0.0.1: stalled frames, unread answers, idle sockets, half-closes,
-//! trickling handshakes, and clients without (or with the wrong) shared secret. Every
-//! wait is bounded by a deadline; outcomes and counters are asserted, never times.
+//! trickling handshakes, malformed set-up exchanges, and clients without (or with the
+//! wrong) shared secret. Every wait is bounded by a deadline; outcomes and counters are
+//! asserted, never times.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ferry_transport_api::{
     Access, CompletionToken, Completions, Connection, ControlPlane, FailReason, Location, Opcode,
-    RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
+    Protocol, RegionMemory, RemoteKeys, Slice, Transport, TransportContext, TransportError,
 };
 use ferry_transport_tcp::{SharedSecret, TcpConfig, TcpStats, TcpTransport};
 use rand::RngCore;
@@ -27,6 +28,11 @@ const READ_DATA: u8 = 7;
 const HELLO: u8 = 8;
 const CHALLENGE: u8 = 9;
 const PROOF: u8 = 10;
+const EXCHANGE: u8 = 12;
+const EXCHANGED: u8 = 13;
+
+/// The largest `Exchange` body (protocol byte included), as the wire format documents it.
+const MAX_EXCHANGE: usize = 64 * 1024;
 
 /// How long any single condition may take before the test fails.
 const WAIT: Duration = Duration::from_secs(20);
@@ -115,10 +121,25 @@ impl Completions for Channel {
     }
 }
 
-/// A control plane that serves a fixed descriptor and counts notifications.
+/// Why the test control plane refuses every TCP set-up exchange.
+const TCP_REFUSAL: &str =
+    "tcp sets nothing up with its peers (refused by the test's control plane)";
+
+/// A control plane that serves a fixed descriptor, counts notifications, answers RDMA and
+/// EFA set-up messages with their bytes reversed and refuses TCP ones, recording the
+/// protocol and length of every message it was handed.
+#[derive(Default)]
 struct Control {
     descriptor: Vec<u8>,
     notes: AtomicUsize,
+    exchanges: Mutex<Vec<(Protocol, usize)>>,
+}
+
+impl Control {
+    /// The set-up messages handed over so far: (protocol, body length).
+    fn exchanges(&self) -> Vec<(Protocol, usize)> {
+        self.exchanges.lock().unwrap().clone()
+    }
 }
 
 impl ControlPlane for Control {
@@ -129,6 +150,13 @@ impl ControlPlane for Control {
         self.notes.fetch_add(1, Ordering::Relaxed);
         true
     }
+    fn exchange(&self, protocol: Protocol, body: &[u8]) -> Result<Vec<u8>, String> {
+        self.exchanges.lock().unwrap().push((protocol, body.len()));
+        match protocol {
+            Protocol::Tcp => Err(TCP_REFUSAL.into()),
+            _ => Ok(body.iter().rev().copied().collect()),
+        }
+    }
 }
 
 type Done = Receiver<(CompletionToken, Result<usize, FailReason>)>;
@@ -138,6 +166,7 @@ struct Target {
     addr: String,
     done: Done,
     descriptor: Vec<u8>,
+    control: Arc<Control>,
 }
 
 impl Target {
@@ -149,14 +178,15 @@ impl Target {
 fn started(config: TcpConfig) -> Target {
     let (tx, done) = crossbeam_channel::unbounded();
     let descriptor = random(3000);
+    let control = Arc::new(Control {
+        descriptor: descriptor.clone(),
+        ..Control::default()
+    });
     let t = TcpTransport::new(config);
     let ep = t
         .start(TransportContext {
             completions: Arc::new(Channel(tx)),
-            control: Some(Arc::new(Control {
-                descriptor: descriptor.clone(),
-                notes: AtomicUsize::new(0),
-            })),
+            control: Some(control.clone()),
             staging: None,
         })
         .unwrap();
@@ -165,6 +195,7 @@ fn started(config: TcpConfig) -> Target {
         addr: ep.address,
         done,
         descriptor,
+        control,
     }
 }
 
@@ -802,4 +833,319 @@ fn the_connection_limit_fits_the_descriptor_limit() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// An `Exchange` frame: the protocol byte, then the body.
+fn exchange_frame(protocol: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = header(EXCHANGE, body.len() as u32 + 1, 0);
+    f.push(protocol);
+    f.extend_from_slice(body);
+    f
+}
+
+/// Everything the target sends until it closes the connection (EOF or reset).
+fn rest_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("the target neither answered nor closed: {e}"),
+        }
+    }
+}
+
+/// The reason in an `Exchanged` body that refuses.
+#[track_caller]
+fn refusal(body: &[u8]) -> String {
+    assert_eq!(
+        body.first(),
+        Some(&1),
+        "an Exchanged body that does not refuse"
+    );
+    String::from_utf8(body[1..].to_vec()).expect("a UTF-8 reason")
+}
+
+#[test]
+fn an_exchange_reaches_the_control_plane_as_its_protocol_and_the_answer_comes_back() {
+    let target = started(TcpConfig::default());
+    // Bodies from empty to the largest that fits with the protocol byte.
+    let cases = [
+        (Protocol::Rdma, 1000),
+        (Protocol::Efa, 37),
+        (Protocol::Rdma, 0),
+        (Protocol::Efa, MAX_EXCHANGE - 1),
+    ];
+    for (protocol, len) in cases {
+        let body = random(len);
+        let got =
+            ferry_transport_tcp::exchange_with(&target.addr, protocol, &body, WAIT, None).unwrap();
+        let want: Vec<u8> = body.iter().rev().copied().collect();
+        assert!(got == want, "{protocol}, {len} bytes: the answer differs");
+    }
+    assert_eq!(target.control.exchanges(), cases);
+    // The transport's own method (no secret here) does the same.
+    let initiator = started(TcpConfig::default());
+    let body = random(300);
+    let got = initiator
+        .t
+        .exchange(&target.addr, Protocol::Rdma, &body, WAIT)
+        .unwrap();
+    assert!(got.iter().eq(body.iter().rev()));
+    // A message too large for the frame is refused before anything is sent.
+    let before = target.stats().connections;
+    let err = ferry_transport_tcp::exchange_with(
+        &target.addr,
+        Protocol::Rdma,
+        &random(MAX_EXCHANGE),
+        WAIT,
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ferry_transport_api::ErrorKind::InvalidInput,
+        "{err}"
+    );
+    assert_eq!(target.stats().connections, before);
+    assert_eq!(target.control.exchanges().len(), cases.len() + 1);
+    assert_eq!(target.stats().protocol_errors, 0);
+}
+
+#[test]
+fn a_refused_exchange_is_an_error_that_carries_the_targets_reason() {
+    let target = started(TcpConfig::default());
+    let err =
+        ferry_transport_tcp::exchange_with(&target.addr, Protocol::Tcp, &random(64), WAIT, None)
+            .unwrap_err();
+    assert!(matches!(err, TransportError::Handshake { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(TCP_REFUSAL), "{msg}");
+    assert!(msg.contains("tcp set-up"), "{msg}");
+    assert_eq!(target.control.exchanges(), [(Protocol::Tcp, 64)]);
+
+    // A control plane that does not answer exchanges refuses with the trait's reason.
+    struct Plain;
+    impl ControlPlane for Plain {
+        fn descriptor(&self) -> Vec<u8> {
+            b"{}".to_vec()
+        }
+        fn notification(&self, _from: &str, _body: &[u8]) -> bool {
+            true
+        }
+    }
+    let (tx, _done) = crossbeam_channel::unbounded();
+    let plain = TcpTransport::new(TcpConfig::default());
+    let ep = plain
+        .start(TransportContext {
+            completions: Arc::new(Channel(tx)),
+            control: Some(Arc::new(Plain)),
+            staging: None,
+        })
+        .unwrap();
+    let err = ferry_transport_tcp::exchange_with(&ep.address, Protocol::Efa, b"qp", WAIT, None)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no efa transport to answer"),
+        "{err}"
+    );
+    // The connection is still served after a refusal: a descriptor fetch on it works.
+    let mut s = connect(&target.addr);
+    s.write_all(&exchange_frame(3, &random(10))).unwrap();
+    let (kind, seq, body) = answer(&mut s);
+    assert_eq!((kind, seq), (EXCHANGED, 0));
+    assert_eq!(refusal(&body), TCP_REFUSAL);
+    s.write_all(&header(GET_DESCRIPTOR, 0, 0)).unwrap();
+    assert_eq!(answer(&mut s), (DESCRIPTOR, 0, target.descriptor.clone()));
+}
+
+#[test]
+fn an_exchange_goes_out_after_the_acknowledgements_before_it_and_the_connection_goes_on() {
+    let target = started(TcpConfig::default());
+    let region = host(1 << 16);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let mut s = connect(&target.addr);
+    let data = random(4096);
+    // A WRITE, then an exchange, sent together: the WRITE's acknowledgement comes first.
+    let mut f = header(WRITE, 1, 0);
+    f.extend(desc(region.addr(), 4096, key));
+    f.extend_from_slice(&data);
+    let body = random(200);
+    f.extend(exchange_frame(1, &body));
+    s.write_all(&f).unwrap();
+    assert_eq!(answer(&mut s), (ACK, 0, vec![0]));
+    let (kind, _, answered) = answer(&mut s);
+    assert_eq!(kind, EXCHANGED);
+    assert_eq!(answered[0], 0);
+    assert!(answered[1..].iter().eq(body.iter().rev()));
+    assert_eq!(bytes_of(&region, 0, 4096), data);
+    // The data requests go on in sequence on the same connection, and so do exchanges.
+    let data2 = random(512);
+    write_frame(&mut s, 1, region.addr() + 4096, key, &data2);
+    assert_eq!(answer(&mut s), (ACK, 1, vec![0]));
+    s.write_all(&exchange_frame(2, &body[..5])).unwrap();
+    let (kind, _, answered) = answer(&mut s);
+    assert_eq!((kind, answered[0]), (EXCHANGED, 0));
+    assert!(answered[1..].iter().eq(body[..5].iter().rev()));
+    assert_eq!(bytes_of(&region, 4096, 512), data2);
+    assert_eq!(
+        target.control.exchanges(),
+        [(Protocol::Rdma, 200), (Protocol::Efa, 5)]
+    );
+}
+
+#[test]
+fn malformed_exchanges_are_refused_and_the_target_keeps_serving() {
+    let target = started(TcpConfig {
+        progress_timeout: Duration::from_millis(300),
+        ..TcpConfig::default()
+    });
+    let region = host(1 << 16);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+
+    // Unknown protocol bytes: refused with a reason, the control plane never asked, and
+    // the connection goes on.
+    let mut s = connect(&target.addr);
+    for byte in [0u8, 4, 255] {
+        s.write_all(&exchange_frame(byte, &random(40))).unwrap();
+        let (kind, seq, body) = answer(&mut s);
+        assert_eq!((kind, seq), (EXCHANGED, 0));
+        let why = refusal(&body);
+        assert!(
+            why.contains(&format!("unknown protocol byte {byte}")),
+            "{why}"
+        );
+    }
+    // The protocol byte alone is a well-formed (empty) message.
+    s.write_all(&exchange_frame(4, &[])).unwrap();
+    let (kind, _, body) = answer(&mut s);
+    assert_eq!(kind, EXCHANGED);
+    assert!(refusal(&body).contains("unknown protocol byte 4"));
+    s.write_all(&header(GET_DESCRIPTOR, 0, 0)).unwrap();
+    assert_eq!(answer(&mut s), (DESCRIPTOR, 0, target.descriptor.clone()));
+    assert!(target.control.exchanges().is_empty());
+
+    // Frames the target closes on at once, answering nothing.
+    let mut over = header(EXCHANGE, MAX_EXCHANGE as u32 + 1, 0);
+    over.push(1);
+    over.extend(random(4096));
+    let closing = [
+        ("an Exchange of count 0", header(EXCHANGE, 0, 0)),
+        ("an Exchange over the limit", over),
+        (
+            "an Exchange of count 2^32 - 1",
+            header(EXCHANGE, u32::MAX, 0),
+        ),
+        ("an Exchanged frame", {
+            let mut f = header(EXCHANGED, 1, 0);
+            f.push(0);
+            f
+        }),
+    ];
+    for (what, frame) in &closing {
+        let mut s = connect(&target.addr);
+        // The target may close before it has read everything: the rest is refused.
+        let _ = s.write_all(frame);
+        let got = rest_until_closed(&mut s);
+        assert!(got.is_empty(), "{what}: {} bytes came back", got.len());
+    }
+    wait_for("each is counted as a protocol error", || {
+        target.stats().protocol_errors == closing.len() as u64
+    });
+
+    // A body cut short by the peer's close, and one that stops coming: no answer, and
+    // nothing reaches the control plane.
+    let mut f = header(EXCHANGE, 100, 0);
+    f.push(1);
+    f.extend(random(10));
+    let mut cut = connect(&target.addr);
+    cut.write_all(&f).unwrap();
+    cut.shutdown(Shutdown::Write).unwrap();
+    assert!(rest_until_closed(&mut cut).is_empty());
+    let mut stalled = connect(&target.addr);
+    stalled.write_all(&f).unwrap();
+    assert!(rest_until_closed(&mut stalled).is_empty());
+    wait_for("the stalled body is closed at the progress limit", || {
+        target.stats().progress_timeouts == 1
+    });
+    // The largest count is accepted when its body is whole.
+    let mut s = connect(&target.addr);
+    let body = random(MAX_EXCHANGE - 1);
+    s.write_all(&exchange_frame(1, &body)).unwrap();
+    let (kind, _, answered) = answer(&mut s);
+    assert_eq!((kind, answered.len()), (EXCHANGED, MAX_EXCHANGE));
+    assert!(answered[1..].iter().eq(body.iter().rev()));
+    assert_eq!(
+        target.control.exchanges(),
+        [(Protocol::Rdma, MAX_EXCHANGE - 1)]
+    );
+
+    // Other clients are served throughout: a descriptor fetch, an exchange, a WRITE.
+    let fetched = ferry_transport_tcp::fetch_descriptor(&target.addr, WAIT).unwrap();
+    assert_eq!(fetched, target.descriptor);
+    let got =
+        ferry_transport_tcp::exchange_with(&target.addr, Protocol::Efa, b"ok", WAIT, None).unwrap();
+    assert_eq!(got, b"ko");
+    let mut w = connect(&target.addr);
+    let data = random(4096);
+    write_frame(&mut w, 0, region.addr(), key, &data);
+    assert_eq!(answer(&mut w), (ACK, 0, vec![0]));
+    assert_eq!(bytes_of(&region, 0, 4096), data);
+    assert_eq!(target.stats().protocol_errors, closing.len() as u64);
+}
+
+#[test]
+fn with_a_secret_only_a_client_that_proves_it_gets_an_exchange_answered() {
+    let secret = SharedSecret::from("correct horse battery staple");
+    let target = secret_target();
+    let body = random(128);
+    let want: Vec<u8> = body.iter().rev().copied().collect();
+
+    // A raw Exchange as the first frame: told a secret is required, and closed.
+    let mut s = connect(&target.addr);
+    s.write_all(&exchange_frame(1, &body)).unwrap();
+    let got = rest_until_closed(&mut s);
+    assert!(got.len() <= 16, "{} bytes came back", got.len());
+    assert!(got.is_empty() || got == header(CHALLENGE, 0, 0), "{got:?}");
+    // The client without the secret, and the one with the wrong secret, are told so.
+    let err = ferry_transport_tcp::exchange_with(&target.addr, Protocol::Rdma, &body, WAIT, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    let wrong = SharedSecret::from("correct horse battery stapler");
+    let err =
+        ferry_transport_tcp::exchange_with(&target.addr, Protocol::Rdma, &body, WAIT, Some(&wrong))
+            .unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    wait_for("every failure is counted", || {
+        target.stats().auth_failures == 3
+    });
+    assert!(target.control.exchanges().is_empty());
+
+    // The right secret gets the answer, through the function and the transport's method.
+    let got = ferry_transport_tcp::exchange_with(
+        &target.addr,
+        Protocol::Rdma,
+        &body,
+        WAIT,
+        Some(&secret),
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    let initiator = started(TcpConfig {
+        secret: Some(secret),
+        ..TcpConfig::default()
+    });
+    let got = initiator
+        .t
+        .exchange(&target.addr, Protocol::Efa, &body, WAIT)
+        .unwrap();
+    assert_eq!(got, want);
+    assert_eq!(
+        target.control.exchanges(),
+        [(Protocol::Rdma, 128), (Protocol::Efa, 128)]
+    );
+    assert_eq!(target.stats().auth_failures, 3);
 }
