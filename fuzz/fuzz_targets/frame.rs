@@ -8,17 +8,20 @@
 
 use ferry_transport_tcp::fuzzing::{
     decode_desc, decode_header, encode_desc, encode_header, DESC_LEN, HEADER_LEN, MAX_DESCRIPTOR,
-    MAX_DESCS, MAX_NOTIFY,
+    MAX_DESCS, MAX_EXCHANGE, MAX_NOTIFY,
 };
 use libfuzzer_sys::fuzz_target;
 
-/// The count a data-plane kind may carry: (least, most); `None` for other kinds.
+/// The count a data-plane or set-up kind may carry: (least, most); `None` for other
+/// kinds.
 fn count_limits(kind: u8) -> Option<(u32, usize)> {
     Some(match kind {
         1 | 2 | 6 | 7 => (1, MAX_DESCS),
         3 => (0, MAX_NOTIFY),
-        4 => (0, 0),
+        4 | 11 => (0, 0),
         5 => (0, MAX_DESCRIPTOR),
+        // Exchange, Exchanged: a protocol or status byte at least.
+        12 | 13 => (1, MAX_EXCHANGE),
         _ => return None,
     })
 }

@@ -18,9 +18,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use ferry_transport_api::{NoExchange, 
-    CompletionToken, Completions, ControlPlane, Endpoint, FailReason, Location, Opcode, Protocol,
-    RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
+use ferry_transport_api::{
+    CompletionToken, Completions, ControlPlane, Endpoint, FailReason, Location, NoExchange, Opcode,
+    Protocol, RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
 use ferry_transport_tcp::{TcpConfig, TcpTransport};
 use libfuzzer_sys::fuzz_target;
@@ -139,9 +139,9 @@ fuzz_target!(|data: &[u8]| {
         .tcp
         .connect(
             &Endpoint {
-            protocol: Protocol::Tcp,
-            address,
-        },
+                protocol: Protocol::Tcp,
+                address,
+            },
             &NoExchange,
         )
         .expect("connecting to the fake target");

@@ -1,6 +1,7 @@
 //! A live TCP target fed a peer's byte stream over loopback: the frame loop, request
 //! resolution, payload placement, discarding of refused payloads, READ answers,
-//! notifications and descriptor requests, exactly as a hostile peer reaches them.
+//! notifications, descriptor requests and set-up exchanges, exactly as a hostile peer
+//! reaches them.
 //!
 //! The target serves two registered regions cut from one arena, between guard bytes:
 //! `RW` (read-write) and `RO` (read-only). Because addresses and keys change every run,
@@ -8,13 +9,19 @@
 //! rewrites them before sending: a READ or WRITE descriptor's address is an offset from
 //! the arena's start, its key 0 or 1 stands for RW's or RO's key (any other key is sent
 //! as it is), and a header's sequence number counts from the one the target expects
-//! next (0 is in sequence). Everything else goes out verbatim.
+//! next (0 is in sequence). Everything else goes out verbatim (an `Exchange` frame's
+//! sequence number too: the target ignores it).
+//!
+//! The control plane answers set-up exchanges by protocol: RDMA messages with their
+//! bytes reversed, EFA ones with nothing, TCP ones with a refusal that gives the
+//! message's length; a protocol byte the wire format does not define is refused by the
+//! target itself.
 //!
 //! Oracle: a model of the contract predicts, frame by frame, each request's status, the
-//! bytes each accepted READ returns and the region's bytes after each WRITE; the
-//! target's answers must match it (a prefix, when the stream ends in a protocol error),
-//! the guard bytes and the read-only region must never change, and the target must
-//! close the connection once the stream ends.
+//! bytes each accepted READ returns, each exchange's answer and the region's bytes after
+//! each WRITE; the target's answers must match it (a prefix, when the stream ends in a
+//! protocol error), the guard bytes and the read-only region must never change, and the
+//! target must close the connection once the stream ends.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -25,11 +32,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ferry_transport_api::{
-    Access, CompletionToken, Completions, ControlPlane, FailReason, Location, RegionMemory,
-    Transport, TransportContext,
+    Access, CompletionToken, Completions, ControlPlane, FailReason, Location, Protocol,
+    RegionMemory, Transport, TransportContext,
 };
 use ferry_transport_tcp::fuzzing::{
-    decode_desc, decode_header, encode_desc, parse_notification, DESC_LEN, HEADER_LEN, MAX_REQUEST,
+    decode_desc, decode_header, encode_desc, parse_notification, DESC_LEN, HEADER_LEN,
+    MAX_EXCHANGE, MAX_REQUEST,
 };
 use ferry_transport_tcp::{TcpConfig, TcpTransport};
 use libfuzzer_sys::fuzz_target;
@@ -48,6 +56,8 @@ const DESCRIPTOR: u8 = 5;
 const ACK: u8 = 6;
 const READ_DATA: u8 = 7;
 const LANE: u8 = 11;
+const EXCHANGE: u8 = 12;
+const EXCHANGED: u8 = 13;
 
 const OK: u8 = 0;
 const NOT_REGISTERED: u8 = 1;
@@ -68,6 +78,35 @@ impl ControlPlane for Control {
     fn notification(&self, _from: &str, _body: &[u8]) -> bool {
         true
     }
+    fn exchange(&self, protocol: Protocol, body: &[u8]) -> Result<Vec<u8>, String> {
+        match protocol {
+            Protocol::Rdma => Ok(body.iter().rev().copied().collect()),
+            Protocol::Efa => Ok(Vec::new()),
+            Protocol::Tcp => Err(tcp_refusal(body.len())),
+        }
+    }
+}
+
+/// Why the control plane refuses a TCP set-up message of `len` bytes.
+fn tcp_refusal(len: usize) -> String {
+    format!("tcp sets nothing up ({len} bytes refused)")
+}
+
+/// The `Exchanged` body the target owes for an `Exchange` body (protocol byte first), as
+/// the wire format and the control plane above define it; `None` where the target
+/// refuses for a reason of its own (a protocol byte it does not know).
+fn exchanged(body: &[u8]) -> Option<Vec<u8>> {
+    let (&protocol, message) = body.split_first()?;
+    let (status, answer) = match protocol {
+        1 => (0, message.iter().rev().copied().collect()),
+        2 => (0, Vec::new()),
+        3 => (1, tcp_refusal(message.len()).into_bytes()),
+        _ => return None,
+    };
+    let mut b = vec![status];
+    b.extend(answer);
+    assert!(b.len() <= MAX_EXCHANGE, "every answer here fits the frame");
+    Some(b)
 }
 
 /// The target never initiates, so nothing completes.
@@ -162,6 +201,9 @@ enum Due {
         data: Vec<u8>,
     },
     Descriptor,
+    /// An exchange's answer: the `Exchanged` body, or `None` for a refusal with a reason
+    /// the target words itself.
+    Exchanged(Option<Vec<u8>>),
 }
 
 impl Harness {
@@ -197,19 +239,16 @@ impl Harness {
         let mut arena = pattern();
         let mut next_seq = 0u64;
         let mut pos = 0;
-        loop {
-            let Some(head) = data
-                .get(pos..pos + HEADER_LEN)
-                .map(|h| <[u8; HEADER_LEN]>::try_from(h).expect("header length"))
-            else {
-                break;
-            };
+        while let Some(head) = data
+            .get(pos..pos + HEADER_LEN)
+            .map(|h| <[u8; HEADER_LEN]>::try_from(h).expect("header length"))
+        {
             let Ok((kind, count, rel_seq)) = decode_header(&head) else {
                 break;
             };
             let seq = next_seq.wrapping_add(rel_seq);
             let mut head = head;
-            if !matches!(kind, GET_DESCRIPTOR | LANE) {
+            if !matches!(kind, GET_DESCRIPTOR | LANE | EXCHANGE) {
                 head[8..16].copy_from_slice(&seq.to_le_bytes());
             }
             out.extend_from_slice(&head);
@@ -304,6 +343,16 @@ impl Harness {
                     due.push_back(Due::Ack { seq, status });
                 }
                 GET_DESCRIPTOR => due.push_back(Due::Descriptor),
+                // Answered at once, after the acknowledgements before it; no sequence
+                // number. The header's count (1 to 64 KiB) was checked with it.
+                EXCHANGE => {
+                    let Some(body) = data.get(pos..pos + count as usize) else {
+                        break;
+                    };
+                    out.extend_from_slice(body);
+                    pos += body.len();
+                    due.push_back(Due::Exchanged(exchanged(body)));
+                }
                 // Opens a data lane: no answer, no sequence number.
                 LANE => {}
                 // Anything else is not for a target: it closes.
@@ -398,6 +447,21 @@ fn check_answers(answers: &[u8], mut due: VecDeque<Due>) {
                 assert_eq!(due.pop_front(), Some(Due::Descriptor));
                 assert_eq!(body, &DESCRIPTOR_BODY[..body.len()]);
             }
+            EXCHANGED => match due.pop_front() {
+                Some(Due::Exchanged(Some(want))) => {
+                    assert_eq!(count as usize, want.len(), "exchange answer length");
+                    assert!(body == &want[..body.len()], "exchange answer differs");
+                }
+                // Refused by the target: status 1 and a UTF-8 reason.
+                Some(Due::Exchanged(None)) => {
+                    assert!(count >= 2, "a refusal without a reason");
+                    assert_eq!(body.first(), Some(&1), "an unknown protocol was answered");
+                    if whole {
+                        assert!(std::str::from_utf8(&body[1..]).is_ok(), "reason not UTF-8");
+                    }
+                }
+                other => panic!("an exchange answer where {other:?} was due"),
+            },
             other => panic!("the target sent a frame of kind {other}"),
         }
         if !whole {

@@ -962,6 +962,9 @@ pub mod fuzzing {
     pub const MAX_DESCRIPTOR: usize = frame::MAX_DESCRIPTOR;
     /// Largest single request a target accepts.
     pub const MAX_REQUEST: u64 = frame::MAX_REQUEST;
+    /// Largest set-up exchange body (`Exchange` and `Exchanged` counts), protocol or
+    /// status byte included.
+    pub const MAX_EXCHANGE: usize = frame::MAX_EXCHANGE;
 
     /// A header's fields: kind byte, count, sequence number.
     pub type Header = (u8, u32, u64);

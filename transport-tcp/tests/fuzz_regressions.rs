@@ -31,6 +31,8 @@ const READ_DATA: u8 = 7;
 const HELLO: u8 = 8;
 const CHALLENGE: u8 = 9;
 const PROOF: u8 = 10;
+const EXCHANGE: u8 = 12;
+const EXCHANGED: u8 = 13;
 
 fn host(len: usize) -> Arc<RegionMemory> {
     let mut bytes = vec![0u8; len].into_boxed_slice();
@@ -547,4 +549,157 @@ fn authenticated_traffic_decodes_and_seeds_the_fuzzers() {
     let mut reply = vec![1u8];
     reply.extend_from_slice(&recorded[1].to_client);
     write("descriptor_reply", "with-secret", &reply);
+}
+
+/// Answers RDMA set-up messages (with a queue-pair answer of its own making) and refuses
+/// every other protocol, as an engine with an RDMA transport does.
+struct Exchanging;
+
+impl ControlPlane for Exchanging {
+    fn descriptor(&self) -> Vec<u8> {
+        DESCRIPTOR.to_vec()
+    }
+    fn notification(&self, _from: &str, _body: &[u8]) -> bool {
+        true
+    }
+    fn exchange(&self, protocol: Protocol, body: &[u8]) -> Result<Vec<u8>, String> {
+        match protocol {
+            // The request's header turned into an answer's, then queue pairs of its own.
+            Protocol::Rdma if body.len() >= 26 => {
+                let mut answer = body.to_vec();
+                answer[5] = 2;
+                answer[26..].iter_mut().for_each(|b| *b ^= 0x5a);
+                Ok(answer)
+            }
+            Protocol::Rdma => Err("malformed queue-pair exchange: too short".into()),
+            other => Err(format!("this engine has no {other} transport")),
+        }
+    }
+}
+
+/// A queue-pair request as the RDMA transport's exchange format lays it out (magic,
+/// version, kind 1, two queue pairs, no flush words, a connection id, nothing replaced,
+/// then each queue pair: NIC, peer NIC, QPN, PSN, LID, GID, MTU code, pad).
+fn queue_pair_request() -> Vec<u8> {
+    let mut b = b"FYQP\x01\x01".to_vec();
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&0x7e57_c0de_0000_0001u64.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    for (nic, qpn) in [(0u8, 0x00_0123u32), (1, 0x00_0456)] {
+        b.extend_from_slice(&[nic, nic]);
+        b.extend_from_slice(&qpn.to_le_bytes());
+        b.extend_from_slice(&0x00ab_cdefu32.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        // A RoCE v2 GID: the IPv4-mapped address of the port's interface.
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1 + nic]);
+        b.extend_from_slice(&[5, 0]);
+    }
+    b
+}
+
+#[test]
+fn exchange_traffic_decodes_and_seeds_the_fuzzers() {
+    let (tx, _done) = crossbeam_channel::unbounded();
+    let target = TcpTransport::new(TcpConfig::default());
+    let ep = target
+        .start(TransportContext {
+            completions: Arc::new(Channel(tx)),
+            control: Some(Arc::new(Exchanging)),
+            staging: None,
+        })
+        .unwrap();
+    let (proxy, recorded) = recording_proxy(ep.address);
+    let request = queue_pair_request();
+    // An answered exchange, and a refused one: each on a connection of its own.
+    let answer =
+        ferry_transport_tcp::exchange_with(&proxy, Protocol::Rdma, &request, WAIT, None).unwrap();
+    assert_eq!(answer.len(), request.len());
+    assert_eq!(answer[5], 2);
+    let err = ferry_transport_tcp::exchange_with(&proxy, Protocol::Efa, b"endpoint", WAIT, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("no efa transport"), "{err}");
+    // A connection that goes on after its exchanges: a descriptor request, a protocol
+    // byte the target does not know, and a short RDMA message it refuses.
+    let mut s = TcpStream::connect(&proxy).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let frame = |protocol: u8, body: &[u8]| {
+        let mut f = encode_header(EXCHANGE, body.len() as u32 + 1, 0)
+            .unwrap()
+            .to_vec();
+        f.push(protocol);
+        f.extend_from_slice(body);
+        f
+    };
+    let mut stream = frame(1, &request);
+    stream.extend_from_slice(&encode_header(4, 0, 0).unwrap());
+    stream.extend(frame(9, b"unknown"));
+    stream.extend(frame(1, b"FYQP"));
+    s.write_all(&stream).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answers = Vec::new();
+    s.read_to_end(&mut answers).unwrap();
+    let recorded = recordings(&recorded, 3);
+    target.shutdown();
+
+    let mut frame_seeds = Vec::new();
+    let mut stream_seeds = Vec::new();
+    for (c, rec) in recorded.iter().enumerate() {
+        let requests = frames(&rec.to_target, Vec::new());
+        let answers = frames(&rec.to_client, Vec::new());
+        for (dir, list) in [("req", &requests), ("ans", &answers)] {
+            // The descriptor request and answer are seeds already (above).
+            for (i, (kind, frame, _)) in list.iter().enumerate() {
+                if *kind == EXCHANGE || *kind == EXCHANGED {
+                    let seed = frame[..frame.len().min(HEADER_LEN + 4 * DESC_LEN)].to_vec();
+                    frame_seeds.push((format!("{dir}-exchange-{c}-{i}-kind{kind}"), seed));
+                }
+            }
+        }
+        let kinds = |f: &[(u8, Vec<u8>, usize)]| f.iter().map(|x| x.0).collect::<Vec<_>>();
+        // Every exchange is answered, in order, and the descriptor request between them.
+        let want: &[u8] = if c == 2 {
+            &[EXCHANGED, 5, EXCHANGED, EXCHANGED]
+        } else {
+            &[EXCHANGED]
+        };
+        assert_eq!(kinds(&answers), want, "connection {c}");
+        let statuses: Vec<u8> = answers
+            .iter()
+            .filter(|a| a.0 == EXCHANGED)
+            .map(|a| a.1[HEADER_LEN])
+            .collect();
+        let want: &[u8] = match c {
+            0 => &[0],
+            1 => &[1],
+            _ => &[0, 1, 1],
+        };
+        assert_eq!(statuses, want, "connection {c}");
+        assert!(requests.iter().all(|r| r.0 == EXCHANGE || r.0 == 4));
+        stream_seeds.push((format!("exchange-{c}"), rec.to_target.clone()));
+    }
+    assert_eq!(answers, recorded[2].to_client);
+    if std::env::var_os("FERRY_WRITE_FUZZ_SEEDS").is_none() {
+        return;
+    }
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        std::fs::write(seeds(target).join(name), bytes).unwrap();
+    };
+    for (name, seed) in &frame_seeds {
+        write("frame", name, seed);
+    }
+    // Sequence numbers are 0 already (an exchange carries none), addresses and keys are
+    // none: the requests are the target_stream target's input as they are.
+    for (name, stream) in &stream_seeds {
+        write("target_stream", name, stream);
+    }
+    // The replies as the descriptor_reply target takes them (2: an exchange, no secret).
+    for (name, rec) in [
+        ("exchange-answered", &recorded[0]),
+        ("exchange-refused", &recorded[1]),
+    ] {
+        let mut reply = vec![2u8];
+        reply.extend_from_slice(&rec.to_client);
+        write("descriptor_reply", name, &reply);
+    }
 }

@@ -31,6 +31,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "target_auth",
     "descriptor_reply",
     "initiator_stream",
+    "rdma_exchange",
 ];
 
 /// Seconds per target when none are given.
@@ -101,6 +102,9 @@ pub(crate) fn build() -> Result<PathBuf> {
         // libfuzzer-sys compiles libFuzzer (C++) in its build script.
         apt_install(&["g++"])?;
     }
+    // `rdma_exchange` links ferry-transport-rdma: rdma-sys runs bindgen (libclang) over
+    // the ibverbs and rdmacm headers and links both libraries.
+    apt_install(&["libibverbs-dev", "librdmacm-dev", "libclang-dev"])?;
     let mut flags = RUSTFLAGS.join(" ");
     if triple.contains("-linux-") {
         flags.push(' ');
