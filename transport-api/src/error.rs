@@ -90,6 +90,17 @@ pub enum TransportError {
         #[source]
         source: Option<Cause>,
     },
+    /// The peer refused a set-up exchange (it has no such transport, or the message did
+    /// not suit it).
+    #[error("{peer} refused the {protocol} set-up: {reason}")]
+    Refused {
+        /// The peer's endpoint address.
+        peer: String,
+        /// The transport the exchange was for.
+        protocol: crate::Protocol,
+        /// The peer's reason.
+        reason: String,
+    },
     /// Registering a region with the transport failed.
     #[error("cannot register region at {addr:#x} ({len} bytes): {reason}")]
     RegisterRegion {
@@ -173,7 +184,9 @@ impl TransportError {
                 ErrorKind::TimedOut
             }
             TransportError::Handshake { .. } => ErrorKind::Unreachable,
-            TransportError::RegisterRegion { .. } => ErrorKind::Rejected,
+            TransportError::RegisterRegion { .. } | TransportError::Refused { .. } => {
+                ErrorKind::Rejected
+            }
             TransportError::Closed => ErrorKind::Unreachable,
         }
     }
@@ -201,5 +214,12 @@ mod tests {
             TransportError::register_region(0x1000, 8, "no").kind(),
             ErrorKind::Rejected
         );
+        let refused = TransportError::Refused {
+            peer: "h:1".into(),
+            protocol: crate::Protocol::Rdma,
+            reason: "this engine has no rdma transport".into(),
+        };
+        assert_eq!(refused.kind(), ErrorKind::Rejected);
+        assert!(refused.to_string().contains("refused the rdma set-up"));
     }
 }

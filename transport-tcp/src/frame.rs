@@ -239,13 +239,22 @@ pub(crate) fn protocol_of(byte: u8) -> Option<Protocol> {
 
 /// An `Exchanged` body: the transport's answer, or why the target refused.
 pub(crate) fn encode_exchanged(answer: &Result<Vec<u8>, String>) -> Vec<u8> {
+    const TOO_LARGE: &[u8] = b"the transport's answer is larger than an exchange carries";
     let (status, body) = match answer {
-        Ok(a) => (0u8, a.as_slice()),
-        Err(why) => (1u8, why.as_bytes()),
+        Ok(a) if a.len() < MAX_EXCHANGE => (0u8, a.as_slice()),
+        Ok(_) => (1u8, TOO_LARGE),
+        // A reason is text for a person: cut to what fits, on a character boundary.
+        Err(why) => {
+            let mut end = why.len().min(MAX_EXCHANGE - 1);
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            (1u8, &why.as_bytes()[..end])
+        }
     };
-    let mut b = Vec::with_capacity(1 + body.len().min(MAX_EXCHANGE - 1));
+    let mut b = Vec::with_capacity(1 + body.len());
     b.push(status);
-    b.extend_from_slice(&body[..body.len().min(MAX_EXCHANGE - 1)]);
+    b.extend_from_slice(body);
     b
 }
 
@@ -310,6 +319,24 @@ pub(crate) fn nonce() -> [u8; AUTH_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchanged_bodies_never_exceed_the_limit() {
+        let big = vec![7u8; MAX_EXCHANGE];
+        let b = encode_exchanged(&Ok(big));
+        assert!(b.len() <= MAX_EXCHANGE);
+        assert!(matches!(decode_exchanged(&b), Some(Err(why)) if why.contains("larger")));
+        let fits = vec![7u8; MAX_EXCHANGE - 1];
+        assert_eq!(
+            decode_exchanged(&encode_exchanged(&Ok(fits.clone()))),
+            Some(Ok(&fits[..]))
+        );
+        let long_reason = "é".repeat(MAX_EXCHANGE);
+        let b = encode_exchanged(&Err(long_reason));
+        assert!(b.len() <= MAX_EXCHANGE);
+        assert!(matches!(decode_exchanged(&b), Some(Err(why)) if why.chars().all(|c| c == 'é')));
+    }
+
     use rand::{Rng, RngCore};
 
     #[test]

@@ -850,7 +850,7 @@ pub fn fetch_descriptor_with(
 
 /// Sends a set-up message to the peer's `protocol` transport through its port and returns
 /// the answer, proving `secret` first when one is given; `timeout` bounds the whole
-/// exchange. A peer that refuses gives [`TransportError::Handshake`] with its reason.
+/// exchange. A peer that refuses gives [`TransportError::Refused`] with its reason.
 pub fn exchange_with(
     address: &str,
     protocol: Protocol,
@@ -878,10 +878,11 @@ pub fn exchange_with(
     )?;
     match frame::decode_exchanged(&answer) {
         Some(Ok(a)) => Ok(a.to_vec()),
-        Some(Err(why)) => Err(TransportError::handshake(
-            address,
-            format!("the peer refused the {protocol} set-up: {why}"),
-        )),
+        Some(Err(why)) => Err(TransportError::Refused {
+            peer: address.to_string(),
+            protocol,
+            reason: why,
+        }),
         None => Err(TransportError::handshake(
             address,
             "the peer answered the set-up with a malformed frame",

@@ -921,7 +921,17 @@ fn a_refused_exchange_is_an_error_that_carries_the_targets_reason() {
     let err =
         ferry_transport_tcp::exchange_with(&target.addr, Protocol::Tcp, &random(64), WAIT, None)
             .unwrap_err();
-    assert!(matches!(err, TransportError::Handshake { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            TransportError::Refused {
+                protocol: Protocol::Tcp,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ferry_transport_api::ErrorKind::Rejected);
     let msg = err.to_string();
     assert!(msg.contains(TCP_REFUSAL), "{msg}");
     assert!(msg.contains("tcp set-up"), "{msg}");
