@@ -126,6 +126,7 @@ fn an_rdma_build_answers_a_queue_pair_request_only_with_a_started_rdma_transport
                 lid: 0,
                 gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, i],
                 mtu: 3,
+                rd_atomic: 16,
             })
             .collect(),
         flush: Vec::new(),

@@ -5,7 +5,7 @@
 //! Properties: decoding never panics; whatever decodes re-encodes to exactly the input
 //! bytes, and every decoded field lies within the documented limits (1 to `MAX_QPS`
 //! queue pairs, at most `MAX_FLUSH` flush words and none in a request, NIC indices below
-//! `MAX_NICS`, QPNs nonzero and of 24 bits, PSNs of 24 bits, MTU codes 1 to 5, a nonzero
+//! `MAX_NICS`, QPNs nonzero and of 24 bits, PSNs of 24 bits, MTU codes 1 to 5, 1 to 16 READs in flight, a nonzero
 //! connection id). The other way round, the input also builds a message with every
 //! field in range, which must encode to the documented length and decode to itself.
 #![no_main]
@@ -53,6 +53,11 @@ fn check_decoded(m: &Message, bytes: &[u8]) {
         assert!(q.qpn != 0 && q.qpn <= MAX_24, "QPN {:#x}", q.qpn);
         assert!(q.psn <= MAX_24, "PSN {:#x}", q.psn);
         assert!((1..=5).contains(&q.mtu), "MTU code {}", q.mtu);
+        assert!(
+            (1..=16).contains(&q.rd_atomic),
+            "{} READs in flight",
+            q.rd_atomic
+        );
     }
     for w in &m.flush {
         assert!(usize::from(w.nic) < MAX_NICS, "flush word NIC {}", w.nic);
@@ -118,6 +123,7 @@ fn valid_message(bytes: &[u8]) -> Message {
                 lid: u16::from_le_bytes(f.word()),
                 gid: f.word(),
                 mtu: 1 + f.byte() % 5,
+                rd_atomic: 1 + f.byte() % 16,
             })
             .collect(),
         flush: (0..flush)

@@ -437,6 +437,7 @@ mod tests {
             lid: 0,
             gid: [0; 16],
             mtu: 3,
+            rd_atomic: 16,
         }
     }
 

@@ -13,7 +13,7 @@
 //! | 8..10 | `f`: flush words that follow (0 in a request) |
 //! | 10..18 | connection: the initiator's random id for this connection |
 //! | 18..26 | replaces: an earlier connection id of the same initiator whose queue pairs the target may drop (0: none) |
-//! | then `q` × 30 | queue pair: NIC (u8), peer NIC (u8), QPN (u32, 24 bits), PSN (u32, 24 bits), LID (u16), GID (16), MTU (u8, ibverbs' enum 1..5), 0 (u8) |
+//! | then `q` × 30 | queue pair: NIC (u8), peer NIC (u8), QPN (u32, 24 bits), PSN (u32, 24 bits), LID (u16), GID (16), MTU (u8, ibverbs' enum 1..5), READs in flight it accepts (u8, 1..16) |
 //! | then `f` × 13 | flush word: NIC (u8), address (u64), rkey (u32) |
 //!
 //! A queue pair entry speaks for its sender: "my queue pair `QPN` on my NIC `NIC` is for
@@ -62,6 +62,9 @@ pub struct QpAddr {
     pub gid: [u8; 16],
     /// The NIC port's active MTU (ibverbs' enum).
     pub mtu: u8,
+    /// How many RDMA READs in flight it accepts as a responder (1..=16): the other side
+    /// keeps no more than this outstanding on it.
+    pub rd_atomic: u8,
 }
 
 /// Memory a target lends for flushing READs on one of its NICs.
@@ -126,7 +129,7 @@ impl Message {
             b.extend_from_slice(&q.lid.to_le_bytes());
             b.extend_from_slice(&q.gid);
             b.push(q.mtu);
-            b.push(0);
+            b.push(q.rd_atomic);
         }
         for f in &self.flush {
             b.push(f.nic);
@@ -194,6 +197,7 @@ impl Message {
                 lid: u16_at(o + 10) as u16,
                 gid,
                 mtu: b[o + 28],
+                rd_atomic: b[o + 29],
             };
             if usize::from(qp.nic) >= MAX_NICS || usize::from(qp.peer_nic) >= MAX_NICS {
                 return bad(format!(
@@ -210,8 +214,11 @@ impl Message {
             if !(1..=5).contains(&qp.mtu) {
                 return bad(format!("queue pair {i} has MTU code {}", qp.mtu));
             }
-            if b[o + 29] != 0 {
-                return bad(format!("queue pair {i} has a non-zero pad byte"));
+            if !(1..=16).contains(&qp.rd_atomic) {
+                return bad(format!(
+                    "queue pair {i} accepts {} READs in flight",
+                    qp.rd_atomic
+                ));
             }
             qps.push(qp);
         }
@@ -251,6 +258,7 @@ mod tests {
             lid: 7,
             gid: [9; 16],
             mtu: 5,
+            rd_atomic: 16,
         }
     }
 
@@ -333,8 +341,11 @@ mod tests {
         b[qp0 + 28] = 6;
         refuse(&b, "MTU code 6");
         let mut b = good.clone();
-        b[qp0 + 29] = 1;
-        refuse(&b, "pad");
+        b[qp0 + 29] = 0;
+        refuse(&b, "accepts 0 READs");
+        let mut b = good.clone();
+        b[qp0 + 29] = 17;
+        refuse(&b, "accepts 17 READs");
         let mut b = good.clone();
         b[HEADER + 2 * QP_LEN] = 99;
         refuse(&b, "flush word 0 names NIC 99");

@@ -240,6 +240,7 @@ impl OpenNic {
             lid: self.info.lid,
             gid: self.info.gid,
             mtu: self.info.mtu,
+            rd_atomic: self.settings.rd_atomic,
         };
         let slot = Arc::new(QpSlot {
             qp,

@@ -8,8 +8,8 @@
 //!   the two), the address: a global route (GRH) to the peer's GID on RoCE or across IB
 //!   subnets, its LID on one IB subnet; as many incoming READs in flight as the device
 //!   allows;
-//! - RTS: our first PSN, the ACK timeout and retry counts, as many outgoing READs in
-//!   flight as the device allows.
+//! - RTS: our first PSN, the ACK timeout and retry counts, and as many outgoing READs in
+//!   flight as both devices allow (the peer says how many it accepts).
 
 use rdma_sys::{ibv_access_flags, ibv_qp_attr_mask as attr, ibv_qp_state};
 
@@ -172,8 +172,8 @@ pub fn ready_to_receive(s: &QpSettings, peer: &QpAddr) -> Transition {
     }
 }
 
-/// RTR → RTS, sending from `psn`.
-pub fn ready_to_send(s: &QpSettings, psn: u32) -> Transition {
+/// RTR → RTS, sending from `psn` to a peer that accepts `peer_rd_atomic` READs in flight.
+pub fn ready_to_send(s: &QpSettings, psn: u32, peer_rd_atomic: u8) -> Transition {
     let m = attr::IBV_QP_STATE
         | attr::IBV_QP_TIMEOUT
         | attr::IBV_QP_RETRY_CNT
@@ -185,7 +185,7 @@ pub fn ready_to_send(s: &QpSettings, psn: u32) -> Transition {
         timeout: s.timeout,
         retry_cnt: s.retry_cnt.min(7),
         rnr_retry: s.rnr_retry.min(7),
-        max_rd_atomic: s.rd_atomic,
+        max_rd_atomic: s.rd_atomic.min(peer_rd_atomic).max(1),
         ..Transition::to(ibv_qp_state::IBV_QPS_RTS, m.0)
     }
 }
@@ -198,7 +198,11 @@ pub fn reset() -> Transition {
 
 /// Every transition from RESET to RTS towards `peer`, in order.
 pub fn bring_up(s: &QpSettings, peer: &QpAddr, psn: u32) -> [Transition; 3] {
-    [init(s), ready_to_receive(s, peer), ready_to_send(s, psn)]
+    [
+        init(s),
+        ready_to_receive(s, peer),
+        ready_to_send(s, psn, peer.rd_atomic),
+    ]
 }
 
 #[cfg(test)]
@@ -229,6 +233,7 @@ mod tests {
             lid,
             gid: [7; 16],
             mtu,
+            rd_atomic: 8,
         }
     }
 
@@ -301,10 +306,20 @@ mod tests {
         let mut s = settings(LinkLayer::Infiniband);
         s.retry_cnt = 9;
         s.rnr_retry = 200;
-        let t = ready_to_send(&s, 5);
+        let t = ready_to_send(&s, 5, 16);
         assert_eq!(
             (t.retry_cnt, t.rnr_retry, t.timeout, t.max_rd_atomic),
             (7, 7, 14, 16)
+        );
+        assert_eq!(
+            ready_to_send(&s, 5, 4).max_rd_atomic,
+            4,
+            "no more than the peer accepts"
+        );
+        let steps = bring_up(&s, &peer(9, 5), 1);
+        assert_eq!(
+            (steps[1].max_dest_rd_atomic, steps[2].max_rd_atomic),
+            (16, 8)
         );
         assert_ne!(t.mask & attr::IBV_QP_SQ_PSN.0, 0);
         assert_eq!(

@@ -50,6 +50,7 @@ fn qps(
                     lid: lid(nic),
                     gid: gid(nic),
                     mtu,
+                    rd_atomic: 16,
                 });
                 qpn += 1;
             }
@@ -89,6 +90,7 @@ fn realistic() -> Vec<(&'static str, Message)> {
                 lid: 0,
                 gid: roce_gid([10, 0, 2, 1 + q.peer_nic]),
                 mtu: 3,
+                rd_atomic: 16,
             })
             .collect(),
         flush: vec![
@@ -241,6 +243,7 @@ fn random_messages_within_the_limits_round_trip() {
                     lid: rng.random(),
                     gid: rng.random(),
                     mtu: rng.random_range(1..=5),
+                    rd_atomic: rng.random_range(1..=16),
                 })
                 .collect(),
             flush: (0..f)
