@@ -8,22 +8,10 @@ mod common;
 use ferry_engine::fabrics::{Rdma, RdmaConfig};
 use ferry_engine::{Engine, EngineConfig, ErrorKind, Location, Protocol, Tcp, TcpConfig};
 
-/// Devices the `--hw` tests use: `FERRY_RDMA_DEVICES` (comma-separated), else every
-/// usable one.
-fn devices() -> Vec<String> {
-    std::env::var("FERRY_RDMA_DEVICES")
-        .map(|v| {
-            v.split(',')
-                .filter(|d| !d.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn rdma_config() -> RdmaConfig {
     RdmaConfig {
-        devices: devices(),
+        // The `--hw` tests' devices: `FERRY_RDMA_DEVICES`, else every usable one.
+        devices: ferry_engine::fabrics::rdma_devices_under_test(),
         ..RdmaConfig::default()
     }
 }

@@ -803,3 +803,119 @@ fn failure_reasons_survive_the_word_round_trip() {
         );
     }
 }
+
+/// A global allocator that counts allocations while counting is on, for tests that
+/// prove a path allocates nothing. A test binary installs it with
+/// `#[global_allocator] static GLOBAL: CountingAllocator = CountingAllocator;` and reads
+/// [`CountingAllocator::count_while`].
+pub struct CountingAllocator;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl CountingAllocator {
+    fn count() {
+        if COUNTING.load(std::sync::atomic::Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `f` and returns how many allocations every thread of the process made
+    /// meanwhile (with this allocator installed; 0 otherwise).
+    pub fn count_while(f: impl FnOnce()) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        ALLOCATIONS.store(0, SeqCst);
+        COUNTING.store(true, SeqCst);
+        f();
+        COUNTING.store(false, SeqCst);
+        ALLOCATIONS.swap(0, SeqCst)
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; counting touches
+// only atomics (no allocation, no panic).
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::count();
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::count();
+        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        Self::count();
+        // SAFETY: the caller's contract for `realloc`, passed on.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract for `dealloc`, passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+/// Counts reports without allocating (for the allocation-counting tests).
+#[derive(Default)]
+pub struct Tally {
+    /// Slices reported.
+    pub done: std::sync::atomic::AtomicU64,
+    /// Of those, failed.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+impl Completions for Tally {
+    fn complete(&self, _token: CompletionToken, result: Result<usize, FailReason>) {
+        use std::sync::atomic::Ordering;
+        if result.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Keeps `window` slices of `piece` bytes in flight on `conn` until `total` more have been
+/// reported to `tally`, cycling over `local` (and the same offsets of `remote`).
+#[allow(clippy::too_many_arguments)]
+pub fn pump(
+    conn: &dyn Connection,
+    tally: &Tally,
+    op: Opcode,
+    local: &Arc<RegionMemory>,
+    remote: &RegionMemory,
+    keys: &RemoteKeys,
+    piece: usize,
+    window: u64,
+    total: u64,
+) {
+    use std::sync::atomic::Ordering;
+    let pieces = (local.len() / piece) as u64;
+    let base = tally.done.load(Ordering::Acquire);
+    let give_up = Instant::now() + PATIENCE;
+    let mut posted = 0u64;
+    while tally.done.load(Ordering::Acquire) - base < total {
+        assert!(Instant::now() < give_up, "the transfers stalled");
+        let done = tally.done.load(Ordering::Acquire) - base;
+        if posted < total && posted - done < window {
+            let offset = (posted % pieces) as usize * piece;
+            conn.post(slice(
+                op,
+                local,
+                remote,
+                keys,
+                offset,
+                piece,
+                0,
+                posted as u32,
+            ))
+            .expect("posted");
+            posted += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}

@@ -176,6 +176,22 @@ impl Default for RdmaConfig {
     }
 }
 
+/// The devices tests run on: `FERRY_RDMA_DEVICES` (comma-separated names as
+/// [`RdmaConfig::devices`] takes them), else none named (every usable one). What
+/// `cargo xtask test --hw` sets for its soft-RoCE devices.
+#[doc(hidden)]
+pub fn devices_under_test() -> Vec<String> {
+    std::env::var("FERRY_RDMA_DEVICES")
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A registered region's keys on every port.
 struct Registration {
     lkeys: Vec<u32>,

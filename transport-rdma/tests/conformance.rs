@@ -20,17 +20,6 @@ const FAULT_EVERY: u64 = 256;
 /// Completions each port withholds when a check asks (at least what it posts).
 const HELD: u64 = 1024;
 
-fn devices() -> Vec<String> {
-    std::env::var("FERRY_RDMA_DEVICES")
-        .map(|v| {
-            v.split(',')
-                .filter(|d| !d.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn pair(setup: &Setup) -> Pair {
     let start = |config: RdmaConfig, reports: Arc<Recorder>| {
         let t = RdmaTransport::new(config);
@@ -44,7 +33,7 @@ fn pair(setup: &Setup) -> Pair {
         (Arc::new(t), endpoint)
     };
     let config = RdmaConfig {
-        devices: devices(),
+        devices: ferry_transport_rdma::devices_under_test(),
         ..RdmaConfig::default()
     };
     let (target, endpoint) = start(config.clone(), Recorder::new());

@@ -5,92 +5,24 @@
 //!
 //! Needs an RDMA device (`cargo xtask test --hw`); `FERRY_RDMA_DEVICES` names them.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use ferry_transport_api::testing::{contents, host_region, random, slice, Direct};
-use ferry_transport_api::{
-    Access, CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys,
-    Transport, TransportContext,
+use ferry_transport_api::testing::{
+    contents, host_region, pump, random, slice, CountingAllocator, Direct, Tally,
 };
+use ferry_transport_api::{Access, Completions, Opcode, RemoteKeys, Transport, TransportContext};
 use ferry_transport_rdma::{RdmaConfig, RdmaTransport};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-fn count() {
-    if COUNTING.load(Ordering::Relaxed) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; counting touches
-// only atomics (no allocation, no panic).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `alloc`, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        // SAFETY: the caller's contract for `realloc`, passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract for `dealloc`, passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Counts reports without allocating.
-#[derive(Default)]
-struct Tally {
-    done: AtomicU64,
-    failed: AtomicU64,
-}
-
-impl Completions for Tally {
-    fn complete(&self, _token: CompletionToken, result: Result<usize, FailReason>) {
-        if result.is_err() {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.done.fetch_add(1, Ordering::Release);
-    }
-}
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 const SLICE: usize = 64 * 1024;
 const WINDOW: u64 = 16;
 
-fn devices() -> Vec<String> {
-    std::env::var("FERRY_RDMA_DEVICES")
-        .map(|v| {
-            v.split(',')
-                .filter(|d| !d.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn start(completions: Arc<dyn Completions>) -> (Arc<RdmaTransport>, ferry_transport_api::Endpoint) {
     let t = Arc::new(RdmaTransport::new(RdmaConfig {
-        devices: devices(),
+        devices: ferry_transport_rdma::devices_under_test(),
         busy_poll_us: 0,
         ..RdmaConfig::default()
     }));
@@ -102,43 +34,6 @@ fn start(completions: Arc<dyn Completions>) -> (Arc<RdmaTransport>, ferry_transp
         })
         .expect("the RDMA transport starts");
     (t, ep)
-}
-
-/// Keeps `WINDOW` slices in flight until `total` have been reported.
-fn pump(
-    conn: &dyn Connection,
-    tally: &Tally,
-    op: Opcode,
-    local: &Arc<RegionMemory>,
-    remote: &RegionMemory,
-    keys: &RemoteKeys,
-    total: u64,
-) {
-    let pieces = (local.len() / SLICE) as u64;
-    let base = tally.done.load(Ordering::Acquire);
-    let give_up = Instant::now() + Duration::from_secs(120);
-    let mut posted = 0u64;
-    while tally.done.load(Ordering::Acquire) - base < total {
-        assert!(Instant::now() < give_up, "the transfers stalled");
-        let done = tally.done.load(Ordering::Acquire) - base;
-        if posted < total && posted - done < WINDOW {
-            let offset = (posted % pieces) as usize * SLICE;
-            conn.post(slice(
-                op,
-                local,
-                remote,
-                keys,
-                offset,
-                SLICE,
-                0,
-                posted as u32,
-            ))
-            .expect("posted");
-            posted += 1;
-        } else {
-            std::thread::yield_now();
-        }
-    }
 }
 
 #[test]
@@ -159,14 +54,18 @@ fn steady_state_transfers_allocate_nothing_and_shutdown_leaves_nothing_in_flight
         .connect(&target_ep, &Direct(target.clone()))
         .unwrap();
 
-    pump(&*conn, &tally, Opcode::Write, &source, &remote, &keys, 256);
-    pump(&*conn, &tally, Opcode::Read, &back, &remote, &keys, 256);
+    let run = |op, local, total| {
+        pump(
+            &*conn, &tally, op, local, &remote, &keys, SLICE, WINDOW, total,
+        )
+    };
+    run(Opcode::Write, &source, 256);
+    run(Opcode::Read, &back, 256);
     let before = initiator.op_stats();
-    COUNTING.store(true, Ordering::SeqCst);
-    pump(&*conn, &tally, Opcode::Write, &source, &remote, &keys, 4096);
-    pump(&*conn, &tally, Opcode::Read, &back, &remote, &keys, 4096);
-    COUNTING.store(false, Ordering::SeqCst);
-    let allocations = ALLOCATIONS.swap(0, Ordering::SeqCst);
+    let allocations = CountingAllocator::count_while(|| {
+        run(Opcode::Write, &source, 4096);
+        run(Opcode::Read, &back, 4096);
+    });
     let after = initiator.op_stats();
     assert_eq!(tally.failed.load(Ordering::Relaxed), 0);
     assert_eq!(allocations, 0, "allocations while moving 8192 slices");

@@ -84,6 +84,7 @@ pub mod fabrics {
     #[cfg(feature = "rdma")]
     pub use ferry_transport_rdma::{
         device::{DeviceInfo as RdmaDeviceInfo, Nic as RdmaPort, Selection as RdmaSelection},
+        devices_under_test as rdma_devices_under_test,
         gid::gid_text,
         Discovery as RdmaDiscovery, RdmaConfig,
     };
