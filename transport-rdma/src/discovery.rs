@@ -88,9 +88,36 @@ pub fn discover() -> Discovery {
 
 fn describe(dev: &verbs::RawDevice<'_>, name: &str) -> Result<DeviceInfo, verbs::VerbError> {
     let (node, transport) = dev.types();
+    let sys = Path::new(SYSFS).join(name);
+    let device_dir = sys.join("device");
+    // What is known without opening the device: its types from the device list, its
+    // driver and PCI vendor from sysfs. A device that cannot be used (EFA above all) is
+    // described from that alone and never opened.
+    let mut info = DeviceInfo {
+        name: name.to_string(),
+        driver: std::fs::read_link(device_dir.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+        node_type: node_type(node),
+        transport: transport_type(transport),
+        vendor_id: read_trimmed(&device_dir.join("vendor"))
+            .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0),
+        vendor_part_id: 0,
+        numa_node: read_trimmed(&device_dir.join("numa_node")).and_then(|s| parse_numa(&s)),
+        pci_path: std::fs::canonicalize(&device_dir)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| p.contains("/pci")),
+        ports: Vec::new(),
+    };
+    if info.unusable().is_some() {
+        return Ok(info);
+    }
     let ctx = dev.open()?;
     let attr = ctx.query_device()?;
-    let sys = Path::new(SYSFS).join(name);
+    info.vendor_id = attr.vendor_id;
+    info.vendor_part_id = attr.vendor_part_id;
     let mut ports = Vec::new();
     for num in 1..=attr.ports {
         let p = ctx.query_port(num)?;
@@ -127,23 +154,8 @@ fn describe(dev: &verbs::RawDevice<'_>, name: &str) -> Result<DeviceInfo, verbs:
             gids,
         });
     }
-    let device_dir = sys.join("device");
-    Ok(DeviceInfo {
-        name: name.to_string(),
-        driver: std::fs::read_link(device_dir.join("driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
-        node_type: node_type(node),
-        transport: transport_type(transport),
-        vendor_id: attr.vendor_id,
-        vendor_part_id: attr.vendor_part_id,
-        numa_node: read_trimmed(&device_dir.join("numa_node")).and_then(|s| parse_numa(&s)),
-        pci_path: std::fs::canonicalize(&device_dir)
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
-            .filter(|p| p.contains("/pci")),
-        ports,
-    })
+    info.ports = ports;
+    Ok(info)
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
