@@ -36,6 +36,11 @@ pub const OUTCOMES: usize = 64;
 /// No deadline is due (`due_ns`).
 const NEVER: u64 = u64::MAX;
 
+/// What an operation holds besides its slice until the device gives it back (the queue
+/// pair it was posted on, the registration of its local memory, ...): up to two shared
+/// handles, so holding them costs no allocation.
+pub type Keep = [Option<Arc<dyn Any + Send + Sync>>; 2];
+
 /// Names one use of an entry: the index and the generation it had when acquired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpRef {
@@ -109,7 +114,7 @@ struct Pending {
     slice: Slice,
     /// What must outlive the device's use of the operation besides the slice (e.g. the
     /// registration of its local memory); dropped when the slice is.
-    _keep: Option<Arc<dyn Any + Send + Sync>>,
+    keep: Keep,
     /// The connection's health flag, cleared when the slice times out.
     alive: Option<Arc<AtomicBool>>,
     /// Its completion was read but held back (test knob): it arrives as soon as the
@@ -184,11 +189,7 @@ impl Outcomes {
     pub fn deliver_or(
         &mut self,
         to: &dyn Completions,
-        mut redirect: impl FnMut(
-            Slice,
-            FailReason,
-            Option<&Arc<dyn Any + Send + Sync>>,
-        ) -> Result<(), Slice>,
+        mut redirect: impl FnMut(Slice, FailReason, &Keep) -> Result<(), Slice>,
     ) -> usize {
         let mut reported = 0;
         for item in &mut self.items[..self.len] {
@@ -197,10 +198,8 @@ impl Outcomes {
             };
             match (report, release) {
                 (Some((token, Err(reason))), Some(p)) => {
-                    let Pending {
-                        slice, _keep: keep, ..
-                    } = p;
-                    match redirect(slice, reason, keep.as_ref()) {
+                    let Pending { slice, keep, .. } = p;
+                    match redirect(slice, reason, &keep) {
                         Ok(()) => {}
                         Err(slice) => {
                             to.complete(token, Err(reason));
@@ -317,7 +316,7 @@ impl OpTable {
         &self,
         slice: Slice,
         alive: Option<Arc<AtomicBool>>,
-        keep: Option<Arc<dyn Any + Send + Sync>>,
+        keep: Keep,
     ) -> Result<OpRef, Slice> {
         let deadline = self.nanos(slice.deadline);
         let mut s = self.state();
@@ -329,7 +328,7 @@ impl OpTable {
         let entry = &mut s.entries[index as usize];
         entry.phase = Phase::InFlight(Pending {
             slice,
-            _keep: keep,
+            keep,
             alive,
             held: false,
         });
@@ -454,6 +453,19 @@ impl OpTable {
     /// Returns true when `out` filled up before the scan ended (call again after
     /// delivering).
     pub fn expire(&self, now: Instant, out: &mut Outcomes) -> bool {
+        self.expire_with(now, out, |_| {})
+    }
+
+    /// [`expire`](Self::expire), calling `stop` with what each expired operation keeps
+    /// before its report is queued (under the table's lock: keep it short), so the
+    /// transport can stop the device from touching the slice's memory (fail its queue
+    /// pair) before the task is told it ended.
+    pub fn expire_with(
+        &self,
+        now: Instant,
+        out: &mut Outcomes,
+        mut stop: impl FnMut(&Keep),
+    ) -> bool {
         let now_ns = self.nanos(now);
         let mut s = self.state();
         let s = &mut *s;
@@ -478,6 +490,7 @@ impl OpTable {
             if let Some(alive) = &p.alive {
                 alive.store(false, Ordering::Release);
             }
+            stop(&p.keep);
             s.stats.in_flight -= 1;
             s.stats.timed_out += 1;
             let report = Some((p.slice.token, Err(FailReason::TimedOut)));
@@ -643,10 +656,13 @@ mod tests {
         let t = OpTable::new(2, 0);
         let rec = Record::default();
         let later = Instant::now() + Duration::from_secs(60);
-        let a = t.acquire(slice(1, later), None, None).unwrap();
-        let b = t.acquire(slice(2, later), None, None).unwrap();
+        let a = t.acquire(slice(1, later), None, [None, None]).unwrap();
+        let b = t.acquire(slice(2, later), None, [None, None]).unwrap();
         assert_ne!(a, b);
-        assert!(t.acquire(slice(3, later), None, None).is_err(), "full");
+        assert!(
+            t.acquire(slice(3, later), None, [None, None]).is_err(),
+            "full"
+        );
         assert!(t.busy());
         assert_eq!(finish_one(&t, a, None, &rec), 0);
         assert_eq!(finish_one(&t, b, Some(DEVICE_ERROR), &rec), 0);
@@ -658,7 +674,7 @@ mod tests {
         let st = t.stats();
         assert_eq!((st.in_flight, st.completed, st.stray), (0, 2, 1));
         // The same entries serve the next operations, with a new generation.
-        let c = t.acquire(slice(4, later), None, None).unwrap();
+        let c = t.acquire(slice(4, later), None, [None, None]).unwrap();
         assert!(c.index == a.index || c.index == b.index);
         assert_ne!(c, a);
         assert_ne!(c, b);
@@ -675,7 +691,7 @@ mod tests {
             .acquire(
                 slice(1, Instant::now() + Duration::from_secs(60)),
                 None,
-                None,
+                [None, None],
             )
             .unwrap();
         let stale = OpRef {
@@ -700,11 +716,11 @@ mod tests {
             .acquire(
                 slice(1, now + Duration::from_secs(1)),
                 Some(alive.clone()),
-                Some(kept.clone()),
+                [Some(kept.clone()), None],
             )
             .unwrap();
         let fine = t
-            .acquire(slice(2, now + Duration::from_secs(60)), None, None)
+            .acquire(slice(2, now + Duration::from_secs(60)), None, [None, None])
             .unwrap();
         assert!(!t.due(now));
         assert!(t.due(now + Duration::from_secs(2)));
@@ -724,15 +740,15 @@ mod tests {
         assert_eq!((st.in_flight, st.abandoned, st.timed_out), (1, 1, 1));
         // The abandoned entry is not handed out again while the device holds it.
         let c = t
-            .acquire(slice(3, now + Duration::from_secs(60)), None, None)
+            .acquire(slice(3, now + Duration::from_secs(60)), None, [None, None])
             .unwrap();
         let d = t
-            .acquire(slice(4, now + Duration::from_secs(60)), None, None)
+            .acquire(slice(4, now + Duration::from_secs(60)), None, [None, None])
             .unwrap();
         for x in [c, d] {
             assert!(x.index != late.index && x.index != fine.index);
         }
-        assert!(t.acquire(slice(5, now), None, None).is_err());
+        assert!(t.acquire(slice(5, now), None, [None, None]).is_err());
         finish_one(&t, late, None, &rec);
         finish_one(&t, fine, None, &rec);
         assert_eq!(rec.of(1), vec![Err(FailReason::TimedOut)], "reported once");
@@ -754,7 +770,8 @@ mod tests {
         let n = OUTCOMES as u32 * 2 + 3;
         for task in 0..n {
             let deadline = now + Duration::from_secs(if task == 0 { 1 } else { 60 });
-            t.acquire(slice(task, deadline), None, None).unwrap();
+            t.acquire(slice(task, deadline), None, [None, None])
+                .unwrap();
         }
         expire(&t, now + Duration::from_secs(2), &rec);
         let mut out = Outcomes::new();
@@ -780,12 +797,12 @@ mod tests {
         let rec = Record::default();
         let now = Instant::now();
         let op = t
-            .acquire(slice(1, now + Duration::from_secs(60)), None, None)
+            .acquire(slice(1, now + Duration::from_secs(60)), None, [None, None])
             .unwrap();
         assert!(matches!(t.reclaim(op), Some((_, false))), "returned");
         assert!(t.reclaim(op).is_none(), "a stale reference changes nothing");
         let op = t
-            .acquire(slice(2, now + Duration::from_secs(1)), None, None)
+            .acquire(slice(2, now + Duration::from_secs(1)), None, [None, None])
             .unwrap();
         expire(&t, now + Duration::from_secs(2), &rec);
         assert!(
@@ -804,10 +821,10 @@ mod tests {
         let rec = Record::default();
         let now = Instant::now();
         let a = t
-            .acquire(slice(1, now + Duration::from_secs(1)), None, None)
+            .acquire(slice(1, now + Duration::from_secs(1)), None, [None, None])
             .unwrap();
         let b = t
-            .acquire(slice(2, now + Duration::from_secs(1)), None, None)
+            .acquire(slice(2, now + Duration::from_secs(1)), None, [None, None])
             .unwrap();
         finish_one(&t, a, None, &rec);
         finish_one(&t, b, None, &rec);
@@ -817,5 +834,39 @@ mod tests {
         assert_eq!(rec.of(1), vec![Err(FailReason::TimedOut)]);
         let st = t.stats();
         assert_eq!((st.lost, st.late, st.in_flight, st.abandoned), (1, 1, 0, 0));
+    }
+
+    /// The transport is told what each expired operation keeps, before its report is
+    /// delivered, so it can stop the device first.
+    #[test]
+    fn expiry_hands_the_kept_handles_over_before_the_report() {
+        let t = OpTable::new(2, 0);
+        let rec = Record::default();
+        let now = Instant::now();
+        let qp: Arc<dyn Any + Send + Sync> = Arc::new(7u32);
+        t.acquire(
+            slice(1, now + Duration::from_secs(1)),
+            None,
+            [Some(qp.clone()), None],
+        )
+        .unwrap();
+        t.acquire(slice(2, now + Duration::from_secs(60)), None, [None, None])
+            .unwrap();
+        let mut stopped = Vec::new();
+        let mut out = Outcomes::new();
+        t.expire_with(now + Duration::from_secs(2), &mut out, |keep| {
+            stopped.push(
+                keep[0]
+                    .as_ref()
+                    .and_then(|k| k.downcast_ref::<u32>().copied()),
+            );
+        });
+        assert_eq!(stopped, [Some(7)], "only the expired one, with its handle");
+        assert!(
+            rec.of(1).is_empty(),
+            "not reported before the hook ran and out is delivered"
+        );
+        out.deliver(&rec);
+        assert_eq!(rec.of(1), vec![Err(FailReason::TimedOut)]);
     }
 }

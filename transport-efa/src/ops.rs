@@ -88,7 +88,7 @@ impl OpSlab {
         slice: Slice,
         alive: Option<Arc<AtomicBool>>,
     ) -> Result<(OpRef, *mut c_void), Slice> {
-        let op = self.table.acquire(slice, alive, None)?;
+        let op = self.table.acquire(slice, alive, [None, None])?;
         let ctx = self.context(op.index);
         // SAFETY: the entry was free, so the provider does not hold this context; it is
         // in bounds and aligned (an element of the contexts allocation).

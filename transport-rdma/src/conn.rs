@@ -162,6 +162,7 @@ impl ConnInner {
         nic.submit(Work {
             slice,
             qp: slot.clone(),
+            reg,
             lkey,
             rkey,
             flush,
@@ -221,6 +222,13 @@ pub(crate) fn open(
     };
     let alive = Arc::new(AtomicBool::new(true));
     let per_pair = shared.config.qps_per_pair.max(1);
+    if pairs.len() * per_pair > crate::exchange::MAX_QPS {
+        return Err(TransportError::invalid(format!(
+            "{} port pairs with {per_pair} queue pairs each: more than the {} one connection may have (lower qps_per_pair)",
+            pairs.len(),
+            crate::exchange::MAX_QPS
+        )));
+    }
     let conn_cell: Arc<OnceLock<Weak<ConnInner>>> = Arc::new(OnceLock::new());
     let mut qps: Vec<Vec<Arc<QpSlot>>> = Vec::with_capacity(pairs.len());
     let mut mine: Vec<QpAddr> = Vec::with_capacity(pairs.len() * per_pair);
@@ -233,7 +241,7 @@ pub(crate) fn open(
         let mut v = Vec::with_capacity(per_pair);
         for _ in 0..per_pair {
             let (slot, addr) = nic
-                .new_qp(pair.remote, alive.clone(), conn_cell.clone())
+                .new_qp(true, pair.remote, alive.clone(), conn_cell.clone())
                 .map_err(verb)?;
             v.push(slot);
             mine.push(addr);
@@ -398,7 +406,7 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
     for q in &request.qps {
         let nic = &nics[usize::from(q.peer_nic)];
         let (slot, mut addr) = nic
-            .new_qp(usize::from(q.nic), unused.clone(), no_conn.clone())
+            .new_qp(false, usize::from(q.nic), unused.clone(), no_conn.clone())
             .map_err(verb)?;
         nic.connect_qp(&slot, q, addr.psn).map_err(verb)?;
         addr.peer_nic = q.nic;

@@ -192,8 +192,9 @@ pub fn devices_under_test() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A registered region's keys on every port.
-struct Registration {
+/// A registered region's keys on every port. Operations in flight hold it, so a region
+/// deregistered while they run keeps its keys until they end.
+pub(crate) struct Registration {
     lkeys: Vec<u32>,
     _mrs: Vec<verbs::Mr>,
 }
@@ -310,14 +311,15 @@ impl RdmaTransport {
         self.shared.accepted.lock().len()
     }
 
-    fn settings(&self, nic: &Nic, rd_atomic: u8) -> QpSettings {
+    fn settings(&self, nic: &Nic, attr: &verbs::DeviceAttr) -> QpSettings {
         let c = &self.shared.config;
         QpSettings {
             port: nic.port,
             link_layer: nic.link_layer,
             gid_index: nic.gid_index,
             mtu: nic.mtu,
-            rd_atomic: rd_atomic.clamp(1, 16),
+            rd_atomic: attr.max_qp_rd_atom.clamp(1, 16),
+            init_rd_atomic: attr.max_qp_init_rd_atom.clamp(1, 16),
             timeout: c.ack_timeout.min(31),
             retry_cnt: c.retry_count.min(7),
             rnr_retry: 7,
@@ -362,7 +364,7 @@ impl RdmaTransport {
                 contexts.insert(info.device.clone(), (ctx, attr));
             }
             let (ctx, attr) = &contexts[&info.device];
-            let settings = self.settings(&info, attr.max_qp_rd_atom);
+            let settings = self.settings(&info, attr);
             let sizes = nic::Sizes {
                 ops: c.ops_per_port.max(1),
                 lose: c.lose_completions,

@@ -1,10 +1,11 @@
 //! One driven port: its device context, protection domain, completion queue, the table of
 //! operations in flight, the flush word peers read, and the progress thread.
 //!
-//! Every queue pair of the port sends on its one completion queue, sized for two
+//! Every queue pair of the port sends on its one completion queue, sized for three
 //! completions per operation of the table (a failed WRITE and its flushing READ each
-//! complete), and every queue pair's send queue holds two work requests per operation of
-//! the table: so neither can overflow, and the table is the only limit. A slice that
+//! complete, and the second may still be unread when the entry serves again), and every
+//! queue pair's send queue holds two work requests per operation of the table: so
+//! neither can overflow, and the table is the only limit. A slice that
 //! finds the table full waits in the port's backlog (in order) until operations
 //! complete; the progress thread posts it then, or reports it `TimedOut` at its deadline.
 
@@ -15,7 +16,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::ops::{OpRef, OpTable, Outcomes, OUTCOMES};
+use ferry_transport_api::ops::{Keep, OpRef, OpTable, Outcomes, OUTCOMES};
 use ferry_transport_api::{Completions, FailReason, Opcode, Protocol, RemoteStatus, Slice};
 use parking_lot::{Mutex, RwLock};
 use rdma_sys as ib;
@@ -58,10 +59,11 @@ pub(crate) struct OpenNic {
     busy_poll: Duration,
 }
 
-/// Fields drop in order: the registration goes before the memory it covers.
+/// Fields drop in order: the registration goes before the memory it covers. Atomics:
+/// the NIC writes the memory behind the program's back (its content means nothing).
 struct FlushBuf {
     mr: Mr,
-    mem: Box<[u64; 8]>,
+    mem: Box<[std::sync::atomic::AtomicU64; 8]>,
 }
 
 /// One RC queue pair of a connection (or one a peer connected to).
@@ -88,6 +90,8 @@ impl Drop for QpSlot {
 pub(crate) struct Work {
     pub(crate) slice: Slice,
     pub(crate) qp: Arc<QpSlot>,
+    /// The local memory's registration, held until the operation ends.
+    pub(crate) reg: Arc<crate::Registration>,
     pub(crate) lkey: u32,
     pub(crate) rkey: u32,
     /// Where to READ after a WRITE so that it is visible (see the crate docs).
@@ -157,13 +161,13 @@ impl OpenNic {
         let ops = sizes
             .ops
             .min(sizes.max_qp_wr / 2)
-            .min(sizes.max_cqe / 2)
+            .min(sizes.max_cqe / 3)
             .max(1);
         let pd = Pd::new(ctx)?;
         let channel = Channel::new(ctx)?;
         set_nonblocking(channel.fd());
-        let cq = Cq::new(ctx, 2 * ops, &channel)?;
-        let mem = Box::new([0u64; 8]);
+        let cq = Cq::new(ctx, 3 * ops, &channel)?;
+        let mem: Box<[std::sync::atomic::AtomicU64; 8]> = Box::default();
         let access = ib::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
             | ib::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
         // SAFETY: the box moves into the FlushBuf with the MR, which drops (deregisters)
@@ -223,14 +227,17 @@ impl OpenNic {
         }
     }
 
-    /// A new queue pair in RESET, with what the peer needs to connect to it.
+    /// A new queue pair in RESET, with what the peer needs to connect to it. One that
+    /// only answers a peer (`sending` false: the peer connected to this side) gets a
+    /// send queue of one entry, as it never sends.
     pub(crate) fn new_qp(
         self: &Arc<Self>,
+        sending: bool,
         peer_nic: usize,
         alive: Arc<AtomicBool>,
         conn: Arc<OnceLock<Weak<crate::conn::ConnInner>>>,
     ) -> Result<(Arc<QpSlot>, QpAddr), VerbError> {
-        let qp = Qp::new(&self.pd, &self.cq, self.depth)?;
+        let qp = Qp::new(&self.pd, &self.cq, if sending { self.depth } else { 1 })?;
         let psn = rand::random::<u32>() & 0xff_ffff;
         let addr = QpAddr {
             nic: self.index as u8,
@@ -273,25 +280,27 @@ impl OpenNic {
             return Err((FailReason::Shutdown, work.slice));
         }
         if self.backlogged.load(Ordering::Acquire) {
-            self.queue(work);
-            return Ok(());
+            return self.queue(work);
         }
         match self.post(work) {
             Posted::Yes => Ok(()),
-            Posted::Full(work) => {
-                self.queue(work);
-                Ok(())
-            }
+            Posted::Full(work) => self.queue(work),
             Posted::No(reason, slice) => Err((reason, slice)),
         }
     }
 
-    fn queue(&self, work: Work) {
+    /// Puts `work` behind the backlog, unless the port is stopping (checked under the
+    /// backlog's lock, which `close` drains under: nothing is queued after it).
+    fn queue(&self, work: Work) -> Result<(), (FailReason, Slice)> {
         let mut b = self.backlog.lock();
+        if self.stop.load(Ordering::Acquire) {
+            return Err((FailReason::Shutdown, work.slice));
+        }
         b.push_back(work);
         self.backlogged.store(true, Ordering::Release);
         drop(b);
         self.wake();
+        Ok(())
     }
 
     pub(crate) fn wake(&self) {
@@ -305,6 +314,7 @@ impl OpenNic {
         let Work {
             slice,
             qp,
+            reg,
             lkey,
             rkey,
             flush,
@@ -319,19 +329,31 @@ impl OpenNic {
             return Posted::No(FailReason::Unsupported, slice);
         };
         let (op, remote) = (slice.op, slice.remote_addr);
-        let keep: Arc<dyn std::any::Any + Send + Sync> = qp.clone();
-        let op_ref = match self.ops.acquire(slice, Some(qp.alive.clone()), Some(keep)) {
+        // The operation holds its queue pair (never destroyed with work on it) and the
+        // registration of its memory (its keys stay valid until it ends).
+        let keep: Keep = [Some(qp.clone()), Some(reg.clone())];
+        let op_ref = match self.ops.acquire(slice, Some(qp.alive.clone()), keep) {
             Ok(r) => r,
             Err(slice) => {
                 return Posted::Full(Work {
                     slice,
                     qp,
+                    reg,
                     lkey,
                     rkey,
                     flush,
                 })
             }
         };
+        if self.stop.load(Ordering::Acquire) {
+            // Shutting down since the check in `submit`: `close` may have swept the table
+            // already, and nobody reads completions any more. Take it back unposted.
+            return match self.ops.reclaim(op_ref) {
+                Some((slice, false)) => Posted::No(FailReason::Shutdown, slice),
+                // Reported by the sweep or by `close` already.
+                _ => Posted::Yes,
+            };
+        }
         let word = op_ref.to_word();
         let mut sge = ib::ibv_sge {
             addr,
@@ -406,9 +428,28 @@ impl OpenNic {
                         _ => return Posted::Yes,
                     }
                 }
-                // Half a chain was posted: in the error state the queue pair completes
-                // what it holds with a flush error, which ends the operation.
+                // Half a chain was posted: the unsignaled WRITE may have completed
+                // already, silently. A signaled marker with the operation's id, posted
+                // once the queue pair is in the error state, completes with a flush
+                // error and ends the operation either way.
                 qp.qp.fail();
+                // SAFETY: a plain C struct; all-zero is valid.
+                let mut marker: ib::ibv_send_wr = unsafe { std::mem::zeroed() };
+                marker.wr_id = word;
+                marker.opcode = ib::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                marker.send_flags = ib::ibv_send_flags::IBV_SEND_SIGNALED.0;
+                // SAFETY: no memory is named (no scatter list); the request lives until
+                // ibv_post_send returns.
+                if unsafe { qp.qp.post(&mut marker) }.is_err() {
+                    if let Some((slice, false)) = self.ops.reclaim(op_ref) {
+                        let code = error.raw_os_error().unwrap_or(-1);
+                        let reason = FailReason::Device {
+                            transport: Protocol::Rdma,
+                            code,
+                        };
+                        return Posted::No(reason, slice);
+                    }
+                }
                 Posted::Yes
             }
         }
@@ -440,7 +481,17 @@ impl OpenNic {
             let now = Instant::now();
             if self.ops.due(now) {
                 let mut out = Outcomes::new();
-                while self.ops.expire(now, &mut out) {
+                // A timed-out operation's queue pair is failed before its task hears of
+                // it: in the error state the NIC moves no more bytes for it (contract 7:
+                // nothing lands after a task ended).
+                let stop_qp = |keep: &Keep| {
+                    if let Some(slot) = qp_of(keep) {
+                        slot.broken.store(true, Ordering::Release);
+                        slot.alive.store(false, Ordering::Release);
+                        slot.qp.fail();
+                    }
+                };
+                while self.ops.expire_with(now, &mut out, stop_qp) {
                     out.deliver(&*self.completions);
                 }
                 out.deliver(&*self.completions);
@@ -540,9 +591,7 @@ impl OpenNic {
             if shutting || !reason.retryable() || Instant::now() >= slice.deadline {
                 return Err(slice);
             }
-            let Some(conn) = keep
-                .and_then(|k| k.clone().downcast::<QpSlot>().ok())
-                .and_then(|slot| slot.conn.get().and_then(Weak::upgrade))
+            let Some(conn) = qp_of(keep).and_then(|slot| slot.conn.get().and_then(Weak::upgrade))
             else {
                 return Err(slice);
             };
@@ -572,10 +621,31 @@ impl OpenNic {
                     let mut b = self.backlog.lock();
                     b.push_front(work);
                     self.backlogged.store(true, Ordering::Release);
+                    drop(b);
+                    self.expire_backlog(now);
                     return;
                 }
                 Posted::No(reason, slice) => self.completions.complete(slice.token, Err(reason)),
             }
+        }
+    }
+
+    /// Reports every slice waiting in the backlog whose deadline passed by `now`, not
+    /// only those at its head (which may wait on a table full of slower operations).
+    fn expire_backlog(&self, now: Instant) {
+        loop {
+            let expired = {
+                let mut b = self.backlog.lock();
+                let at = b.iter().position(|w| now >= w.slice.deadline);
+                let w = at.and_then(|i| b.remove(i));
+                if b.is_empty() {
+                    self.backlogged.store(false, Ordering::Release);
+                }
+                w
+            };
+            let Some(work) = expired else { return };
+            self.completions
+                .complete(work.slice.token, Err(FailReason::TimedOut));
         }
     }
 
@@ -623,6 +693,11 @@ impl OpenNic {
                 .complete(w.slice.token, Err(FailReason::Shutdown));
         }
     }
+}
+
+/// The queue pair an operation was posted on, from what it keeps.
+fn qp_of(keep: &Keep) -> Option<&QpSlot> {
+    keep[0].as_ref()?.downcast_ref::<QpSlot>()
 }
 
 enum Posted {

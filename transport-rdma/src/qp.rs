@@ -27,9 +27,12 @@ pub struct QpSettings {
     pub gid_index: u8,
     /// The local port's active MTU (ibverbs' enum).
     pub mtu: u8,
-    /// READs in flight per queue pair, both directions (`max_qp_rd_atom` of the device,
-    /// at most 16).
+    /// READs in flight a queue pair accepts as a responder (`max_qp_rd_atom` of the
+    /// device, at most 16).
     pub rd_atomic: u8,
+    /// READs in flight a queue pair may have outstanding as a requester
+    /// (`max_qp_init_rd_atom` of the device, at most 16).
+    pub init_rd_atomic: u8,
     /// ACK timeout exponent: 4.096 µs × 2^timeout (14: about 67 ms).
     pub timeout: u8,
     /// Transport retries before a work request fails (at most 7).
@@ -185,7 +188,7 @@ pub fn ready_to_send(s: &QpSettings, psn: u32, peer_rd_atomic: u8) -> Transition
         timeout: s.timeout,
         retry_cnt: s.retry_cnt.min(7),
         rnr_retry: s.rnr_retry.min(7),
-        max_rd_atomic: s.rd_atomic.min(peer_rd_atomic).max(1),
+        max_rd_atomic: s.init_rd_atomic.min(peer_rd_atomic).max(1),
         ..Transition::to(ibv_qp_state::IBV_QPS_RTS, m.0)
     }
 }
@@ -216,6 +219,7 @@ mod tests {
             gid_index: 3,
             mtu: 5,
             rd_atomic: 16,
+            init_rd_atomic: 16,
             timeout: 14,
             retry_cnt: 7,
             rnr_retry: 7,

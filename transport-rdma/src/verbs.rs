@@ -156,6 +156,7 @@ pub(crate) struct DeviceAttr {
     pub(crate) max_qp_wr: u32,
     pub(crate) max_cqe: u32,
     pub(crate) max_qp_rd_atom: u8,
+    pub(crate) max_qp_init_rd_atom: u8,
 }
 
 /// What ferry reads of a port's attributes.
@@ -184,6 +185,7 @@ impl Context {
             max_qp_wr: u32::try_from(a.max_qp_wr).unwrap_or(0),
             max_cqe: u32::try_from(a.max_cqe).unwrap_or(0),
             max_qp_rd_atom: u8::try_from(a.max_qp_rd_atom.clamp(0, 16)).unwrap_or(0),
+            max_qp_init_rd_atom: u8::try_from(a.max_qp_init_rd_atom.clamp(0, 16)).unwrap_or(0),
         })
     }
 
