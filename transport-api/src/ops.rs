@@ -224,18 +224,7 @@ impl Outcomes {
     /// Reports every outcome to `to`, then drops the released slices; returns how many
     /// were reported.
     pub fn deliver(&mut self, to: &dyn Completions) -> usize {
-        let mut reported = 0;
-        for item in &mut self.items[..self.len] {
-            if let Some(Outcome { report, release }) = item.take() {
-                if let Some((token, result)) = report {
-                    to.complete(token, result);
-                    reported += 1;
-                }
-                drop(release);
-            }
-        }
-        self.len = 0;
-        reported
+        self.deliver_or(to, |slice, _, _| Err(slice))
     }
 }
 

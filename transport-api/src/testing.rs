@@ -294,6 +294,19 @@ pub fn slice(
 /// transport refuses one. The suite then waits until `is_alive()` is false.
 pub type Kill = Box<dyn Fn(&dyn Connection, &mut dyn FnMut() -> Result<(), FailReason>)>;
 
+/// The kill of a transport with a fault knob that refuses every `every`-th post: posts
+/// until one is refused (at most `every` of them).
+pub fn kill_by_fault_knob(every: u64) -> Kill {
+    Box::new(move |_, post| {
+        for _ in 0..every {
+            if post().is_err() {
+                return;
+            }
+        }
+        panic!("the fault knob never refused a post");
+    })
+}
+
 /// What one check works on: two started transports of the same kind.
 pub struct Pair {
     /// Started, nothing registered; serves `endpoint`.

@@ -7,7 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
-use ferry_transport_api::testing::{conformance, Capabilities, Pair, Recorder, Setup};
+use ferry_transport_api::testing::{
+    conformance, kill_by_fault_knob, Capabilities, Pair, Recorder, Setup,
+};
 use ferry_transport_api::{Transport, TransportContext};
 use ferry_transport_efa::{EfaConfig, EfaTransport};
 
@@ -49,14 +51,7 @@ fn pair(config: &EfaConfig, setup: &Setup) -> Pair {
         endpoint,
         initiator,
         reports,
-        kill: Box::new(|_, post| {
-            for _ in 0..FAULT_EVERY {
-                if post().is_err() {
-                    return;
-                }
-            }
-            panic!("the fault knob never refused a post");
-        }),
+        kill: kill_by_fault_knob(FAULT_EVERY),
     }
 }
 

@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use ferry_transport_api::testing::{conformance, Capabilities, Pair, Recorder, Setup};
+use ferry_transport_api::testing::{
+    conformance, kill_by_fault_knob, Capabilities, Pair, Recorder, Setup,
+};
 use ferry_transport_api::{Transport, TransportContext};
 use ferry_transport_rdma::{RdmaConfig, RdmaTransport};
 
@@ -51,14 +53,7 @@ fn pair(setup: &Setup) -> Pair {
         endpoint,
         initiator,
         reports,
-        kill: Box::new(|_, post| {
-            for _ in 0..FAULT_EVERY {
-                if post().is_err() {
-                    return;
-                }
-            }
-            panic!("the fault knob never refused a post");
-        }),
+        kill: kill_by_fault_knob(FAULT_EVERY),
     }
 }
 
