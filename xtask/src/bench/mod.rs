@@ -1,0 +1,54 @@
+//! `cargo xtask bench`: ferry's benchmarks beside their raw baselines, interleaved in one
+//! run: `ferry bench` against `iperf3` on loopback (`tcp`), the EFA transport against a
+//! two-process libfabric loop (`efa`), the Mooncake-compatible Python API against
+//! `ferry bench` (`python`).
+
+mod efa;
+mod python;
+mod tcp;
+
+use anyhow::{bail, Context, Result};
+
+/// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `rma_loop`,
+/// `python -m ferry.bench` all print it).
+pub(crate) fn throughput(out: std::process::Output, what: &str) -> Result<f64> {
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("parsing {what}"))?;
+    v.get("throughput_gbps")
+        .and_then(|x| x.as_f64())
+        .context("no throughput_gbps")
+}
+
+/// The middle value of `xs` (the upper one of an even count).
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// `cargo xtask bench [--efa] [--duration SECS] [--rounds N]`.
+pub(crate) fn bench(args: &[String]) -> Result<()> {
+    let mut duration = "3".to_string();
+    let mut rounds = 3usize;
+    let mut fabric = false;
+    let mut python = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--duration" => duration = it.next().context("--duration needs seconds")?.clone(),
+            "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
+            "--efa" => fabric = true,
+            "--python" => python = true,
+            other => bail!("cargo xtask bench: unknown flag `{other}`"),
+        }
+    }
+    if fabric {
+        return efa::bench(&duration, rounds);
+    }
+    if python {
+        return python::bench(&duration, rounds);
+    }
+    tcp::bench(&duration, rounds)
+}
