@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use std::path::Path;
+
 use anyhow::Result;
 
 use super::{median, throughput};
@@ -9,7 +11,8 @@ use crate::sh::{apt_install, cargo, root, run, BUILD_PACKAGES};
 
 /// `ferry bench --protocol efa` against the minimal libfabric RMA loop of
 /// transport-efa, per provider and operation, 1 MiB blocks, interleaved.
-pub(crate) fn bench(duration: &str, rounds: usize) -> Result<()> {
+pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
+    let _ = plot;
     apt_install(BUILD_PACKAGES)?;
     run(cargo().args(["build", "--release", "-p", "ferry-cli", "--features", "efa"]))?;
     run(cargo().args([

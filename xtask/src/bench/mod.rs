@@ -7,6 +7,8 @@ mod efa;
 mod python;
 mod tcp;
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Context, Result};
 
 /// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `rma_loop`,
@@ -28,12 +30,14 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// `cargo xtask bench [--efa] [--duration SECS] [--rounds N]`.
+/// `cargo xtask bench [--efa | --python] [--duration SECS] [--rounds N] [--plot DIR]`:
+/// with `--plot`, each family also writes its SVG charts into DIR.
 pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
     let mut fabric = false;
     let mut python = false;
+    let mut plot: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -41,14 +45,19 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--efa" => fabric = true,
             "--python" => python = true,
+            "--plot" => plot = Some(it.next().context("--plot needs a directory")?.into()),
             other => bail!("cargo xtask bench: unknown flag `{other}`"),
         }
     }
+    if let Some(dir) = &plot {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let plot = plot.as_deref();
     if fabric {
-        return efa::bench(&duration, rounds);
+        return efa::bench(&duration, rounds, plot);
     }
     if python {
         return python::bench(&duration, rounds);
     }
-    tcp::bench(&duration, rounds)
+    tcp::bench(&duration, rounds, plot)
 }

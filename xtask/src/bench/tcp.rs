@@ -2,6 +2,8 @@
 
 use std::process::{Command, Stdio};
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 
 use super::median;
@@ -17,7 +19,8 @@ const CASES: &[(&str, &str, &str, &str)] = &[
 ];
 
 /// The TCP cases and iperf3, `rounds` interleaved rounds of `duration` seconds.
-pub(crate) fn bench(duration: &str, rounds: usize) -> Result<()> {
+pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
+    let _ = plot;
     if !have("iperf3") {
         apt_install(&["iperf3"])?;
     }
