@@ -4,6 +4,7 @@
 //! `ferry bench` (`python`).
 
 mod efa;
+mod plot;
 mod python;
 mod tcp;
 
