@@ -1,5 +1,10 @@
 //! `ferry bench` and `ferry initiator`: drive batches of READs or WRITEs and report
-//! throughput, latency, errors and CPU time.
+//! throughput, latency, errors, CPU time and what each process holds (threads, file
+//! descriptors, resident memory).
+//!
+//! `ferry bench` runs one initiator against one or more target processes (`--targets N`:
+//! each batch is striped over them), or several initiator processes against one target
+//! (`--initiators N`), or measures the memory of idle peers (`--idle-peers N`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -9,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferry_engine::{Access, Buffer, Engine, RemoteBuffer};
+use ferry_engine::{Access, Buffer, Engine, EngineConfig, RemoteBuffer};
 use rand::RngCore;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{size, EngineArgs};
 
@@ -47,6 +52,21 @@ pub(crate) struct RunArgs {
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     run: RunArgs,
+    /// Target processes to start. Each batch is striped over them (request i goes to
+    /// target i mod N), as a request's KV cache fans out to the ranks that decode it: a
+    /// batch completes when its slowest target has answered.
+    #[arg(long, default_value_t = 1)]
+    targets: usize,
+    /// Initiator processes (`ferry initiator`) to start against one target, each with
+    /// these flags; the report sums their throughput and takes the worst of their
+    /// latencies.
+    #[arg(long, default_value_t = 1)]
+    initiators: usize,
+    /// Measure memory instead of throughput: start N targets and report what one
+    /// initiator holds per connected target, and what one target holds per connected
+    /// initiator (each with `--lanes` connections), idle and after one batch.
+    #[arg(long, value_name = "N", conflicts_with_all = ["targets", "initiators"])]
+    idle_peers: Option<usize>,
 }
 
 #[derive(Args)]
@@ -56,9 +76,99 @@ pub(crate) struct InitiatorArgs {
     segment: String,
     #[command(flatten)]
     run: RunArgs,
+    /// The whole engine configuration as JSON (`EngineConfig`), in place of the engine
+    /// flags; `--secret-file` still applies on top. `ferry bench --initiators` hands its
+    /// children its own configuration this way.
+    #[arg(long, hide = true)]
+    config_json: Option<String>,
 }
 
-#[derive(Serialize)]
+/// What a process holds, from `/proc`: the most seen while the benchmark ran.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+struct Usage {
+    /// `initiator` or `target`.
+    role: String,
+    pid: u32,
+    threads: u64,
+    /// Open file descriptors (sockets, epoll instances, event fds, ...).
+    fds: u64,
+    /// Resident memory (`VmRSS`), KiB.
+    rss_kib: u64,
+}
+
+impl Usage {
+    /// Reads `/proc/PID/status` and `/proc/PID/fd` (this process's when `pid` is `None`).
+    fn of(role: &str, pid: Option<u32>) -> Result<Usage> {
+        let dir = match pid {
+            Some(p) => format!("/proc/{p}"),
+            None => "/proc/self".to_string(),
+        };
+        let status = std::fs::read_to_string(format!("{dir}/status"))
+            .with_context(|| format!("reading {dir}/status"))?;
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir(format!("{dir}/fd"))
+            .with_context(|| format!("listing {dir}/fd"))?
+            .count() as u64;
+        Ok(Usage {
+            role: role.to_string(),
+            pid: pid.unwrap_or_else(std::process::id),
+            threads: field("Threads:"),
+            fds,
+            rss_kib: field("VmRSS:"),
+        })
+    }
+
+    /// Raises each figure to `now`'s where that is higher.
+    fn peak(&mut self, now: &Usage) {
+        self.threads = self.threads.max(now.threads);
+        self.fds = self.fds.max(now.fds);
+        self.rss_kib = self.rss_kib.max(now.rss_kib);
+    }
+}
+
+/// Peak usage of a set of processes, sampled while a benchmark runs.
+struct Watch {
+    peers: Vec<(Option<u32>, Usage)>,
+}
+
+impl Watch {
+    /// This process as the initiator and `targets` as targets.
+    fn new(initiator: bool, targets: &[u32]) -> Watch {
+        let mut peers = Vec::new();
+        if initiator {
+            peers.push((None, Usage::default()));
+        }
+        peers.extend(targets.iter().map(|&p| (Some(p), Usage::default())));
+        let mut w = Watch { peers };
+        for (pid, u) in &mut w.peers {
+            u.role = if pid.is_some() { "target" } else { "initiator" }.into();
+            u.pid = pid.unwrap_or_else(std::process::id);
+        }
+        w
+    }
+
+    /// Samples every process; one that cannot be read (it exited) keeps its last figures.
+    fn sample(&mut self) {
+        for (pid, u) in &mut self.peers {
+            if let Ok(now) = Usage::of(&u.role.clone(), *pid) {
+                u.peak(&now);
+            }
+        }
+    }
+
+    fn into_usage(self) -> Vec<Usage> {
+        self.peers.into_iter().map(|(_, u)| u).collect()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 struct Latency {
     p50: f64,
     p99: f64,
@@ -66,21 +176,26 @@ struct Latency {
     max: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 struct CpuSeconds {
     initiator: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 struct Report {
     protocol: String,
     operation: String,
     block_size: usize,
     batch_size: usize,
+    /// Submitting threads per initiator.
     threads: usize,
     lanes: usize,
+    /// Target processes (each batch striped over them).
+    targets: usize,
+    /// Initiator processes.
+    initiators: usize,
     location: String,
     duration_s: f64,
     bytes: u64,
@@ -96,6 +211,9 @@ struct Report {
     /// Batch waits that slept to their deadline after their tasks had ended (always 0
     /// unless the wait protocol is broken).
     late_wakeups: u64,
+    /// Each process's peak threads, descriptors and resident memory during the run: the
+    /// initiators first, then the targets.
+    peers: Vec<Usage>,
 }
 
 /// Starts `ferry target` as a child on 127.0.0.1 and returns it with its segment name.
@@ -144,24 +262,208 @@ fn spawn_target(args: &RunArgs) -> Result<(Child, String)> {
     }
 }
 
-pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
-    let (mut child, segment) = spawn_target(&args.run)?;
-    let pid = child.id();
-    let result = run(&args.run, &segment, Some(pid));
-    // Closing its standard input asks the target to shut down (closing its fabric
-    // endpoints); one that has not exited after two seconds is killed.
+/// Closes a target's standard input, which asks it to shut down (closing its fabric
+/// endpoints); one that has not exited after two seconds is killed.
+fn stop_target(mut child: Child) {
     drop(child.stdin.take());
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
     let _ = child.wait();
-    result
+}
+
+/// Starts `n` targets; on failure the ones already started are stopped.
+fn spawn_targets(args: &RunArgs, n: usize) -> Result<(Vec<Child>, Vec<String>)> {
+    let (mut children, mut names) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        match spawn_target(args) {
+            Ok((child, name)) => {
+                children.push(child);
+                names.push(name);
+            }
+            Err(e) => {
+                children.into_iter().for_each(stop_target);
+                return Err(e);
+            }
+        }
+    }
+    Ok((children, names))
+}
+
+pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.targets == 0 || args.initiators == 0 {
+        bail!("--targets and --initiators must be positive");
+    }
+    if args.targets > 1 && args.initiators > 1 {
+        bail!("--targets and --initiators cannot both be above 1: choose fan-out or fan-in");
+    }
+    if let Some(n) = args.idle_peers {
+        return idle_peers(&args.run, n);
+    }
+    if args.initiators > 1 {
+        return fan_in(&args.run, args.initiators);
+    }
+    let (children, segments) = spawn_targets(&args.run, args.targets)?;
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let result = args
+        .run
+        .engine
+        .config("127.0.0.1:0")
+        .and_then(|config| run(&args.run, &config, &segments, &pids));
+    children.into_iter().for_each(stop_target);
+    finish(&args.run, result?)
 }
 
 pub(crate) fn run_initiator(args: InitiatorArgs) -> Result<()> {
-    run(&args.run, &args.segment, None)
+    let config = match &args.config_json {
+        Some(json) => {
+            let mut config: EngineConfig =
+                serde_json::from_str(json).context("reading --config-json")?;
+            // Never serialized: the secret travels by file.
+            config.secret = args.run.engine.secret()?;
+            config
+        }
+        None => args.run.engine.config("127.0.0.1:0")?,
+    };
+    let report = run(&args.run, &config, std::slice::from_ref(&args.segment), &[])?;
+    finish(&args.run, report)
+}
+
+/// Prints `report` (JSON or the table); an error when requests did not complete.
+fn finish(args: &RunArgs, report: Report) -> Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    if report.errors > 0 {
+        bail!("{} requests did not complete", report.errors);
+    }
+    Ok(())
+}
+
+/// `--initiators N`: one target, N `ferry initiator --json` children with this run's flags
+/// and engine configuration. Throughput, bytes and errors add up; each latency figure is
+/// the worst initiator's (p99 is then an upper bound of the merged p99).
+fn fan_in(args: &RunArgs, n: usize) -> Result<()> {
+    if args.verify {
+        bail!("--verify with --initiators: the initiators share the target's buffer, so one's bytes overwrite another's; verify with one initiator");
+    }
+    let (target, segment) = spawn_target(args)?;
+    let result = fan_in_against(args, n, &segment, target.id());
+    stop_target(target);
+    finish(args, result?)
+}
+
+fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> Result<Report> {
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let config = args.engine.config("127.0.0.1:0")?;
+    let json = serde_json::to_string(&config).context("encoding the initiators' configuration")?;
+    let e = &args.engine;
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["initiator", "--segment", segment, "--json"])
+            .args(["--config-json", &json])
+            .args(["--location", &e.location])
+            .args(["--buffer-size", &e.buffer_size.to_string()])
+            .args(["--operation", &args.operation])
+            .args(["--block-size", &args.block_size.to_string()])
+            .args(["--batch-size", &args.batch_size.to_string()])
+            .args(["--threads", &args.threads.to_string()])
+            .args(["--duration", &args.duration.to_string()]);
+        if let Some(f) = &e.secret_file {
+            cmd.arg("--secret-file").arg(f);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn();
+        match child {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                for mut c in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e).context("starting an initiator process");
+            }
+        }
+    }
+    // The target's figures while the initiators run; theirs come in their reports.
+    let mut watch = Watch::new(false, &[target_pid]);
+    while children
+        .iter_mut()
+        .any(|c| matches!(c.try_wait(), Ok(None)))
+    {
+        watch.sample();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut reports = Vec::with_capacity(n);
+    let mut failures = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().context("waiting for an initiator")?;
+        match serde_json::from_slice::<Report>(&out.stdout) {
+            Ok(r) => reports.push(r),
+            Err(_) => failures.push(out.status.to_string()),
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {n} initiators reported nothing ({}); their errors are above",
+            failures.len(),
+            failures.join(", ")
+        );
+    }
+    let mut total = reports[0].clone();
+    total.peers.clear();
+    total.initiators = n;
+    let (mut bytes, mut ops, mut errors, mut cpu, mut late) = (0, 0.0, 0, 0.0, 0);
+    for r in &reports {
+        bytes += r.bytes;
+        ops += r.ops_per_sec;
+        errors += r.errors;
+        cpu += r.cpu_seconds.initiator;
+        late += r.late_wakeups;
+        total.duration_s = total.duration_s.max(r.duration_s);
+        total.latency_us.p50 = total.latency_us.p50.max(r.latency_us.p50);
+        total.latency_us.p99 = total.latency_us.p99.max(r.latency_us.p99);
+        total.latency_us.max = total.latency_us.max.max(r.latency_us.max);
+        total.peers.extend(r.peers.iter().cloned());
+    }
+    total.peers.extend(watch.into_usage());
+    total.bytes = bytes;
+    // Each measured its own window of the same length: the rates add up.
+    total.throughput_gbps = reports.iter().map(|r| r.throughput_gbps).sum();
+    total.ops_per_sec = ops;
+    total.errors = errors;
+    total.late_wakeups = late;
+    // The target's CPU time is not known for the initiators' measured windows alone.
+    total.cpu_seconds = CpuSeconds {
+        initiator: cpu,
+        target: None,
+    };
+    total.gb_per_cpu_second = if cpu > 0.0 {
+        bytes as f64 / 1e9 / cpu
+    } else {
+        0.0
+    };
+    Ok(total)
+}
+
+/// CPU seconds of the target processes together.
+fn targets_cpu(pids: &[u32]) -> Result<Option<f64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0.0;
+    for &p in pids {
+        sum += cpu_seconds(Some(p))?;
+    }
+    Ok(Some(sum))
 }
 
 /// CPU seconds (user + system, all threads) of a process, from `/proc/PID/stat`.
@@ -187,12 +489,44 @@ fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
 
 struct Worker {
     local: Buffer,
-    remote: RemoteBuffer,
+    /// One buffer per target: request `i` of a batch goes to `remotes[i % len]`.
+    remotes: Vec<RemoteBuffer>,
     remote_base: u64,
     source: Vec<u8>,
 }
 
-fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
+/// Adds `count` requests of `block` bytes to `b`, striped over `remotes`: request `i`
+/// moves `local[i * block..]` to or from `remotes[i % len]` at `remote_base + i * block`.
+fn striped(
+    b: &mut ferry_engine::BatchBuilder,
+    write: bool,
+    local: &Buffer,
+    remotes: &[RemoteBuffer],
+    remote_base: u64,
+    block: usize,
+    count: usize,
+) -> Result<()> {
+    for i in 0..count {
+        let off = i * block;
+        let remote = &remotes[i % remotes.len()];
+        if write {
+            b.write(local, off, remote, remote_base + off as u64, block)?;
+        } else {
+            b.read(local, off, remote, remote_base + off as u64, block)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drives batches from `args.threads` threads, each batch striped over `segments`;
+/// `target_pids` are the targets' processes when this one started them (their CPU time
+/// and usage are reported).
+fn run(
+    args: &RunArgs,
+    config: &EngineConfig,
+    segments: &[String],
+    target_pids: &[u32],
+) -> Result<Report> {
     let write = match args.operation.to_ascii_lowercase().as_str() {
         "write" => true,
         "read" => false,
@@ -201,15 +535,17 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
     if args.block_size == 0 || args.batch_size == 0 || args.threads == 0 {
         bail!("--block-size, --batch-size and --threads must be positive");
     }
-    let engine =
-        Engine::from_config(&args.engine.config("127.0.0.1:0")?).context("starting the engine")?;
+    let engine = Engine::from_config(config).context("starting the engine")?;
     let location = args.engine.location()?;
-    let seg = engine
-        .open_segment(segment)
-        .with_context(|| format!("opening segment {segment}"))?;
-    let remote = seg.buffer(0).context("the target publishes no buffer")?;
+    let mut remotes = Vec::with_capacity(segments.len());
+    for segment in segments {
+        let seg = engine
+            .open_segment(segment)
+            .with_context(|| format!("opening segment {segment}"))?;
+        remotes.push(seg.buffer(0).context("the target publishes no buffer")?);
+    }
     let span = args.block_size * args.batch_size;
-    let remote_len = remote.len();
+    let remote_len = remotes.iter().map(RemoteBuffer::len).min().unwrap_or(0);
     if span > remote_len {
         bail!(
             "one batch ({} x {}) does not fit the target's {} buffer; raise --buffer-size",
@@ -238,7 +574,15 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
                 let stage = engine.allocate_with(span, location, Access::Local, "")?;
                 stage.write_at(0, &source)?;
                 let mut b = engine.batch();
-                b.write(&stage, 0, &remote, remote_base, span)?;
+                striped(
+                    &mut b,
+                    true,
+                    &stage,
+                    &remotes,
+                    remote_base,
+                    args.block_size,
+                    args.batch_size,
+                )?;
                 b.submit()?
                     .wait(Duration::from_secs(60))
                     .context("seeding the target for --verify")?;
@@ -246,7 +590,7 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         }
         workers.push(Worker {
             local,
-            remote: remote.clone(),
+            remotes: remotes.clone(),
             remote_base,
             source,
         });
@@ -267,14 +611,15 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
                 let one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<u64> {
                     let start = Instant::now();
                     let mut b = engine.batch();
-                    for i in 0..batch {
-                        let off = i * block;
-                        if write {
-                            b.write(&w.local, off, &w.remote, w.remote_base + off as u64, block)?;
-                        } else {
-                            b.read(&w.local, off, &w.remote, w.remote_base + off as u64, block)?;
-                        }
-                    }
+                    striped(
+                        &mut b,
+                        write,
+                        &w.local,
+                        &w.remotes,
+                        w.remote_base,
+                        block,
+                        batch,
+                    )?;
                     let handle = b.submit()?;
                     let mut completed = batch;
                     if let Err(e) = handle.wait(Duration::from_secs(60)) {
@@ -303,16 +648,20 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         ));
     }
 
-    let progress = indicatif::ProgressBar::new_spinner();
+    // A JSON run is read by a program (or is one of `--initiators`' children): no spinner.
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
     progress.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
             .expect("static template"),
     );
     barrier.wait();
-    let cpu0 = (
-        cpu_seconds(None)?,
-        target_pid.map(|p| cpu_seconds(Some(p))).transpose()?,
-    );
+    let mut watch = Watch::new(true, target_pids);
+    watch.sample();
+    let cpu0 = (cpu_seconds(None)?, targets_cpu(target_pids)?);
     let start = Instant::now();
     let duration = Duration::from_secs_f64(args.duration.max(0.1));
     let mut last = (start, 0u64);
@@ -320,6 +669,7 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         std::thread::sleep(
             Duration::from_millis(100).min(duration.saturating_sub(start.elapsed())),
         );
+        watch.sample();
         let now = Instant::now();
         let bytes = moved.load(Ordering::Relaxed);
         if now.duration_since(last.0) >= Duration::from_millis(500) {
@@ -332,6 +682,7 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
             last = (now, bytes);
         }
     }
+    watch.sample();
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -345,15 +696,18 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         done_workers.push(w);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu1 = (
-        cpu_seconds(None)?,
-        target_pid.map(|p| cpu_seconds(Some(p))).transpose()?,
-    );
+    let cpu1 = (cpu_seconds(None)?, targets_cpu(target_pids)?);
     progress.finish_and_clear();
     let bytes = moved.load(Ordering::Relaxed);
 
     let verified = if args.verify {
-        verify(&engine, &done_workers, write, span)?;
+        verify(
+            &engine,
+            &done_workers,
+            write,
+            args.block_size,
+            args.batch_size,
+        )?;
         true
     } else {
         false
@@ -373,12 +727,14 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
     };
     let total_cpu = cpu.initiator + cpu.target.unwrap_or(0.0);
     let report = Report {
-        protocol: args.engine.protocol.clone(),
+        protocol: config.protocol.clone(),
         operation: args.operation.to_ascii_lowercase(),
         block_size: args.block_size,
         batch_size: args.batch_size,
         threads: args.threads,
-        lanes: args.engine.lanes,
+        lanes: config.tcp.lanes,
+        targets: segments.len(),
+        initiators: 1,
         location: args.engine.location.clone(),
         duration_s: elapsed,
         bytes,
@@ -398,25 +754,33 @@ fn run(args: &RunArgs, segment: &str, target_pid: Option<u32>) -> Result<()> {
         cpu_seconds: cpu,
         verified,
         late_wakeups: engine.batch_stats().late_wakeups,
+        peers: watch.into_usage(),
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    if errors > 0 {
-        bail!("{errors} requests did not complete");
-    }
-    Ok(())
+    Ok(report)
 }
 
-fn verify(engine: &Engine, workers: &[Worker], write: bool, span: usize) -> Result<()> {
+fn verify(
+    engine: &Engine,
+    workers: &[Worker],
+    write: bool,
+    block: usize,
+    batch: usize,
+) -> Result<()> {
+    let span = block * batch;
     for (t, w) in workers.iter().enumerate() {
         let mut got = vec![0u8; span];
         if write {
             let back = engine.allocate_with(span, w.local.location(), Access::Local, "")?;
             let mut b = engine.batch();
-            b.read(&back, 0, &w.remote, w.remote_base, span)?;
+            striped(
+                &mut b,
+                false,
+                &back,
+                &w.remotes,
+                w.remote_base,
+                block,
+                batch,
+            )?;
             b.submit()?
                 .wait(Duration::from_secs(60))
                 .context("reading back for --verify")?;
@@ -474,4 +838,204 @@ fn print_table(r: &Report) {
     if r.verified {
         println!("  verified     every byte");
     }
+    println!(
+        "  peers        {} initiator(s), {} target(s); per process, peak:",
+        r.initiators, r.targets
+    );
+    for u in &r.peers {
+        println!(
+            "    {:<9} pid {:<7} threads {:>4}   fds {:>5}   rss {:>9} KiB",
+            u.role, u.pid, u.threads, u.fds, u.rss_kib
+        );
+    }
+}
+
+/// `--idle-peers N`: what a connected but idle peer costs. Figures of one process at
+/// three moments.
+#[derive(Serialize)]
+struct Stages {
+    /// The engine started (and the initiator's send buffer written), no peer.
+    alone: Usage,
+    /// N peers connected (segments opened: descriptors fetched, lanes open), nothing sent.
+    connected: Usage,
+    /// After one batch over each connection, idle again.
+    used: Usage,
+}
+
+/// The cost of one peer: the change from `alone` divided by the number of peers.
+#[derive(Serialize)]
+struct PerPeer {
+    connected_kib: f64,
+    used_kib: f64,
+    threads: f64,
+    fds: f64,
+}
+
+impl Stages {
+    fn per_peer(&self, n: usize) -> PerPeer {
+        let d = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
+        PerPeer {
+            connected_kib: d(self.alone.rss_kib, self.connected.rss_kib),
+            used_kib: d(self.alone.rss_kib, self.used.rss_kib),
+            threads: d(self.alone.threads, self.connected.threads),
+            fds: d(self.alone.fds, self.connected.fds),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    peers: usize,
+    lanes: usize,
+    /// Bytes of the one batch sent over each connection.
+    batch_bytes: usize,
+    /// This process as an initiator with a segment open on each of N targets.
+    initiator: Stages,
+    /// One target with N initiators (engines of this process) connected to it.
+    target: Stages,
+    initiator_per_target: PerPeer,
+    target_per_initiator: PerPeer,
+}
+
+/// Waits for threads the peers start on connect (the target's per-connection threads)
+/// before `/proc` is read.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// One batch of `batch` blocks from `local` to `remote`, waited for.
+fn one_batch(engine: &Engine, local: &Buffer, remote: &RemoteBuffer, args: &RunArgs) -> Result<()> {
+    let mut b = engine.batch();
+    striped(
+        &mut b,
+        true,
+        local,
+        std::slice::from_ref(remote),
+        0,
+        args.block_size,
+        args.batch_size,
+    )?;
+    b.submit()?
+        .wait(Duration::from_secs(60))
+        .context("the batch to an idle peer")?;
+    Ok(())
+}
+
+fn idle_peers(args: &RunArgs, n: usize) -> Result<()> {
+    if n == 0 || args.block_size == 0 || args.batch_size == 0 {
+        bail!("--idle-peers, --block-size and --batch-size must be positive");
+    }
+    // N targets for the initiator's side, one more that N initiators connect to.
+    let (children, segments) = spawn_targets(args, n + 1)?;
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let result = idle_peers_against(args, n, &segments, &pids);
+    children.into_iter().for_each(stop_target);
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "ferry bench --idle-peers {n}: {} lane(s) per connection, one {} batch per connection once used",
+        report.lanes,
+        size::format(report.batch_bytes)
+    );
+    for (what, s, p) in [
+        (
+            "initiator, per target",
+            &report.initiator,
+            &report.initiator_per_target,
+        ),
+        (
+            "target, per initiator",
+            &report.target,
+            &report.target_per_initiator,
+        ),
+    ] {
+        println!(
+            "  {what:<22} rss {:>8.1} KiB connected, {:>8.1} KiB used; threads {:>5.2}; fds {:>5.2}   (alone: {} KiB, {} threads, {} fds)",
+            p.connected_kib, p.used_kib, p.threads, p.fds, s.alone.rss_kib, s.alone.threads, s.alone.fds
+        );
+    }
+    Ok(())
+}
+
+fn idle_peers_against(
+    args: &RunArgs,
+    n: usize,
+    segments: &[String],
+    pids: &[u32],
+) -> Result<IdleReport> {
+    let config = args.engine.config("127.0.0.1:0")?;
+    let location = args.engine.location()?;
+    let span = args.block_size * args.batch_size;
+    let start = || -> Result<(Engine, Buffer)> {
+        let engine = Engine::from_config(&config).context("starting the engine")?;
+        let local = engine
+            .allocate_with(span, location, Access::Local, "")
+            .context("allocating the local buffer")?;
+        // Written once, so that the first batch does not bring its pages in.
+        local.write_at(0, &vec![0x5a; span])?;
+        Ok((engine, local))
+    };
+    let (hub_pid, hub) = (pids[n], &segments[n]);
+
+    let (engine, local) = start()?;
+    settle();
+    let initiator_alone = Usage::of("initiator", None)?;
+    let target_alone = Usage::of("target", Some(hub_pid))?;
+    let mut remotes = Vec::with_capacity(n);
+    for segment in &segments[..n] {
+        let seg = engine
+            .open_segment(segment)
+            .with_context(|| format!("opening segment {segment}"))?;
+        remotes.push(seg.buffer(0).context("the target publishes no buffer")?);
+    }
+    settle();
+    let initiator_connected = Usage::of("initiator", None)?;
+    for remote in &remotes {
+        one_batch(&engine, &local, remote, args)?;
+    }
+    settle();
+    let initiator_used = Usage::of("initiator", None)?;
+
+    // N initiators of the one target: engines of this process (whose own figures are
+    // taken above).
+    let mut initiators = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (e, l) = start()?;
+        let remote = e
+            .open_segment(hub)
+            .with_context(|| format!("opening segment {hub}"))?
+            .buffer(0)
+            .context("the target publishes no buffer")?;
+        initiators.push((e, l, remote));
+    }
+    settle();
+    let target_connected = Usage::of("target", Some(hub_pid))?;
+    for (e, l, remote) in &initiators {
+        one_batch(e, l, remote, args)?;
+    }
+    settle();
+    let target_used = Usage::of("target", Some(hub_pid))?;
+
+    let initiator = Stages {
+        alone: initiator_alone,
+        connected: initiator_connected,
+        used: initiator_used,
+    };
+    let target = Stages {
+        alone: target_alone,
+        connected: target_connected,
+        used: target_used,
+    };
+    Ok(IdleReport {
+        peers: n,
+        lanes: config.tcp.lanes,
+        batch_bytes: span,
+        initiator_per_target: initiator.per_peer(n),
+        target_per_initiator: target.per_peer(n),
+        initiator,
+        target,
+    })
 }
