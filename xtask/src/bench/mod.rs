@@ -6,6 +6,7 @@
 mod efa;
 mod plot;
 mod python;
+mod scale;
 mod tcp;
 
 use std::path::PathBuf;
@@ -31,13 +32,14 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// `cargo xtask bench [--efa | --python] [--duration SECS] [--rounds N] [--plot DIR]`:
+/// `cargo xtask bench [--efa | --python | --scale] [--duration SECS] [--rounds N] [--plot DIR]`:
 /// with `--plot`, each family also writes its SVG charts into DIR.
 pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
     let mut fabric = false;
     let mut python = false;
+    let mut scale = false;
     let mut plot: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -46,6 +48,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             "--rounds" => rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--efa" => fabric = true,
             "--python" => python = true,
+            "--scale" => scale = true,
             "--plot" => plot = Some(it.next().context("--plot needs a directory")?.into()),
             other => bail!("cargo xtask bench: unknown flag `{other}`"),
         }
@@ -59,6 +62,9 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     }
     if python {
         return python::bench(&duration, rounds);
+    }
+    if scale {
+        return scale::bench(&duration, rounds, plot);
     }
     tcp::bench(&duration, rounds, plot)
 }

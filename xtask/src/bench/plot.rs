@@ -1,7 +1,6 @@
 //! SVG line charts for `cargo xtask bench --plot DIR`: one function, [`line_chart`], that
 //! each benchmark family calls with its figures. The SVG carries its text as `<text>`
 //! elements, so the viewer's fonts render it and nothing here reads font files.
-#![allow(dead_code, reason = "the benchmark families call it only with --plot")]
 
 use std::path::Path;
 
