@@ -81,6 +81,11 @@ pub(crate) struct InitiatorArgs {
     /// children its own configuration this way.
     #[arg(long, hide = true)]
     config_json: Option<String>,
+    /// The first of the target buffer's batch-sized slots this initiator's threads use
+    /// (thread t uses slot first + t, wrapping round the buffer): `ferry bench
+    /// --initiators` gives each child slots of its own.
+    #[arg(long, hide = true, default_value_t = 0)]
+    first_slot: usize,
 }
 
 /// What a process holds, from `/proc`: the most seen while the benchmark ran.
@@ -311,7 +316,7 @@ pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
         .run
         .engine
         .config("127.0.0.1:0")
-        .and_then(|config| run(&args.run, &config, &segments, &pids));
+        .and_then(|config| run(&args.run, &config, &segments, &pids, 0));
     children.into_iter().for_each(stop_target);
     finish(&args.run, result?)
 }
@@ -327,7 +332,8 @@ pub(crate) fn run_initiator(args: InitiatorArgs) -> Result<()> {
         }
         None => args.run.engine.config("127.0.0.1:0")?,
     };
-    let report = run(&args.run, &config, std::slice::from_ref(&args.segment), &[])?;
+    let segments = std::slice::from_ref(&args.segment);
+    let report = run(&args.run, &config, segments, &[], args.first_slot)?;
     finish(&args.run, report)
 }
 
@@ -345,11 +351,15 @@ fn finish(args: &RunArgs, report: Report) -> Result<()> {
 }
 
 /// `--initiators N`: one target, N `ferry initiator --json` children with this run's flags
-/// and engine configuration. Throughput, bytes and errors add up; each latency figure is
-/// the worst initiator's (p99 is then an upper bound of the merged p99).
+/// and engine configuration. Throughput, bytes, errors and CPU time add up; each latency
+/// figure is the worst initiator's (p99 is then an upper bound of the merged p99).
 fn fan_in(args: &RunArgs, n: usize) -> Result<()> {
-    if args.verify {
-        bail!("--verify with --initiators: the initiators share the target's buffer, so one's bytes overwrite another's; verify with one initiator");
+    let span = args.block_size * args.batch_size;
+    if args.verify && span * args.threads * n > args.engine.buffer_size {
+        bail!(
+            "--verify with --initiators needs each initiator thread's batch in its own part of the target's buffer: raise --buffer-size to at least {}",
+            size::format(span * args.threads * n)
+        );
     }
     let (target, segment) = spawn_target(args)?;
     let result = fan_in_against(args, n, &segment, target.id());
@@ -363,9 +373,10 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     let json = serde_json::to_string(&config).context("encoding the initiators' configuration")?;
     let e = &args.engine;
     let mut children = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
         let mut cmd = Command::new(&exe);
         cmd.args(["initiator", "--segment", segment, "--json"])
+            .args(["--first-slot", &(i * args.threads).to_string()])
             .args(["--config-json", &json])
             .args(["--location", &e.location])
             .args(["--buffer-size", &e.buffer_size.to_string()])
@@ -376,6 +387,9 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
             .args(["--duration", &args.duration.to_string()]);
         if let Some(f) = &e.secret_file {
             cmd.arg("--secret-file").arg(f);
+        }
+        if args.verify {
+            cmd.arg("--verify");
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -395,6 +409,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     }
     // The target's figures while the initiators run; theirs come in their reports.
     let mut watch = Watch::new(false, &[target_pid]);
+    let target_cpu0 = cpu_seconds(Some(target_pid))?;
     while children
         .iter_mut()
         .any(|c| matches!(c.try_wait(), Ok(None)))
@@ -402,6 +417,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
         watch.sample();
         std::thread::sleep(Duration::from_millis(100));
     }
+    let target_cpu = cpu_seconds(Some(target_pid))? - target_cpu0;
     let mut reports = Vec::with_capacity(n);
     let mut failures = Vec::new();
     for c in children {
@@ -441,13 +457,16 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     total.ops_per_sec = ops;
     total.errors = errors;
     total.late_wakeups = late;
-    // The target's CPU time is not known for the initiators' measured windows alone.
+    total.verified = reports.iter().all(|r| r.verified);
+    // The target's CPU time spans the initiators' whole run, their start and warm-up
+    // included (a little more than their measured windows).
     total.cpu_seconds = CpuSeconds {
         initiator: cpu,
-        target: None,
+        target: Some(target_cpu),
     };
-    total.gb_per_cpu_second = if cpu > 0.0 {
-        bytes as f64 / 1e9 / cpu
+    let all = cpu + target_cpu;
+    total.gb_per_cpu_second = if all > 0.0 {
+        bytes as f64 / 1e9 / all
     } else {
         0.0
     };
@@ -520,12 +539,14 @@ fn striped(
 
 /// Drives batches from `args.threads` threads, each batch striped over `segments`;
 /// `target_pids` are the targets' processes when this one started them (their CPU time
-/// and usage are reported).
+/// and usage are reported). Thread t uses the batch-sized slot `first_slot + t` of the
+/// targets' buffers.
 fn run(
     args: &RunArgs,
     config: &EngineConfig,
     segments: &[String],
     target_pids: &[u32],
+    first_slot: usize,
 ) -> Result<Report> {
     let write = match args.operation.to_ascii_lowercase().as_str() {
         "write" => true,
@@ -554,7 +575,7 @@ fn run(
             size::format(remote_len)
         );
     }
-    if args.verify && span * args.threads > remote_len {
+    if args.verify && span * (first_slot + args.threads) > remote_len {
         bail!("--verify needs each thread's batch in its own part of the target's buffer: raise --buffer-size to at least {}", size::format(span * args.threads));
     }
     let mut workers = Vec::with_capacity(args.threads);
@@ -562,7 +583,7 @@ fn run(
         let local = engine
             .allocate_with(span, location, Access::Local, "")
             .context("allocating the local buffer")?;
-        let remote_base = ((t * span) % (remote_len - span + 1)) as u64;
+        let remote_base = (((first_slot + t) * span) % (remote_len - span + 1)) as u64;
         let mut source = Vec::new();
         if args.verify {
             source = vec![0u8; span];

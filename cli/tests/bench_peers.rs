@@ -66,20 +66,35 @@ fn one_initiator_stripes_over_two_targets_and_verifies() {
 }
 
 #[test]
-fn two_initiator_processes_against_one_target_add_up() {
-    let v = bench(&["--initiators", "2", "--duration", "0.3"]);
+fn two_initiator_processes_against_one_target_add_up_and_verify() {
+    let v = bench(&["--initiators", "2", "--duration", "0.3", "--verify"]);
+    assert_eq!(
+        v["verified"], true,
+        "each initiator's bytes land in its own slots"
+    );
     assert_eq!(v["initiators"], 2);
     assert_eq!(v["targets"], 1);
     assert_eq!(v["errors"], 0);
     assert!(v["bytes"].as_u64().unwrap() > 0);
     assert!(v["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(v["cpu_seconds"]["target"].as_f64().is_some());
     assert_eq!(roles(&v), ["initiator", "initiator", "target"]);
 }
 
 #[test]
-fn fan_in_refuses_verify_and_both_directions_at_once() {
+fn bad_peer_counts_are_refused() {
     for args in [
-        &["bench", "--initiators", "2", "--verify"][..],
+        // 4 initiators x 8 MiB batches do not fit a 16 MiB buffer apart.
+        &[
+            "bench",
+            "--initiators",
+            "4",
+            "--verify",
+            "--buffer-size",
+            "16M",
+            "--batch-size",
+            "128",
+        ][..],
         &["bench", "--initiators", "2", "--targets", "2"][..],
         &["bench", "--targets", "0"][..],
     ] {

@@ -57,6 +57,8 @@ impl Way {
 struct Sample {
     gbps: f64,
     p99_us: f64,
+    /// CPU seconds of every ferry process per second measured: the cores they kept busy.
+    cores: f64,
     /// Per process of the role: (threads, fds, RSS KiB), averaged over its processes.
     initiator: (f64, f64, f64),
     target: (f64, f64, f64),
@@ -98,6 +100,8 @@ fn sample(ferry: &Path, way: Way, peers: usize, duration: &str) -> Result<Sample
     Ok(Sample {
         gbps: num("/throughput_gbps"),
         p99_us: num("/latency_us/p99"),
+        cores: (num("/cpu_seconds/initiator") + num("/cpu_seconds/target"))
+            / num("/duration_s").max(1e-9),
         initiator: usage(&v, "initiator"),
         target: usage(&v, "target"),
     })
@@ -130,13 +134,14 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     println!(
         "loopback scale: 64 KiB WRITE x128 per batch, 1 submitting thread per initiator, medians of {rounds} interleaved rounds of {duration} s"
     );
-    println!("(threads, fds and RSS: peak per process during the run; with N of a role, the mean of the N)");
+    println!("(cores: CPU seconds of all ferry processes per second; threads, fds and RSS: peak per process during the run, with N of a role the mean of the N)");
     println!(
-        "{:>5}  {:<18} {:>7} {:>10}  {:>16} {:>5} {:>8}  {:>16} {:>5} {:>8}",
+        "{:>5}  {:<18} {:>7} {:>10} {:>6}  {:>16} {:>5} {:>8}  {:>16} {:>5} {:>8}",
         "peers",
         "direction",
         "GB/s",
         "p99 ms",
+        "cores",
         "initiator thr",
         "fds",
         "RSS MiB",
@@ -148,11 +153,12 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         for (w, &way) in ways.iter().enumerate() {
             let s = &samples[w][p];
             println!(
-                "{:>5}  {:<18} {:>7.2} {:>10.2}  {:>16.0} {:>5.0} {:>8.1}  {:>16.0} {:>5.0} {:>8.1}",
+                "{:>5}  {:<18} {:>7.2} {:>10.2} {:>6.2}  {:>16.0} {:>5.0} {:>8.1}  {:>16.0} {:>5.0} {:>8.1}",
                 peers,
                 way.label(),
                 med(s, |x| x.gbps),
                 med(s, |x| x.p99_us) / 1e3,
+                med(s, |x| x.cores),
                 med(s, |x| x.initiator.0),
                 med(s, |x| x.initiator.1),
                 med(s, |x| x.initiator.2) / 1024.0,
