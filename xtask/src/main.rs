@@ -54,6 +54,8 @@ fn main() -> Result<()> {
         "cross" => cross::cross(rest),
         "stall" => reliability::stall(rest),
         "fuzz" => fuzz::run(rest),
+        // The server half of `bench`'s ping-pong baseline, started by `bench` itself.
+        "__pingpong-serve" => bench::pingpong_serve(rest),
         _ => {
             eprintln!("{HELP}");
             if task == "help" || task == "--help" {

@@ -4,6 +4,7 @@
 //! `ferry bench` (`python`).
 
 mod efa;
+mod pingpong;
 mod plot;
 mod python;
 mod scale;
@@ -67,4 +68,9 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         return scale::bench(&duration, rounds, plot);
     }
     tcp::bench(&duration, rounds, plot)
+}
+
+/// `xtask __pingpong-serve`: the server process of the ping-pong baseline.
+pub(crate) fn pingpong_serve(args: &[String]) -> Result<()> {
+    pingpong::serve(args)
 }

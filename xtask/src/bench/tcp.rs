@@ -1,65 +1,253 @@
-//! `ferry bench` against `iperf3` on loopback, interleaved.
+//! `ferry bench` against its raw baselines on loopback, interleaved round by round:
+//! `iperf3` (one stream) for throughput, a two-process TCP ping-pong for a small READ's
+//! latency (`pingpong.rs`). With `--plot DIR`, a block-size sweep and the charts; with
+//! `--costs`, what each side spends per MiB moved (`costs.rs`).
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
-use super::median;
+use super::plot::{line_chart, Chart, Series};
+use super::{median, pingpong};
 use crate::sh::{apt_install, cargo, have, root, run};
 
-/// The loopback cases: label, operation, block size, batch size.
-const CASES: &[(&str, &str, &str, &str)] = &[
-    ("write 1 MiB x128", "write", "1M", "128"),
-    ("read  1 MiB x128", "read", "1M", "128"),
-    ("write 64 KiB x128", "write", "64K", "128"),
-    ("read  64 KiB x128", "read", "64K", "128"),
-    ("read  4 KiB x1", "read", "4K", "1"),
+/// A `ferry bench` case: its label and its flags.
+struct Case {
+    label: &'static str,
+    args: &'static [&'static str],
+}
+
+/// The table's cases. The 1 MiB and 64 KiB rows are the ones held against iperf3; the
+/// thread rows check that more submitting threads do not lower the total; the 4 KiB
+/// rows are one READ at a time, in each waiting mode.
+const CASES: &[Case] = &[
+    Case {
+        label: "write 1 MiB x128",
+        args: &[
+            "--operation",
+            "write",
+            "--block-size",
+            "1M",
+            "--batch-size",
+            "128",
+        ],
+    },
+    Case {
+        label: "read  1 MiB x128",
+        args: &[
+            "--operation",
+            "read",
+            "--block-size",
+            "1M",
+            "--batch-size",
+            "128",
+        ],
+    },
+    Case {
+        label: "write 64 KiB x128",
+        args: &[
+            "--operation",
+            "write",
+            "--block-size",
+            "64K",
+            "--batch-size",
+            "128",
+        ],
+    },
+    Case {
+        label: "read  64 KiB x128",
+        args: &[
+            "--operation",
+            "read",
+            "--block-size",
+            "64K",
+            "--batch-size",
+            "128",
+        ],
+    },
+    Case {
+        label: "write 1 MiB x128, 2 thr",
+        args: &[
+            "--operation",
+            "write",
+            "--block-size",
+            "1M",
+            "--batch-size",
+            "128",
+            "--threads",
+            "2",
+        ],
+    },
+    Case {
+        label: "write 1 MiB x128, 4 thr",
+        args: &[
+            "--operation",
+            "write",
+            "--block-size",
+            "1M",
+            "--batch-size",
+            "128",
+            "--threads",
+            "4",
+        ],
+    },
+    Case {
+        label: "read  4 KiB x1, sleep",
+        args: &[
+            "--operation",
+            "read",
+            "--block-size",
+            "4K",
+            "--batch-size",
+            "1",
+            "--busy-poll-us",
+            "0",
+        ],
+    },
+    Case {
+        label: "read  4 KiB x1",
+        args: &[
+            "--operation",
+            "read",
+            "--block-size",
+            "4K",
+            "--batch-size",
+            "1",
+        ],
+    },
+    Case {
+        label: "read  4 KiB x1, poll",
+        args: &[
+            "--operation",
+            "read",
+            "--block-size",
+            "4K",
+            "--batch-size",
+            "1",
+            "--busy-poll-us",
+            "1000",
+        ],
+    },
 ];
 
-/// The TCP cases and iperf3, `rounds` interleaved rounds of `duration` seconds.
+/// The block sizes of the sweep behind the throughput chart.
+const SWEEP: &[usize] = &[4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
+
+/// What one `ferry bench` run reported.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Run {
+    pub(crate) gbps: f64,
+    pub(crate) gb_per_cpu: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    /// CPU microseconds of both processes per request.
+    pub(crate) cpu_us_per_op: f64,
+}
+
+/// Builds `ferry` in release mode and returns its path.
+pub(crate) fn build_ferry() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
+    Ok(root().join("target/release/ferry"))
+}
+
+/// One `ferry bench --json` run with `args` for `duration` seconds.
+pub(crate) fn ferry(ferry: &Path, args: &[&str], duration: &str) -> Result<Run> {
+    let out = Command::new(ferry)
+        .arg("bench")
+        .args(args)
+        .args(["--duration", duration, "--json"])
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running ferry bench")?;
+    if !out.status.success() {
+        bail!("ferry bench {} failed ({})", args.join(" "), out.status);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing ferry bench --json")?;
+    let num = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
+    let ops = num("/ops_per_sec") * num("/duration_s");
+    let cpu = num("/cpu_seconds/initiator") + num("/cpu_seconds/target");
+    Ok(Run {
+        gbps: num("/throughput_gbps"),
+        gb_per_cpu: num("/gb_per_cpu_second"),
+        p50: num("/latency_us/p50"),
+        p99: num("/latency_us/p99"),
+        cpu_us_per_op: if ops > 0.0 { cpu * 1e6 / ops } else { 0.0 },
+    })
+}
+
+/// The median of each field over `runs`.
+fn medians(runs: &[Run]) -> Run {
+    let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    Run {
+        gbps: m(|r| r.gbps),
+        gb_per_cpu: m(|r| r.gb_per_cpu),
+        p50: m(|r| r.p50),
+        p99: m(|r| r.p99),
+        cpu_us_per_op: m(|r| r.cpu_us_per_op),
+    }
+}
+
+/// Bytes as the sweep's flag: 4K, 1M.
+fn size_flag(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{}M", bytes >> 20)
+    } else {
+        format!("{}K", bytes >> 10)
+    }
+}
+
+/// The sweep's batch for `block`: 128 requests, fewer where that would pass the target's
+/// 256 MiB buffer.
+fn sweep_batch(block: usize) -> usize {
+    (128usize).min((128 << 20) / block).max(1)
+}
+
+/// The TCP table (and with `plot`, the sweep and charts), `rounds` interleaved rounds of
+/// `duration` seconds.
 pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
-    let _ = plot;
     if !have("iperf3") {
         apt_install(&["iperf3"])?;
     }
-    run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
-    let ferry = root().join("target/release/ferry");
-    // results[case] = (throughput, efficiency, p50 latency) per round; iperf per round.
-    let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); CASES.len()];
+    let ferry_bin = build_ferry()?;
+    let seconds: f64 = duration.parse().context("--duration")?;
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); CASES.len()];
     let mut iperf = Vec::new();
+    let mut ping: [Vec<pingpong::PingPong>; 2] = [Vec::new(), Vec::new()];
+    // sweep[size] = (write, read, iperf3 -l size) per round.
+    let mut sweep: Vec<[Vec<f64>; 3]> = vec![Default::default(); SWEEP.len()];
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
-        iperf.push(iperf3(duration)?);
-        for (i, (_, operation, block, batch)) in CASES.iter().enumerate() {
-            let args = [
-                "--operation",
-                operation,
-                "--block-size",
-                block,
-                "--batch-size",
-                batch,
-            ];
-            let out = Command::new(&ferry)
-                .arg("bench")
-                .args(args)
-                .args(["--duration", duration, "--json"])
-                .current_dir(root())
-                .stderr(Stdio::inherit())
-                .output()
-                .context("running ferry bench")?;
-            if !out.status.success() {
-                bail!("ferry bench {} failed ({})", args.join(" "), out.status);
+        iperf.push(iperf3(duration, "1M")?);
+        for (i, case) in CASES.iter().enumerate() {
+            results[i].push(ferry(&ferry_bin, case.args, duration)?);
+        }
+        for (k, spin) in [false, true].into_iter().enumerate() {
+            ping[k].push(pingpong::run(4096, spin, Duration::from_secs_f64(seconds))?);
+        }
+        if plot.is_some() {
+            for (i, &block) in SWEEP.iter().enumerate() {
+                let size = size_flag(block);
+                let batch = sweep_batch(block).to_string();
+                for (k, op) in ["write", "read"].into_iter().enumerate() {
+                    let args = [
+                        "--operation",
+                        op,
+                        "--block-size",
+                        &size,
+                        "--batch-size",
+                        &batch,
+                    ];
+                    sweep[i][k].push(ferry(&ferry_bin, &args, duration)?.gbps);
+                }
+                // iperf3 writes and reads at most 1 MiB per call.
+                if block <= 1 << 20 {
+                    sweep[i][2].push(iperf3(duration, &size)?.0);
+                }
             }
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("parsing ferry bench --json")?;
-            let num = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
-            results[i].push((
-                num("/throughput_gbps"),
-                num("/gb_per_cpu_second"),
-                num("/latency_us/p50"),
-            ));
         }
     }
     let ip_rate = median(iperf.iter().map(|x| x.0).collect());
@@ -68,31 +256,121 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         "loopback, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)"
     );
     println!(
-        "{:<20} {:>9} {:>10} {:>14} {:>12}",
-        "case", "GB/s", "vs iperf3", "GB/CPU-second", "p50 latency"
+        "{:<26} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10}",
+        "case", "GB/s", "vs iperf3", "GB/CPU-s", "p50 us", "p99 us", "CPU us/op"
     );
     println!(
-        "{:<20} {:>9.2} {:>10} {:>14.2} {:>12}",
-        "iperf3 -l 1M", ip_rate, "1.00", ip_eff, "-"
+        "{:<26} {:>7.2} {:>9} {:>8.2} {:>10} {:>10} {:>10}",
+        "iperf3 -l 1M", ip_rate, "1.00", ip_eff, "-", "-", "-"
     );
-    for ((label, ..), r) in CASES.iter().zip(&results) {
-        let rate = median(r.iter().map(|x| x.0).collect());
-        let eff = median(r.iter().map(|x| x.1).collect());
-        let p50 = median(r.iter().map(|x| x.2).collect());
+    let rows: Vec<(&str, Run)> = CASES
+        .iter()
+        .zip(&results)
+        .map(|(c, r)| (c.label, medians(r)))
+        .collect();
+    for (label, r) in &rows {
         println!(
-            "{:<20} {:>9.2} {:>10.2} {:>14.2} {:>9.1} us",
+            "{:<26} {:>7.2} {:>9.2} {:>8.2} {:>10.1} {:>10.1} {:>10.1}",
             label,
-            rate,
-            rate / ip_rate,
-            eff,
-            p50
+            r.gbps,
+            r.gbps / ip_rate,
+            r.gb_per_cpu,
+            r.p50,
+            r.p99,
+            r.cpu_us_per_op
         );
+    }
+    let pp: Vec<Run> = ping
+        .iter()
+        .map(|runs| {
+            medians(
+                &runs
+                    .iter()
+                    .map(|p| Run {
+                        p50: p.p50,
+                        p99: p.p99,
+                        cpu_us_per_op: p.cpu_us_per_op,
+                        ..Run::default()
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    for (label, r) in ["ping-pong 4 KiB, sleep", "ping-pong 4 KiB, poll"]
+        .iter()
+        .zip(&pp)
+    {
+        println!(
+            "{:<26} {:>7} {:>9} {:>8} {:>10.1} {:>10.1} {:>10.1}",
+            label, "-", "-", "-", r.p50, r.p99, r.cpu_us_per_op
+        );
+    }
+    // The latency goal: ferry's 4 KiB READ against the ping-pong that waits the same way.
+    let by = |l: &str| rows.iter().find(|(x, _)| *x == l).map(|x| x.1);
+    if let (Some(sleep), Some(poll)) = (by("read  4 KiB x1, sleep"), by("read  4 KiB x1, poll")) {
+        println!(
+            "4 KiB READ p50 vs ping-pong: {:.2}x sleeping, {:.2}x polling",
+            sleep.p50 / pp[0].p50,
+            poll.p50 / pp[1].p50
+        );
+    }
+    if let Some(dir) = plot {
+        charts(dir, &sweep, &rows, &pp)?;
     }
     Ok(())
 }
 
-/// One `iperf3 -l 1M` run on loopback: (GB/s, GB per CPU-second of both ends).
-fn iperf3(duration: &str) -> Result<(f64, f64)> {
+/// Writes `tcp-throughput.svg` (GB/s against block size) and `tcp-latency.svg` (4 KiB
+/// round-trip percentiles) into `dir`.
+fn charts(dir: &Path, sweep: &[[Vec<f64>; 3]], rows: &[(&str, Run)], pp: &[Run]) -> Result<()> {
+    let line = |label: &str, k: usize| Series {
+        label: label.into(),
+        points: SWEEP
+            .iter()
+            .zip(sweep)
+            .filter(|(_, s)| !s[k].is_empty())
+            .map(|(&b, s)| (b as f64, median(s[k].clone())))
+            .collect(),
+    };
+    line_chart(
+        &dir.join("tcp-throughput.svg"),
+        &Chart {
+            title: "TCP on loopback: throughput by block size".into(),
+            x_label: "block size".into(),
+            y_label: "GB/s".into(),
+            log2_x: true,
+            series: vec![
+                line("ferry WRITE", 0),
+                line("ferry READ", 1),
+                line("iperf3, 1 stream", 2),
+            ],
+        },
+    )?;
+    let percentiles = |label: &str, r: &Run| Series {
+        label: label.into(),
+        points: vec![(50.0, r.p50), (99.0, r.p99)],
+    };
+    let mut series: Vec<Series> = rows
+        .iter()
+        .filter(|(l, _)| l.contains("4 KiB"))
+        .map(|(l, r)| percentiles(&format!("ferry {}", l.replace("  ", " ")), r))
+        .collect();
+    series.push(percentiles("ping-pong, sleep", &pp[0]));
+    series.push(percentiles("ping-pong, poll", &pp[1]));
+    line_chart(
+        &dir.join("tcp-latency.svg"),
+        &Chart {
+            title: "4 KiB READ round trip on loopback".into(),
+            x_label: "percentile".into(),
+            y_label: "microseconds".into(),
+            log2_x: false,
+            series,
+        },
+    )
+}
+
+/// One `iperf3 -l LEN` run on loopback: (GB/s, GB per CPU-second of both ends).
+pub(crate) fn iperf3(duration: &str, len: &str) -> Result<(f64, f64)> {
     let port = "5299";
     let mut server = Command::new("iperf3")
         .args(["-s", "-1", "-p", port])
@@ -102,7 +380,7 @@ fn iperf3(duration: &str) -> Result<(f64, f64)> {
         .context("starting iperf3 -s")?;
     let mut out = None;
     for _ in 0..50 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
         let o = Command::new("iperf3")
             .args([
                 "-c",
@@ -110,7 +388,7 @@ fn iperf3(duration: &str) -> Result<(f64, f64)> {
                 "-p",
                 port,
                 "-l",
-                "1M",
+                len,
                 "-t",
                 duration,
                 "-J",
@@ -125,12 +403,12 @@ fn iperf3(duration: &str) -> Result<(f64, f64)> {
     let _ = server.kill();
     let _ = server.wait();
     let out = out.context("iperf3 never connected to its server")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
     let bps = v
         .pointer("/end/sum_received/bits_per_second")
-        .and_then(|x| x.as_f64())
+        .and_then(Value::as_f64)
         .context("iperf3 output")?;
-    let cpu = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0) / 100.0;
+    let cpu = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0) / 100.0;
     let cores = cpu("/end/cpu_utilization_percent/host_total")
         + cpu("/end/cpu_utilization_percent/remote_total");
     let rate = bps / 8e9;
