@@ -52,9 +52,10 @@ pub(crate) struct RunArgs {
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Target processes to start. Each batch is striped over them (request i goes to
-    /// target i mod N), as a request's KV cache fans out to the ranks that decode it: a
-    /// batch completes when its slowest target has answered.
+    /// Target processes to start. Each batch is striped over them (consecutive requests
+    /// to consecutive targets, each batch starting where the last one stopped), as a
+    /// request's KV cache fans out to the ranks that decode it: a batch completes when
+    /// its slowest target has answered.
     #[arg(long, default_value_t = 1)]
     targets: usize,
     /// Initiator processes (`ferry initiator`) to start against one target, each with
@@ -508,33 +509,42 @@ fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
 
 struct Worker {
     local: Buffer,
-    /// One buffer per target: request `i` of a batch goes to `remotes[i % len]`.
+    /// One buffer per target, each batch striped over them.
     remotes: Vec<RemoteBuffer>,
     remote_base: u64,
+    /// The target the next batch's first request goes to: it moves on by the batch size
+    /// after each batch, so that batches smaller than the target count reach them all.
+    next_first: usize,
+    /// The target the last batch's first request went to.
+    last_first: usize,
     source: Vec<u8>,
 }
 
-/// Adds `count` requests of `block` bytes to `b`, striped over `remotes`: request `i`
-/// moves `local[i * block..]` to or from `remotes[i % len]` at `remote_base + i * block`.
-fn striped(
-    b: &mut ferry_engine::BatchBuilder,
-    write: bool,
-    local: &Buffer,
-    remotes: &[RemoteBuffer],
-    remote_base: u64,
+/// `count` requests of `block` bytes striped over `remotes`: request `i` moves
+/// `local[i * block..]` to or from `remotes[(first + i) % len]` at `base + i * block`.
+struct Stripe<'a> {
+    remotes: &'a [RemoteBuffer],
+    first: usize,
+    base: u64,
     block: usize,
     count: usize,
-) -> Result<()> {
-    for i in 0..count {
-        let off = i * block;
-        let remote = &remotes[i % remotes.len()];
-        if write {
-            b.write(local, off, remote, remote_base + off as u64, block)?;
-        } else {
-            b.read(local, off, remote, remote_base + off as u64, block)?;
+}
+
+impl Stripe<'_> {
+    /// Adds the requests to `b`: WRITEs from `local`, or READs into it.
+    fn add(&self, b: &mut ferry_engine::BatchBuilder, write: bool, local: &Buffer) -> Result<()> {
+        for i in 0..self.count {
+            let off = i * self.block;
+            let remote = &self.remotes[(self.first + i) % self.remotes.len()];
+            let at = self.base + off as u64;
+            if write {
+                b.write(local, off, remote, at, self.block)?;
+            } else {
+                b.read(local, off, remote, at, self.block)?;
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Drives batches from `args.threads` threads, each batch striped over `segments`;
@@ -591,19 +601,14 @@ fn run(
             if write {
                 local.write_at(0, &source)?;
             } else {
-                // The target's bytes are what READs fetch: put the random data there.
+                // The targets' bytes are what READs fetch: put the random data in each, so
+                // that every stripe reads it.
                 let stage = engine.allocate_with(span, location, Access::Local, "")?;
                 stage.write_at(0, &source)?;
                 let mut b = engine.batch();
-                striped(
-                    &mut b,
-                    true,
-                    &stage,
-                    &remotes,
-                    remote_base,
-                    args.block_size,
-                    args.batch_size,
-                )?;
+                for remote in &remotes {
+                    b.write(&stage, 0, remote, remote_base, span)?;
+                }
                 b.submit()?
                     .wait(Duration::from_secs(60))
                     .context("seeding the target for --verify")?;
@@ -613,6 +618,8 @@ fn run(
             local,
             remotes: remotes.clone(),
             remote_base,
+            next_first: t % remotes.len(),
+            last_first: 0,
             source,
         });
     }
@@ -628,19 +635,21 @@ fn run(
         let (block, batch) = (args.block_size, args.batch_size);
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
+                let mut w = w;
                 // Returns the bytes the batch moved: only completed tasks count.
-                let one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<u64> {
+                let mut one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<u64> {
                     let start = Instant::now();
                     let mut b = engine.batch();
-                    striped(
-                        &mut b,
-                        write,
-                        &w.local,
-                        &w.remotes,
-                        w.remote_base,
+                    let stripe = Stripe {
+                        remotes: &w.remotes,
+                        first: w.next_first,
+                        base: w.remote_base,
                         block,
-                        batch,
-                    )?;
+                        count: batch,
+                    };
+                    stripe.add(&mut b, write, &w.local)?;
+                    w.last_first = w.next_first;
+                    w.next_first = (w.next_first + batch) % w.remotes.len();
                     let handle = b.submit()?;
                     let mut completed = batch;
                     if let Err(e) = handle.wait(Duration::from_secs(60)) {
@@ -793,15 +802,15 @@ fn verify(
         if write {
             let back = engine.allocate_with(span, w.local.location(), Access::Local, "")?;
             let mut b = engine.batch();
-            striped(
-                &mut b,
-                false,
-                &back,
-                &w.remotes,
-                w.remote_base,
+            // Where the last batch put each block (every batch wrote the same bytes).
+            let stripe = Stripe {
+                remotes: &w.remotes,
+                first: w.last_first,
+                base: w.remote_base,
                 block,
-                batch,
-            )?;
+                count: batch,
+            };
+            stripe.add(&mut b, false, &back)?;
             b.submit()?
                 .wait(Duration::from_secs(60))
                 .context("reading back for --verify")?;
@@ -927,15 +936,14 @@ fn settle() {
 /// One batch of `batch` blocks from `local` to `remote`, waited for.
 fn one_batch(engine: &Engine, local: &Buffer, remote: &RemoteBuffer, args: &RunArgs) -> Result<()> {
     let mut b = engine.batch();
-    striped(
-        &mut b,
-        true,
-        local,
-        std::slice::from_ref(remote),
-        0,
-        args.block_size,
-        args.batch_size,
-    )?;
+    let stripe = Stripe {
+        remotes: std::slice::from_ref(remote),
+        first: 0,
+        base: 0,
+        block: args.block_size,
+        count: args.batch_size,
+    };
+    stripe.add(&mut b, true, local)?;
     b.submit()?
         .wait(Duration::from_secs(60))
         .context("the batch to an idle peer")?;

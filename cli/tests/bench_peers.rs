@@ -6,12 +6,12 @@ use std::process::Command;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
-/// Runs `ferry bench ARGS --json` (small and short) and returns its JSON report.
+/// Runs `ferry bench ARGS --json` with a small buffer and returns its JSON report.
 fn bench(args: &[&str]) -> serde_json::Value {
     let out = Command::new(FERRY)
         .arg("bench")
         .args(args)
-        .args(["--buffer-size", "4M", "--batch-size", "8", "--json"])
+        .args(["--buffer-size", "4M", "--json"])
         .output()
         .unwrap();
     assert!(
@@ -44,10 +44,22 @@ fn roles(v: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
-fn one_initiator_stripes_over_two_targets_and_verifies() {
-    for op in ["write", "read"] {
+fn one_initiator_stripes_over_several_targets_and_verifies() {
+    // Each batch starts where the last one stopped, and the read-back finds every block
+    // where the last batch put it: with batches of 2 over 4 targets, a thread's block
+    // reaches only half of the targets.
+    for (op, targets, batch) in [
+        ("write", "2", "8"),
+        ("read", "2", "8"),
+        ("write", "4", "2"),
+        ("read", "4", "2"),
+    ] {
         let v = bench(&[
             "--targets",
+            targets,
+            "--batch-size",
+            batch,
+            "--threads",
             "2",
             "--operation",
             op,
@@ -55,19 +67,29 @@ fn one_initiator_stripes_over_two_targets_and_verifies() {
             "0.3",
             "--verify",
         ]);
-        assert_eq!(v["targets"], 2);
+        assert_eq!(v["targets"].to_string(), targets);
         assert_eq!(v["initiators"], 1);
         assert_eq!(v["errors"], 0);
         assert_eq!(v["verified"], true, "striped batches land byte for byte");
         assert!(v["bytes"].as_u64().unwrap() > 0);
         assert!(v["cpu_seconds"]["target"].as_f64().is_some());
-        assert_eq!(roles(&v), ["initiator", "target", "target"]);
+        let mut expected = vec!["initiator"];
+        expected.extend(std::iter::repeat_n("target", targets.parse().unwrap()));
+        assert_eq!(roles(&v), expected);
     }
 }
 
 #[test]
 fn two_initiator_processes_against_one_target_add_up_and_verify() {
-    let v = bench(&["--initiators", "2", "--duration", "0.3", "--verify"]);
+    let v = bench(&[
+        "--initiators",
+        "2",
+        "--batch-size",
+        "8",
+        "--duration",
+        "0.3",
+        "--verify",
+    ]);
     assert_eq!(
         v["verified"], true,
         "each initiator's bytes land in its own slots"
@@ -114,7 +136,7 @@ fn bad_peer_counts_are_refused() {
 
 #[test]
 fn idle_peers_reports_what_each_connection_holds() {
-    let v = bench(&["--idle-peers", "2", "--lanes", "2"]);
+    let v = bench(&["--idle-peers", "2", "--lanes", "2", "--batch-size", "8"]);
     assert_eq!(v["peers"], 2);
     assert_eq!(v["lanes"], 2);
     for side in ["initiator", "target"] {
