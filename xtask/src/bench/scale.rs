@@ -15,15 +15,10 @@ use crate::sh::{cargo, root, run};
 
 /// Peer counts, each run both ways.
 const PEERS: [usize; 5] = [1, 2, 4, 8, 16];
-/// The measured shape: 64 KiB WRITEs (a KV-cache block of a few layers), 128 per batch.
-const SHAPE: [&str; 6] = [
-    "--operation",
-    "write",
-    "--block-size",
-    "64K",
-    "--batch-size",
-    "128",
-];
+/// The measured shape: 64 KiB WRITEs (a KV-cache block of a few layers), 128 per batch
+/// (but see [`Way::InSmall`]).
+const SHAPE: [&str; 4] = ["--operation", "write", "--block-size", "64K"];
+const BATCH: &str = "128";
 /// Each target serves this much; a batch's 8 MiB fits several times.
 const BUFFER: &str = "32M";
 /// Peers in the idle-memory measurement, and the lane counts it compares.
@@ -31,17 +26,27 @@ const IDLE_PEERS: &str = "16";
 const IDLE_LANES: [usize; 2] = [1, 4];
 
 /// Fan-out (`--targets`) or fan-in (`--initiators`).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Way {
     Out,
     In,
+    /// Fan-in with batches of 8: N x 512 KiB in flight in place of N x 8 MiB, to tell
+    /// the cost of more peers from the cost of more bytes in flight.
+    InSmall,
 }
 
 impl Way {
     fn flag(self) -> &'static str {
         match self {
             Way::Out => "--targets",
-            Way::In => "--initiators",
+            Way::In | Way::InSmall => "--initiators",
+        }
+    }
+
+    fn batch(self) -> &'static str {
+        match self {
+            Way::Out | Way::In => BATCH,
+            Way::InSmall => "8",
         }
     }
 
@@ -49,6 +54,7 @@ impl Way {
         match self {
             Way::Out => "1 -> N targets",
             Way::In => "N initiators -> 1",
+            Way::InSmall => "N init. -> 1, x8",
         }
     }
 }
@@ -94,6 +100,7 @@ fn sample(ferry: &Path, way: Way, peers: usize, duration: &str) -> Result<Sample
     let n = peers.to_string();
     let mut args = vec!["bench", way.flag(), &n, "--duration", duration];
     args.extend(SHAPE);
+    args.extend(["--batch-size", way.batch()]);
     args.extend(["--buffer-size", BUFFER]);
     let v = ferry_json(ferry, &args)?;
     let num = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
@@ -116,7 +123,7 @@ fn med(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> f64 {
 pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "ferry-cli"]))?;
     let ferry = root().join("target/release/ferry");
-    let ways = [Way::Out, Way::In];
+    let ways = [Way::Out, Way::In, Way::InSmall];
     // samples[way][peer index]: one per round, rounds interleaved over every point.
     let mut samples: Vec<Vec<Vec<Sample>>> = ways
         .iter()
@@ -132,7 +139,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     }
 
     println!(
-        "loopback scale: 64 KiB WRITE x128 per batch, 1 submitting thread per initiator, medians of {rounds} interleaved rounds of {duration} s"
+        "loopback scale: 64 KiB WRITE x{BATCH} per batch (x8 where marked), 1 submitting thread per initiator, medians of {rounds} interleaved rounds of {duration} s"
     );
     println!("(cores: CPU seconds of all ferry processes per second; threads, fds and RSS: peak per process during the run, with N of a role the mean of the N)");
     println!(
@@ -189,11 +196,16 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     idle_memory(&ferry)?;
 
     if let Some(dir) = plot {
-        let series = |f: &dyn Fn(&Sample) -> f64| -> Vec<Series> {
+        // The latency chart keeps to 8 MiB batches: p99 of a 512 KiB batch is another scale.
+        let series = |f: &dyn Fn(&Sample) -> f64, small: bool| -> Vec<Series> {
             ways.iter()
                 .enumerate()
+                .filter(|&(_, &way)| small || way != Way::InSmall)
                 .map(|(w, way)| Series {
-                    label: way.label().to_string(),
+                    label: match way {
+                        Way::InSmall => "N initiators -> 1, batches of 8".to_string(),
+                        _ => way.label().to_string(),
+                    },
                     points: PEERS
                         .iter()
                         .zip(&samples[w])
@@ -206,22 +218,22 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         line_chart(
             &throughput,
             &Chart {
-                title: "Loopback scale: aggregate throughput (64 KiB WRITE x128)".into(),
+                title: "Loopback scale: aggregate throughput, 64 KiB WRITEs".into(),
                 x_label: "peers".into(),
                 y_label: "GB/s".into(),
                 log2_x: true,
-                series: series(&|x| x.gbps),
+                series: series(&|x| x.gbps, true),
             },
         )?;
         let latency = dir.join("scale-latency.svg");
         line_chart(
             &latency,
             &Chart {
-                title: "Loopback scale: p99 batch latency (8 MiB batches)".into(),
+                title: "Loopback scale: p99 latency of 8 MiB batches".into(),
                 x_label: "peers".into(),
                 y_label: "p99 latency, ms".into(),
                 log2_x: true,
-                series: series(&|x| x.p99_us / 1e3),
+                series: series(&|x| x.p99_us / 1e3, false),
             },
         )?;
         eprintln!(
@@ -241,6 +253,7 @@ fn idle_memory(ferry: &Path) -> Result<()> {
         let l = lanes.to_string();
         let mut args = vec!["bench", "--idle-peers", IDLE_PEERS, "--lanes", &l];
         args.extend(SHAPE);
+        args.extend(["--batch-size", BATCH]);
         args.extend(["--buffer-size", "16M"]);
         per.push(ferry_json(ferry, &args)?);
     }
