@@ -36,8 +36,11 @@ use crate::Shared;
 
 /// Most payload bytes gathered into one frame.
 const MAX_FRAME_BYTES: usize = 16 << 20;
-/// Slices queued per lane before `post` waits.
-const QUEUE_DEPTH: usize = 4096;
+/// Slices queued per lane before `post` waits: one frame's worth. The queue only hands
+/// slices to whichever thread sends; what bounds the pipeline is the in-flight table
+/// (`max_inflight`). Its slots are allocated and touched when the lane opens (96 bytes
+/// each), so this is most of an idle lane's memory: 24 KiB.
+const QUEUE_DEPTH: usize = MAX_DESCS;
 /// Bytes a submitting thread sends itself before it leaves the rest to the lane's
 /// sender thread: small submissions skip a thread hand-off, large ones do not block.
 const INLINE_BYTES: usize = 256 * 1024;
@@ -288,9 +291,10 @@ impl TcpConnection {
             let recv_pipe = Pipe::new(recv_stream, Interest::READABLE)?;
             let state = Arc::new(LaneState {
                 dead: AtomicBool::new(false),
-                inflight: Mutex::new(Inflight::with_capacity(
-                    shared.config.max_inflight.max(MAX_DESCS),
-                )),
+                // Like the frame's vectors below, it grows with use to what the traffic
+                // needs (up to `max_inflight`) and keeps that size, so steady state does
+                // not allocate and an idle lane holds no room for a full pipeline.
+                inflight: Mutex::new(Inflight::with_capacity(0)),
                 not_full: Condvar::new(),
                 socket,
                 wakers: [send_pipe.waker(), recv_pipe.waker()],
@@ -310,10 +314,10 @@ impl TcpConnection {
                     seq: 0,
                     held: None,
                     raw: vec![0; HEADER_LEN + MAX_DESCS * DESC_LEN],
-                    frame: Vec::with_capacity(MAX_DESCS),
+                    frame: Vec::new(),
                     unsent: None,
-                    regions: Vec::with_capacity(MAX_DESCS),
-                    spans: Vec::with_capacity(MAX_DESCS),
+                    regions: Vec::new(),
+                    spans: Vec::new(),
                     body: Vec::new(),
                     partial: None,
                 }),
@@ -333,8 +337,8 @@ impl TcpConnection {
                 pipe: recv_pipe,
                 peer: peer.to_string(),
                 answers: Answers::default(),
-                batch: Vec::with_capacity(MAX_DESCS),
-                guard: Vec::with_capacity(MAX_DESCS),
+                batch: Vec::new(),
+                guard: Vec::new(),
             };
             std::thread::Builder::new()
                 .name(format!("ferry-tcp-recv-{index}"))
