@@ -3,6 +3,7 @@
 //! two-process libfabric loop (`efa`), the Mooncake-compatible Python API against
 //! `ferry bench` (`python`).
 
+mod costs;
 mod efa;
 mod pingpong;
 mod plot;
@@ -33,7 +34,7 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// `cargo xtask bench [--efa | --python | --scale] [--duration SECS] [--rounds N] [--plot DIR]`:
+/// `cargo xtask bench [--efa | --python | --scale | --costs] [--duration SECS] [--rounds N] [--plot DIR]`:
 /// with `--plot`, each family also writes its SVG charts into DIR.
 pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut duration = "3".to_string();
@@ -41,6 +42,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     let mut fabric = false;
     let mut python = false;
     let mut scale = false;
+    let mut costs = false;
     let mut plot: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -50,6 +52,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             "--efa" => fabric = true,
             "--python" => python = true,
             "--scale" => scale = true,
+            "--costs" => costs = true,
             "--plot" => plot = Some(it.next().context("--plot needs a directory")?.into()),
             other => bail!("cargo xtask bench: unknown flag `{other}`"),
         }
@@ -63,6 +66,9 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     }
     if python {
         return python::bench(&duration, rounds);
+    }
+    if costs {
+        return costs::bench(&tcp::build_ferry()?, &duration);
     }
     if scale {
         return scale::bench(&duration, rounds, plot);
