@@ -6,7 +6,7 @@
 //! each batch is striped over them), or several initiator processes against one target
 //! (`--initiators N`), or measures the memory of idle peers (`--idle-peers N`).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -87,6 +87,11 @@ pub(crate) struct InitiatorArgs {
     /// --initiators` gives each child slots of its own.
     #[arg(long, hide = true, default_value_t = 0)]
     first_slot: usize,
+    /// After the warm-up, print `ready` and start the measured window when a line
+    /// arrives on standard input: `ferry bench --initiators` starts its children's
+    /// windows together, so that their rates add up.
+    #[arg(long, hide = true)]
+    start_on_stdin: bool,
 }
 
 /// What a process holds, from `/proc`: the most seen while the benchmark ran.
@@ -317,7 +322,7 @@ pub(crate) fn run_bench(args: BenchArgs) -> Result<()> {
         .run
         .engine
         .config("127.0.0.1:0")
-        .and_then(|config| run(&args.run, &config, &segments, &pids, 0));
+        .and_then(|config| run(&args.run, &config, &segments, &pids, Start::default()));
     children.into_iter().for_each(stop_target);
     finish(&args.run, result?)
 }
@@ -334,7 +339,11 @@ pub(crate) fn run_initiator(args: InitiatorArgs) -> Result<()> {
         None => args.run.engine.config("127.0.0.1:0")?,
     };
     let segments = std::slice::from_ref(&args.segment);
-    let report = run(&args.run, &config, segments, &[], args.first_slot)?;
+    let start = Start {
+        first_slot: args.first_slot,
+        on_stdin: args.start_on_stdin,
+    };
+    let report = run(&args.run, &config, segments, &[], start)?;
     finish(&args.run, report)
 }
 
@@ -376,16 +385,22 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     let mut children = Vec::with_capacity(n);
     for i in 0..n {
         let mut cmd = Command::new(&exe);
-        cmd.args(["initiator", "--segment", segment, "--json"])
-            .args(["--first-slot", &(i * args.threads).to_string()])
-            .args(["--config-json", &json])
-            .args(["--location", &e.location])
-            .args(["--buffer-size", &e.buffer_size.to_string()])
-            .args(["--operation", &args.operation])
-            .args(["--block-size", &args.block_size.to_string()])
-            .args(["--batch-size", &args.batch_size.to_string()])
-            .args(["--threads", &args.threads.to_string()])
-            .args(["--duration", &args.duration.to_string()]);
+        cmd.args([
+            "initiator",
+            "--segment",
+            segment,
+            "--json",
+            "--start-on-stdin",
+        ])
+        .args(["--first-slot", &(i * args.threads).to_string()])
+        .args(["--config-json", &json])
+        .args(["--location", &e.location])
+        .args(["--buffer-size", &e.buffer_size.to_string()])
+        .args(["--operation", &args.operation])
+        .args(["--block-size", &args.block_size.to_string()])
+        .args(["--batch-size", &args.batch_size.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--duration", &args.duration.to_string()]);
         if let Some(f) = &e.secret_file {
             cmd.arg("--secret-file").arg(f);
         }
@@ -393,7 +408,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
             cmd.arg("--verify");
         }
         let child = cmd
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn();
@@ -406,6 +421,26 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
                 }
                 return Err(e).context("starting an initiator process");
             }
+        }
+    }
+    // Each says `ready` after its warm-up; then all start their windows at once.
+    let mut outputs = Vec::with_capacity(n);
+    for c in &mut children {
+        let mut out = BufReader::new(c.stdout.take().context("initiator stdout")?);
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        outputs.push(out);
+        if line.trim() != "ready" {
+            for mut c in children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            bail!("an initiator process did not get ready; its errors are above");
+        }
+    }
+    for c in &mut children {
+        if let Some(mut stdin) = c.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
         }
     }
     // The target's figures while the initiators run; theirs come in their reports.
@@ -421,11 +456,13 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     let target_cpu = cpu_seconds(Some(target_pid))? - target_cpu0;
     let mut reports = Vec::with_capacity(n);
     let mut failures = Vec::new();
-    for c in children {
-        let out = c.wait_with_output().context("waiting for an initiator")?;
-        match serde_json::from_slice::<Report>(&out.stdout) {
+    for (mut c, mut out) in children.into_iter().zip(outputs) {
+        let status = c.wait().context("waiting for an initiator")?;
+        let mut json = String::new();
+        let _ = out.read_to_string(&mut json);
+        match serde_json::from_str::<Report>(&json) {
             Ok(r) => reports.push(r),
-            Err(_) => failures.push(out.status.to_string()),
+            Err(_) => failures.push(status.to_string()),
         }
     }
     if !failures.is_empty() {
@@ -547,17 +584,26 @@ impl Stripe<'_> {
     }
 }
 
+/// Where and when an initiator's measurement starts.
+#[derive(Clone, Copy, Default)]
+struct Start {
+    /// Thread t uses the batch-sized slot `first_slot + t` of the targets' buffers.
+    first_slot: usize,
+    /// Print `ready` after the warm-up, then wait for a line on standard input.
+    on_stdin: bool,
+}
+
 /// Drives batches from `args.threads` threads, each batch striped over `segments`;
 /// `target_pids` are the targets' processes when this one started them (their CPU time
-/// and usage are reported). Thread t uses the batch-sized slot `first_slot + t` of the
-/// targets' buffers.
+/// and usage are reported).
 fn run(
     args: &RunArgs,
     config: &EngineConfig,
     segments: &[String],
     target_pids: &[u32],
-    first_slot: usize,
+    start: Start,
 ) -> Result<Report> {
+    let first_slot = start.first_slot;
     let write = match args.operation.to_ascii_lowercase().as_str() {
         "write" => true,
         "read" => false,
@@ -626,12 +672,14 @@ fn run(
 
     let stop = Arc::new(AtomicBool::new(false));
     let moved = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(args.threads + 1));
+    // Every thread has warmed up at `ready`; the measured window opens at `go`.
+    let ready = Arc::new(Barrier::new(args.threads + 1));
+    let go = Arc::new(Barrier::new(args.threads + 1));
     let engine = Arc::new(engine);
     let mut handles = Vec::new();
     for w in workers {
-        let (engine, stop, moved, barrier) =
-            (engine.clone(), stop.clone(), moved.clone(), barrier.clone());
+        let (engine, stop, moved) = (engine.clone(), stop.clone(), moved.clone());
+        let (ready, go) = (ready.clone(), go.clone());
         let (block, batch) = (args.block_size, args.batch_size);
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
@@ -668,7 +716,8 @@ fn run(
                 }
                 errors = 0;
                 let mut lat = Vec::with_capacity(1 << 16);
-                barrier.wait();
+                ready.wait();
+                go.wait();
                 while !stop.load(Ordering::Relaxed) {
                     let bytes = one(&mut lat, &mut errors)?;
                     moved.fetch_add(bytes, Ordering::Relaxed);
@@ -688,7 +737,16 @@ fn run(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
             .expect("static template"),
     );
-    barrier.wait();
+    ready.wait();
+    if start.on_stdin {
+        println!("ready");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("waiting for the start signal")?;
+    }
+    go.wait();
     let mut watch = Watch::new(true, target_pids);
     watch.sample();
     let cpu0 = (cpu_seconds(None)?, targets_cpu(target_pids)?);
