@@ -1043,3 +1043,56 @@ pub mod fuzzing {
         }
     }
 }
+
+/// The wire format's hot paths as the lanes run them, for ferry's micro-benchmarks
+/// (`cargo bench -p ferry-transport-tcp`). Not part of the API: no stability promise.
+#[doc(hidden)]
+pub mod bench {
+    use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN};
+
+    pub use crate::fuzzing::Regions;
+
+    /// Header length.
+    pub const HEADER: usize = HEADER_LEN;
+    /// Request descriptor length.
+    pub const DESC: usize = DESC_LEN;
+
+    /// One request of a frame: address, length, region key.
+    pub type Request = (u64, u64, u64);
+
+    /// Encodes a WRITE frame's header and request descriptors into `out` as the initiator
+    /// does before sending; returns the bytes used. `out` must hold them all.
+    pub fn encode_write_frame(requests: &[Request], seq: u64, out: &mut [u8]) -> usize {
+        out[..HEADER_LEN]
+            .copy_from_slice(&Header::new(Kind::Write, requests.len() as u32, seq).encode());
+        for (i, &(addr, len, key)) in requests.iter().enumerate() {
+            let at = HEADER_LEN + i * DESC_LEN;
+            Desc { addr, len, key }.encode_into(&mut out[at..at + DESC_LEN]);
+        }
+        HEADER_LEN + requests.len() * DESC_LEN
+    }
+
+    /// Decodes a frame as the target does: the header, checked, then its request
+    /// descriptors into `out` (cleared first). `None` for a header the target refuses.
+    pub fn decode_frame(bytes: &[u8], out: &mut Vec<Request>) -> Option<u64> {
+        let header: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN)?.try_into().ok()?;
+        let h = Header::decode(header).ok()?;
+        out.clear();
+        let descs = bytes.get(HEADER_LEN..HEADER_LEN + h.count as usize * DESC_LEN)?;
+        out.extend(descs.chunks_exact(DESC_LEN).map(|b| {
+            let d = Desc::decode(b);
+            (d.addr, d.len, d.key)
+        }));
+        Some(h.seq)
+    }
+
+    /// Encodes one header (a WRITE frame's, of `count` requests).
+    pub fn encode_header(count: u32, seq: u64) -> [u8; HEADER_LEN] {
+        Header::new(Kind::Write, count, seq).encode()
+    }
+
+    /// Decodes and checks one header; its count and sequence number.
+    pub fn decode_header(b: &[u8; HEADER_LEN]) -> Option<(u32, u64)> {
+        Header::decode(b).ok().map(|h| (h.count, h.seq))
+    }
+}

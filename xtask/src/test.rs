@@ -1,5 +1,6 @@
-//! `cargo xtask test`: formatting, the feature matrix, docs, every test, the loom models,
-//! the fuzz targets for a bounded time, and the downstream crate per deployment profile.
+//! `cargo xtask test`: formatting, the feature matrix, docs, every test, the
+//! micro-benchmarks (built, not run), the loom models, the fuzz targets for a bounded
+//! time, and the downstream crate per deployment profile.
 
 use std::process::Command;
 
@@ -192,6 +193,16 @@ fn downstream() -> Result<()> {
     Ok(())
 }
 
+/// The criterion micro-benchmarks (every `[[bench]]` target), built but not run
+/// (`cargo bench` runs them): they use the crates' hidden bench modules and internals'
+/// public faces, so a change that breaks one fails here rather than for the next person
+/// to measure. The test profile reuses the test build's dependencies (a few seconds, or
+/// about 40 s on two cores when criterion itself is built); clippy of `--all-targets`
+/// in the feature matrix lints them.
+fn benches() -> Result<()> {
+    run(cargo().args(["test", "--workspace", "--bench", "*", "--no-run"]))
+}
+
 /// nextest (or `cargo test` where nextest is missing) of `packages` (none: the workspace)
 /// with `features` on top of the defaults; `hw` includes the ignored hardware tests (and
 /// leaves the RDMA transport out of the workspace: the RDMA step runs it, see `rdma.rs`).
@@ -238,6 +249,7 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     feature_matrix()?;
     docs()?;
     run(&mut nextest_or_test(&[], None, hw))?;
+    benches()?;
     reliability::loom()?;
     fuzz::ci()?;
     for features in TEST_FEATURES {
