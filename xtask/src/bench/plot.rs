@@ -65,6 +65,12 @@ fn bytes_label(bytes: f64) -> String {
     format!("{bytes:.0}")
 }
 
+/// A tick value without trailing zeros: 2, 2.5, 0.25.
+fn plain(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 /// `lo..hi` widened so that no point sits on the frame, and never empty.
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
     if hi > lo {
@@ -160,8 +166,7 @@ pub(crate) fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
     };
     let x_format = move |x: &f64| {
         if !log2_x {
-            let s = format!("{x:.2}");
-            return s.trim_end_matches('0').trim_end_matches('.').to_string();
+            return plain(*x);
         }
         // Only whole exponents are block sizes; other ticks stay unlabelled.
         if (x - x.round()).abs() < 1e-6 {
@@ -175,6 +180,7 @@ pub(crate) fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
         .y_desc(&chart.y_label)
         .x_labels(x_ticks)
         .x_label_formatter(&x_format)
+        .y_label_formatter(&|y: &f64| plain(*y))
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 15))
         .light_line_style(WHITE.mix(0.0))
@@ -304,5 +310,8 @@ mod tests {
         assert_eq!(bytes_label(65536.0), "64K");
         assert_eq!(bytes_label(1048576.0), "1M");
         assert_eq!(bytes_label(1536.0), "1.5K");
+        assert_eq!(plain(250.0), "250");
+        assert_eq!(plain(2.5), "2.5");
+        assert_eq!(plain(0.25), "0.25");
     }
 }
