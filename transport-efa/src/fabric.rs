@@ -28,6 +28,15 @@ const CQ_BATCH: usize = OUTCOMES;
 /// within these).
 const MIN_OPS: usize = 256;
 const MAX_OPS: usize = 16384;
+/// How long the progress thread keeps polling an empty queue while operations are in
+/// flight (at least; `EfaConfig::busy_poll` when longer).
+const IN_FLIGHT_SPIN: Duration = Duration::from_millis(2);
+/// A queue read that takes at least this long did a peer's work (copied its data): the
+/// progress thread stays awake as after a completion.
+const BUSY_PASS: Duration = Duration::from_micros(5);
+/// The first and the longest sleep between reads of a queue without a wait object.
+const MIN_NAP: Duration = Duration::from_micros(20);
+const MAX_NAP: Duration = Duration::from_millis(1);
 /// Longest closing the endpoints waits for their operations in flight to complete.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -876,18 +885,32 @@ impl Device {
 
     fn progress_loop(self: Arc<Self>, busy_poll: Duration) {
         let mut idle_since: Option<Instant> = None;
-        let mut nap = Duration::from_micros(20);
+        let mut nap = MIN_NAP;
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             self.sweep(now);
-            let spinning = idle_since.is_none_or(|t| now.duration_since(t) < busy_poll);
             let waitable = self.waitable.load(Ordering::Relaxed);
+            let in_flight = self.ops.busy();
+            // A queue without a wait object is polled for longer while operations are in
+            // flight: their completions are close, and a nap delays each of them (a
+            // queue that can wait wakes when one arrives).
+            let spin_for = if in_flight && !waitable {
+                busy_poll.max(IN_FLIGHT_SPIN)
+            } else {
+                busy_poll
+            };
+            let spinning = idle_since.is_none_or(|t| now.duration_since(t) < spin_for);
             // With operations in flight, wake often enough to sweep their deadlines.
-            let wait_ms = if self.ops.busy() { 10 } else { 100 };
+            let wait_ms = if in_flight { 10 } else { 100 };
             let wait = (!spinning && waitable).then_some(wait_ms);
-            if self.progress_once(wait) > 0 {
+            let handled = self.progress_once(wait);
+            // A passive target's RMA completes nothing on its queue, yet a read of a
+            // queue without a wait object that took this long moved a peer's data (shm
+            // copies it there): as busy as a completion, so no nap follows.
+            let worked = !waitable && now.elapsed() >= BUSY_PASS;
+            if handled > 0 || worked {
                 idle_since = None;
-                nap = Duration::from_micros(20);
+                nap = MIN_NAP;
                 continue;
             }
             if idle_since.is_none() {
@@ -898,7 +921,7 @@ impl Device {
                 // Without a wait object, a manual-progress provider only moves a peer's
                 // RMA while the queue is read: back off slowly.
                 std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(1));
+                nap = (nap * 2).min(MAX_NAP);
             }
         }
     }

@@ -49,7 +49,6 @@
 
 mod fabric;
 mod ops;
-mod rma_loop;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -66,7 +65,6 @@ pub use fabric::{providers, ProviderInfo};
 use fabric::{Device, Mr, PostError};
 #[doc(hidden)]
 pub use ops::OpStats;
-pub use rma_loop::{rma_loop, LoopResult};
 
 /// Settings of the libfabric transport.
 ///
@@ -499,12 +497,11 @@ mod tests {
     }
 
     fn filled(len: usize, seed: u8) -> Arc<RegionMemory> {
-        let r = rma_loop::region(len);
-        let bytes: Vec<u8> = (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect();
-        assert!(r.copy_from_slice_at(0, &bytes));
-        r
+        ferry_transport_api::testing::host_region(
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect(),
+        )
     }
 
     fn contents(r: &RegionMemory) -> Vec<u8> {

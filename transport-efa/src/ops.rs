@@ -167,7 +167,7 @@ mod tests {
     fn slice(task: u32, deadline: Instant) -> Slice {
         Slice {
             op: Opcode::Write,
-            local: crate::rma_loop::region(4096),
+            local: ferry_transport_api::testing::host_region(vec![0; 4096]),
             local_offset: 0,
             remote_addr: 0,
             remote_base: 0,

@@ -1,79 +1,175 @@
-//! `ferry bench --protocol efa` against the libfabric RMA loop on the same provider.
-
-use std::process::Command;
+//! `ferry bench --protocol efa` against a raw two-process libfabric baseline
+//! (`transport-efa/examples/fi_rma_bw.rs`, shaped like fabtests' `fi_rma_bw`) on the
+//! same provider, interleaved.
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
+use super::plot::{line_chart, Chart, Series};
 use super::{median, throughput};
 use crate::sh::{apt_install, cargo, root, run, BUILD_PACKAGES};
 
-/// `ferry bench --protocol efa` against the minimal libfabric RMA loop of
-/// transport-efa, per provider and operation, 1 MiB blocks, interleaved.
-pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
-    let _ = plot;
-    apt_install(BUILD_PACKAGES)?;
-    run(cargo().args(["build", "--release", "-p", "ferry-cli", "--features", "efa"]))?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "ferry-transport-efa",
-        "--example",
-        "rma_loop",
-    ]))?;
-    let ferry = root().join("target/release/ferry");
-    let rma_loop = root().join("target/release/examples/rma_loop");
-    let cases: Vec<(&str, &str)> = ["tcp;ofi_rxm", "shm"]
-        .into_iter()
-        .flat_map(|p| ["write", "read"].into_iter().map(move |o| (p, o)))
-        .collect();
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
-    for round in 1..=rounds {
-        eprintln!("xtask: round {round}/{rounds}");
-        for (i, (provider, op)) in cases.iter().enumerate() {
-            let base = Command::new(&rma_loop)
-                .args([provider, op, "1048576", duration])
-                .output()?;
-            results[i].0.push(throughput(base, "rma_loop")?);
-            let out = Command::new(&ferry)
-                .args([
-                    "bench",
-                    "--protocol",
-                    "efa",
-                    "--provider",
-                    provider,
-                    "--operation",
-                    op,
-                ])
-                .args([
-                    "--block-size",
-                    "1M",
-                    "--batch-size",
-                    "128",
-                    "--duration",
-                    duration,
-                    "--json",
-                ])
-                .output()?;
-            results[i].1.push(throughput(out, "ferry bench")?);
+/// The providers that run on any Linux host.
+const PROVIDERS: &[&str] = &["tcp;ofi_rxm", "shm"];
+/// Block sizes: `ferry bench`'s spelling and bytes (the TCP table's 64 KiB and 1 MiB).
+const BLOCKS: &[(&str, u64)] = &[("64K", 64 << 10), ("1M", 1 << 20)];
+/// The baseline's operations, each with the `ferry bench` operation it is compared with.
+const OPERATIONS: &[(&str, &str)] = &[("write", "write"), ("writedata", "write"), ("read", "read")];
+/// Operations the baseline keeps in flight.
+const WINDOW: &str = "64";
+
+/// One round's figures for a provider and block size.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    /// The baseline per entry of [`OPERATIONS`].
+    baseline: [f64; 3],
+    /// `ferry bench` WRITE and READ.
+    ferry_write: f64,
+    ferry_read: f64,
+}
+
+impl Round {
+    fn ferry(&self, op: &str) -> f64 {
+        if op == "read" {
+            self.ferry_read
+        } else {
+            self.ferry_write
         }
     }
-    println!("libfabric, 1 MiB blocks, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)");
+}
+
+fn baseline(exe: &Path, provider: &str, op: &str, block: u64, duration: &str) -> Result<f64> {
+    let out = Command::new(exe)
+        .args(["--provider", provider, "--operation", op])
+        .args(["--block-size", &block.to_string(), "--window", WINDOW])
+        .args(["--duration", duration])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running fi_rma_bw")?;
+    throughput(out, &format!("fi_rma_bw {provider} {op} {block}"))
+}
+
+fn ferry(exe: &Path, provider: &str, op: &str, block: &str, duration: &str) -> Result<f64> {
+    let out = Command::new(exe)
+        .args(["bench", "--protocol", "efa", "--provider", provider])
+        .args([
+            "--operation",
+            op,
+            "--block-size",
+            block,
+            "--batch-size",
+            "128",
+        ])
+        .args(["--duration", duration, "--json"])
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running ferry bench")?;
+    throughput(out, &format!("ferry bench {provider} {op} {block}"))
+}
+
+/// Per provider, block size and operation, `rounds` interleaved rounds of the baseline
+/// and `ferry bench`; prints medians and the median of each round's ratio.
+pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Result<()> {
+    apt_install(BUILD_PACKAGES)?;
+    // Each program is copied as soon as it is built: another build in the same target
+    // directory (a ferry without `efa`) cannot replace it halfway through the run.
+    let dir = root().join("target/bench-efa");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ferry_exe = dir.join("ferry");
+    let raw = dir.join("fi_rma_bw");
+    let builds: [(&[&str], &str, &Path); 2] = [
+        (
+            &["-p", "ferry-cli", "--features", "efa"],
+            "target/release/ferry",
+            &ferry_exe,
+        ),
+        (
+            &["-p", "ferry-transport-efa", "--example", "fi_rma_bw"],
+            "target/release/examples/fi_rma_bw",
+            &raw,
+        ),
+    ];
+    for (args, built, copy) in builds {
+        run(cargo().args(["build", "--release"]).args(args))?;
+        std::fs::copy(root().join(built), copy)
+            .with_context(|| format!("copying {built} to {}", copy.display()))?;
+    }
+    // results[provider][block] = one Round per round.
+    let mut results = vec![vec![Vec::<Round>::new(); BLOCKS.len()]; PROVIDERS.len()];
+    for round in 1..=rounds {
+        eprintln!("xtask: round {round}/{rounds}");
+        for (p, provider) in PROVIDERS.iter().enumerate() {
+            for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
+                let mut r = Round::default();
+                for (o, (op, _)) in OPERATIONS.iter().enumerate() {
+                    r.baseline[o] = baseline(&raw, provider, op, *bytes, duration)?;
+                }
+                r.ferry_write = ferry(&ferry_exe, provider, "write", block, duration)?;
+                r.ferry_read = ferry(&ferry_exe, provider, "read", block, duration)?;
+                results[p][b].push(r);
+            }
+        }
+    }
     println!(
-        "{:<24} {:>14} {:>14} {:>8}",
-        "provider, operation", "RMA loop GB/s", "ferry GB/s", "ratio"
+        "libfabric, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes); \
+         baseline: fi_rma_bw, two processes, {WINDOW} operations in flight, a completion each; \
+         ferry: ferry bench --batch-size 128; ratio: median of each round's ferry / baseline"
     );
-    for ((provider, op), (base, ferry)) in cases.iter().zip(results) {
-        let (b, f) = (median(base), median(ferry));
-        println!(
-            "{:<24} {:>14.2} {:>14.2} {:>8.2}",
-            format!("{provider} {op}"),
-            b,
-            f,
-            f / b
-        );
+    println!(
+        "{:<12} {:<24} {:>6} {:>15} {:>11} {:>7}",
+        "provider", "ferry op vs baseline op", "block", "baseline GB/s", "ferry GB/s", "ratio"
+    );
+    let mut chart = Chart {
+        title: "EFA transport over loopback providers: WRITE".into(),
+        x_label: "block size".into(),
+        y_label: "GB/s (10^9 bytes/s)".into(),
+        log2_x: true,
+        series: Vec::new(),
+    };
+    for (p, provider) in PROVIDERS.iter().enumerate() {
+        let mut ferry_points = Vec::new();
+        let mut base_points = Vec::new();
+        for (o, (op, ferry_op)) in OPERATIONS.iter().enumerate() {
+            for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
+                let rs = &results[p][b];
+                let base = median(rs.iter().map(|r| r.baseline[o]).collect());
+                let ours = median(rs.iter().map(|r| r.ferry(ferry_op)).collect());
+                let ratio = median(
+                    rs.iter()
+                        .map(|r| r.ferry(ferry_op) / r.baseline[o])
+                        .collect(),
+                );
+                println!(
+                    "{:<12} {:<24} {:>6} {:>15.2} {:>11.2} {:>7.2}",
+                    provider,
+                    format!("{} vs fi_{op}", ferry_op.to_uppercase()),
+                    block,
+                    base,
+                    ours,
+                    ratio
+                );
+                if *op == "write" {
+                    ferry_points.push((*bytes as f64, ours));
+                    base_points.push((*bytes as f64, base));
+                }
+            }
+        }
+        chart.series.push(Series {
+            label: format!("{provider}: ferry WRITE"),
+            points: ferry_points,
+        });
+        chart.series.push(Series {
+            label: format!("{provider}: fi_write baseline"),
+            points: base_points,
+        });
+    }
+    if let Some(dir) = plot {
+        let path = dir.join("efa-throughput.svg");
+        line_chart(&path, &chart)?;
+        eprintln!("xtask: wrote {}", path.display());
     }
     Ok(())
 }
