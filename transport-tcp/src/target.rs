@@ -379,14 +379,16 @@ fn flush_acks(
     shared: &Shared,
     handle: &ConnHandle,
 ) -> io::Result<()> {
-    if acks.statuses.is_empty() {
-        return Ok(());
+    // Statuses pile up across frames (several WRITE frames read before the socket
+    // drains), but one Ack frame carries at most `MAX_DESCS`, as the initiator checks:
+    // past that they go out as several frames.
+    for chunk in acks.statuses.chunks(MAX_DESCS) {
+        let n = chunk.len();
+        let header = Header::new(Kind::Ack, n as u32, acks.first).encode();
+        let mut bufs = [IoSlice::new(&header), IoSlice::new(chunk)];
+        pipe.write_all(&mut bufs, &mut TargetPace::write(shared, handle))?;
+        acks.first += n as u64;
     }
-    let n = acks.statuses.len();
-    let header = Header::new(Kind::Ack, n as u32, acks.first).encode();
-    let mut bufs = [IoSlice::new(&header), IoSlice::new(&acks.statuses)];
-    pipe.write_all(&mut bufs, &mut TargetPace::write(shared, handle))?;
-    acks.first += n as u64;
     acks.statuses.clear();
     Ok(())
 }

@@ -505,6 +505,44 @@ fn closed_connections_leave_no_handles_behind() {
     assert_eq!(target.stats().connections, 20);
 }
 
+/// Acknowledgements of several frames read back to back go out in Ack frames of at most
+/// `MAX_DESCS` statuses each, which is what the initiator accepts.
+#[test]
+fn acknowledgements_of_many_frames_are_split_at_the_frame_limit() {
+    let target = started(TcpConfig::default());
+    let per_frame = 200usize;
+    let frames = 5usize;
+    let block = 16usize;
+    let region = host(per_frame * block);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+    let mut s = connect(&target.addr);
+    // Every frame in one write, so the target reads them before its socket drains.
+    let mut all = Vec::new();
+    for f in 0..frames {
+        all.extend(header(WRITE, per_frame as u32, (f * per_frame) as u64));
+        for i in 0..per_frame {
+            all.extend(desc(region.addr() + (i * block) as u64, block as u64, key));
+        }
+        all.extend(std::iter::repeat_n(f as u8 + 1, per_frame * block));
+    }
+    s.write_all(&all).unwrap();
+    let mut acked = 0usize;
+    while acked < per_frame * frames {
+        let (kind, seq, statuses) = answer(&mut s);
+        assert_eq!(kind, ACK);
+        assert_eq!(seq, acked as u64, "acknowledgements arrive in order");
+        assert!(
+            statuses.len() <= ferry_transport_tcp::fuzzing::MAX_DESCS,
+            "an Ack frame of {} statuses",
+            statuses.len()
+        );
+        assert!(statuses.iter().all(|&st| st == 0));
+        acked += statuses.len();
+    }
+    assert_eq!(acked, per_frame * frames);
+    assert_eq!(bytes_of(&region, 0, block), vec![frames as u8; block]);
+}
+
 #[test]
 fn a_half_closed_write_is_still_acknowledged() {
     let target = started(TcpConfig::default());
