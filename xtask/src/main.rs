@@ -12,10 +12,16 @@
 //! - `cargo xtask cross aarch64`: the `ferry` binary and the test binaries for
 //!   `aarch64-unknown-linux-gnu` with `efa` and `rdma`, and the TCP and EFA loopback
 //!   tests under `qemu-user-static`.
-//! - `cargo xtask bench [--duration S] [--rounds N]`: `ferry bench` and `iperf3 -l 1M` on
-//!   loopback, interleaved in one run, with their ratios.
-//! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a minimal libfabric
-//!   RMA loop, for the `tcp;ofi_rxm` and `shm` providers.
+//! - `cargo xtask bench [--duration S] [--rounds N] [--plot DIR]`: `ferry bench` against
+//!   `iperf3` (throughput) and a two-process TCP ping-pong (4 KiB READ latency) on
+//!   loopback, interleaved in one run, with their ratios; `--plot` adds a block-size
+//!   sweep and writes SVG charts into DIR (every family below takes it too).
+//! - `cargo xtask bench --costs`: syscalls, context switches, CPU time and instructions
+//!   per MiB on each side, ferry's TCP path beside iperf3's.
+//! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a two-process raw
+//!   libfabric RMA baseline, for the `tcp;ofi_rxm` and `shm` providers.
+//! - `cargo xtask bench --scale`: 1 to 16 peers both ways (fan-out and fan-in) with each
+//!   process's threads, descriptors and memory, and the memory of an idle peer and lane.
 //! - `cargo xtask bench --python`: `python -m ferry.bench` (the Mooncake-compatible API)
 //!   against `ferry bench`, interleaved.
 //! - `cargo xtask fuzz [TARGET] [--time SECS]`: the libFuzzer targets of `fuzz/` on the
@@ -37,7 +43,7 @@ use anyhow::{bail, Result};
 
 const HELP: &str = "\
 usage: cargo xtask test [--hw] [--full]
-       cargo xtask bench [--efa | --python] [--duration SECS] [--rounds N]
+       cargo xtask bench [--efa | --scale | --costs | --python] [--duration SECS] [--rounds N] [--plot DIR]
        cargo xtask cross aarch64
        cargo xtask fuzz [TARGET] [--time SECS] [--ci]
        cargo xtask stall [--runs N] [--duration SECS]";
