@@ -26,7 +26,10 @@
 //!   after driving progress, a bounded number of times;
 //! - a progress thread reads the completion queue (providers with manual progress need
 //!   it on the target side too) and maps completion errors to [`FailReason::Device`]
-//!   (transport `efa`, the libfabric code), logging the provider's message;
+//!   (transport `efa`, the libfabric code), logging the provider's message; it sleeps in
+//!   `fi_cq_sread` where the queue has a wait object (IP-based providers), and otherwise
+//!   polls without napping while operations are in flight or while its reads move a
+//!   peer's data (a passive `shm` target copies it there), backing off once idle;
 //! - every slice ends, once: an operation's context comes from a slab allocated when the
 //!   rail opens (no allocation per operation), and the progress thread sweeps the
 //!   deadlines of the operations in flight. A slice whose completion never comes (a

@@ -15,8 +15,20 @@ use crate::sh::{apt_install, cargo, root, run, BUILD_PACKAGES};
 const PROVIDERS: &[&str] = &["tcp;ofi_rxm", "shm"];
 /// Block sizes: `ferry bench`'s spelling and bytes (the TCP table's 64 KiB and 1 MiB).
 const BLOCKS: &[(&str, u64)] = &[("64K", 64 << 10), ("1M", 1 << 20)];
-/// The baseline's operations, each with the `ferry bench` operation it is compared with.
-const OPERATIONS: &[(&str, &str)] = &[("write", "write"), ("writedata", "write"), ("read", "read")];
+/// The baseline's runs: label, `fi_rma_bw` flags, and the `ferry bench` operation each is
+/// compared with. `fi_writemsg` with `FI_DELIVERY_COMPLETE` is the completion ferry's
+/// WRITEs wait for (the data is in the target's memory), which plain `fi_write` on
+/// `tcp;ofi_rxm` does not promise.
+const OPERATIONS: &[(&str, &[&str], &str)] = &[
+    ("fi_write", &["--operation", "write"], "write"),
+    ("fi_writedata", &["--operation", "writedata"], "write"),
+    (
+        "fi_writemsg DC",
+        &["--operation", "write", "--delivery-complete"],
+        "write",
+    ),
+    ("fi_read", &["--operation", "read"], "read"),
+];
 /// Operations the baseline keeps in flight.
 const WINDOW: &str = "64";
 
@@ -24,7 +36,7 @@ const WINDOW: &str = "64";
 #[derive(Clone, Copy, Default)]
 struct Round {
     /// The baseline per entry of [`OPERATIONS`].
-    baseline: [f64; 3],
+    baseline: [f64; OPERATIONS.len()],
     /// `ferry bench` WRITE and READ.
     ferry_write: f64,
     ferry_read: f64,
@@ -40,15 +52,19 @@ impl Round {
     }
 }
 
-fn baseline(exe: &Path, provider: &str, op: &str, block: u64, duration: &str) -> Result<f64> {
+fn baseline(exe: &Path, provider: &str, flags: &[&str], block: u64, duration: &str) -> Result<f64> {
     let out = Command::new(exe)
-        .args(["--provider", provider, "--operation", op])
+        .args(["--provider", provider])
+        .args(flags)
         .args(["--block-size", &block.to_string(), "--window", WINDOW])
         .args(["--duration", duration])
         .stderr(Stdio::inherit())
         .output()
         .context("running fi_rma_bw")?;
-    throughput(out, &format!("fi_rma_bw {provider} {op} {block}"))
+    throughput(
+        out,
+        &format!("fi_rma_bw {provider} {} {block}", flags.join(" ")),
+    )
 }
 
 fn ferry(exe: &Path, provider: &str, op: &str, block: &str, duration: &str) -> Result<f64> {
@@ -104,8 +120,8 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         for (p, provider) in PROVIDERS.iter().enumerate() {
             for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
                 let mut r = Round::default();
-                for (o, (op, _)) in OPERATIONS.iter().enumerate() {
-                    r.baseline[o] = baseline(&raw, provider, op, *bytes, duration)?;
+                for (o, (_, flags, _)) in OPERATIONS.iter().enumerate() {
+                    r.baseline[o] = baseline(&raw, provider, flags, *bytes, duration)?;
                 }
                 r.ferry_write = ferry(&ferry_exe, provider, "write", block, duration)?;
                 r.ferry_read = ferry(&ferry_exe, provider, "read", block, duration)?;
@@ -116,11 +132,12 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     println!(
         "libfabric, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes); \
          baseline: fi_rma_bw, two processes, {WINDOW} operations in flight, a completion each; \
-         ferry: ferry bench --batch-size 128; ratio: median of each round's ferry / baseline"
+         DC: with FI_DELIVERY_COMPLETE, as ferry's WRITEs; ferry: ferry bench --batch-size 128; \
+         ratio: median of each round's ferry / baseline"
     );
     println!(
         "{:<12} {:<24} {:>6} {:>15} {:>11} {:>7}",
-        "provider", "ferry op vs baseline op", "block", "baseline GB/s", "ferry GB/s", "ratio"
+        "provider", "ferry op vs baseline", "block", "baseline GB/s", "ferry GB/s", "ratio"
     );
     let mut chart = Chart {
         title: "EFA transport over loopback providers: WRITE".into(),
@@ -132,7 +149,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     for (p, provider) in PROVIDERS.iter().enumerate() {
         let mut ferry_points = Vec::new();
         let mut base_points = Vec::new();
-        for (o, (op, ferry_op)) in OPERATIONS.iter().enumerate() {
+        for (o, (label, _, ferry_op)) in OPERATIONS.iter().enumerate() {
             for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
                 let rs = &results[p][b];
                 let base = median(rs.iter().map(|r| r.baseline[o]).collect());
@@ -145,13 +162,13 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                 println!(
                     "{:<12} {:<24} {:>6} {:>15.2} {:>11.2} {:>7.2}",
                     provider,
-                    format!("{} vs fi_{op}", ferry_op.to_uppercase()),
+                    format!("{} vs {label}", ferry_op.to_uppercase()),
                     block,
                     base,
                     ours,
                     ratio
                 );
-                if *op == "write" {
+                if *label == "fi_write" {
                     ferry_points.push((*bytes as f64, ours));
                     base_points.push((*bytes as f64, base));
                 }
