@@ -14,125 +14,69 @@ use super::plot::{line_chart, Chart, Series};
 use super::{median, pingpong};
 use crate::sh::{apt_install, cargo, have, root, run};
 
-/// A `ferry bench` case: its label and its flags.
-struct Case {
-    label: &'static str,
-    args: &'static [&'static str],
-}
+/// A `ferry bench` case: its label, operation, block size, batch size and further flags.
+type Case = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
 
 /// The table's cases. The 1 MiB and 64 KiB rows are the ones held against iperf3; the
 /// thread rows check that more submitting threads do not lower the total (with the same
 /// 128 MiB in flight as one thread, so they measure the threads, not a larger working
 /// set); the 4 KiB rows are one READ at a time, in each waiting mode.
 const CASES: &[Case] = &[
-    Case {
-        label: "write 1 MiB x128",
-        args: &[
-            "--operation",
-            "write",
-            "--block-size",
-            "1M",
-            "--batch-size",
-            "128",
-        ],
-    },
-    Case {
-        label: "read  1 MiB x128",
-        args: &[
-            "--operation",
-            "read",
-            "--block-size",
-            "1M",
-            "--batch-size",
-            "128",
-        ],
-    },
-    Case {
-        label: "write 64 KiB x128",
-        args: &[
-            "--operation",
-            "write",
-            "--block-size",
-            "64K",
-            "--batch-size",
-            "128",
-        ],
-    },
-    Case {
-        label: "read  64 KiB x128",
-        args: &[
-            "--operation",
-            "read",
-            "--block-size",
-            "64K",
-            "--batch-size",
-            "128",
-        ],
-    },
-    Case {
-        label: "write 1 MiB x64, 2 thr",
-        args: &[
-            "--operation",
-            "write",
-            "--block-size",
-            "1M",
-            "--batch-size",
-            "64",
-            "--threads",
-            "2",
-        ],
-    },
-    Case {
-        label: "write 1 MiB x32, 4 thr",
-        args: &[
-            "--operation",
-            "write",
-            "--block-size",
-            "1M",
-            "--batch-size",
-            "32",
-            "--threads",
-            "4",
-        ],
-    },
-    Case {
-        label: "read  4 KiB x1, sleep",
-        args: &[
-            "--operation",
-            "read",
-            "--block-size",
-            "4K",
-            "--batch-size",
-            "1",
-            "--busy-poll-us",
-            "0",
-        ],
-    },
-    Case {
-        label: "read  4 KiB x1",
-        args: &[
-            "--operation",
-            "read",
-            "--block-size",
-            "4K",
-            "--batch-size",
-            "1",
-        ],
-    },
-    Case {
-        label: "read  4 KiB x1, poll",
-        args: &[
-            "--operation",
-            "read",
-            "--block-size",
-            "4K",
-            "--batch-size",
-            "1",
-            "--busy-poll-us",
-            "1000",
-        ],
-    },
+    ("write 1 MiB x128", "write", "1M", "128", &[]),
+    ("read  1 MiB x128", "read", "1M", "128", &[]),
+    ("write 64 KiB x128", "write", "64K", "128", &[]),
+    ("read  64 KiB x128", "read", "64K", "128", &[]),
+    (
+        "write 1 MiB x64, 2 thr",
+        "write",
+        "1M",
+        "64",
+        &["--threads", "2"],
+    ),
+    (
+        "write 1 MiB x32, 4 thr",
+        "write",
+        "1M",
+        "32",
+        &["--threads", "4"],
+    ),
+    (
+        "read  4 KiB x1, sleep",
+        "read",
+        "4K",
+        "1",
+        &["--busy-poll-us", "0"],
+    ),
+    ("read  4 KiB x1", "read", "4K", "1", &[]),
+    (
+        "read  4 KiB x1, poll",
+        "read",
+        "4K",
+        "1",
+        &["--busy-poll-us", "1000"],
+    ),
 ];
+
+/// A case's `ferry bench` flags.
+fn flags(case: &Case) -> Vec<&'static str> {
+    let (_, op, block, batch, extra) = *case;
+    let mut f = vec![
+        "--operation",
+        op,
+        "--block-size",
+        block,
+        "--batch-size",
+        batch,
+    ];
+    f.extend_from_slice(extra);
+    f
+}
 
 /// The block sizes of the sweep behind the throughput chart.
 const SWEEP: &[usize] = &[4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
@@ -224,7 +168,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         eprintln!("xtask: round {round}/{rounds}");
         iperf.push(iperf3(duration, "1M")?);
         for (i, case) in CASES.iter().enumerate() {
-            results[i].push(ferry(&ferry_bin, case.args, duration)?);
+            results[i].push(ferry(&ferry_bin, &flags(case), duration)?);
         }
         for (k, spin) in [false, true].into_iter().enumerate() {
             ping[k].push(pingpong::run(4096, spin, Duration::from_secs_f64(seconds))?);
@@ -267,7 +211,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     let rows: Vec<(&str, Run)> = CASES
         .iter()
         .zip(&results)
-        .map(|(c, r)| (c.label, medians(r)))
+        .map(|(c, r)| (c.0, medians(r)))
         .collect();
     for (label, r) in &rows {
         println!(
