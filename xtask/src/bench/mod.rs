@@ -11,9 +11,13 @@ mod python;
 mod scale;
 mod tcp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::sh::root;
 
 /// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `rma_loop`,
 /// `python -m ferry.bench` all print it).
@@ -26,6 +30,21 @@ pub(crate) fn throughput(out: std::process::Output, what: &str) -> Result<f64> {
     v.get("throughput_gbps")
         .and_then(|x| x.as_f64())
         .context("no throughput_gbps")
+}
+
+/// Runs `ferry ARGS --json` and returns its JSON report.
+pub(crate) fn ferry_json(ferry: &Path, args: &[&str]) -> Result<Value> {
+    let out = Command::new(ferry)
+        .args(args)
+        .arg("--json")
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running ferry")?;
+    if !out.status.success() {
+        bail!("ferry {} failed ({})", args.join(" "), out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ferry {}", args.join(" ")))
 }
 
 /// The middle value of `xs` (the upper one of an even count).

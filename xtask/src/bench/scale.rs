@@ -4,13 +4,12 @@
 //! peer and a lane hold (`--idle-peers`).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 
-use super::median;
 use super::plot::{line_chart, Chart, Series};
+use super::{ferry_json, median};
 use crate::sh::{cargo, root, run};
 
 /// Peer counts, each run both ways.
@@ -68,21 +67,6 @@ struct Sample {
     /// Per process of the role: (threads, fds, RSS KiB), averaged over its processes.
     initiator: (f64, f64, f64),
     target: (f64, f64, f64),
-}
-
-/// Runs `ferry ARGS --json` and returns its JSON report.
-fn ferry_json(ferry: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(ferry)
-        .args(args)
-        .arg("--json")
-        .current_dir(root())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running ferry")?;
-    if !out.status.success() {
-        bail!("ferry {} failed ({})", args.join(" "), out.status);
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing ferry {}", args.join(" ")))
 }
 
 /// The mean (threads, fds, RSS KiB) of the report's processes of `role`.

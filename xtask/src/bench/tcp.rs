@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::plot::{line_chart, Chart, Series};
-use super::{median, pingpong};
+use super::{ferry_json, median, pingpong};
 use crate::sh::{apt_install, cargo, have, root, run};
 
 /// A `ferry bench` case: its label, operation, block size, batch size and further flags.
@@ -100,18 +100,10 @@ pub(crate) fn build_ferry() -> Result<PathBuf> {
 
 /// One `ferry bench --json` run with `args` for `duration` seconds.
 pub(crate) fn ferry(ferry: &Path, args: &[&str], duration: &str) -> Result<Run> {
-    let out = Command::new(ferry)
-        .arg("bench")
-        .args(args)
-        .args(["--duration", duration, "--json"])
-        .current_dir(root())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running ferry bench")?;
-    if !out.status.success() {
-        bail!("ferry bench {} failed ({})", args.join(" "), out.status);
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing ferry bench --json")?;
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--duration", duration]);
+    let v = ferry_json(ferry, &all)?;
     let num = |p: &str| v.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
     let ops = num("/ops_per_sec") * num("/duration_s");
     let cpu = num("/cpu_seconds/initiator") + num("/cpu_seconds/target");
