@@ -1,5 +1,6 @@
 //! `cargo xtask bench --costs`: what each side spends per MiB moved, for ferry's TCP
-//! WRITE and READ at 1 MiB and for `iperf3 -l 1M`, side by side. Timings drift on
+//! WRITE and READ at 1 MiB (with 128 MiB and with 8 MiB in flight) and for
+//! `iperf3 -l 1M`, side by side. Timings drift on
 //! shared machines; these counts do not (much), so the README keeps them per release:
 //!
 //! - syscalls, context switches and CPU milliseconds per MiB, from `perf stat`'s
@@ -36,7 +37,8 @@ struct Counts {
 /// What a subject is: ferry with an operation, or iperf3.
 #[derive(Clone, Copy)]
 enum Subject {
-    Ferry(&'static str),
+    /// Operation, block size, requests per batch.
+    Ferry(&'static str, &'static str, &'static str),
     Iperf,
 }
 
@@ -127,7 +129,7 @@ fn measure(
     let _ = std::fs::remove_file(&near_out);
     let _ = std::fs::remove_file(&far_out);
     let bytes = match subject {
-        Subject::Ferry(op) => {
+        Subject::Ferry(op, block, batch) => {
             let mut target = probed(
                 probe,
                 &far_out,
@@ -158,9 +160,9 @@ fn measure(
                         "--operation",
                         op,
                         "--block-size",
-                        "1M",
+                        block,
                         "--batch-size",
-                        "128",
+                        batch,
                         "--busy-poll-us",
                         "0",
                         "--duration",
@@ -268,8 +270,13 @@ pub(crate) fn bench(ferry: &Path, duration: &str) -> Result<()> {
     let long: f64 = duration.parse().context("--duration")?;
     let short = format!("{}", (long / 3.0).max(0.5));
     let subjects = [
-        ("ferry WRITE 1 MiB x128", Subject::Ferry("write")),
-        ("ferry READ 1 MiB x128", Subject::Ferry("read")),
+        (
+            "ferry WRITE 1 MiB x128",
+            Subject::Ferry("write", "1M", "128"),
+        ),
+        ("ferry READ 1 MiB x128", Subject::Ferry("read", "1M", "128")),
+        // 8 MiB in flight instead of 128: what a smaller working set saves in the copies.
+        ("ferry WRITE 1 MiB x8", Subject::Ferry("write", "1M", "8")),
         ("iperf3 -l 1M", Subject::Iperf),
     ];
     println!(
@@ -302,7 +309,7 @@ pub(crate) fn bench(ferry: &Path, duration: &str) -> Result<()> {
             per_mib_instr(Probe::Callgrind)?
         };
         let names = match subject {
-            Subject::Ferry(_) => ("initiator", "target"),
+            Subject::Ferry(..) => ("initiator", "target"),
             Subject::Iperf => ("client", "server"),
         };
         for (name, c, i) in [(names.0, sides.0, instr.0), (names.1, sides.1, instr.1)] {
