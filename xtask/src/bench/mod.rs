@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::sh::root;
 
-/// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `rma_loop`,
+/// The `throughput_gbps` of a benchmark's JSON output (`ferry bench`, `fi_rma_bw`,
 /// `python -m ferry.bench` all print it).
 pub(crate) fn throughput(out: std::process::Output, what: &str) -> Result<f64> {
     if !out.status.success() {

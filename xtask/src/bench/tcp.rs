@@ -289,7 +289,7 @@ fn charts(dir: &Path, sweep: &[[Vec<f64>; 3]], rows: &[(&str, Run)], pp: &[Run])
     };
     let mut series: Vec<Series> = rows
         .iter()
-        .filter(|(l, _)| l.contains("4 KiB"))
+        .filter(|(l, _)| l.starts_with("read  4 KiB"))
         .map(|(l, r)| percentiles(&format!("ferry {}", l.replace("  ", " ")), r))
         .collect();
     series.push(percentiles("ping-pong, sleep", &pp[0]));
