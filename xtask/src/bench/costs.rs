@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use super::tcp::flags;
 use crate::sh::{apt_install, have};
 
 /// The two processes of one run: (initiator or client, target or server).
@@ -149,28 +150,10 @@ fn measure(
             .context("starting ferry target")?;
             let result = (|| {
                 let segment = first_word_after(&mut target, "segment")?;
-                let out = probed(
-                    probe,
-                    &near_out,
-                    ferry,
-                    &[
-                        "initiator",
-                        "--segment",
-                        &segment,
-                        "--operation",
-                        op,
-                        "--block-size",
-                        block,
-                        "--batch-size",
-                        batch,
-                        "--busy-poll-us",
-                        "0",
-                        "--duration",
-                        seconds,
-                        "--json",
-                    ],
-                )
-                .output()?;
+                let mut args = vec!["initiator", "--segment", &segment];
+                args.extend(flags(&("", op, block, batch, &["--busy-poll-us", "0"])));
+                args.extend(["--duration", seconds, "--json"]);
+                let out = probed(probe, &near_out, ferry, &args).output()?;
                 if !out.status.success() {
                     bail!("ferry initiator: {}", String::from_utf8_lossy(&out.stderr));
                 }

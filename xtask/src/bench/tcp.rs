@@ -15,7 +15,7 @@ use super::{ferry_json, median, pingpong};
 use crate::sh::{apt_install, cargo, have, root, run};
 
 /// A `ferry bench` case: its label, operation, block size, batch size and further flags.
-type Case = (
+pub(crate) type Case = (
     &'static str,
     &'static str,
     &'static str,
@@ -64,7 +64,7 @@ const CASES: &[Case] = &[
 ];
 
 /// A case's `ferry bench` flags.
-fn flags(case: &Case) -> Vec<&'static str> {
+pub(crate) fn flags(case: &Case) -> Vec<&'static str> {
     let (_, op, block, batch, extra) = *case;
     let mut f = vec![
         "--operation",
