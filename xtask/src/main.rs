@@ -62,6 +62,8 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run(rest),
         // The server half of `bench`'s ping-pong baseline, started by `bench` itself.
         "__pingpong-serve" => bench::pingpong_serve(rest),
+        // The receiving half of `bench`'s same-memory stream baseline.
+        "__stream-serve" => bench::stream_serve(rest),
         _ => {
             eprintln!("{HELP}");
             if task == "help" || task == "--help" {

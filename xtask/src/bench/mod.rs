@@ -9,6 +9,7 @@ mod pingpong;
 mod plot;
 mod python;
 mod scale;
+mod stream;
 mod tcp;
 
 use std::path::{Path, PathBuf};
@@ -98,4 +99,60 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
 /// `xtask __pingpong-serve`: the server process of the ping-pong baseline.
 pub(crate) fn pingpong_serve(args: &[String]) -> Result<()> {
     pingpong::serve(args)
+}
+
+/// `xtask __stream-serve`: the receiving process of the same-memory stream baseline.
+pub(crate) fn stream_serve(args: &[String]) -> Result<()> {
+    stream::serve(args)
+}
+
+/// Starts this binary with `args` as the server half of a two-process baseline, and
+/// returns it with the loopback port it printed.
+pub(crate) fn spawn_server(args: &[&str]) -> Result<(std::process::Child, u16)> {
+    let mut server = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", args[0]))?;
+    let mut line = String::new();
+    let read = server
+        .stdout
+        .as_mut()
+        .context("server stdout")
+        .and_then(|out| {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+                .context("reading the server's port")
+        });
+    match read.and_then(|_| line.trim().parse::<u16>().context("the server's port")) {
+        Ok(port) => Ok((server, port)),
+        Err(e) => {
+            let _ = server.kill();
+            let _ = server.wait();
+            Err(e)
+        }
+    }
+}
+
+/// The server half's side of [`spawn_server`]: listens on a loopback port, prints it,
+/// and returns the one connection it accepts.
+pub(crate) fn accept_one() -> Result<std::net::TcpStream> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::Write::flush(&mut std::io::stdout())?;
+    Ok(listener.accept()?.0)
+}
+
+/// CPU seconds (user and system) of process `pid`, or of this process.
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name (which may hold spaces) start after its `)`.
+    let rest = stat.rsplit_once(')').map(|x| x.1).context("parsing stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok(ticks / 100.0)
 }

@@ -7,11 +7,12 @@
 //! until the bytes arrive), or busy-polling a non-blocking socket on both sides.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use super::{cpu_seconds, spawn_server};
 
 /// The request: a frame header (16 bytes) and one descriptor (24 bytes).
 const REQUEST: usize = 40;
@@ -62,10 +63,7 @@ fn write_all(s: &mut TcpStream, buf: &[u8], spin: bool) -> std::io::Result<()> {
 pub(crate) fn serve(args: &[String]) -> Result<()> {
     let size: usize = args.first().context("size")?.parse()?;
     let spin = args.get(1).map(String::as_str) == Some("spin");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    println!("{}", listener.local_addr()?.port());
-    std::io::stdout().flush()?;
-    let (mut s, _) = listener.accept()?;
+    let mut s = super::accept_one()?;
     s.set_nodelay(true)?;
     s.set_nonblocking(spin)?;
     let mut request = [0u8; REQUEST];
@@ -79,41 +77,15 @@ pub(crate) fn serve(args: &[String]) -> Result<()> {
     }
 }
 
-/// CPU seconds (user and system) of process `pid`, or of this process.
-fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name (which may hold spaces) start after its `)`.
-    let rest = stat.rsplit_once(')').map(|x| x.1).context("parsing stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    // USER_HZ is 100 on Linux.
-    Ok(ticks / 100.0)
-}
-
 /// One run: a server process (this binary, `__pingpong-serve`) and this process as the
 /// client, for `duration` after the warm-up.
 pub(crate) fn run(size: usize, spin: bool, duration: Duration) -> Result<PingPong> {
-    let exe = std::env::current_exe()?;
-    let mut server = Command::new(exe)
-        .args([
-            "__pingpong-serve",
-            &size.to_string(),
-            if spin { "spin" } else { "block" },
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the ping-pong server")?;
+    let (mut server, port) = spawn_server(&[
+        "__pingpong-serve",
+        &size.to_string(),
+        if spin { "spin" } else { "block" },
+    ])?;
     let result = (|| {
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(server.stdout.as_mut().context("server stdout")?),
-            &mut line,
-        )?;
-        let port: u16 = line.trim().parse().context("the server's port")?;
         let mut s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_nodelay(true)?;
         s.set_nonblocking(spin)?;

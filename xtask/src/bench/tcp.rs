@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::plot::{line_chart, Chart, Series};
-use super::{ferry_json, median, pingpong};
+use super::{ferry_json, median, pingpong, stream};
 use crate::sh::{apt_install, cargo, have, root, run};
 
 /// A `ferry bench` case: its label, operation, block size, batch size and further flags.
@@ -76,6 +76,30 @@ pub(crate) fn flags(case: &Case) -> Vec<&'static str> {
     ];
     f.extend_from_slice(extra);
     f
+}
+
+/// Bytes of a flag such as `4K` or `1M`.
+fn size_bytes(flag: &str) -> usize {
+    let (n, unit) = flag.split_at(flag.len() - 1);
+    let n: usize = n.parse().unwrap_or(0);
+    match unit {
+        "K" => n << 10,
+        "M" => n << 20,
+        _ => 0,
+    }
+}
+
+/// The bytes a throughput case keeps in flight (block x batch x threads), which the
+/// same-memory stream walks; `None` for the one-request latency rows.
+fn in_flight(case: &Case) -> Option<usize> {
+    let (_, _, block, batch, extra) = *case;
+    let batch: usize = batch.parse().ok()?;
+    let threads: usize = extra
+        .iter()
+        .position(|f| *f == "--threads")
+        .and_then(|i| extra.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
+    (batch > 1).then(|| size_bytes(block) * batch * threads)
 }
 
 /// The block sizes of the sweep behind the throughput chart.
@@ -154,11 +178,19 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); CASES.len()];
     let mut iperf = Vec::new();
     let mut ping: [Vec<pingpong::PingPong>; 2] = [Vec::new(), Vec::new()];
+    // The same-memory stream, once per distinct footprint of the throughput cases.
+    let mut footprints: Vec<usize> = CASES.iter().filter_map(in_flight).collect();
+    footprints.sort_unstable();
+    footprints.dedup();
+    let mut streams: Vec<Vec<stream::Stream>> = vec![Vec::new(); footprints.len()];
     // sweep[size] = (write, read, iperf3 -l size) per round.
     let mut sweep: Vec<[Vec<f64>; 3]> = vec![Default::default(); SWEEP.len()];
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
         iperf.push(iperf3(duration, "1M")?);
+        for (i, &bytes) in footprints.iter().enumerate() {
+            streams[i].push(stream::run(bytes, Duration::from_secs_f64(seconds))?);
+        }
         for (i, case) in CASES.iter().enumerate() {
             results[i].push(ferry(&ferry_bin, &flags(case), duration)?);
         }
@@ -192,25 +224,50 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     println!(
         "loopback, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes)"
     );
+    let stream_rate: Vec<(usize, f64, f64)> = footprints
+        .iter()
+        .zip(&streams)
+        .map(|(&b, r)| {
+            let m = |f: fn(&stream::Stream) -> f64| median(r.iter().map(f).collect());
+            (b, m(|x| x.gbps), m(|x| x.gb_per_cpu))
+        })
+        .collect();
     println!(
-        "{:<26} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10}",
-        "case", "GB/s", "vs iperf3", "GB/CPU-s", "p50 us", "p99 us", "CPU us/op"
+        "{:<26} {:>7} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10}",
+        "case", "GB/s", "vs iperf3", "vs stream", "GB/CPU-s", "p50 us", "p99 us", "CPU us/op"
     );
     println!(
-        "{:<26} {:>7.2} {:>9} {:>8.2} {:>10} {:>10} {:>10}",
-        "iperf3 -l 1M", ip_rate, "1.00", ip_eff, "-", "-", "-"
+        "{:<26} {:>7.2} {:>9} {:>9} {:>8.2} {:>10} {:>10} {:>10}",
+        "iperf3 -l 1M", ip_rate, "1.00", "-", ip_eff, "-", "-", "-"
     );
+    for &(bytes, rate, eff) in &stream_rate {
+        println!(
+            "{:<26} {:>7.2} {:>9.2} {:>9} {:>8.2} {:>10} {:>10} {:>10}",
+            format!("stream, {} MiB walked", bytes >> 20),
+            rate,
+            rate / ip_rate,
+            "1.00",
+            eff,
+            "-",
+            "-",
+            "-"
+        );
+    }
     let rows: Vec<(&str, Run)> = CASES
         .iter()
         .zip(&results)
         .map(|(c, r)| (c.0, medians(r)))
         .collect();
-    for (label, r) in &rows {
+    for (case, (label, r)) in CASES.iter().zip(&rows) {
+        let vs_stream = in_flight(case)
+            .and_then(|b| stream_rate.iter().find(|s| s.0 == b))
+            .map_or("-".to_string(), |s| format!("{:.2}", r.gbps / s.1));
         println!(
-            "{:<26} {:>7.2} {:>9.2} {:>8.2} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<26} {:>7.2} {:>9.2} {:>9} {:>8.2} {:>10.1} {:>10.1} {:>10.1}",
             label,
             r.gbps,
             r.gbps / ip_rate,
+            vs_stream,
             r.gb_per_cpu,
             r.p50,
             r.p99,
@@ -238,8 +295,8 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         .zip(&pp)
     {
         println!(
-            "{:<26} {:>7} {:>9} {:>8} {:>10.1} {:>10.1} {:>10.1}",
-            label, "-", "-", "-", r.p50, r.p99, r.cpu_us_per_op
+            "{:<26} {:>7} {:>9} {:>9} {:>8} {:>10.1} {:>10.1} {:>10.1}",
+            label, "-", "-", "-", "-", r.p50, r.p99, r.cpu_us_per_op
         );
     }
     // The latency goal: ferry's 4 KiB READ against the ping-pong that waits the same way.
