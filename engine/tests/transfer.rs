@@ -507,3 +507,40 @@ fn handles_follow_a_restarted_peer_without_reopening() {
     let now = initiator.open_segment(&address).unwrap();
     assert_ne!(now.descriptor().incarnation, old_incarnation);
 }
+
+/// A thread waiting on a batch while it busy-polls reads its answers over TCP itself
+/// (no hand-off from the lane's receiver thread, counted in
+/// `TcpStats::answers_read_by_waiters`), and gets the right bytes; with busy polling off
+/// it sleeps at once and never does. A READ of 64 MiB comes back in several answers, and
+/// the waiter spins through all of them: the receiver thread may read the first ones
+/// before the waiter starts, and then hands over between two answers.
+#[test]
+fn a_busy_polling_waiter_reads_its_own_answers() {
+    for (busy_poll, by_waiters) in [(Duration::ZERO, false), (Duration::from_secs(60), true)] {
+        let target = engine();
+        let initiator = engine_with(TcpConfig {
+            busy_poll,
+            ..TcpConfig::default()
+        });
+        let len = 64 << 20;
+        let remote_buf = target.allocate(len, Location::host()).unwrap();
+        let remote = common::remote_of(&initiator, &target, &remote_buf);
+        let local = initiator.allocate(len, Location::host()).unwrap();
+        for _ in 0..2 {
+            let data = random(len);
+            remote_buf.write_at(0, &data).unwrap();
+            let mut b = initiator.batch();
+            b.read(&local, 0, &remote, 0, len).unwrap();
+            b.submit().unwrap().wait(WAIT).unwrap();
+            let mut got = vec![0u8; len];
+            local.read_at(0, &mut got).unwrap();
+            assert_bytes_eq(&got, &data, "READ");
+        }
+        let read = initiator.tcp_stats().answers_read_by_waiters;
+        assert_eq!(
+            read > 0,
+            by_waiters,
+            "busy poll {busy_poll:?}: {read} answers"
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! The initiator's side of a lane fed a hostile target's answers: acknowledgements,
 //! READ data, sequence numbers and statuses as a fake target on loopback sends them.
 //!
-//! Input: one byte `n - 1` (one to four requests), then three bytes per request (bit 0
+//! Input: one byte (bits 0-1: `n - 1`, one to four requests; bit 2: the waiting thread
+//! drives the connection, reading the answers itself through `Connection::drive`,
+//! instead of leaving them to the lane's receiver thread), then three bytes per request (bit 0
 //! of the first: READ or WRITE; the next two, little endian: the length less one, up to
 //! 4096), then the bytes the fake target answers with before it closes. A fresh lane
 //! starts its sequence at 0, so recorded answers replay as they are.
@@ -105,6 +107,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = data.split_first() else {
         return;
     };
+    let drive = n & 4 != 0;
     let n = usize::from(n & 3) + 1;
     let Some((specs, reply)) = rest.split_at_checked(3 * n) else {
         return;
@@ -170,11 +173,23 @@ fuzz_target!(|data: &[u8]| {
     conn.flush();
     let mut results: Vec<Option<Result<usize, FailReason>>> = vec![None; requests.len()];
     let expected = posted.iter().filter(|p| **p).count();
+    let driving = drive && conn.start_driving();
+    let give_up = start + DEADLINE + Duration::from_secs(5);
     for _ in 0..expected {
-        let (token, result) = h
-            .done
-            .recv_timeout(DEADLINE + Duration::from_secs(5))
-            .expect("a request never completed");
+        let (token, result) = if driving {
+            loop {
+                if let Ok(done) = h.done.try_recv() {
+                    break done;
+                }
+                assert!(Instant::now() < give_up, "a request never completed");
+                conn.drive();
+                std::thread::yield_now();
+            }
+        } else {
+            h.done
+                .recv_deadline(give_up)
+                .expect("a request never completed")
+        };
         let i = token.task as usize;
         assert!(
             posted[i],
@@ -182,6 +197,9 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(results[i].is_none(), "request {i} completed twice");
         results[i] = Some(result);
+    }
+    if driving {
+        conn.stop_driving();
     }
     fake.join().expect("fake target");
     assert!(

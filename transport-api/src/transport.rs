@@ -137,6 +137,26 @@ pub trait Connection: Send + Sync {
     /// and must make sure everything posted is under way without further calls.
     fn flush(&self) {}
 
+    /// The calling thread is about to spin waiting for answers to slices it posted here:
+    /// a transport whose answers a worker thread receives may let the caller receive
+    /// them itself instead ([`drive`](Self::drive)), saving the hand-off from that
+    /// worker and a spinning thread. Returns whether it does; when it does, the caller
+    /// calls [`drive`](Self::drive) while it spins and [`stop_driving`](Self::stop_driving)
+    /// once before it stops spinning (to sleep, or because its wait is over).
+    fn start_driving(&self) -> bool {
+        false
+    }
+
+    /// Receives and completes what has arrived, if no other thread is receiving it; never
+    /// waits for more than the rest of an answer that has started to arrive. Only
+    /// between [`start_driving`](Self::start_driving) and
+    /// [`stop_driving`](Self::stop_driving).
+    fn drive(&self) {}
+
+    /// Ends what [`start_driving`](Self::start_driving) started: the transport's own
+    /// threads receive again.
+    fn stop_driving(&self) {}
+
     /// Whether the connection still works; a dead one is replaced on the next
     /// [`Transport::connect`].
     fn is_alive(&self) -> bool;

@@ -25,7 +25,10 @@ use ferry_transport_api::sync::Doorbell;
 use ferry_transport_api::{
     Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
-use mio::{Interest, Waker};
+use std::os::fd::{AsRawFd, RawFd};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
@@ -79,7 +82,9 @@ struct LaneState {
     not_full: Condvar,
     /// A handle on the socket, to shut it down from any thread.
     socket: TcpStream,
-    wakers: [Arc<Waker>; 2],
+    /// Wake the threads that may sleep on the lane's socket: the sender, the receiving
+    /// half's holder within an answer, the receiver thread between answers.
+    wakers: [Arc<Waker>; 3],
 }
 
 /// Why a lane's I/O error ends what the lane carries: the transport shutting down (its
@@ -175,6 +180,11 @@ struct Lane {
     sender: OnceLock<Thread>,
     /// Cleared when the connection is dropped: the sender thread then exits.
     open: AtomicBool,
+    /// The receiving half: whoever holds it reads answers, one whole answer at a time
+    /// (the lane's receiver thread, or a waiting thread driving the connection).
+    recv: Mutex<Receiver_>,
+    /// Waiting threads receiving on this lane.
+    drivers: Drivers,
 }
 
 impl Lane {
@@ -236,6 +246,164 @@ impl Lane {
             std::thread::park();
         }
     }
+
+    /// The receiver thread: reads the answers that arrive (spinning briefly while small
+    /// requests are in flight, then sleeping on `idle` until the socket is readable). It
+    /// ends when the lane closes.
+    fn receiver_loop(self: Arc<Self>, mut idle: IdleWait) {
+        let span = tracing::debug_span!("lane-recv");
+        let _enter = span.enter();
+        let mut spin_until = None;
+        loop {
+            if let Err(e) = self.receiver_step(&mut idle, &mut spin_until) {
+                self.recv.lock().fail(&e);
+                return;
+            }
+        }
+    }
+
+    /// Reads what has arrived, then spins (a yield) while small requests are in flight
+    /// and no waiting thread drives the lane, or sleeps until the socket is readable or a
+    /// deadline check is due.
+    fn receiver_step(
+        &self,
+        idle: &mut IdleWait,
+        spin_until: &mut Option<Instant>,
+    ) -> io::Result<()> {
+        let mut r = self.recv.lock();
+        // Answer by answer; a waiting thread that comes to drive takes over between two.
+        let mut got = false;
+        while !self.drivers.present() && r.receive()? {
+            got = true;
+        }
+        if got {
+            *spin_until = None;
+        }
+        let now = Instant::now();
+        if !self.drivers.present() && now < *spin_until.get_or_insert_with(|| now + r.pace().spin())
+        {
+            drop(r);
+            std::thread::yield_now();
+            return Ok(());
+        }
+        let timeout = r.pace().before_sleep()?;
+        drop(r);
+        *spin_until = None;
+        idle.sleep(timeout)
+    }
+
+    /// A waiting thread's turn at receiving (see `Connection::drive`): reads what has
+    /// arrived unless another thread holds the receiving half.
+    fn drive(&self) {
+        if self.state.dead.load(Ordering::Acquire) || self.state.inflight.lock().entries.is_empty()
+        {
+            return;
+        }
+        if let Some(mut r) = self.recv.try_lock() {
+            match r.receive() {
+                Ok(true) => {
+                    r.shared
+                        .stats
+                        .answers_read_by_waiters
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) => r.fail(&e),
+            }
+        }
+    }
+}
+
+/// The receiver thread's sleep between answers: its own `epoll` instance on the lane's
+/// socket, so a thread holding the receiving half (which sleeps within an answer on the
+/// half's own instance) never takes its readiness events.
+struct IdleWait {
+    poll: Poll,
+    events: Events,
+}
+
+/// The socket's token in [`IdleWait`].
+const IDLE_SOCKET: Token = Token(0);
+/// The waker's token in [`IdleWait`].
+const IDLE_WAKE: Token = Token(1);
+
+impl IdleWait {
+    /// The wait, its waker, and its registry (for [`Drivers`]).
+    fn new(socket: &TcpStream) -> io::Result<(IdleWait, Arc<Waker>, mio::Registry)> {
+        let poll = Poll::new()?;
+        poll.registry().register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            IDLE_SOCKET,
+            Interest::READABLE,
+        )?;
+        let waker = Arc::new(Waker::new(poll.registry(), IDLE_WAKE)?);
+        let registry = poll.registry().try_clone()?;
+        let idle = IdleWait {
+            poll,
+            events: Events::with_capacity(4),
+        };
+        Ok((idle, waker, registry))
+    }
+
+    fn sleep(&mut self, timeout: Duration) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The waiting threads receiving on a lane ([`Connection::start_driving`]).
+///
+/// While any is present, the lane's socket is taken out of the receiver thread's
+/// [`IdleWait`], so arriving answers wake only the thread that reads them, and the
+/// receiver thread does not spin. The last one to leave puts the socket back: adding a
+/// socket that is already readable raises its event at once, so whatever arrived and was
+/// not read meanwhile wakes the receiver thread (nothing is left unread).
+struct Drivers {
+    /// How many are present, and whether the socket is in the receiver's wait.
+    count: Mutex<(usize, bool)>,
+    /// Some are present, for the receiver thread's spinning to look at without the lock.
+    present: AtomicBool,
+    registry: mio::Registry,
+    fd: RawFd,
+}
+
+impl Drivers {
+    fn present(&self) -> bool {
+        self.present.load(Ordering::Acquire)
+    }
+
+    /// One more is present. The socket stays in the receiver's wait if it cannot be
+    /// taken out (the receiver thread then wakes for answers it does not read: slower,
+    /// not wrong).
+    fn enter(&self) {
+        let mut g = self.count.lock();
+        let (n, registered) = &mut *g;
+        *n += 1;
+        self.present.store(true, Ordering::Release);
+        if *registered && self.registry.deregister(&mut SourceFd(&self.fd)).is_ok() {
+            *registered = false;
+        }
+    }
+
+    /// One fewer. An error means the socket could not be put back into the receiver's
+    /// wait: answers would go unread, so the caller closes the lane.
+    fn leave(&self) -> io::Result<()> {
+        let mut g = self.count.lock();
+        let (n, registered) = &mut *g;
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return Ok(());
+        }
+        self.present.store(false, Ordering::Release);
+        if !*registered {
+            self.registry
+                .register(&mut SourceFd(&self.fd), IDLE_SOCKET, Interest::READABLE)?;
+            *registered = true;
+        }
+        Ok(())
+    }
 }
 
 /// A set of persistent lanes to one peer. Slices are spread over the lanes round-robin;
@@ -244,6 +412,9 @@ pub struct TcpConnection {
     peer: String,
     lanes: Vec<Arc<Lane>>,
     next: AtomicUsize,
+    /// Waiting threads may receive on the lanes ([`Connection::start_driving`]): only
+    /// when busy polling is on (a thread that sleeps at once gains nothing).
+    drivable: bool,
 }
 
 impl TcpConnection {
@@ -263,6 +434,7 @@ impl TcpConnection {
             peer: peer.to_string(),
             lanes: Vec::with_capacity(shared.config.lanes.max(1)),
             next: AtomicUsize::new(0),
+            drivable: !shared.config.busy_poll.is_zero(),
         };
         // One deadline for every lane's connect and proof, however many lanes there are.
         let deadline = Instant::now() + shared.config.connect_timeout;
@@ -287,6 +459,8 @@ impl TcpConnection {
             )?;
             let socket = stream.try_clone()?;
             let recv_stream = stream.try_clone()?;
+            let (idle, idle_waker, idle_registry) = IdleWait::new(&recv_stream)?;
+            let recv_fd = recv_stream.as_raw_fd();
             let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;
             let recv_pipe = Pipe::new(recv_stream, Interest::READABLE)?;
             let state = Arc::new(LaneState {
@@ -297,7 +471,7 @@ impl TcpConnection {
                 inflight: Mutex::new(Inflight::with_capacity(0)),
                 not_full: Condvar::new(),
                 socket,
-                wakers: [send_pipe.waker(), recv_pipe.waker()],
+                wakers: [send_pipe.waker(), recv_pipe.waker(), idle_waker],
             });
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
             let lane = Arc::new(Lane {
@@ -323,6 +497,22 @@ impl TcpConnection {
                 }),
                 sender: OnceLock::new(),
                 open: AtomicBool::new(true),
+                recv: Mutex::new(Receiver_ {
+                    shared: shared.clone(),
+                    completions: completions.clone(),
+                    state,
+                    pipe: recv_pipe,
+                    peer: peer.to_string(),
+                    answers: Answers::default(),
+                    batch: Vec::new(),
+                    guard: Vec::new(),
+                }),
+                drivers: Drivers {
+                    count: Mutex::new((0, true)),
+                    present: AtomicBool::new(false),
+                    registry: idle_registry,
+                    fd: recv_fd,
+                },
             });
             conn.lanes.push(lane.clone());
             let runner = lane.clone();
@@ -330,19 +520,10 @@ impl TcpConnection {
                 .name(format!("ferry-tcp-send-{index}"))
                 .spawn(move || runner.sender_loop())?;
             let _ = lane.sender.set(handle.thread().clone());
-            let mut receiver = Receiver_ {
-                shared: shared.clone(),
-                completions: completions.clone(),
-                state,
-                pipe: recv_pipe,
-                peer: peer.to_string(),
-                answers: Answers::default(),
-                batch: Vec::new(),
-                guard: Vec::new(),
-            };
+            let receiver = lane.clone();
             std::thread::Builder::new()
                 .name(format!("ferry-tcp-recv-{index}"))
-                .spawn(move || receiver.run())?;
+                .spawn(move || receiver.receiver_loop(idle))?;
         }
         tracing::debug!(%peer, lanes = conn.lanes.len(), "connected");
         Ok(conn)
@@ -430,6 +611,32 @@ impl Connection for TcpConnection {
     fn flush(&self) {
         for lane in &self.lanes {
             lane.pump(INLINE_BYTES);
+        }
+    }
+
+    fn start_driving(&self) -> bool {
+        if !self.drivable {
+            return false;
+        }
+        for lane in &self.lanes {
+            lane.drivers.enter();
+        }
+        true
+    }
+
+    fn drive(&self) {
+        for lane in &self.lanes {
+            lane.drive();
+        }
+    }
+
+    fn stop_driving(&self) {
+        for lane in &self.lanes {
+            // A socket the receiver thread can no longer wait on would leave answers
+            // unread: the lane closes instead.
+            if let Err(e) = lane.drivers.leave() {
+                lane.state.kill(&self.peer, FailReason::ConnectionLost, &e);
+            }
         }
     }
 
@@ -1032,18 +1239,21 @@ impl Pace for DataPace<'_> {
 }
 
 impl Receiver_ {
-    fn run(&mut self) {
-        let span = tracing::debug_span!("lane-recv", peer = %self.peer);
-        let _enter = span.enter();
-        let err = loop {
-            if let Err(e) = self.receive() {
-                break e;
-            }
-        };
-        let reason = lane_failure(&self.shared, &err);
-        self.state.kill(&self.peer, reason, &err);
+    /// Closes the lane for `err` and fails everything it carries (the receiver thread
+    /// then ends).
+    fn fail(&mut self, err: &io::Error) {
+        let reason = lane_failure(&self.shared, err);
+        self.state.kill(&self.peer, reason, err);
         self.state
             .drain(&*self.completions, &mut self.batch, reason);
+    }
+
+    fn pace(&self) -> ReceiverPace<'_> {
+        ReceiverPace {
+            shared: &self.shared,
+            state: &self.state,
+            own: None,
+        }
     }
 
     fn read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
@@ -1055,16 +1265,25 @@ impl Receiver_ {
         self.pipe.read_exact(bufs, &mut pace)
     }
 
-    fn receive(&mut self) -> io::Result<()> {
+    /// Reads and completes one answer, if one has started to arrive (false when none
+    /// has); waits for the rest of one that has.
+    fn receive(&mut self) -> io::Result<bool> {
         // When the oldest request starts a READ frame, its answer is known to be a
         // ReadData with that many statuses: read header and statuses in one call.
         let expect = self.state.inflight.lock().read_answer_due();
         let mut hb = [0u8; HEADER_LEN];
         let mut statuses = [0u8; MAX_DESCS];
-        self.read(&mut [
+        let mut first = [
             IoSliceMut::new(&mut hb),
             IoSliceMut::new(&mut statuses[..expect]),
-        ])?;
+        ];
+        let n = self.pipe.try_read(&mut first)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut rest = &mut first[..];
+        IoSliceMut::advance_slices(&mut rest, n);
+        self.read(rest)?;
         let header = Header::decode(&hb)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         self.answers.check_header(&header, expect)?;
@@ -1084,7 +1303,7 @@ impl Receiver_ {
         for (e, &st) in self.batch.drain(..).zip(&statuses[..n]) {
             e.answer(&*self.completions, st);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reads the data of a READ answer into the local memory of the accepted slices of

@@ -249,7 +249,8 @@ impl Default for TcpConfig {
     }
 }
 
-/// Counters of the target side, for tests and monitoring.
+/// Counters, for tests and monitoring: the target side's, and how the initiator side
+/// received its answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpStats {
     /// Connections accepted.
@@ -276,6 +277,10 @@ pub struct TcpStats {
     /// it falls back to [`open_connections`](Self::open_connections) as soon as closed
     /// connections' threads end.
     pub tracked_connections: u64,
+    /// Answers a waiting thread read itself while driving its connection
+    /// ([`Connection::start_driving`](ferry_transport_api::Connection::start_driving)),
+    /// rather than the lane's receiver thread.
+    pub answers_read_by_waiters: u64,
 }
 
 #[derive(Default)]
@@ -289,6 +294,7 @@ struct Stats {
     idle_timeouts: AtomicU64,
     progress_timeouts: AtomicU64,
     closed_on_deregister: AtomicU64,
+    answers_read_by_waiters: AtomicU64,
 }
 
 /// State shared by the transport's threads.
@@ -384,6 +390,7 @@ impl TcpTransport {
             progress_timeouts: s.progress_timeouts.load(Ordering::Relaxed),
             closed_on_deregister: s.closed_on_deregister.load(Ordering::Relaxed),
             tracked_connections: self.shared.conns.len() as u64,
+            answers_read_by_waiters: s.answers_read_by_waiters.load(Ordering::Relaxed),
         }
     }
 

@@ -128,6 +128,24 @@ impl Pipe {
         }
     }
 
+    /// One read that does not wait: the bytes read, 0 when none have arrived.
+    pub(crate) fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        loop {
+            match (&self.stream).read_vectored(bufs) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection",
+                    ))
+                }
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Reads until every buffer is full. Empty buffers are skipped.
     pub(crate) fn read_exact(
         &mut self,

@@ -295,6 +295,17 @@ fn an_unanswered_notification_closes_its_lane_so_later_writes_end_and_stay_unapp
 
 #[test]
 fn read_data_arriving_after_the_deadline_never_lands_in_local_memory() {
+    late_read_data(false);
+}
+
+/// The same rule when the waiting thread reads the answer itself
+/// (`Connection::drive`): it stops at the deadline inside the answer.
+#[test]
+fn read_data_arriving_after_the_deadline_never_lands_when_the_waiter_drives() {
+    late_read_data(true);
+}
+
+fn late_read_data(drive: bool) {
     let (l, addr) = listener();
     let len = 4096;
     let first = 1000;
@@ -316,20 +327,48 @@ fn read_data_arriving_after_the_deadline_never_lands_in_local_memory() {
         let _ = c.flush();
         drain_until_closed(&mut c).0
     });
-    let (tcp, done) = initiator(TcpConfig::default());
+    // Waiting threads may drive only where busy polling is on.
+    let config = TcpConfig {
+        busy_poll: if drive {
+            Duration::from_micros(50)
+        } else {
+            Duration::ZERO
+        },
+        ..TcpConfig::default()
+    };
+    let (tcp, done) = initiator(config);
     let conn = tcp.connect_tcp(&addr).unwrap();
     let local = random_region(len);
     let deadline = Instant::now() + SHORT;
     conn.post(slice(Opcode::Read, &local, len, 0, deadline))
         .unwrap();
     conn.flush();
+    assert_eq!(conn.start_driving(), drive);
     // The part of the answer that came in time lands (it is not what is checked here).
     let head = first_sent.recv_timeout(LIMIT).unwrap();
     while bytes_of(&local)[..first] != head[..] && Instant::now() < deadline {
+        if drive {
+            conn.drive();
+        }
         std::thread::yield_now();
     }
     // The application waits until the deadline, as a batch does, then reuses its buffer.
-    let early = done.recv_deadline(deadline).ok();
+    let early = if drive {
+        let early = loop {
+            if let Ok(ended) = done.try_recv() {
+                break Some(ended);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            conn.drive();
+            std::thread::yield_now();
+        };
+        conn.stop_driving();
+        early
+    } else {
+        done.recv_deadline(deadline).ok()
+    };
     let mut reused = vec![0u8; len];
     rand::rng().fill_bytes(&mut reused);
     assert!(local.copy_from_slice_at(0, &reused));
@@ -519,4 +558,99 @@ fn connections_that_fail_to_open_or_lose_their_peer_release_threads_and_fds() {
         live_threads() == threads && open_fds() == fds
     });
     drop((l1, l2, probes));
+}
+
+/// Completions that say which thread delivered them.
+struct OnThread(Sender<(u32, Result<usize, FailReason>, std::thread::ThreadId)>);
+
+impl Completions for OnThread {
+    fn complete(&self, token: CompletionToken, result: Result<usize, FailReason>) {
+        let _ = self
+            .0
+            .send((token.task, result, std::thread::current().id()));
+    }
+}
+
+/// A thread waiting on its READ and driving the connection reads the answer itself (the
+/// completion comes on that thread, which without driving never happens: the lane's
+/// receiver thread reads every answer), with the right bytes, exactly once.
+#[test]
+fn a_waiting_thread_driving_the_connection_reads_its_answers_itself() {
+    let (l, addr) = listener();
+    let rounds = 200u32;
+    let len = 4096;
+    // A well-behaved peer: each READ is answered with fresh random bytes, sent to the
+    // test as well.
+    let (sent, answers) = crossbeam_channel::unbounded::<Vec<u8>>();
+    let peer = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        for _ in 0..2 * rounds {
+            let f = read_frame(&mut c).unwrap();
+            assert_eq!((f.kind, f.lens.as_slice()), (READ, &[len as u64][..]));
+            let mut data = vec![0u8; len];
+            rand::rng().fill_bytes(&mut data);
+            let mut answer = header(READ_DATA, 1, f.seq).to_vec();
+            answer.push(0);
+            answer.extend_from_slice(&data);
+            c.write_all(&answer).unwrap();
+            sent.send(data).unwrap();
+        }
+        drain_until_closed(&mut c).0
+    });
+    let (tx, done) = crossbeam_channel::unbounded();
+    let tcp = TcpTransport::new(TcpConfig {
+        lanes: 1,
+        ..TcpConfig::default()
+    });
+    tcp.start(TransportContext {
+        completions: Arc::new(OnThread(tx)),
+        control: Some(Arc::new(NoControl)),
+        staging: None,
+    })
+    .unwrap();
+    let conn = tcp.connect_tcp(&addr).unwrap();
+    let local = random_region(len);
+    let me = std::thread::current().id();
+    let mut on_this_thread = [0u32; 2];
+    for drive in [false, true] {
+        for task in 0..rounds {
+            // Driving starts before the post: on a busy machine the peer's answer may
+            // otherwise come before this thread runs again, and the receiver thread,
+            // woken by it, rightly reads it.
+            let driving = drive && conn.start_driving();
+            assert_eq!(driving, drive);
+            conn.post(slice(Opcode::Read, &local, len, task, Instant::now() + FAR))
+                .unwrap();
+            conn.flush();
+            let end = Instant::now() + LIMIT;
+            let (t, result, thread) = loop {
+                if let Ok(ended) = done.try_recv() {
+                    break ended;
+                }
+                assert!(Instant::now() < end, "READ {task} never ended");
+                if driving {
+                    conn.drive();
+                }
+                std::thread::yield_now();
+            };
+            if driving {
+                conn.stop_driving();
+            }
+            assert_eq!((t, result), (task, Ok(len)));
+            assert_eq!(bytes_of(&local), answers.recv_timeout(LIMIT).unwrap());
+            on_this_thread[usize::from(drive)] += u32::from(thread == me);
+        }
+    }
+    assert!(done.try_recv().is_err(), "a READ ended twice");
+    assert_eq!(
+        on_this_thread[0], 0,
+        "a completion came on a thread not driving"
+    );
+    assert!(
+        on_this_thread[1] > 0,
+        "no answer was read by the thread driving the connection"
+    );
+    assert!(conn.is_alive());
+    tcp.shutdown();
+    assert!(peer.join().unwrap(), "the initiator kept the lane open");
 }

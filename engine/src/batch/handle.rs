@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::{FailReason, Opcode};
+use ferry_transport_api::{Connection, FailReason, Opcode};
 
 use super::table::{
     BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
@@ -25,6 +25,36 @@ fn after(start: Instant, d: Duration) -> Instant {
         .checked_add(d.min(FOREVER))
         .or_else(|| start.checked_add(Duration::from_secs(24 * 3600)))
         .unwrap_or(start)
+}
+
+/// A connection the waiting thread receives answers on while it spins (see
+/// [`Connection::start_driving`]); dropping it hands receiving back to the transport.
+struct Driving<'a>(Option<&'a dyn Connection>);
+
+impl<'a> Driving<'a> {
+    /// Starts driving the path of the batch's first task, when its transport allows it.
+    fn start(d: &'a SlotData) -> Self {
+        let conn = d
+            .specs
+            .first()
+            .map(|spec| spec.peer.path(spec.leg).conn())
+            .filter(|conn| conn.start_driving());
+        Driving(conn)
+    }
+
+    fn drive(&self) {
+        if let Some(conn) = self.0 {
+            conn.drive();
+        }
+    }
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.stop_driving();
+        }
+    }
 }
 
 /// How long a waiter woken early spins before it parks again.
@@ -305,6 +335,9 @@ impl Batch {
         let end = after(start, timeout);
         let d = self.slot.data.read();
         let mut spin_until = start + self.table.defaults.busy_poll;
+        // While it spins, the waiter receives its answers itself where the transport
+        // lets it (and stops before it sleeps).
+        let mut driving: Option<Driving<'_>> = None;
         loop {
             if d.gate.open() == 0 {
                 break;
@@ -321,9 +354,11 @@ impl Batch {
                 });
             }
             if now < spin_until {
+                driving.get_or_insert_with(|| Driving::start(&d)).drive();
                 std::thread::yield_now();
                 continue;
             }
+            driving = None;
             // Sleep until the last task ends (the gate cannot lose that wake-up), the
             // batch's deadline, the caller's timeout, or an early nudge when little is
             // left, which is followed by a short spin.
