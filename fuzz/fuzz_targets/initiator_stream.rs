@@ -103,6 +103,17 @@ fn harness() -> &'static Harness {
     })
 }
 
+/// A fresh loopback address for each input's fake target, on a port the system picks.
+/// Each input leaves its fake target's port in TIME_WAIT (the fake target closes
+/// first); spread over 65,536 addresses of 127.0.0.0/8, hundreds of inputs a second
+/// never use up one address's ephemeral ports.
+fn loopback_address() -> (std::net::Ipv4Addr, u16) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let [_, _, hi, lo] = n.to_be_bytes();
+    (std::net::Ipv4Addr::new(127, 1, hi, lo), 0)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&n, rest)) = data.split_first() else {
         return;
@@ -125,7 +136,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let h = harness();
     // The fake target: answers with the input once the lane connects, then closes.
-    let listener = TcpListener::bind("127.0.0.1:0").expect("loopback listener");
+    let listener = TcpListener::bind(loopback_address()).expect("loopback listener");
     let address = listener.local_addr().expect("bound").to_string();
     let reply = reply.to_vec();
     let fake = std::thread::spawn(move || {
