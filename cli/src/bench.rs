@@ -37,6 +37,11 @@ pub(crate) struct RunArgs {
     /// Threads submitting batches.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Batches each thread keeps in flight: it submits the next ones before it waits for
+    /// the oldest, so the path does not drain between batches. They all use the thread's
+    /// same local and remote memory (the bytes walked do not grow with the depth).
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
     /// Seconds to measure (after a short warm-up).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
@@ -202,6 +207,8 @@ struct Report {
     batch_size: usize,
     /// Submitting threads per initiator.
     threads: usize,
+    /// Batches each thread keeps in flight.
+    depth: usize,
     lanes: usize,
     /// Target processes (each batch striped over them).
     targets: usize,
@@ -400,6 +407,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
         .args(["--block-size", &args.block_size.to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
         .args(["--threads", &args.threads.to_string()])
+        .args(["--depth", &args.depth.to_string()])
         .args(["--duration", &args.duration.to_string()]);
         if let Some(f) = &e.secret_file {
             cmd.arg("--secret-file").arg(f);
@@ -609,8 +617,8 @@ fn run(
         "read" => false,
         other => bail!("--operation {other}: expected read or write"),
     };
-    if args.block_size == 0 || args.batch_size == 0 || args.threads == 0 {
-        bail!("--block-size, --batch-size and --threads must be positive");
+    if args.block_size == 0 || args.batch_size == 0 || args.threads == 0 || args.depth == 0 {
+        bail!("--block-size, --batch-size, --threads and --depth must be positive");
     }
     let engine = Engine::from_config(config).context("starting the engine")?;
     let location = args.engine.location()?;
@@ -680,12 +688,11 @@ fn run(
     for w in workers {
         let (engine, stop, moved) = (engine.clone(), stop.clone(), moved.clone());
         let (ready, go) = (ready.clone(), go.clone());
-        let (block, batch) = (args.block_size, args.batch_size);
+        let (block, batch, depth) = (args.block_size, args.batch_size, args.depth);
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
                 let mut w = w;
-                // Returns the bytes the batch moved: only completed tasks count.
-                let mut one = |lat: &mut Vec<u32>, errors: &mut u64| -> Result<u64> {
+                let submit = |w: &mut Worker| -> Result<(ferry_engine::Batch, Instant)> {
                     let start = Instant::now();
                     let mut b = engine.batch();
                     let stripe = Stripe {
@@ -698,7 +705,14 @@ fn run(
                     stripe.add(&mut b, write, &w.local)?;
                     w.last_first = w.next_first;
                     w.next_first = (w.next_first + batch) % w.remotes.len();
-                    let handle = b.submit()?;
+                    Ok((b.submit()?, start))
+                };
+                // Waits for a batch; returns the bytes it moved (only completed tasks
+                // count) and records its latency, submission to completion.
+                let finish = |(handle, start): (ferry_engine::Batch, Instant),
+                              lat: &mut Vec<u32>,
+                              errors: &mut u64|
+                 -> u64 {
                     let mut completed = batch;
                     if let Err(e) = handle.wait(Duration::from_secs(60)) {
                         let p = handle.poll();
@@ -707,20 +721,40 @@ fn run(
                         tracing::warn!(error = %e, "batch did not complete");
                     }
                     lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    Ok((block * completed) as u64)
+                    (block * completed) as u64
                 };
-                let mut warm = Vec::new();
+                let mut inflight = std::collections::VecDeque::with_capacity(depth);
                 let mut errors = 0;
-                for _ in 0..3 {
-                    one(&mut warm, &mut errors)?;
-                }
+                let warmed = (|| -> Result<()> {
+                    let mut warm = Vec::new();
+                    for _ in 0..depth + 2 {
+                        if inflight.len() == depth {
+                            let b = inflight.pop_front().expect("in flight");
+                            finish(b, &mut warm, &mut errors);
+                        }
+                        inflight.push_back(submit(&mut w)?);
+                    }
+                    while let Some(b) = inflight.pop_front() {
+                        finish(b, &mut warm, &mut errors);
+                    }
+                    Ok(())
+                })();
                 errors = 0;
                 let mut lat = Vec::with_capacity(1 << 16);
+                // Through both barriers even after a failed warm-up, so the main thread
+                // does not wait for this one forever; the error is reported at the end.
                 ready.wait();
                 go.wait();
+                warmed?;
                 while !stop.load(Ordering::Relaxed) {
-                    let bytes = one(&mut lat, &mut errors)?;
-                    moved.fetch_add(bytes, Ordering::Relaxed);
+                    if inflight.len() == depth {
+                        let b = inflight.pop_front().expect("in flight");
+                        moved.fetch_add(finish(b, &mut lat, &mut errors), Ordering::Relaxed);
+                    }
+                    inflight.push_back(submit(&mut w)?);
+                }
+                while let Some(b) = inflight.pop_front() {
+                    moved.fetch_add(finish(b, &mut lat, &mut errors), Ordering::Relaxed);
                 }
                 Ok((w, lat, errors))
             },
@@ -820,6 +854,7 @@ fn run(
         block_size: args.block_size,
         batch_size: args.batch_size,
         threads: args.threads,
+        depth: args.depth,
         lanes: config.tcp.lanes,
         targets: segments.len(),
         initiators: 1,
@@ -889,12 +924,13 @@ fn verify(
 
 fn print_table(r: &Report) {
     println!(
-        "ferry bench: {} {}, {} blocks, batch {}, {} thread(s), {} lane(s), {} memory, {:.1} s",
+        "ferry bench: {} {}, {} blocks, batch {}, {} thread(s), {} in flight each, {} lane(s), {} memory, {:.1} s",
         r.protocol,
         r.operation,
         size::format(r.block_size),
         r.batch_size,
         r.threads,
+        r.depth,
         r.lanes,
         r.location,
         r.duration_s

@@ -1,6 +1,7 @@
 //! `ferry bench` with several processes: one initiator striping over several targets
 //! (`--targets`), several initiator processes against one target (`--initiators`), and the
-//! memory of idle peers (`--idle-peers`), each reporting what every process holds.
+//! memory of idle peers (`--idle-peers`), each reporting what every process holds; and
+//! several batches in flight per thread (`--depth`).
 
 use std::process::Command;
 
@@ -101,6 +102,43 @@ fn two_initiator_processes_against_one_target_add_up_and_verify() {
     assert!(v["latency_us"]["p99"].as_f64().unwrap() > 0.0);
     assert!(v["cpu_seconds"]["target"].as_f64().is_some());
     assert_eq!(roles(&v), ["initiator", "initiator", "target"]);
+}
+
+#[test]
+fn several_batches_in_flight_per_thread_verify() {
+    // `--depth`: each thread submits the next batches before it waits for the oldest;
+    // the bytes land as with one batch at a time, in one process and through the
+    // initiator children of `--initiators` (which get the flag too).
+    for extra in [&["--threads", "2"][..], &["--initiators", "2"][..]] {
+        for op in ["write", "read"] {
+            let mut args = vec![
+                "--depth",
+                "3",
+                "--batch-size",
+                "8",
+                "--operation",
+                op,
+                "--duration",
+                "0.3",
+                "--verify",
+            ];
+            args.extend_from_slice(extra);
+            let v = bench(&args);
+            assert_eq!(v["depth"], 3, "{v}");
+            assert_eq!(v["errors"], 0);
+            assert_eq!(
+                v["verified"], true,
+                "{op} {extra:?} with 3 batches in flight"
+            );
+            assert!(v["bytes"].as_u64().unwrap() > 0);
+        }
+    }
+    let out = Command::new(FERRY)
+        .args(["bench", "--depth", "0", "--duration", "0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--depth 0 ran");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--depth"));
 }
 
 #[test]
