@@ -25,13 +25,28 @@ pub(crate) type Case = (
 
 /// The table's cases. The 1 MiB and 64 KiB rows are the ones held against iperf3; the
 /// depth rows keep two batches in flight (the path does not drain between batches; the
-/// memory walked is the same); the thread rows check that more submitting threads do
-/// not lower the total (with the same 128 MiB in flight as one thread, so they measure
-/// the threads, not a larger working set); the 4 KiB rows are one READ at a time, in each
-/// waiting mode.
+/// memory walked is the same), the 1 MiB ones in batches of 8 (8 MiB walked, nearer the
+/// 1 MiB iperf3 walks; 128 MiB is a KV-cache transfer's footprint); the thread rows
+/// check that more submitting threads do not lower the total (with the same 128 MiB in
+/// flight as one thread, so they measure the threads, not a larger working set); the
+/// 4 KiB rows are one READ at a time, in each waiting mode.
 const CASES: &[Case] = &[
     ("write 1 MiB x128", "write", "1M", "128", &[]),
     ("read  1 MiB x128", "read", "1M", "128", &[]),
+    (
+        "write 1 MiB x8, depth 2",
+        "write",
+        "1M",
+        "8",
+        &["--depth", "2"],
+    ),
+    (
+        "read  1 MiB x8, depth 2",
+        "read",
+        "1M",
+        "8",
+        &["--depth", "2"],
+    ),
     ("write 64 KiB x128", "write", "64K", "128", &[]),
     ("read  64 KiB x128", "read", "64K", "128", &[]),
     (
