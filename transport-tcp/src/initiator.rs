@@ -251,7 +251,7 @@ impl Lane {
     /// requests are in flight, then sleeping on `idle` until the socket is readable). It
     /// ends when the lane closes.
     fn receiver_loop(self: Arc<Self>, mut idle: IdleWait) {
-        let span = tracing::debug_span!("lane-recv");
+        let span = tracing::debug_span!("lane-recv", peer = %self.recv.lock().peer);
         let _enter = span.enter();
         let mut spin_until = None;
         loop {
@@ -293,7 +293,9 @@ impl Lane {
     }
 
     /// A waiting thread's turn at receiving (see `Connection::drive`): reads what has
-    /// arrived unless another thread holds the receiving half.
+    /// arrived unless another thread holds the receiving half. It reads whatever answer
+    /// comes next, of any size and for whichever thread: while waiters drive, the
+    /// receiver thread stays out.
     fn drive(&self) {
         if self.state.dead.load(Ordering::Acquire) || self.state.inflight.lock().entries.is_empty()
         {
