@@ -278,8 +278,7 @@ pub struct TcpStats {
     /// connections' threads end.
     pub tracked_connections: u64,
     /// Answers a waiting thread read itself while driving its connection
-    /// ([`Connection::start_driving`](ferry_transport_api::Connection::start_driving)),
-    /// rather than the lane's receiver thread.
+    /// ([`Connection::start_driving`]), rather than the lane's receiver thread.
     pub answers_read_by_waiters: u64,
 }
 
