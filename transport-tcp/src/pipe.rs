@@ -128,7 +128,8 @@ impl Pipe {
         }
     }
 
-    /// One read that does not wait: the bytes read, 0 when none have arrived.
+    /// One read that does not wait: the bytes read, 0 when none have arrived; the peer
+    /// closing is an error.
     pub(crate) fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         loop {
             match (&self.stream).read_vectored(bufs) {
@@ -174,14 +175,9 @@ impl Pipe {
         while filled < min && !bufs.is_empty() {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
             pace.before_read(filled)?;
-            match (&self.stream).read_vectored(bufs) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed the connection",
-                    ))
-                }
-                Ok(n) => {
+            match self.try_read(bufs)? {
+                0 => idle.wait(self, pace)?,
+                n => {
                     IoSliceMut::advance_slices(&mut bufs, n);
                     filled += n;
                     idle = Idle::default();
@@ -189,9 +185,6 @@ impl Pipe {
                         idle.wait(self, pace)?;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => idle.wait(self, pace)?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         }
         Ok(filled)
