@@ -117,6 +117,7 @@ impl EngineArgs {
             config.efa = Some(ferry_engine::fabrics::EfaConfig {
                 provider: self.provider.clone().unwrap_or(default.provider.clone()),
                 devices: self.fabric_devices.clone(),
+                busy_poll: Duration::from_micros(self.busy_poll_us),
                 ..default
             });
         }
