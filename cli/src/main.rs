@@ -402,3 +402,33 @@ fn rdma_info() {
 
 #[cfg(not(feature = "rdma"))]
 fn rdma_info() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_args(flags: &[&str]) -> EngineArgs {
+        let argv = ["ferry", "target"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Target(t) => t.engine,
+            _ => unreachable!("parsed as `ferry target`"),
+        }
+    }
+
+    #[test]
+    fn busy_polling_reaches_every_transport_the_engine_runs() {
+        let config = engine_args(&["--busy-poll-us", "7"])
+            .config("127.0.0.1:0")
+            .expect("a TCP configuration");
+        assert_eq!(config.tcp.busy_poll, Duration::from_micros(7));
+        #[cfg(feature = "efa")]
+        {
+            let config = engine_args(&["--protocol", "efa", "--busy-poll-us", "7"])
+                .config("127.0.0.1:0")
+                .expect("a libfabric configuration");
+            assert_eq!(config.tcp.busy_poll, Duration::from_micros(7));
+            let efa = config.efa.expect("--protocol efa configures libfabric");
+            assert_eq!(efa.busy_poll, Duration::from_micros(7));
+        }
+    }
+}
