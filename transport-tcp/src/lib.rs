@@ -34,13 +34,15 @@
 //! let tcp = TcpTransport::new(TcpConfig { lanes: 2, ..TcpConfig::default() });
 //! assert_eq!(tcp.config().lanes, 2);
 //! ```
-#![forbid(unsafe_code)]
+// `unsafe` only in `sockopt` (one `setsockopt` that socket2 lacks), allowed there.
+#![deny(unsafe_code)]
 
 mod frame;
 mod initiator;
 mod lane;
 mod pipe;
 mod regions;
+mod sockopt;
 mod staged;
 mod target;
 

@@ -86,6 +86,17 @@ pub(crate) struct Pipe {
     waker: Arc<Waker>,
 }
 
+/// The most a sleeping reader asks the kernel to gather before waking it
+/// (`SO_RCVLOWAT`): a reader that needs the rest of a large payload sleeps until this
+/// much has arrived, not until the next segment, and copies it while the rest arrives.
+/// Each wake-up costs the sending side as much as copying tens of KiB (on a VM, an
+/// interrupt to the sleeping CPU), so waking once per 256 KiB instead of once per
+/// segment or two frees the sender for the data.
+const WAKE_AFTER_BYTES: usize = 256 * 1024;
+/// A reader that needs less than this sleeps with the mark at one byte: a segment or two
+/// brings it anyway, and two `setsockopt` calls per sleep would be the larger cost.
+const RAISE_MARK_FROM: usize = 64 * 1024;
+
 impl Pipe {
     /// Takes a connected socket, makes it non-blocking and registers it for `interest`.
     pub(crate) fn new(stream: std::net::TcpStream, interest: Interest) -> io::Result<Pipe> {
@@ -126,6 +137,25 @@ impl Pipe {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Sleeps until `need` more bytes have arrived (at most [`WAKE_AFTER_BYTES`], and only
+    /// from [`RAISE_MARK_FROM`]; the kernel also wakes it for the peer closing, an error,
+    /// or its own memory pressure), or `timeout`. The socket's low-water mark is back at one byte on return, so every
+    /// other wait on the socket wakes for any data, as always.
+    fn sleep_for(&mut self, need: usize, timeout: Duration) -> io::Result<()> {
+        if need < RAISE_MARK_FROM {
+            return self.sleep(timeout);
+        }
+        let mark = need.min(WAKE_AFTER_BYTES);
+        // Raising the mark re-checks what is queued already (the kernel raises
+        // readiness at once when that is enough), so no arrival is missed.
+        let raised = crate::sockopt::set_rcvlowat(&self.stream, mark).is_ok();
+        let slept = self.sleep(timeout);
+        if raised {
+            crate::sockopt::set_rcvlowat(&self.stream, 1)?;
+        }
+        slept
     }
 
     /// One read that does not wait: the bytes read, 0 when none have arrived; the peer
@@ -176,13 +206,13 @@ impl Pipe {
             let want: usize = bufs.iter().map(|b| b.len()).sum();
             pace.before_read(filled)?;
             match self.try_read(bufs)? {
-                0 => idle.wait(self, pace)?,
+                0 => idle.wait(self, pace, min - filled)?,
                 n => {
                     IoSliceMut::advance_slices(&mut bufs, n);
                     filled += n;
                     idle = Idle::default();
                     if n < want && filled < min {
-                        idle.wait(self, pace)?;
+                        idle.wait(self, pace, min - filled)?;
                     }
                 }
             }
@@ -262,7 +292,8 @@ struct Idle {
 }
 
 impl Idle {
-    fn wait(&mut self, pipe: &mut Pipe, pace: &mut dyn Pace) -> io::Result<()> {
+    /// One turn of waiting for the `need` bytes the reader still has to read.
+    fn wait(&mut self, pipe: &mut Pipe, pace: &mut dyn Pace, need: usize) -> io::Result<()> {
         let now = Instant::now();
         match self.spin_until {
             None => {
@@ -271,13 +302,13 @@ impl Idle {
                 self.spin_until = Some(now + spin);
                 if spin.is_zero() {
                     let timeout = pace.before_sleep()?;
-                    pipe.sleep(timeout)?;
+                    pipe.sleep_for(need, timeout)?;
                 }
             }
             Some(t) if now < t => std::thread::yield_now(),
             Some(_) => {
                 let timeout = pace.before_sleep()?;
-                pipe.sleep(timeout)?;
+                pipe.sleep_for(need, timeout)?;
             }
         }
         Ok(())
@@ -365,6 +396,71 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A reader that needs more than has arrived sleeps with the socket's low-water mark
+    /// raised to what it needs (from `RAISE_MARK_FROM`, at most `WAKE_AFTER_BYTES`): it
+    /// must still be woken by exactly the bytes it needs, at and around both bounds, and
+    /// leave the mark at one byte so every other wait on the socket wakes for any data.
+    /// Its sleeps are an hour long: a wake-up the kernel withheld would leave the read
+    /// unfinished (the test waits 60 s).
+    #[test]
+    fn a_sleeping_reader_wakes_for_exactly_what_it_needs() {
+        struct Sleepy;
+        impl Pace for Sleepy {
+            fn spin(&self) -> Duration {
+                Duration::ZERO
+            }
+            fn before_sleep(&mut self) -> io::Result<Duration> {
+                Ok(Duration::from_secs(3600))
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut rb = Pipe::new(b, Interest::READABLE).unwrap();
+        let sizes = [
+            1,
+            RAISE_MARK_FROM - 1,
+            RAISE_MARK_FROM,
+            WAKE_AFTER_BYTES - 1,
+            WAKE_AFTER_BYTES,
+            WAKE_AFTER_BYTES + 1,
+            3 * WAKE_AFTER_BYTES + 5,
+        ];
+        let total: usize = sizes.iter().sum();
+        let payload: Vec<u8> = (0..total as u32).map(|i| (i * 31 + 7) as u8).collect();
+        let sent = payload.clone();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            // In pieces with pauses between, so the reader sleeps part way through.
+            for piece in sent.chunks(40_000) {
+                std::io::Write::write_all(&mut a, piece).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            a
+        });
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut marks = Vec::new();
+            for &n in &sizes {
+                let mut buf = vec![0u8; n];
+                rb.read_exact(&mut [IoSliceMut::new(&mut buf)], &mut Sleepy)
+                    .unwrap();
+                got.extend_from_slice(&buf);
+                marks.push(crate::sockopt::rcvlowat(&rb.stream).unwrap());
+            }
+            done_tx.send(()).unwrap();
+            (got, marks)
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the reader was woken for every byte it needed");
+        let (got, marks) = reader.join().unwrap();
+        drop(writer.join().unwrap());
+        assert!(got == payload, "the bytes arrive whole and in order");
+        assert_eq!(marks, vec![1; sizes.len()], "the mark is back at one byte");
     }
 
     /// One send call asks for at most `SEND_CALL_BYTES`, cutting the last buffer it
