@@ -143,8 +143,8 @@ impl Pipe {
 
     /// Sleeps until `need` more bytes have arrived (at most [`WAKE_AFTER_BYTES`], and only
     /// from [`RAISE_MARK_FROM`]; the kernel also wakes it for the peer closing, an error,
-    /// or its own memory pressure), or `timeout`. The socket's low-water mark is back at one byte on return, so every
-    /// other wait on the socket wakes for any data, as always.
+    /// or its own memory pressure), or `timeout`. The socket's low-water mark is back at
+    /// one byte on return, so every other wait on the socket wakes for any data.
     fn sleep_for(&mut self, need: usize, timeout: Duration) -> io::Result<()> {
         if need < RAISE_MARK_FROM {
             return self.sleep(timeout);

@@ -3,8 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsFd;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Sets the socket's receive low-water mark: readiness (and a blocking read) waits for
 /// this many bytes, or for the peer closing, an error, or memory pressure. Linux caps it
@@ -23,6 +22,11 @@ pub(crate) fn set_rcvlowat(socket: &impl AsFd, bytes: usize) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+    checked(rc)
+}
+
+/// A socket call's return code as a result.
+fn checked(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {
@@ -46,9 +50,5 @@ pub(crate) fn rcvlowat(socket: &impl AsFd) -> io::Result<usize> {
             &mut len,
         )
     };
-    if rc == 0 {
-        Ok(value.max(0) as usize)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    checked(rc).map(|()| value.max(0) as usize)
 }
