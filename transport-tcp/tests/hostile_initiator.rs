@@ -392,6 +392,83 @@ fn late_read_data(drive: bool) {
     tcp.shutdown();
 }
 
+/// The bytes an honest peer returns for the request with sequence number `seq`.
+fn pattern(seq: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (seq as usize * 131 + i) as u8).collect()
+}
+
+#[test]
+fn a_large_read_batch_asks_for_at_most_a_mebibyte_per_frame_and_lands_whole() {
+    // The initiator's limit on the bytes one READ frame asks for (one larger request
+    // still goes, alone in its frame).
+    const READ_FRAME_BYTES: u64 = 1 << 20;
+    // Requests larger than the limit, between runs of small ones that share frames.
+    let lens: Vec<usize> = (0..40)
+        .map(|i| match i % 10 {
+            0 => 3 << 19,
+            _ => 64 << 10,
+        })
+        .collect();
+    let n = lens.len();
+    let (l, addr) = listener();
+    let peer = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut asked = Vec::new();
+        let mut answered = 0;
+        while answered < n {
+            let f = read_frame(&mut c).unwrap();
+            assert_eq!(f.kind, READ);
+            let mut answer = header(READ_DATA, f.lens.len() as u32, f.seq).to_vec();
+            answer.resize(answer.len() + f.lens.len(), 0);
+            for (i, &len) in f.lens.iter().enumerate() {
+                answer.extend(pattern(f.seq + i as u64, len as usize));
+            }
+            c.write_all(&answer).unwrap();
+            answered += f.lens.len();
+            asked.push(f.lens);
+        }
+        asked
+    });
+    let (tcp, done) = initiator(TcpConfig::default());
+    let conn = tcp.connect_tcp(&addr).unwrap();
+    let local = random_region(lens.iter().sum());
+    let far = Instant::now() + FAR;
+    let mut offset = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        let mut s = slice(Opcode::Read, &local, len, i as u32, far);
+        s.local_offset = offset;
+        offset += len;
+        conn.post(s).unwrap();
+    }
+    conn.flush();
+    for (task, r) in completions(&done, n) {
+        assert_eq!(r, Ok(lens[task as usize]), "READ {task}");
+    }
+    let asked = peer.join().unwrap();
+    for frame in &asked {
+        let bytes: u64 = frame.iter().sum();
+        assert!(
+            bytes <= READ_FRAME_BYTES || frame.len() == 1,
+            "a READ frame asked for {} requests, {bytes} bytes",
+            frame.len()
+        );
+    }
+    // The small requests still share frames.
+    assert!(asked.len() < n, "{} frames for {n} requests", asked.len());
+    // Each request's bytes landed where it asked (sequence numbers start at 0 and follow
+    // the posting order on a fresh lane).
+    let got = bytes_of(&local);
+    let mut offset = 0;
+    for (seq, &len) in lens.iter().enumerate() {
+        assert!(
+            got[offset..offset + len] == pattern(seq as u64, len)[..],
+            "READ {seq} landed wrong bytes"
+        );
+        offset += len;
+    }
+    tcp.shutdown();
+}
+
 /// A peer that reads every frame and answers none.
 fn silent_peer() -> (String, std::thread::JoinHandle<()>) {
     let (l, addr) = listener();
