@@ -44,6 +44,11 @@ pub(crate) trait Pace {
 /// calls 1.4-1.5).
 pub(crate) const SEND_CALL_BYTES: usize = 1 << 20;
 
+/// How far one send call may run past [`SEND_CALL_BYTES`] when that finishes what it
+/// sends: a frame's header, descriptors or statuses go with the megabyte of payload next
+/// to them instead of in a call (and a segment) of their own.
+pub(crate) const SEND_CALL_SLACK: usize = 8 * 1024;
+
 /// Most buffers handed to one send call when the call is cut at [`SEND_CALL_BYTES`]
 /// (a frame's header, its descriptors and its payloads fit).
 const SEND_CALL_BUFS: usize = 264;
@@ -53,7 +58,7 @@ const SEND_CALL_BUFS: usize = 264;
 /// full).
 fn send_some(socket: &impl std::os::fd::AsFd, bufs: &[IoSlice<'_>]) -> io::Result<(usize, usize)> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if total <= SEND_CALL_BYTES {
+    if total <= SEND_CALL_BYTES + SEND_CALL_SLACK {
         return send(socket, bufs).map(|n| (n, total));
     }
     // A prefix of at most SEND_CALL_BYTES, its last buffer cut to fit.
@@ -465,18 +470,25 @@ mod tests {
         assert_eq!(marks, vec![1; sizes.len()], "the mark is back at one byte");
     }
 
-    /// One send call asks for at most `SEND_CALL_BYTES`, cutting the last buffer it
-    /// takes, and at most `SEND_CALL_BUFS` buffers; what it sends is the buffers' prefix,
-    /// in order.
+    /// One send call asks for at most `SEND_CALL_BYTES` (or all, when that is at most
+    /// `SEND_CALL_SLACK` more), cutting the last buffer it takes, and at most
+    /// `SEND_CALL_BUFS` buffers; what it sends is the buffers' prefix, in order.
     #[test]
     fn one_send_call_takes_a_prefix_of_at_most_its_cap() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut b, _) = l.accept().unwrap();
         let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i * 13 + 1) as u8).collect();
-        let cases: [(Vec<std::ops::Range<usize>>, usize); 4] = [
+        let cases: [(Vec<std::ops::Range<usize>>, usize); 6] = [
             // Under the cap: all of it.
             (vec![0..10, 10..300_000], 300_000),
+            // Past the cap by at most the slack: all of it too.
+            (vec![0..17, 17..SEND_CALL_BYTES + 17], SEND_CALL_BYTES + 17),
+            // Past it by more: cut at the cap.
+            (
+                vec![0..16, 16..SEND_CALL_BYTES + SEND_CALL_SLACK + 1],
+                SEND_CALL_BYTES,
+            ),
             // A buffer crossing the cap is cut.
             (vec![0..16, 16..3_000_000], SEND_CALL_BYTES),
             // Many small buffers reaching the cap.

@@ -23,7 +23,7 @@ use crate::frame::{
     self, Desc, FrameError, Header, Kind, AUTH_LEN, CLIENT_LABEL, DESC_LEN, HEADER_LEN, MAX_DESCS,
     MAX_REQUEST, TARGET_LABEL,
 };
-use crate::pipe::{Pace, Pipe};
+use crate::pipe::{Pace, Pipe, SEND_CALL_SLACK};
 use crate::regions::Resolved;
 use crate::Shared;
 use crate::{staged, SharedSecret};
@@ -394,7 +394,7 @@ fn flush_acks(
 }
 
 /// Writes `bufs` in pieces of at most [`WRITE_CHUNK`] bytes, each under the progress
-/// limit.
+/// limit; a last piece of at most [`SEND_CALL_SLACK`] bytes goes with the one before it.
 fn write_chunked(
     pipe: &mut Pipe,
     bufs: &mut [IoSlice<'_>],
@@ -402,21 +402,27 @@ fn write_chunked(
     handle: &ConnHandle,
 ) -> io::Result<()> {
     let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if total <= WRITE_CHUNK {
+    if next_piece(total) == total {
         return pipe.write_all(bufs, &mut TargetPace::write(shared, handle));
     }
     let mut piece: [IoSlice<'_>; MAX_DESCS + 2] = std::array::from_fn(|_| IoSlice::new(&[]));
     let mut k = 0;
     let mut bytes = 0;
+    let mut left = total;
+    let mut cap = WRITE_CHUNK;
     for b in bufs.iter() {
         let mut rest: &[u8] = b;
         while !rest.is_empty() {
-            let take = rest.len().min(WRITE_CHUNK - bytes);
+            if bytes == 0 {
+                cap = next_piece(left);
+            }
+            let take = rest.len().min(cap - bytes);
             piece[k] = IoSlice::new(&rest[..take]);
             rest = &rest[take..];
             k += 1;
             bytes += take;
-            if bytes == WRITE_CHUNK || k == piece.len() {
+            left -= take;
+            if bytes == cap || k == piece.len() {
                 pipe.write_all(&mut piece[..k], &mut TargetPace::write(shared, handle))?;
                 k = 0;
                 bytes = 0;
@@ -427,6 +433,15 @@ fn write_chunked(
         pipe.write_all(&mut piece[..k], &mut TargetPace::write(shared, handle))?;
     }
     Ok(())
+}
+
+/// The size of the next piece of an answer with `left` bytes still to write.
+fn next_piece(left: usize) -> usize {
+    if left <= WRITE_CHUNK + SEND_CALL_SLACK {
+        left
+    } else {
+        WRITE_CHUNK
+    }
 }
 
 /// Logs refused requests at a bounded rate; the rest are only counted.
@@ -1086,5 +1101,32 @@ mod tests {
         assert_eq!(parse_notification(&[5, 0, b'a']), None);
         assert_eq!(parse_notification(&[]), None);
         assert_eq!(parse_notification(&[1, 0, 0xff]), None);
+    }
+
+    /// An answer goes in pieces of `WRITE_CHUNK`, except that a tail of at most
+    /// `SEND_CALL_SLACK` (a header and statuses) rides with the piece before it.
+    #[test]
+    fn answers_are_cut_into_megabytes_without_a_small_tail() {
+        const MIB: usize = 1 << 20;
+        let mut sixteen = vec![MIB; 15];
+        sixteen.push(MIB + 32);
+        let cases = [
+            (17, vec![17]),
+            (MIB + 17, vec![MIB + 17]),
+            (MIB + SEND_CALL_SLACK, vec![MIB + SEND_CALL_SLACK]),
+            (MIB + SEND_CALL_SLACK + 1, vec![MIB, SEND_CALL_SLACK + 1]),
+            (3 * MIB / 2, vec![MIB, MIB / 2]),
+            (16 * MIB + 32, sixteen),
+        ];
+        for (total, want) in cases {
+            let mut left = total;
+            let mut pieces = Vec::new();
+            while left > 0 {
+                let p = next_piece(left);
+                pieces.push(p);
+                left -= p;
+            }
+            assert_eq!(pieces, want, "an answer of {total} bytes");
+        }
     }
 }
