@@ -31,23 +31,27 @@ const OPERATIONS: &[(&str, &[&str], &str)] = &[
 ];
 /// Operations the baseline keeps in flight.
 const WINDOW: &str = "64";
+/// `ferry bench --depth`: one batch in flight (the pipeline drains at the end of each),
+/// and two (the next is queued while one finishes, as the baseline's window never
+/// drains).
+const DEPTHS: [&str; 2] = ["1", "2"];
 
 /// One round's figures for a provider and block size.
 #[derive(Clone, Copy, Default)]
 struct Round {
     /// The baseline per entry of [`OPERATIONS`].
     baseline: [f64; OPERATIONS.len()],
-    /// `ferry bench` WRITE and READ.
-    ferry_write: f64,
-    ferry_read: f64,
+    /// `ferry bench` WRITE and READ, per entry of [`DEPTHS`].
+    ferry_write: [f64; DEPTHS.len()],
+    ferry_read: [f64; DEPTHS.len()],
 }
 
 impl Round {
-    fn ferry(&self, op: &str) -> f64 {
+    fn ferry(&self, op: &str, depth: usize) -> f64 {
         if op == "read" {
-            self.ferry_read
+            self.ferry_read[depth]
         } else {
-            self.ferry_write
+            self.ferry_write[depth]
         }
     }
 }
@@ -67,7 +71,14 @@ fn baseline(exe: &Path, provider: &str, flags: &[&str], block: u64, duration: &s
     )
 }
 
-fn ferry(exe: &Path, provider: &str, op: &str, block: &str, duration: &str) -> Result<f64> {
+fn ferry(
+    exe: &Path,
+    provider: &str,
+    op: &str,
+    block: &str,
+    depth: &str,
+    duration: &str,
+) -> Result<f64> {
     let out = Command::new(exe)
         .args(["bench", "--protocol", "efa", "--provider", provider])
         .args([
@@ -77,13 +88,18 @@ fn ferry(exe: &Path, provider: &str, op: &str, block: &str, duration: &str) -> R
             block,
             "--batch-size",
             "128",
+            "--depth",
+            depth,
         ])
         .args(["--duration", duration, "--json"])
         .current_dir(root())
         .stderr(Stdio::inherit())
         .output()
         .context("running ferry bench")?;
-    throughput(out, &format!("ferry bench {provider} {op} {block}"))
+    throughput(
+        out,
+        &format!("ferry bench {provider} {op} {block} --depth {depth}"),
+    )
 }
 
 /// Per provider, block size and operation, `rounds` interleaved rounds of the baseline
@@ -123,8 +139,11 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                 for (o, (_, flags, _)) in OPERATIONS.iter().enumerate() {
                     r.baseline[o] = baseline(&raw, provider, flags, *bytes, duration)?;
                 }
-                r.ferry_write = ferry(&ferry_exe, provider, "write", block, duration)?;
-                r.ferry_read = ferry(&ferry_exe, provider, "read", block, duration)?;
+                for (d, depth) in DEPTHS.iter().enumerate() {
+                    r.ferry_write[d] =
+                        ferry(&ferry_exe, provider, "write", block, depth, duration)?;
+                    r.ferry_read[d] = ferry(&ferry_exe, provider, "read", block, depth, duration)?;
+                }
                 results[p][b].push(r);
             }
         }
@@ -132,12 +151,19 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     println!(
         "libfabric, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes); \
          baseline: fi_rma_bw, two processes, {WINDOW} operations in flight, a completion each; \
-         DC: with FI_DELIVERY_COMPLETE, as ferry's WRITEs; ferry: ferry bench --batch-size 128; \
-         ratio: median of each round's ferry / baseline"
+         DC: with FI_DELIVERY_COMPLETE, as ferry's WRITEs; ferry: ferry bench --batch-size 128, \
+         --depth 1 and 2 (d2); ratio: median of each round's ferry / baseline"
     );
     println!(
-        "{:<12} {:<24} {:>6} {:>15} {:>11} {:>7}",
-        "provider", "ferry op vs baseline", "block", "baseline GB/s", "ferry GB/s", "ratio"
+        "{:<12} {:<24} {:>6} {:>14} {:>7} {:>7} {:>8} {:>7}",
+        "provider",
+        "ferry op vs baseline",
+        "block",
+        "baseline GB/s",
+        "ferry",
+        "ratio",
+        "ferry d2",
+        "ratio"
     );
     let mut chart = Chart {
         title: "EFA transport over loopback providers: WRITE".into(),
@@ -148,28 +174,34 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     };
     for (p, provider) in PROVIDERS.iter().enumerate() {
         let mut ferry_points = Vec::new();
+        let mut ferry_d2_points = Vec::new();
         let mut base_points = Vec::new();
         for (o, (label, _, ferry_op)) in OPERATIONS.iter().enumerate() {
             for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
                 let rs = &results[p][b];
                 let base = median(rs.iter().map(|r| r.baseline[o]).collect());
-                let ours = median(rs.iter().map(|r| r.ferry(ferry_op)).collect());
-                let ratio = median(
-                    rs.iter()
-                        .map(|r| r.ferry(ferry_op) / r.baseline[o])
-                        .collect(),
-                );
+                let ours = |d: usize| median(rs.iter().map(|r| r.ferry(ferry_op, d)).collect());
+                let ratio = |d: usize| {
+                    median(
+                        rs.iter()
+                            .map(|r| r.ferry(ferry_op, d) / r.baseline[o])
+                            .collect(),
+                    )
+                };
                 println!(
-                    "{:<12} {:<24} {:>6} {:>15.2} {:>11.2} {:>7.2}",
+                    "{:<12} {:<24} {:>6} {:>14.2} {:>7.2} {:>7.2} {:>8.2} {:>7.2}",
                     provider,
                     format!("{} vs {label}", ferry_op.to_uppercase()),
                     block,
                     base,
-                    ours,
-                    ratio
+                    ours(0),
+                    ratio(0),
+                    ours(1),
+                    ratio(1)
                 );
                 if *label == "fi_write" {
-                    ferry_points.push((*bytes as f64, ours));
+                    ferry_points.push((*bytes as f64, ours(0)));
+                    ferry_d2_points.push((*bytes as f64, ours(1)));
                     base_points.push((*bytes as f64, base));
                 }
             }
@@ -177,6 +209,10 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         chart.series.push(Series {
             label: format!("{provider}: ferry WRITE"),
             points: ferry_points,
+        });
+        chart.series.push(Series {
+            label: format!("{provider}: ferry WRITE, depth 2"),
+            points: ferry_d2_points,
         });
         chart.series.push(Series {
             label: format!("{provider}: fi_write baseline"),
