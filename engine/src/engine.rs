@@ -64,11 +64,11 @@ impl Engine {
         let busy_poll = tcp.config().busy_poll;
         tcp.set_listen(&listen);
         let tcp = Arc::new(tcp);
-        let batches = Arc::new(BatchTable::new(BatchDefaults {
+        let batches = BatchTable::new(BatchDefaults {
             timeout,
             retry_over_tcp,
             busy_poll,
-        }));
+        });
         let control = Arc::new(ControlState::new(notify_queue_bytes));
         let staging = device::staging();
         let ctx = TransportContext {

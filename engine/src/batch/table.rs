@@ -1,8 +1,9 @@
 //! The slot table: every batch's tasks, their accounting, their retry and their
-//! deadline. Completions arrive here from any transport thread.
+//! deadline. Completions arrive here from any transport thread; a retry over the peer's
+//! fallback is posted by a thread of the table's own (see [`Retries`]).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use ferry_transport_api::sync::EndGate;
@@ -168,6 +169,8 @@ pub(super) struct SlotData {
     pub(super) generation: u32,
     /// Retry tasks that fail on a fabric over the peer's fallback (set at submission).
     retry: bool,
+    /// Where retries go to be posted.
+    retries: Arc<Retries>,
     pub(super) specs: Vec<TaskSpec>,
     /// The local memory of the specs, held strongly from `add` to the end of `submit`
     /// (capacity kept between batches).
@@ -298,20 +301,26 @@ impl SlotData {
         }
     }
 
-    /// Starts attempt 1 of a task on the peer's retry path. Returns false when the task
-    /// cannot be retried (no other path, no key on it, already retried).
+    /// Starts attempt 1 of a task on the peer's retry path: claims it here and hands its
+    /// posting to the retry thread (a post may wait for room until the deadline, which
+    /// must not hold the transport thread reporting this failure: it also ends other
+    /// operations at their deadlines). Returns false when the task cannot be retried (no
+    /// other path, no key on it, already retried, no retry thread).
     fn retry(&self, task: usize, t: &Task) -> bool {
         let spec = &self.specs[task];
         let Some(leg) = spec.peer.retry_leg(spec.leg, spec.buffer) else {
             return false;
         };
         let path = spec.peer.path(leg);
-        let Some(keys) = path.keys(spec.buffer).cloned() else {
+        if path.keys(spec.buffer).is_none() {
             return false;
-        };
+        }
         // Its owner dropped the local buffer once the first attempt ended: nothing to
         // retry from or into.
         let Some(local) = spec.local.upgrade() else {
+            return false;
+        };
+        let Some(queue) = self.retries.sender() else {
             return false;
         };
         if t.state.load(Ordering::Acquire) != PENDING
@@ -321,20 +330,38 @@ impl SlotData {
         {
             return false;
         }
-        let step = path.max_slice();
         // Every slice of attempt 0 has reported: attempt 1 starts with a clean record.
         t.reason.store(0, Ordering::Release);
-        t.remaining
-            .store(spec.len.div_ceil(step) as u32, Ordering::Release);
+        t.remaining.store(
+            spec.len.div_ceil(path.max_slice()) as u32,
+            Ordering::Release,
+        );
         self.bytes_left.fetch_add(spec.len as u64, Ordering::AcqRel);
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,
             task: task as u32 | RETRY_BIT,
         };
-        self.post_task(spec, &local, path.conn(), step, &keys, token);
-        path.conn().flush();
+        if let Err(back) = queue.send(Retry { token, leg, local }) {
+            // The retry thread has gone (the engine is being dropped).
+            self.post_retry(back.into_inner());
+        }
         true
+    }
+
+    /// Posts a claimed retry on its path (on the retry thread).
+    fn post_retry(&self, retry: Retry) {
+        let task = (retry.token.task & !RETRY_BIT) as usize;
+        let spec = &self.specs[task];
+        let path = spec.peer.path(retry.leg);
+        let step = path.max_slice();
+        match path.keys(spec.buffer) {
+            Some(keys) => {
+                self.post_task(spec, &retry.local, path.conn(), step, keys, retry.token);
+                path.conn().flush();
+            }
+            None => self.fail_unposted(spec, step, retry.token),
+        }
     }
 
     /// Fails every slice of a task that cannot be posted.
@@ -423,6 +450,51 @@ pub(crate) struct Slot {
     pub(super) data: RwLock<SlotData>,
 }
 
+/// A claimed retry on its way to the retry thread: the task's attempt-1 token, the path
+/// it takes and its local memory (held from the claim to the post).
+struct Retry {
+    token: CompletionToken,
+    leg: Leg,
+    local: Arc<RegionMemory>,
+}
+
+/// The table's retry thread, started at the first retry. It posts each claimed retry on
+/// the peer's fallback and rings its doorbell; it ends when the table is dropped.
+struct Retries {
+    table: Weak<BatchTable>,
+    queue: OnceLock<Option<crossbeam_channel::Sender<Retry>>>,
+}
+
+impl Retries {
+    /// The retry thread's queue, starting the thread on first use; `None` when it
+    /// could not start.
+    fn sender(&self) -> Option<&crossbeam_channel::Sender<Retry>> {
+        self.queue
+            .get_or_init(|| {
+                let (tx, rx) = crossbeam_channel::unbounded::<Retry>();
+                let table = self.table.clone();
+                let started = std::thread::Builder::new()
+                    .name("ferry-retry".into())
+                    .spawn(move || {
+                        for retry in rx {
+                            let Some(table) = table.upgrade() else {
+                                return;
+                            };
+                            table.post_retry(retry);
+                        }
+                    });
+                match started {
+                    Ok(_) => Some(tx),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the retry thread; failed fabric transfers will not be retried over TCP");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+}
+
 /// What a batch gets unless its builder says otherwise.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BatchDefaults {
@@ -437,6 +509,7 @@ pub(crate) struct BatchDefaults {
 /// Every batch slot of an engine; the engine's [`Completions`].
 pub(crate) struct BatchTable {
     slots: RwLock<Vec<Arc<Slot>>>,
+    retries: Arc<Retries>,
     free: Mutex<Vec<u32>>,
     pub(super) defaults: BatchDefaults,
     /// Waits that slept to their limit although every task had ended (a lost wake-up).
@@ -452,12 +525,29 @@ pub struct BatchStats {
 }
 
 impl BatchTable {
-    pub(crate) fn new(defaults: BatchDefaults) -> Self {
-        BatchTable {
+    pub(crate) fn new(defaults: BatchDefaults) -> Arc<Self> {
+        Arc::new_cyclic(|me| BatchTable {
             slots: RwLock::new(Vec::new()),
+            retries: Arc::new(Retries {
+                table: me.clone(),
+                queue: OnceLock::new(),
+            }),
             free: Mutex::new(Vec::new()),
             defaults,
             late_wakeups: AtomicU64::new(0),
+        })
+    }
+
+    /// Posts a retry the retry thread took, if its batch is still the slot's. The post
+    /// may wait (for room, until the deadline): the table's own lock is not held for it,
+    /// so batches are still submitted meanwhile.
+    fn post_retry(&self, retry: Retry) {
+        let Some(slot) = self.slots.read().get(retry.token.slot as usize).cloned() else {
+            return;
+        };
+        let d = slot.data.read_recursive();
+        if d.generation == retry.token.generation {
+            d.post_retry(retry);
         }
     }
 
@@ -483,6 +573,7 @@ impl BatchTable {
                 index,
                 generation: 0,
                 retry: false,
+                retries: self.retries.clone(),
                 specs: Vec::new(),
                 pins: Vec::new(),
                 tasks: Vec::new(),

@@ -105,9 +105,16 @@ fn descriptor() -> SegmentDescriptor {
 /// A peer whose primary path is a fabric on `primary`, with a TCP fallback on
 /// `fallback`.
 fn peer(primary: &Arc<Fake>, fallback: Option<&Arc<Fake>>) -> Arc<PeerInner> {
+    peer_on(
+        primary.clone(),
+        fallback.map(|f| f.clone() as Arc<dyn Connection>),
+    )
+}
+
+fn peer_on(primary: Arc<dyn Connection>, fallback: Option<Arc<dyn Connection>>) -> Arc<PeerInner> {
     let d = descriptor();
-    let p = Path::new(Some(Protocol::Efa), primary.clone(), STEP, &d);
-    let f = fallback.map(|f| Path::new(Some(Protocol::Tcp), f.clone(), 2 * STEP, &d));
+    let p = Path::new(Some(Protocol::Efa), primary, STEP, &d);
+    let f = fallback.map(|f| Path::new(Some(Protocol::Tcp), f, 2 * STEP, &d));
     Arc::new(PeerInner::for_tests(
         d,
         p,
@@ -117,11 +124,11 @@ fn peer(primary: &Arc<Fake>, fallback: Option<&Arc<Fake>>) -> Arc<PeerInner> {
 }
 
 fn table() -> Arc<BatchTable> {
-    Arc::new(BatchTable::new(BatchDefaults {
+    BatchTable::new(BatchDefaults {
         timeout: Duration::from_secs(30),
         retry_over_tcp: false,
         busy_poll: Duration::ZERO,
-    }))
+    })
 }
 
 fn local(len: usize) -> Arc<RegionMemory> {
@@ -140,6 +147,26 @@ impl Submitted {
 
     fn open(&self) -> u32 {
         self.slot.data.read().gate.open()
+    }
+
+    /// 0 until the task's retry is claimed, 1 after.
+    fn attempt(&self, task: usize) -> u8 {
+        self.slot.data.read().tasks[task]
+            .attempt
+            .load(Ordering::Acquire)
+    }
+}
+
+/// The next `n` slices posted on `conn`, waiting (bounded) for the retry thread to post
+/// them.
+fn posted_on(conn: &Fake, n: usize) -> Vec<Slice> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if conn.posted.lock().len() >= n {
+            return conn.take();
+        }
+        assert!(Instant::now() < end, "{n} slices were never posted");
+        std::thread::yield_now();
     }
 }
 
@@ -204,13 +231,15 @@ fn a_retryable_failure_is_retried_on_the_fallback_and_late_reports_of_the_first_
 
     table.complete(first[0].token, Err(device_error()));
     table.complete(first[1].token, Ok(first[1].len));
-    assert!(
-        tcp.take().is_empty(),
+    assert_eq!(
+        b.attempt(0),
+        0,
         "no retry while a slice of the attempt is out"
     );
     table.complete(first[2].token, Ok(first[2].len));
+    assert_eq!(b.attempt(0), 1, "claimed by the last report of the attempt");
 
-    let retry = tcp.take();
+    let retry = posted_on(&tcp, 2);
     assert_eq!(retry.len(), 2, "the fallback slices by its own size");
     assert!(retry.iter().all(|s| s.remote_keys.first() == TCP_KEY));
     assert_eq!(retry.iter().map(|s| s.len).sum::<usize>(), 10_000);
@@ -233,6 +262,79 @@ fn a_retryable_failure_is_retried_on_the_fallback_and_late_reports_of_the_first_
     table.release(b.index, &b.slot);
 }
 
+/// A connection whose posts wait until the test lets them go (as a TCP lane whose queue
+/// is full waits for room), saying which thread each post came from.
+struct Stalling {
+    entered: crossbeam_channel::Sender<std::thread::ThreadId>,
+    release: crossbeam_channel::Receiver<()>,
+    posted: Mutex<Vec<Slice>>,
+}
+
+impl Connection for Stalling {
+    fn post(&self, slice: Slice) -> Result<(), FailReason> {
+        let _ = self.entered.send(std::thread::current().id());
+        let _ = self.release.recv();
+        self.posted.lock().push(slice);
+        Ok(())
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_retry_waiting_for_room_does_not_hold_the_thread_that_reported_the_failure() {
+    let fabric = Arc::new(Fake::default());
+    let (entered_tx, entered) = crossbeam_channel::unbounded();
+    let (release, released) = crossbeam_channel::unbounded();
+    let tcp = Arc::new(Stalling {
+        entered: entered_tx,
+        release: released,
+        posted: Mutex::new(Vec::new()),
+    });
+    let peer = peer_on(fabric.clone(), Some(tcp.clone()));
+    let table = table();
+    // Two tasks in two batches: the first is retried, the second ends by its report.
+    let a = submit(&table, &peer, 100, later(), true);
+    let b = submit(&table, &peer, 100, later(), true);
+    let (sa, sb) = {
+        let mut p = fabric.take();
+        (p.remove(0), p.remove(0))
+    };
+    // The transport's completion thread reports both: the retry's post stalls, and the
+    // report after it still goes through at once.
+    let t = table.clone();
+    let reporter = std::thread::spawn(move || {
+        t.complete(sa.token, Err(FailReason::ConnectionLost));
+        t.complete(sb.token, Ok(sb.len));
+    });
+    let limit = Duration::from_secs(20);
+    let poster = entered
+        .recv_timeout(limit)
+        .expect("the retry was never posted");
+    assert_ne!(
+        poster,
+        reporter.thread().id(),
+        "the retry was posted on the reporting thread"
+    );
+    reporter.join().unwrap();
+    assert_eq!(b.status(0), TaskStatus::Completed);
+    assert_eq!(a.status(0), TaskStatus::Pending);
+    // Room again: the retry goes, and its report completes the task.
+    release.send(()).unwrap();
+    let end = Instant::now() + limit;
+    let r = loop {
+        if let Some(r) = tcp.posted.lock().pop() {
+            break r;
+        }
+        assert!(Instant::now() < end, "the retry never left");
+        std::thread::yield_now();
+    };
+    table.complete(r.token, Ok(r.len));
+    assert_eq!(a.status(0), TaskStatus::Completed);
+}
+
 #[test]
 fn a_retried_task_that_fails_again_reports_the_second_reason() {
     let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
@@ -241,7 +343,7 @@ fn a_retried_task_that_fails_again_reports_the_second_reason() {
     let b = submit(&table, &peer, 100, later(), true);
     let s = fabric.take().remove(0);
     table.complete(s.token, Err(FailReason::ConnectionLost));
-    let r = tcp.take().remove(0);
+    let r = posted_on(&tcp, 1).remove(0);
     table.complete(r.token, Err(FailReason::Remote(RemoteStatus::AccessDenied)));
     assert_eq!(
         b.status(0),
@@ -264,6 +366,7 @@ fn without_retry_the_first_reason_survives_exactly() {
     table.complete(posted[2].token, Ok(STEP));
     assert_eq!(b.status(0), TaskStatus::Failed(device_error()));
     assert!(tcp.take().is_empty(), "retry is off");
+    assert_eq!(b.attempt(0), 0, "retry is off");
     assert!(
         !peer.is_stale(),
         "a device error says nothing about the descriptor"
@@ -280,6 +383,7 @@ fn a_refused_post_fails_its_task_at_once_and_non_retryable_reasons_are_not_retri
     assert_eq!(b.status(0), TaskStatus::Failed(FailReason::Shutdown));
     assert_eq!(b.open(), 0);
     assert!(tcp.take().is_empty(), "a shutdown is not worth a retry");
+    assert_eq!(b.attempt(0), 0, "a shutdown is not worth a retry");
 }
 
 #[test]
