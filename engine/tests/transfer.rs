@@ -544,3 +544,35 @@ fn a_busy_polling_waiter_reads_its_own_answers() {
         );
     }
 }
+
+/// A waiter drives every connection of its batch, not only its first task's: here the
+/// first task is a small READ from one target and the bulk comes from another, whose
+/// answers the spinning waiter reads itself.
+#[test]
+fn a_busy_polling_waiter_reads_the_answers_of_every_peer_of_its_batch() {
+    let small = engine();
+    let big = engine();
+    let initiator = engine_with(TcpConfig {
+        busy_poll: Duration::from_secs(60),
+        ..TcpConfig::default()
+    });
+    let len = 64 << 20;
+    let small_buf = small.allocate(4096, Location::host()).unwrap();
+    let big_buf = big.allocate(len, Location::host()).unwrap();
+    let small_remote = common::remote_of(&initiator, &small, &small_buf);
+    let big_remote = common::remote_of(&initiator, &big, &big_buf);
+    let local = initiator.allocate(4096 + len, Location::host()).unwrap();
+    let data = random(len);
+    big_buf.write_at(0, &data).unwrap();
+    let mut b = initiator.batch();
+    b.read(&local, 0, &small_remote, 0, 4096).unwrap();
+    b.read(&local, 4096, &big_remote, 0, len).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let mut got = vec![0u8; len];
+    local.read_at(4096, &mut got).unwrap();
+    assert_bytes_eq(&got, &data, "READ");
+    // The bulk comes back as answers of at most 1 MiB: 64 of them. Read by the lane's
+    // own receiver thread, the waiter would have read one answer or two.
+    let read = initiator.tcp_stats().answers_read_by_waiters;
+    assert!(read > 32, "the waiter read {read} answers");
+}

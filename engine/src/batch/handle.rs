@@ -27,23 +27,45 @@ fn after(start: Instant, d: Duration) -> Instant {
         .unwrap_or(start)
 }
 
-/// A connection the waiting thread receives answers on while it spins (see
-/// [`Connection::start_driving`]); dropping it hands receiving back to the transport.
-struct Driving<'a>(Option<&'a dyn Connection>);
+/// Most connections one waiter drives (the first distinct ones of its batch's tasks): a
+/// fixed array, so that waiting allocates nothing.
+const MAX_DRIVEN: usize = 8;
+
+/// The connections the waiting thread receives answers on while it spins (see
+/// [`Connection::start_driving`]); dropping it hands receiving back to the transports.
+struct Driving<'a> {
+    conns: [Option<&'a dyn Connection>; MAX_DRIVEN],
+}
 
 impl<'a> Driving<'a> {
-    /// Starts driving the path of the batch's first task, when its transport allows it.
+    /// Starts driving the paths of the batch's tasks (each connection once, at most
+    /// [`MAX_DRIVEN`]), where their transports allow it.
     fn start(d: &'a SlotData) -> Self {
-        let conn = d
-            .specs
-            .first()
-            .map(|spec| spec.peer.path(spec.leg).conn())
-            .filter(|conn| conn.start_driving());
-        Driving(conn)
+        let mut conns: [Option<&'a dyn Connection>; MAX_DRIVEN] = [None; MAX_DRIVEN];
+        let mut seen: [Option<&'a dyn Connection>; MAX_DRIVEN] = [None; MAX_DRIVEN];
+        let mut n = 0;
+        for spec in &d.specs {
+            let conn = spec.peer.path(spec.leg).conn();
+            let known = seen[..n].iter().flatten().any(|c| {
+                std::ptr::addr_eq(*c as *const dyn Connection, conn as *const dyn Connection)
+            });
+            if known {
+                continue;
+            }
+            seen[n] = Some(conn);
+            if conn.start_driving() {
+                conns[n] = Some(conn);
+            }
+            n += 1;
+            if n == MAX_DRIVEN {
+                break;
+            }
+        }
+        Driving { conns }
     }
 
     fn drive(&self) {
-        if let Some(conn) = self.0 {
+        for conn in self.conns.iter().flatten() {
             conn.drive();
         }
     }
@@ -51,7 +73,7 @@ impl<'a> Driving<'a> {
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
+        for conn in self.conns.iter_mut().filter_map(Option::take) {
             conn.stop_driving();
         }
     }
