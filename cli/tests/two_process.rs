@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{random, write_then_read, Target, FERRY};
-use ferry_engine::{Engine, Error, Location, Tcp, TcpConfig};
+use ferry_engine::{Access, Engine, Error, Location, Tcp, TcpConfig};
 
 fn initiator() -> Engine {
     Engine::builder()
@@ -312,5 +312,55 @@ fn a_target_runs_the_configuration_it_is_handed() {
     assert!(
         err.contains("--config-json") && err.contains("\"two\""),
         "{err}"
+    );
+}
+
+/// A run whose warm-up fails (here: WRITEs to the one buffer its target publishes, which
+/// is read-only) reports that error and exits, instead of waiting at its start barriers
+/// for the worker that gave up.
+#[test]
+fn a_bench_whose_warm_up_fails_reports_it_and_exits() {
+    let target = initiator();
+    let _read_only = target
+        .allocate_with(1 << 20, Location::host(), Access::RemoteRead, "ro")
+        .unwrap();
+    let mut child = Command::new(FERRY)
+        .args([
+            "initiator",
+            "--segment",
+            &target.name(),
+            "--operation",
+            "write",
+        ])
+        .args([
+            "--block-size",
+            "4K",
+            "--batch-size",
+            "4",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            panic!("the run hung after its warm-up failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "a failed warm-up exited 0: {err}");
+    assert!(
+        err.contains("does not allow peers to write it"),
+        "the warm-up's error is reported: {err}"
     );
 }
