@@ -324,7 +324,7 @@ fn a_bench_whose_warm_up_fails_reports_it_and_exits() {
     let _read_only = target
         .allocate_with(1 << 20, Location::host(), Access::RemoteRead, "ro")
         .unwrap();
-    let mut child = Command::new(FERRY)
+    let child = Command::new(FERRY)
         .args([
             "initiator",
             "--segment",
@@ -345,18 +345,17 @@ fn a_bench_whose_warm_up_fails_reports_it_and_exits() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            panic!("the run hung after its warm-up failed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+        panic!("the run hung after its warm-up failed");
     };
-    let out = child.wait_with_output().unwrap();
+    let out = out.unwrap();
+    let status = out.status;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!status.success(), "a failed warm-up exited 0: {err}");
     assert!(
