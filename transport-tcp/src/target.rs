@@ -409,13 +409,10 @@ fn write_chunked(
     let mut k = 0;
     let mut bytes = 0;
     let mut left = total;
-    let mut cap = WRITE_CHUNK;
+    let mut cap = next_piece(total);
     for b in bufs.iter() {
         let mut rest: &[u8] = b;
         while !rest.is_empty() {
-            if bytes == 0 {
-                cap = next_piece(left);
-            }
             let take = rest.len().min(cap - bytes);
             piece[k] = IoSlice::new(&rest[..take]);
             rest = &rest[take..];
@@ -426,6 +423,7 @@ fn write_chunked(
                 pipe.write_all(&mut piece[..k], &mut TargetPace::write(shared, handle))?;
                 k = 0;
                 bytes = 0;
+                cap = next_piece(left);
             }
         }
     }
