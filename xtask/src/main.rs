@@ -15,7 +15,9 @@
 //! - `cargo xtask bench [--duration S] [--rounds N] [--plot DIR]`: `ferry bench` against
 //!   `iperf3` (throughput) and a two-process TCP ping-pong (4 KiB READ latency) on
 //!   loopback, interleaved in one run, with their ratios; `--plot` adds a block-size
-//!   sweep and writes SVG charts into DIR (every family below takes it too).
+//!   sweep and writes SVG charts into DIR (every family below takes it too);
+//!   `--congestion ALG` runs the whole benchmark in a private network namespace whose
+//!   TCP congestion control is ALG (`cubic`, `reno`, `bbr`), leaving the host's alone.
 //! - `cargo xtask bench --costs`: syscalls, context switches, CPU time and instructions
 //!   per MiB on each side, ferry's TCP path beside iperf3's.
 //! - `cargo xtask bench --efa`: `ferry bench --protocol efa` against a two-process raw
@@ -43,7 +45,7 @@ use anyhow::{bail, Result};
 
 const HELP: &str = "\
 usage: cargo xtask test [--hw] [--full]
-       cargo xtask bench [--efa | --scale | --costs | --python] [--duration SECS] [--rounds N] [--plot DIR]
+       cargo xtask bench [--efa | --scale | --costs | --python] [--duration SECS] [--rounds N] [--plot DIR] [--congestion ALG]
        cargo xtask cross aarch64
        cargo xtask fuzz [TARGET] [--time SECS] [--ci]
        cargo xtask stall [--runs N] [--duration SECS]";

@@ -54,9 +54,39 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// `cargo xtask bench [--efa | --python | --scale | --costs] [--duration SECS] [--rounds N] [--plot DIR]`:
-/// with `--plot`, each family also writes its SVG charts into DIR.
+/// Set in the copy of xtask that runs in a private network namespace: the congestion
+/// control it is to set there.
+const NETNS_ENV: &str = "FERRY_BENCH_CONGESTION";
+/// Where Linux keeps the congestion control new TCP sockets get (per network namespace).
+const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+/// `cargo xtask bench [--efa | --python | --scale | --costs] [--duration SECS] [--rounds N] [--plot DIR] [--congestion ALG]`:
+/// with `--plot`, each family also writes its SVG charts into DIR; with `--congestion`,
+/// the whole run happens in a private network namespace whose TCP congestion control is
+/// ALG (see [`in_namespace`]).
 pub(crate) fn bench(args: &[String]) -> Result<()> {
+    if let Some(i) = args.iter().position(|a| a == "--congestion") {
+        let alg = args
+            .get(i + 1)
+            .context("--congestion needs an algorithm (cubic, reno, bbr)")?;
+        let mut rest = args.to_vec();
+        rest.drain(i..i + 2);
+        return in_namespace(alg, &rest);
+    }
+    if let Ok(alg) = std::env::var(NETNS_ENV) {
+        enter_namespace(&alg)?;
+    }
+    let congestion = std::fs::read_to_string(CONGESTION)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    eprintln!(
+        "xtask: TCP congestion control {congestion}{}",
+        if std::env::var_os(NETNS_ENV).is_some() {
+            " (private network namespace)"
+        } else {
+            " (this host's default)"
+        }
+    );
     let mut duration = "3".to_string();
     let mut rounds = 3usize;
     let mut fabric = false;
@@ -94,6 +124,51 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         return scale::bench(&duration, rounds, plot);
     }
     tcp::bench(&duration, rounds, plot)
+}
+
+/// Runs `cargo xtask bench REST` again in a private network namespace (`unshare --net`)
+/// whose loopback uses TCP congestion control `alg`, leaving the host's setting alone:
+/// every process of the run (baselines and ferry alike) inherits it. The congestion
+/// control decides loopback throughput on some machines: with `bbr` and no `fq` queueing
+/// discipline, TCP paces itself with a timer per burst, which costs a virtual machine
+/// dearly (on the 2-vCPU machine of the README, iperf3 moved 3.6 GB/s with `bbr` and
+/// 7.5 with `cubic`), and the libfabric `tcp` provider's throughput swings by 2x from
+/// run to run.
+fn in_namespace(alg: &str, rest: &[String]) -> Result<()> {
+    let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .context("reading the congestion controls this kernel offers")?;
+    if !available.split_whitespace().any(|a| a == alg) {
+        bail!(
+            "--congestion {alg}: this kernel offers {} (load a module for others)",
+            available.trim()
+        );
+    }
+    let status = Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(std::env::current_exe()?)
+        .arg("bench")
+        .args(rest)
+        .env(NETNS_ENV, alg)
+        .status()
+        .context("running `unshare --net` (util-linux; needs root or user namespaces)")?;
+    if !status.success() {
+        bail!("the benchmark in its own network namespace failed ({status})");
+    }
+    Ok(())
+}
+
+/// Inside the namespace [`in_namespace`] made: brings its loopback up and sets its
+/// congestion control.
+fn enter_namespace(alg: &str) -> Result<()> {
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("running `ip` (iproute2) to bring the namespace's loopback up")?;
+    if !up.success() {
+        bail!("`ip link set lo up` failed ({up})");
+    }
+    std::fs::write(CONGESTION, alg).with_context(|| format!("setting {CONGESTION} to {alg}"))
 }
 
 /// `xtask __pingpong-serve`: the server process of the ping-pong baseline.
