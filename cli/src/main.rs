@@ -71,6 +71,10 @@ pub(crate) struct EngineArgs {
     /// Microseconds a thread spins for work before it sleeps.
     #[arg(long, default_value_t = 50)]
     busy_poll_us: u64,
+    /// TCP congestion control of this engine's connections (cubic, reno, bbr, as the
+    /// kernel allows); default: the host's.
+    #[arg(long)]
+    congestion_control: Option<String>,
     /// A file holding the secret every engine of the deployment shares; connections
     /// without it are refused (default: no authentication).
     #[arg(long)]
@@ -107,6 +111,7 @@ impl EngineArgs {
             tcp: ferry_engine::TcpConfig {
                 lanes: self.lanes,
                 busy_poll: Duration::from_micros(self.busy_poll_us),
+                congestion_control: self.congestion_control.clone(),
                 ..ferry_engine::TcpConfig::default()
             },
             ..EngineConfig::default()
@@ -413,6 +418,16 @@ mod tests {
             Command::Target(t) => t.engine,
             _ => unreachable!("parsed as `ferry target`"),
         }
+    }
+
+    #[test]
+    fn the_congestion_control_flag_reaches_the_tcp_configuration() {
+        let config = engine_args(&["--congestion-control", "reno"])
+            .config("127.0.0.1:0")
+            .expect("a TCP configuration");
+        assert_eq!(config.tcp.congestion_control.as_deref(), Some("reno"));
+        let config = engine_args(&[]).config("127.0.0.1:0").expect("defaults");
+        assert_eq!(config.tcp.congestion_control, None, "the host's by default");
     }
 
     #[test]

@@ -119,6 +119,16 @@ pub struct TcpConfig {
     /// protect it from an attacker on the path.
     #[serde(skip_serializing)]
     pub secret: Option<SharedSecret>,
+    /// The TCP congestion control of the data connections: the lanes this engine opens
+    /// and every connection it accepts. A name the kernel offers (`cubic`, `reno`,
+    /// `bbr`, ...; unprivileged processes may use those in
+    /// `/proc/sys/net/ipv4/tcp_allowed_congestion_control`); `None`, the default: the
+    /// host's (`net.ipv4.tcp_congestion_control`). Each side's choice governs what it
+    /// sends: the initiator's its WRITE payloads, the target's its READ answers. With
+    /// `bbr` and no `fq` queueing discipline TCP paces itself with a timer per burst,
+    /// which costs CPU on every send; `cubic` does not. A name the kernel refuses fails
+    /// the transport's start, naming the ones it allows.
+    pub congestion_control: Option<String>,
 }
 
 /// `serde` for durations as integer counts of one unit.
@@ -247,6 +257,7 @@ impl Default for TcpConfig {
             progress_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(10)),
             secret: None,
+            congestion_control: None,
         }
     }
 }
@@ -529,6 +540,9 @@ impl Transport for TcpTransport {
                 "TcpConfig::secret is empty; give every peer the same secret of at least 16 random bytes, or none",
             ));
         }
+        if let Some(name) = &self.shared.config.congestion_control {
+            check_congestion(name)?;
+        }
         if self.shared.ctx.set(ctx).is_err() {
             return Err(TransportError::invalid(
                 "the TCP transport was started twice",
@@ -685,14 +699,44 @@ pub(crate) fn set_keepalive(
     }
 }
 
-/// Prepares a connection this side opened to a peer's port: keepalive, then, with a
-/// secret, the mutual proof, by `deadline`. Errors name the secret when it is the cause.
+/// Sets the socket's TCP congestion control to `name`, when one is given.
+pub(crate) fn set_congestion(
+    socket: &impl std::os::fd::AsFd,
+    name: Option<&str>,
+) -> io::Result<()> {
+    match name {
+        Some(name) => socket2::SockRef::from(socket).set_tcp_congestion(name.as_bytes()),
+        None => Ok(()),
+    }
+}
+
+/// Whether this process may give its sockets congestion control `name`: tried on a
+/// socket of its own, so a name the kernel refuses fails the start, not every
+/// connection.
+fn check_congestion(name: &str) -> Result<(), TransportError> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| TransportError::invalid(format!("cannot open a TCP socket: {e}")))?;
+    set_congestion(&socket, Some(name)).map_err(|e| {
+        let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(", "))
+            .unwrap_or_else(|_| "(unreadable)".into());
+        TransportError::invalid(format!(
+            "TcpConfig::congestion_control `{name}` is refused by the kernel ({e}); this \
+             process may use {allowed}"
+        ))
+    })
+}
+
+/// Prepares a connection this side opened to a peer's port: keepalive and congestion
+/// control, then, with a secret, the mutual proof, by `deadline`. Errors name the
+/// secret when it is the cause.
 pub(crate) fn prepare_client(
     stream: &mut TcpStream,
     config: &TcpConfig,
     deadline: Instant,
 ) -> io::Result<()> {
     set_keepalive(stream, config.keepalive)?;
+    set_congestion(stream, config.congestion_control.as_deref())?;
     if let Some(secret) = &config.secret {
         authenticate(stream, secret, deadline)?;
         stream.set_read_timeout(None)?;

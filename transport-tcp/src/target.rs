@@ -228,6 +228,9 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
     if let Err(e) = crate::set_keepalive(&stream, shared.config.keepalive) {
         tracing::debug!(%peer, error = %e, "cannot enable TCP keepalive");
     }
+    if let Err(e) = crate::set_congestion(&stream, shared.config.congestion_control.as_deref()) {
+        tracing::warn!(%peer, error = %e, "cannot set the connection's congestion control");
+    }
     let pipe = match Pipe::from_mio(stream, Interest::READABLE | Interest::WRITABLE) {
         Ok(p) => p,
         Err(e) => {

@@ -490,6 +490,120 @@ fn keepalive_watches_lanes_on_both_ends() {
     );
 }
 
+/// The congestion control of every TCP socket of this process connected to or accepted
+/// on `port`: (accepted on `port`, algorithm), once per socket however many descriptors
+/// name it.
+fn congestion_on(port: u16) -> Vec<(bool, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !link.starts_with("socket:") || !seen.insert(link) {
+            continue;
+        }
+        // SAFETY: the descriptor is only queried (getsockname, getpeername, getsockopt),
+        // never closed; were another thread to close it meanwhile, the calls fail or
+        // describe whatever took its number, and the checks below skip both.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let (Ok(local), Ok(peer), Ok(cc)) =
+            (sock.local_addr(), sock.peer_addr(), sock.tcp_congestion())
+        else {
+            continue;
+        };
+        let (Some(local), Some(peer)) = (local.as_socket(), peer.as_socket()) else {
+            continue;
+        };
+        if local.port() == port || peer.port() == port {
+            let name = String::from_utf8_lossy(&cc)
+                .trim_end_matches('\0')
+                .to_string();
+            out.push((local.port() == port, name));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Each side gives the connections it holds its own congestion control: the target
+/// every connection it accepts, the initiator its lanes; a side that names none leaves
+/// the host's.
+#[test]
+fn each_side_gives_its_connections_its_congestion_control() {
+    let host_default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_string();
+    // `reno` is always built in; pick another built-in one for the other side, so the
+    // two differ whatever the host's default is.
+    let other = if host_default == "cubic" {
+        "reno"
+    } else {
+        "cubic"
+    };
+    let target = started(TcpConfig {
+        congestion_control: Some("reno".into()),
+        ..TcpConfig::default()
+    });
+    let port: u16 = target.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let initiator = started(TcpConfig {
+        lanes: 2,
+        congestion_control: Some(other.into()),
+        ..TcpConfig::default()
+    });
+    let _conn = initiator.t.connect_tcp(&target.addr).unwrap();
+    wait_for(
+        "two lanes with the initiator's, two accepted with the target's",
+        || {
+            let lanes = |cc: &str| [(false, cc.to_string()), (false, cc.to_string())];
+            let accepted = [(true, "reno".to_string()), (true, "reno".to_string())];
+            let want: Vec<_> = lanes(other).into_iter().chain(accepted).collect();
+            congestion_on(port) == want
+        },
+    );
+    // An initiator that names none keeps the host's on its lanes.
+    let plain = started(TcpConfig::default());
+    let target2 = started(TcpConfig {
+        congestion_control: Some("reno".into()),
+        ..TcpConfig::default()
+    });
+    let port2: u16 = target2.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let _conn2 = plain.t.connect_tcp(&target2.addr).unwrap();
+    wait_for(
+        "the lane keeps the host's, the accepted side is the target's",
+        || congestion_on(port2) == vec![(false, host_default.clone()), (true, "reno".to_string())],
+    );
+}
+
+/// A congestion control the kernel does not offer fails the start, naming the ones it
+/// allows, instead of every connection later.
+#[test]
+fn an_unknown_congestion_control_fails_the_start_by_name() {
+    let t = TcpTransport::new(TcpConfig {
+        congestion_control: Some("no-such-algorithm".into()),
+        ..TcpConfig::default()
+    });
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let err = t
+        .start(TransportContext {
+            completions: Arc::new(Channel(tx)),
+            control: None,
+            staging: None,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no-such-algorithm") && err.contains("reno"),
+        "{err}"
+    );
+}
+
 #[test]
 fn closed_connections_leave_no_handles_behind() {
     let target = started(TcpConfig::default());
