@@ -231,3 +231,21 @@ pub(crate) fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
     // USER_HZ is 100 on Linux.
     Ok(ticks / 100.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A congestion control the kernel does not offer is refused before any namespace
+    /// is made, naming what it offers.
+    #[test]
+    fn an_unknown_congestion_control_is_refused_with_the_offered_ones() {
+        let err = bench(&["--congestion".into(), "no-such-algorithm".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-algorithm"), "{err}");
+        assert!(err.contains("reno"), "the kernel always offers reno: {err}");
+        let err = bench(&["--congestion".into()]).unwrap_err().to_string();
+        assert!(err.contains("needs an algorithm"), "{err}");
+    }
+}
