@@ -714,6 +714,15 @@ pub(crate) fn set_congestion(
 /// socket of its own, so a name the kernel refuses fails the start, not every
 /// connection.
 fn check_congestion(name: &str) -> Result<(), TransportError> {
+    // The kernel reads at most 15 bytes of the name and stops at a NUL: a longer name,
+    // or one with a NUL, would be cut to another one.
+    if name.is_empty() || name.len() > 15 || name.contains('\0') {
+        return Err(TransportError::invalid(format!(
+            "TcpConfig::congestion_control `{}` is not a congestion control name (1 to 15 \
+             bytes, no NUL)",
+            name.escape_default()
+        )));
+    }
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(|e| TransportError::invalid(format!("cannot open a TCP socket: {e}")))?;
     set_congestion(&socket, Some(name)).map_err(|e| {

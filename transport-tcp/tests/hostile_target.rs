@@ -586,7 +586,7 @@ fn each_side_gives_its_connections_its_congestion_control() {
 #[test]
 fn an_unknown_congestion_control_fails_the_start_by_name() {
     let t = TcpTransport::new(TcpConfig {
-        congestion_control: Some("no-such-algorithm".into()),
+        congestion_control: Some("no-such-cc".into()),
         ..TcpConfig::default()
     });
     let (tx, _rx) = crossbeam_channel::unbounded();
@@ -599,9 +599,29 @@ fn an_unknown_congestion_control_fails_the_start_by_name() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("no-such-algorithm") && err.contains("reno"),
+        err.contains("no-such-cc") && err.contains("reno"),
         "{err}"
     );
+    // A name the kernel would cut to another one (it reads 15 bytes, up to a NUL).
+    for name in ["", "cubic\0x", "cubic-with-a-long-name"] {
+        let t = TcpTransport::new(TcpConfig {
+            congestion_control: Some(name.into()),
+            ..TcpConfig::default()
+        });
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let err = t
+            .start(TransportContext {
+                completions: Arc::new(Channel(tx)),
+                control: None,
+                staging: None,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a congestion control name"),
+            "{name:?}: {err}"
+        );
+    }
 }
 
 #[test]
