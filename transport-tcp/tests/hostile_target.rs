@@ -581,42 +581,31 @@ fn each_side_gives_its_connections_its_congestion_control() {
     );
 }
 
+/// Why a transport with congestion control `name` does not start.
+fn congestion_start_error(name: &str) -> String {
+    let t = TcpTransport::new(TcpConfig {
+        congestion_control: Some(name.into()),
+        ..TcpConfig::default()
+    });
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    t.start(TransportContext {
+        completions: Arc::new(Channel(tx)),
+        control: None,
+        staging: None,
+    })
+    .expect_err("a congestion control the kernel refuses fails the start")
+    .to_string()
+}
+
 /// A congestion control the kernel does not offer fails the start, naming the ones it
 /// allows, instead of every connection later.
 #[test]
 fn an_unknown_congestion_control_fails_the_start_by_name() {
-    let t = TcpTransport::new(TcpConfig {
-        congestion_control: Some("no-such-cc".into()),
-        ..TcpConfig::default()
-    });
-    let (tx, _rx) = crossbeam_channel::unbounded();
-    let err = t
-        .start(TransportContext {
-            completions: Arc::new(Channel(tx)),
-            control: None,
-            staging: None,
-        })
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("no-such-cc") && err.contains("reno"),
-        "{err}"
-    );
+    let err = congestion_start_error("no-such-cc");
+    assert!(err.contains("no-such-cc") && err.contains("reno"), "{err}");
     // A name the kernel would cut to another one (it reads 15 bytes, up to a NUL).
     for name in ["", "cubic\0x", "cubic-with-a-long-name"] {
-        let t = TcpTransport::new(TcpConfig {
-            congestion_control: Some(name.into()),
-            ..TcpConfig::default()
-        });
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let err = t
-            .start(TransportContext {
-                completions: Arc::new(Channel(tx)),
-                control: None,
-                staging: None,
-            })
-            .unwrap_err()
-            .to_string();
+        let err = congestion_start_error(name);
         assert!(
             err.contains("not a congestion control name"),
             "{name:?}: {err}"
