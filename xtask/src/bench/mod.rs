@@ -54,8 +54,8 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Set in the copy of xtask that runs in a private network namespace: the congestion
-/// control it is to set there.
+/// Set for the copy of xtask that runs in a private network namespace (only to say so
+/// in its output).
 const NETNS_ENV: &str = "FERRY_BENCH_CONGESTION";
 /// Where Linux keeps the congestion control new TCP sockets get (per network namespace).
 const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
@@ -72,9 +72,6 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         let mut rest = args.to_vec();
         rest.drain(i..i + 2);
         return in_namespace(alg, &rest);
-    }
-    if let Ok(alg) = std::env::var(NETNS_ENV) {
-        enter_namespace(&alg)?;
     }
     let congestion = std::fs::read_to_string(CONGESTION)
         .map(|s| s.trim().to_string())
@@ -143,9 +140,16 @@ fn in_namespace(alg: &str, rest: &[String]) -> Result<()> {
             available.trim()
         );
     }
+    // The namespace is set up by a shell inside it, before this program starts again
+    // there: nothing in xtask itself ever writes the setting, so it cannot reach the
+    // host's.
     let status = Command::new("unshare")
-        .arg("--net")
-        .arg("--")
+        .args(["--net", "--", "sh", "-c"])
+        .arg(format!(
+            "ip link set lo up && printf %s \"$1\" > {CONGESTION} && shift && exec \"$@\""
+        ))
+        .arg("sh")
+        .arg(alg)
         .arg(std::env::current_exe()?)
         .arg("bench")
         .args(rest)
@@ -156,19 +160,6 @@ fn in_namespace(alg: &str, rest: &[String]) -> Result<()> {
         bail!("the benchmark in its own network namespace failed ({status})");
     }
     Ok(())
-}
-
-/// Inside the namespace [`in_namespace`] made: brings its loopback up and sets its
-/// congestion control.
-fn enter_namespace(alg: &str) -> Result<()> {
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .context("running `ip` (iproute2) to bring the namespace's loopback up")?;
-    if !up.success() {
-        bail!("`ip link set lo up` failed ({up})");
-    }
-    std::fs::write(CONGESTION, alg).with_context(|| format!("setting {CONGESTION} to {alg}"))
 }
 
 /// `xtask __pingpong-serve`: the server process of the ping-pong baseline.
