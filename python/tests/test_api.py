@@ -185,6 +185,11 @@ def test_config_dicts_and_json_configure_the_engine():
     engine = ferry.Engine(config='{"protocol": "tcp"}', notify_queue_bytes=1 << 20)
     assert engine.name.startswith("127.0.0.1:")
     assert "tcp" in ferry.COMPILED_PROTOCOLS
+    # The TCP transport's own settings nest under `tcp`, congestion control among them:
+    # one the kernel offers starts, one it does not fails naming those it allows.
+    ferry.Engine(tcp={"congestion_control": "reno"}).shutdown()
+    with pytest.raises(ferry.InvalidInput, match="reno"):
+        ferry.Engine(tcp={"congestion_control": "no-such-cc"})
 
 
 def test_type_stubs_and_docstrings_cover_the_native_api():
