@@ -78,7 +78,7 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
         .unwrap_or_else(|_| "unknown".into());
     eprintln!(
         "xtask: TCP congestion control {congestion}{}",
-        if std::env::var_os(NETNS_ENV).is_some() {
+        if std::env::var(NETNS_ENV).is_ok_and(|set| set == congestion) {
             " (private network namespace)"
         } else {
             " (this host's default)"
