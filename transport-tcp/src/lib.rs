@@ -700,10 +700,7 @@ pub(crate) fn set_keepalive(
 }
 
 /// Sets the socket's TCP congestion control to `name`, when one is given.
-pub(crate) fn set_congestion(
-    socket: &impl std::os::fd::AsFd,
-    name: Option<&str>,
-) -> io::Result<()> {
+fn set_congestion(socket: &impl std::os::fd::AsFd, name: Option<&str>) -> io::Result<()> {
     match name {
         Some(name) => socket2::SockRef::from(socket).set_tcp_congestion(name.as_bytes()),
         None => Ok(()),
@@ -736,16 +733,25 @@ fn check_congestion(name: &str) -> Result<(), TransportError> {
     })
 }
 
-/// Prepares a connection this side opened to a peer's port: keepalive and congestion
-/// control, then, with a secret, the mutual proof, by `deadline`. Errors name the
-/// secret when it is the cause.
+/// What every data connection gets, the ones this side opens and the ones it accepts:
+/// keepalive and the configured congestion control.
+pub(crate) fn set_connection_options(
+    socket: &impl std::os::fd::AsFd,
+    config: &TcpConfig,
+) -> io::Result<()> {
+    set_keepalive(socket, config.keepalive)?;
+    set_congestion(socket, config.congestion_control.as_deref())
+}
+
+/// Prepares a connection this side opened to a peer's port: its
+/// [options](set_connection_options), then, with a secret, the mutual proof, by
+/// `deadline`. Errors name the secret when it is the cause.
 pub(crate) fn prepare_client(
     stream: &mut TcpStream,
     config: &TcpConfig,
     deadline: Instant,
 ) -> io::Result<()> {
-    set_keepalive(stream, config.keepalive)?;
-    set_congestion(stream, config.congestion_control.as_deref())?;
+    set_connection_options(stream, config)?;
     if let Some(secret) = &config.secret {
         authenticate(stream, secret, deadline)?;
         stream.set_read_timeout(None)?;

@@ -225,11 +225,8 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
         shared: shared.clone(),
         id: None,
     };
-    if let Err(e) = crate::set_keepalive(&stream, shared.config.keepalive) {
-        tracing::debug!(%peer, error = %e, "cannot enable TCP keepalive");
-    }
-    if let Err(e) = crate::set_congestion(&stream, shared.config.congestion_control.as_deref()) {
-        tracing::warn!(%peer, error = %e, "cannot set the connection's congestion control");
+    if let Err(e) = crate::set_connection_options(&stream, &shared.config) {
+        tracing::warn!(%peer, error = %e, "cannot set the connection's keepalive or congestion control");
     }
     let pipe = match Pipe::from_mio(stream, Interest::READABLE | Interest::WRITABLE) {
         Ok(p) => p,

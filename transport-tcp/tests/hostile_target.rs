@@ -540,44 +540,41 @@ fn each_side_gives_its_connections_its_congestion_control() {
         .unwrap()
         .trim()
         .to_string();
-    // `reno` is always built in; pick another built-in one for the other side, so the
-    // two differ whatever the host's default is.
-    let other = if host_default == "cubic" {
+    // Both are built into every kernel: one that is not the host's default, so a side
+    // that failed to set it would show the default instead.
+    let chosen = if host_default == "cubic" {
         "reno"
     } else {
         "cubic"
     };
-    let target = started(TcpConfig {
-        congestion_control: Some("reno".into()),
+    let config = |lanes| TcpConfig {
+        lanes,
+        congestion_control: Some(chosen.into()),
         ..TcpConfig::default()
-    });
-    let port: u16 = target.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let initiator = started(TcpConfig {
-        lanes: 2,
-        congestion_control: Some(other.into()),
-        ..TcpConfig::default()
-    });
+    };
+    let port_of = |t: &Target| -> u16 { t.addr.rsplit(':').next().unwrap().parse().unwrap() };
+    // The initiator's own lanes, and the target's accepted side.
+    let target = started(config(1));
+    let initiator = started(config(2));
     let _conn = initiator.t.connect_tcp(&target.addr).unwrap();
-    wait_for(
-        "two lanes with the initiator's, two accepted with the target's",
-        || {
-            let lanes = |cc: &str| [(false, cc.to_string()), (false, cc.to_string())];
-            let accepted = [(true, "reno".to_string()), (true, "reno".to_string())];
-            let want: Vec<_> = lanes(other).into_iter().chain(accepted).collect();
-            congestion_on(port) == want
-        },
-    );
-    // An initiator that names none keeps the host's on its lanes.
-    let plain = started(TcpConfig::default());
-    let target2 = started(TcpConfig {
-        congestion_control: Some("reno".into()),
-        ..TcpConfig::default()
+    let side = |accepted, cc: &str| (accepted, cc.to_string());
+    wait_for("two lanes and two accepted connections with it", || {
+        congestion_on(port_of(&target))
+            == [
+                side(false, chosen),
+                side(false, chosen),
+                side(true, chosen),
+                side(true, chosen),
+            ]
     });
-    let port2: u16 = target2.addr.rsplit(':').next().unwrap().parse().unwrap();
+    // An initiator that names none keeps the host's on its lanes; the target still sets
+    // its own on the side it accepts.
+    let plain = started(TcpConfig::default());
+    let target2 = started(config(1));
     let _conn2 = plain.t.connect_tcp(&target2.addr).unwrap();
     wait_for(
         "the lane keeps the host's, the accepted side is the target's",
-        || congestion_on(port2) == vec![(false, host_default.clone()), (true, "reno".to_string())],
+        || congestion_on(port_of(&target2)) == [side(false, &host_default), side(true, chosen)],
     );
 }
 
