@@ -89,6 +89,12 @@ pub(crate) struct Pipe {
     poll: Poll,
     events: Events,
     waker: Arc<Waker>,
+    /// The socket's receive low-water mark as this pipe last set it (1, the kernel's
+    /// default, outside [`Pipe::read_min`]).
+    mark: usize,
+    /// How often this pipe slept in a read, and set the mark (what the tests count).
+    #[cfg(test)]
+    mark_calls: (usize, usize),
 }
 
 /// The most a sleeping reader asks the kernel to gather before waking it
@@ -125,6 +131,9 @@ impl Pipe {
             poll,
             events: Events::with_capacity(4),
             waker,
+            mark: 1,
+            #[cfg(test)]
+            mark_calls: (0, 0),
         })
     }
 
@@ -148,21 +157,45 @@ impl Pipe {
 
     /// Sleeps until `need` more bytes have arrived (at most [`WAKE_AFTER_BYTES`], and only
     /// from [`RAISE_MARK_FROM`]; the kernel also wakes it for the peer closing, an error,
-    /// or its own memory pressure), or `timeout`. The socket's low-water mark is back at
-    /// one byte on return, so every other wait on the socket wakes for any data.
+    /// or its own memory pressure), or `timeout`.
+    ///
+    /// The mark stays where it is after the sleep: a read that sleeps again for at least
+    /// as much (the middle of a large payload) pays no system call for it, and only a
+    /// smaller need lowers it. [`Pipe::read_min`] puts it back at one byte when it
+    /// returns, so every other wait on the socket wakes for any data. A read that does
+    /// not wait returns what is there whatever the mark.
     fn sleep_for(&mut self, need: usize, timeout: Duration) -> io::Result<()> {
-        if need < RAISE_MARK_FROM {
-            return self.sleep(timeout);
+        let mark = if need < RAISE_MARK_FROM {
+            1
+        } else {
+            need.min(WAKE_AFTER_BYTES)
+        };
+        // Setting the mark re-checks what is queued already (the kernel raises readiness
+        // at once when that is enough), so no arrival is missed. A mark that could not be
+        // raised leaves a lower one, which only wakes the reader sooner; one that could
+        // not be lowered might not wake it at all, so that is an error.
+        if mark != self.mark {
+            match self.set_mark(mark) {
+                Ok(()) => {}
+                Err(e) if mark < self.mark => return Err(e),
+                Err(_) => {}
+            }
         }
-        let mark = need.min(WAKE_AFTER_BYTES);
-        // Raising the mark re-checks what is queued already (the kernel raises
-        // readiness at once when that is enough), so no arrival is missed.
-        let raised = crate::sockopt::set_rcvlowat(&self.stream, mark).is_ok();
-        let slept = self.sleep(timeout);
-        if raised {
-            crate::sockopt::set_rcvlowat(&self.stream, 1)?;
+        #[cfg(test)]
+        {
+            self.mark_calls.0 += 1;
         }
-        slept
+        self.sleep(timeout)
+    }
+
+    fn set_mark(&mut self, mark: usize) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            self.mark_calls.1 += 1;
+        }
+        crate::sockopt::set_rcvlowat(&self.stream, mark)?;
+        self.mark = mark;
+        Ok(())
     }
 
     /// One read that does not wait: the bytes read, 0 when none have arrived; the peer
@@ -201,6 +234,22 @@ impl Pipe {
     /// readiness the next arrival raises a new event, so the reader goes straight to
     /// spinning or sleeping instead of spending a system call on `EAGAIN`.
     pub(crate) fn read_min(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        min: usize,
+        pace: &mut dyn Pace,
+    ) -> io::Result<usize> {
+        let read = self.read_min_marked(bufs, min, pace);
+        if self.mark == 1 {
+            return read;
+        }
+        let reset = self.set_mark(1);
+        let filled = read?;
+        reset.map(|()| filled)
+    }
+
+    /// [`Pipe::read_min`], leaving the mark where its last sleep set it.
+    fn read_min_marked(
         &mut self,
         mut bufs: &mut [IoSliceMut<'_>],
         min: usize,
@@ -409,6 +458,10 @@ mod tests {
     /// raised to what it needs (from `RAISE_MARK_FROM`, at most `WAKE_AFTER_BYTES`): it
     /// must still be woken by exactly the bytes it needs, at and around both bounds, and
     /// leave the mark at one byte so every other wait on the socket wakes for any data.
+    /// Between its sleeps the mark stays up: the read of `3 * WAKE_AFTER_BYTES + 5`
+    /// bytes, which sleeps at least once per `WAKE_AFTER_BYTES` (the writer trickles),
+    /// sets it once on the way up, once or twice in its tail and once back to one byte,
+    /// where setting it up and back for every sleep would take two calls per sleep.
     /// Its sleeps are an hour long: a wake-up the kernel withheld would leave the read
     /// unfinished (the test waits 60 s).
     #[test]
@@ -451,23 +504,36 @@ mod tests {
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             let mut marks = Vec::new();
+            let mut calls = Vec::new();
             for &n in &sizes {
                 let mut buf = vec![0u8; n];
+                rb.mark_calls = (0, 0);
                 rb.read_exact(&mut [IoSliceMut::new(&mut buf)], &mut Sleepy)
                     .unwrap();
                 got.extend_from_slice(&buf);
                 marks.push(crate::sockopt::rcvlowat(&rb.stream).unwrap());
+                calls.push(rb.mark_calls);
             }
             done_tx.send(()).unwrap();
-            (got, marks)
+            (got, marks, calls)
         });
         done_rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the reader was woken for every byte it needed");
-        let (got, marks) = reader.join().unwrap();
+        let (got, marks, calls) = reader.join().unwrap();
         drop(writer.join().unwrap());
         assert!(got == payload, "the bytes arrive whole and in order");
         assert_eq!(marks, vec![1; sizes.len()], "the mark is back at one byte");
+        let (sleeps, sets) = *calls.last().unwrap();
+        assert!(sleeps >= 1 && sets <= 4, "{sleeps} sleeps took {sets} calls");
+        if sleeps >= 3 {
+            assert!(sets < 2 * sleeps, "{sleeps} sleeps took {sets} calls");
+        }
+        for (&n, &(_, sets)) in sizes.iter().zip(&calls) {
+            if n < RAISE_MARK_FROM {
+                assert_eq!(sets, 0, "a read of {n} bytes never raises the mark");
+            }
+        }
     }
 
     /// One send call asks for at most `SEND_CALL_BYTES` (or all, when that is at most
