@@ -26,7 +26,9 @@ pub(crate) type Case = (
 /// The table's cases. The 1 MiB and 64 KiB rows are the ones held against iperf3; the
 /// depth rows keep two batches in flight (the path does not drain between batches; the
 /// memory walked is the same), the 1 MiB ones in batches of 8 (8 MiB walked, nearer the
-/// 1 MiB iperf3 walks; 128 MiB is a KV-cache transfer's footprint); the thread rows
+/// 1 MiB iperf3 walks; 128 MiB is a KV-cache transfer's footprint); the `x1, depth 8`
+/// rows are iperf3's own shape, one hot 1 MiB buffer at each end and a stream that never
+/// drains (eight 1 MiB batches in flight on the same memory); the thread rows
 /// check that more submitting threads do not lower the total (with the same 128 MiB in
 /// flight as one thread, so they measure the threads, not a larger working set); the
 /// 4 KiB rows are one READ at a time, in each waiting mode.
@@ -46,6 +48,20 @@ const CASES: &[Case] = &[
         "1M",
         "8",
         &["--depth", "2"],
+    ),
+    (
+        "write 1 MiB x1, depth 8",
+        "write",
+        "1M",
+        "1",
+        &["--depth", "8"],
+    ),
+    (
+        "read  1 MiB x1, depth 8",
+        "read",
+        "1M",
+        "1",
+        &["--depth", "8"],
     ),
     ("write 64 KiB x128", "write", "64K", "128", &[]),
     ("read  64 KiB x128", "read", "64K", "128", &[]),
@@ -120,8 +136,9 @@ fn size_bytes(flag: &str) -> usize {
     }
 }
 
-/// The bytes a throughput case keeps in flight (block x batch x threads), which the
-/// same-memory stream walks; `None` for the one-request latency rows.
+/// The bytes a throughput case walks (block x batch x threads: more batches in flight
+/// reuse the same memory), which the same-memory stream walks too; `None` for the 4 KiB
+/// latency rows.
 fn in_flight(case: &Case) -> Option<usize> {
     let (_, _, block, batch, extra) = *case;
     let batch: usize = batch.parse().ok()?;
@@ -130,7 +147,8 @@ fn in_flight(case: &Case) -> Option<usize> {
         .position(|f| *f == "--threads")
         .and_then(|i| extra.get(i + 1)?.parse().ok())
         .unwrap_or(1);
-    (batch > 1).then(|| size_bytes(block) * batch * threads)
+    let bytes = size_bytes(block) * batch * threads;
+    (bytes >= 1 << 20).then_some(bytes)
 }
 
 /// The block sizes of the sweep behind the throughput chart.
