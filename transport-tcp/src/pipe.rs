@@ -525,7 +525,10 @@ mod tests {
         assert!(got == payload, "the bytes arrive whole and in order");
         assert_eq!(marks, vec![1; sizes.len()], "the mark is back at one byte");
         let (sleeps, sets) = *calls.last().unwrap();
-        assert!(sleeps >= 1 && sets <= 4, "{sleeps} sleeps took {sets} calls");
+        assert!(
+            sleeps >= 1 && sets <= 4,
+            "{sleeps} sleeps took {sets} calls"
+        );
         if sleeps >= 3 {
             assert!(sets < 2 * sleeps, "{sleeps} sleeps took {sets} calls");
         }
