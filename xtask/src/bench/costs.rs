@@ -260,6 +260,11 @@ pub(crate) fn bench(ferry: &Path, duration: &str) -> Result<()> {
         ("ferry READ 1 MiB x128", Subject::Ferry("read", "1M", "128")),
         // 8 MiB in flight instead of 128: what a smaller working set saves in the copies.
         ("ferry WRITE 1 MiB x8", Subject::Ferry("write", "1M", "8")),
+        // The same 8 MiB in 64 KiB requests: what the request size costs per byte.
+        (
+            "ferry WRITE 64 KiB x128",
+            Subject::Ferry("write", "64K", "128"),
+        ),
         ("iperf3 -l 1M", Subject::Iperf),
     ];
     println!(
