@@ -458,10 +458,12 @@ mod tests {
     /// raised to what it needs (from `RAISE_MARK_FROM`, at most `WAKE_AFTER_BYTES`): it
     /// must still be woken by exactly the bytes it needs, at and around both bounds, and
     /// leave the mark at one byte so every other wait on the socket wakes for any data.
-    /// Between its sleeps the mark stays up: the read of `3 * WAKE_AFTER_BYTES + 5`
-    /// bytes, which sleeps at least once per `WAKE_AFTER_BYTES` (the writer trickles),
-    /// sets it once on the way up, once or twice in its tail and once back to one byte,
-    /// where setting it up and back for every sleep would take two calls per sleep.
+    /// Between its sleeps the mark stays up: a read sets it at most once per sleep (only
+    /// when what it still needs calls for another mark) and once more to put it back,
+    /// where setting it up and back around every sleep took two calls per sleep; a read
+    /// of less than `RAISE_MARK_FROM` never sets it. (How often a read sleeps depends on
+    /// the scheduler, so the counts are bounded, not fixed; the writer trickles, so the
+    /// large reads sleep several times.)
     /// Its sleeps are an hour long: a wake-up the kernel withheld would leave the read
     /// unfinished (the test waits 60 s).
     #[test]
@@ -524,15 +526,11 @@ mod tests {
         drop(writer.join().unwrap());
         assert!(got == payload, "the bytes arrive whole and in order");
         assert_eq!(marks, vec![1; sizes.len()], "the mark is back at one byte");
-        let (sleeps, sets) = *calls.last().unwrap();
-        assert!(
-            sleeps >= 1 && sets <= 4,
-            "{sleeps} sleeps took {sets} calls"
-        );
-        if sleeps >= 3 {
-            assert!(sets < 2 * sleeps, "{sleeps} sleeps took {sets} calls");
-        }
-        for (&n, &(_, sets)) in sizes.iter().zip(&calls) {
+        for (&n, &(sleeps, sets)) in sizes.iter().zip(&calls) {
+            assert!(
+                sets <= sleeps + 1,
+                "a read of {n} bytes slept {sleeps} times and set the mark {sets} times"
+            );
             if n < RAISE_MARK_FROM {
                 assert_eq!(sets, 0, "a read of {n} bytes never raises the mark");
             }
