@@ -139,7 +139,7 @@ fn size_bytes(flag: &str) -> usize {
 /// The bytes a throughput case walks (block x batch x threads: more batches in flight
 /// reuse the same memory), which the same-memory stream walks too; `None` for the 4 KiB
 /// latency rows.
-fn in_flight(case: &Case) -> Option<usize> {
+fn walked(case: &Case) -> Option<usize> {
     let (_, _, block, batch, extra) = *case;
     let batch: usize = batch.parse().ok()?;
     let threads: usize = extra
@@ -228,7 +228,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     let mut iperf = Vec::new();
     let mut ping: [Vec<pingpong::PingPong>; 2] = [Vec::new(), Vec::new()];
     // The same-memory stream, once per distinct footprint of the throughput cases.
-    let mut footprints: Vec<usize> = CASES.iter().filter_map(in_flight).collect();
+    let mut footprints: Vec<usize> = CASES.iter().filter_map(walked).collect();
     footprints.sort_unstable();
     footprints.dedup();
     let mut streams: Vec<Vec<stream::Stream>> = vec![Vec::new(); footprints.len()];
@@ -308,7 +308,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         .map(|(c, r)| (c.0, medians(r)))
         .collect();
     for (case, (label, r)) in CASES.iter().zip(&rows) {
-        let vs_stream = in_flight(case)
+        let vs_stream = walked(case)
             .and_then(|b| stream_rate.iter().find(|s| s.0 == b))
             .map_or("-".to_string(), |s| format!("{:.2}", r.gbps / s.1));
         println!(
