@@ -30,11 +30,15 @@
 //!   stable toolchain (`cargo xtask test` runs each for a bounded time).
 //! - `cargo xtask stall [--runs N] [--duration SECS]`: `ferry bench` N times (200) over
 //!   mixed shapes; fails if any run outlived its window (a wait that missed its wake-up).
+//! - `cargo xtask gpu-bundle [DIR]`: the CUDA tests, the `ferry` binary and the staging
+//!   benchmark, built here and stripped, with a `run.sh` that runs the tests and the GPU
+//!   benchmarks on a GPU host that has no Rust toolchain.
 #![forbid(unsafe_code)]
 
 mod bench;
 mod cross;
 mod fuzz;
+mod gpu;
 mod python;
 mod rdma;
 mod reliability;
@@ -48,7 +52,8 @@ usage: cargo xtask test [--hw] [--full]
        cargo xtask bench [--efa | --scale | --costs | --python] [--duration SECS] [--rounds N] [--plot DIR] [--congestion ALG]
        cargo xtask cross aarch64
        cargo xtask fuzz [TARGET] [--time SECS] [--ci]
-       cargo xtask stall [--runs N] [--duration SECS]";
+       cargo xtask stall [--runs N] [--duration SECS]
+       cargo xtask gpu-bundle [DIR]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,6 +67,7 @@ fn main() -> Result<()> {
         "cross" => cross::cross(rest),
         "stall" => reliability::stall(rest),
         "fuzz" => fuzz::run(rest),
+        "gpu-bundle" => gpu::bundle(rest),
         // The server half of `bench`'s ping-pong baseline, started by `bench` itself.
         "__pingpong-serve" => bench::pingpong_serve(rest),
         // The receiving half of `bench`'s same-memory stream baseline.
