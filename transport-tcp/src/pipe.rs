@@ -175,10 +175,10 @@ impl Pipe {
         // raised leaves a lower one, which only wakes the reader sooner; one that could
         // not be lowered might not wake it at all, so that is an error.
         if mark != self.mark {
-            match self.set_mark(mark) {
-                Ok(()) => {}
-                Err(e) if mark < self.mark => return Err(e),
-                Err(_) => {}
+            if let Err(e) = self.set_mark(mark) {
+                if mark < self.mark {
+                    return Err(e);
+                }
             }
         }
         #[cfg(test)]
