@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
 use std::thread::Thread;
 
@@ -25,10 +26,7 @@ use ferry_transport_api::sync::Doorbell;
 use ferry_transport_api::{
     Completions, Connection, FailReason, Opcode, RegionMemory, RemoteStatus, Slice,
 };
-use std::os::fd::{AsRawFd, RawFd};
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::{Condvar, Mutex};
 
 use crate::frame::{Desc, Header, Kind, DESC_LEN, HEADER_LEN, MAX_DESCS, MAX_NOTIFY};
@@ -90,11 +88,11 @@ struct LaneState {
     dead: AtomicBool,
     inflight: Mutex<Inflight>,
     not_full: Condvar,
-    /// A handle on the socket, to shut it down from any thread.
-    socket: TcpStream,
-    /// Wake the threads that may sleep on the lane's socket: the sender, the receiving
-    /// half's holder within an answer, the receiver thread between answers.
-    wakers: [Arc<Waker>; 3],
+    /// The lane's one socket, shared by both halves and the receiver thread's wait:
+    /// shutting it down wakes every thread polling it.
+    socket: Arc<TcpStream>,
+    /// Waiting threads receiving on this lane, and the receiver thread's wait.
+    drivers: Drivers,
 }
 
 /// Why a lane's I/O error ends what the lane carries: the transport shutting down (its
@@ -118,9 +116,9 @@ impl LaneState {
         if !self.dead.swap(true, Ordering::AcqRel) {
             tracing::debug!(%peer, %reason, %why, "lane closed");
             let _ = self.socket.shutdown(std::net::Shutdown::Both);
-            for w in &self.wakers {
-                let _ = w.wake();
-            }
+            // Polls of the socket end with the shutdown; the receiver thread's wait gets
+            // the socket back if waiting threads had taken it out.
+            self.drivers.restore(&self.socket);
             self.not_full.notify_all();
         }
     }
@@ -193,8 +191,6 @@ struct Lane {
     /// The receiving half: whoever holds it reads answers, one whole answer at a time
     /// (the lane's receiver thread, or a waiting thread driving the connection).
     recv: Mutex<Receiver_>,
-    /// Waiting threads receiving on this lane.
-    drivers: Drivers,
 }
 
 impl Lane {
@@ -258,14 +254,14 @@ impl Lane {
     }
 
     /// The receiver thread: reads the answers that arrive (spinning briefly while small
-    /// requests are in flight, then sleeping on `idle` until the socket is readable). It
-    /// ends when the lane closes.
-    fn receiver_loop(self: Arc<Self>, mut idle: IdleWait) {
+    /// requests are in flight, then sleeping until the socket is readable). It ends when
+    /// the lane closes.
+    fn receiver_loop(self: Arc<Self>) {
         let span = tracing::debug_span!("lane-recv", peer = %self.recv.lock().peer);
         let _enter = span.enter();
         let mut spin_until = None;
         loop {
-            if let Err(e) = self.receiver_step(&mut idle, &mut spin_until) {
+            if let Err(e) = self.receiver_step(&mut spin_until) {
                 self.recv.lock().fail(&e);
                 return;
             }
@@ -274,24 +270,20 @@ impl Lane {
 
     /// Reads what has arrived, then spins (a yield) while small requests are in flight
     /// and no waiting thread drives the lane, or sleeps until the socket is readable or a
-    /// deadline check is due.
-    fn receiver_step(
-        &self,
-        idle: &mut IdleWait,
-        spin_until: &mut Option<Instant>,
-    ) -> io::Result<()> {
+    /// deadline check is due (while waiting threads drive, until the last one leaves).
+    fn receiver_step(&self, spin_until: &mut Option<Instant>) -> io::Result<()> {
+        let drivers = &self.state.drivers;
         let mut r = self.recv.lock();
         // Answer by answer; a waiting thread that comes to drive takes over between two.
         let mut got = false;
-        while !self.drivers.present() && r.receive()? {
+        while !drivers.present() && r.receive()? {
             got = true;
         }
         if got {
             *spin_until = None;
         }
         let now = Instant::now();
-        if !self.drivers.present() && now < *spin_until.get_or_insert_with(|| now + r.pace().spin())
-        {
+        if !drivers.present() && now < *spin_until.get_or_insert_with(|| now + r.pace().spin()) {
             drop(r);
             std::thread::yield_now();
             return Ok(());
@@ -299,7 +291,7 @@ impl Lane {
         let timeout = r.pace().before_sleep()?;
         drop(r);
         *spin_until = None;
-        idle.sleep(timeout)
+        drivers.sleep(timeout)
     }
 
     /// A waiting thread's turn at receiving (see `Connection::drive`): reads what has
@@ -326,96 +318,102 @@ impl Lane {
     }
 }
 
-/// The receiver thread's sleep between answers: its own `epoll` instance on the lane's
-/// socket, so a thread holding the receiving half (which sleeps within an answer on the
-/// half's own instance) never takes its readiness events.
-struct IdleWait {
-    poll: Poll,
-    events: Events,
-}
-
-/// The socket's token in [`IdleWait`].
-const IDLE_SOCKET: Token = Token(0);
-/// The waker's token in [`IdleWait`].
-const IDLE_WAKE: Token = Token(1);
-
-impl IdleWait {
-    /// The wait, its waker, and its registry (for [`Drivers`]).
-    fn new(socket: &TcpStream) -> io::Result<(IdleWait, Arc<Waker>, mio::Registry)> {
-        let poll = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&socket.as_raw_fd()),
-            IDLE_SOCKET,
-            Interest::READABLE,
-        )?;
-        let waker = Arc::new(Waker::new(poll.registry(), IDLE_WAKE)?);
-        let registry = poll.registry().try_clone()?;
-        let idle = IdleWait {
-            poll,
-            events: Events::with_capacity(4),
-        };
-        Ok((idle, waker, registry))
-    }
-
-    fn sleep(&mut self, timeout: Duration) -> io::Result<()> {
-        match self.poll.poll(&mut self.events, Some(timeout)) {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// The waiting threads receiving on a lane ([`Connection::start_driving`]).
+/// The waiting threads receiving on a lane ([`Connection::start_driving`]), and the
+/// receiver thread's sleep between answers: an `epoll` instance of its own holding the
+/// lane's socket, so a thread holding the receiving half (which polls the socket within
+/// an answer) never takes its readiness.
 ///
-/// While any is present, the lane's socket is taken out of the receiver thread's
-/// [`IdleWait`], so arriving answers wake only the thread that reads them, and the
-/// receiver thread does not spin. The last one to leave puts the socket back: adding a
-/// socket that is already readable raises its event at once, so whatever arrived and was
-/// not read meanwhile wakes the receiver thread (nothing is left unread).
+/// While any waiting thread is present, the socket is taken out of that instance, so
+/// arriving answers wake only the thread that reads them, and the receiver thread sleeps
+/// on, without being woken, and does not spin. The last one to leave puts the socket
+/// back: adding a socket that is already readable wakes the sleeper at once, so whatever
+/// arrived and was not read meanwhile wakes the receiver thread (nothing is left unread).
+/// Changing the instance's set never wakes the sleeper otherwise, which is why the
+/// receiver sleeps on an instance of its own and not in a poll of the socket.
 struct Drivers {
-    /// How many are present, and whether the socket is in the receiver's wait.
-    count: Mutex<(usize, bool)>,
+    count: Mutex<DriverCount>,
     /// Some are present, for the receiver thread's spinning to look at without the lock.
     present: AtomicBool,
-    registry: mio::Registry,
-    fd: RawFd,
+    idle: OwnedFd,
 }
 
 impl Drivers {
+    /// The receiver's wait, holding `socket`.
+    fn new(socket: &TcpStream) -> io::Result<Drivers> {
+        let idle = crate::sockopt::epoll()?;
+        crate::sockopt::epoll_add(idle.as_fd(), socket.as_fd())?;
+        Ok(Drivers {
+            count: Mutex::new(DriverCount {
+                present: 0,
+                registered: true,
+                closed: false,
+            }),
+            present: AtomicBool::new(false),
+            idle,
+        })
+    }
+
     fn present(&self) -> bool {
         self.present.load(Ordering::Acquire)
+    }
+
+    /// The receiver thread's sleep: until the socket (when no waiting thread drives) is
+    /// readable or closed, or `timeout`.
+    fn sleep(&self, timeout: Duration) -> io::Result<()> {
+        crate::sockopt::epoll_sleep(self.idle.as_fd(), timeout)
     }
 
     /// One more is present. The socket stays in the receiver's wait if it cannot be
     /// taken out (the receiver thread then wakes for answers it does not read: slower,
     /// not wrong).
-    fn enter(&self) {
-        let mut g = self.count.lock();
-        let (n, registered) = &mut *g;
-        *n += 1;
+    fn enter(&self, socket: &TcpStream) {
+        let mut c = self.count.lock();
+        c.present += 1;
         self.present.store(true, Ordering::Release);
-        if *registered && self.registry.deregister(&mut SourceFd(&self.fd)).is_ok() {
-            *registered = false;
+        if c.registered
+            && !c.closed
+            && crate::sockopt::epoll_remove(self.idle.as_fd(), socket.as_fd()).is_ok()
+        {
+            c.registered = false;
         }
     }
 
     /// One fewer. An error means the socket could not be put back into the receiver's
     /// wait: answers would go unread, so the caller closes the lane.
-    fn leave(&self) -> io::Result<()> {
-        let mut g = self.count.lock();
-        let (n, registered) = &mut *g;
-        *n = n.saturating_sub(1);
-        if *n > 0 {
+    fn leave(&self, socket: &TcpStream) -> io::Result<()> {
+        let mut c = self.count.lock();
+        c.present = c.present.saturating_sub(1);
+        if c.present > 0 {
             return Ok(());
         }
         self.present.store(false, Ordering::Release);
-        if !*registered {
-            self.registry
-                .register(&mut SourceFd(&self.fd), IDLE_SOCKET, Interest::READABLE)?;
-            *registered = true;
+        if !c.registered {
+            crate::sockopt::epoll_add(self.idle.as_fd(), socket.as_fd())?;
+            c.registered = true;
         }
         Ok(())
     }
+
+    /// Puts the (closed) socket back in the receiver's wait whoever is present, so the
+    /// receiver thread wakes to the lane closing; waiting threads that enter later leave
+    /// it there.
+    fn restore(&self, socket: &TcpStream) {
+        let mut c = self.count.lock();
+        c.closed = true;
+        if crate::sockopt::epoll_add(self.idle.as_fd(), socket.as_fd()).is_ok() {
+            c.registered = true;
+        }
+    }
+}
+
+/// [`Drivers`]' count, and where the socket is.
+struct DriverCount {
+    /// Waiting threads present.
+    present: usize,
+    /// The socket is in the receiver's wait.
+    registered: bool,
+    /// The lane is closed: the socket stays in the receiver's wait.
+    closed: bool,
 }
 
 /// A set of persistent lanes to one peer. Slices are spread over the lanes round-robin;
@@ -469,12 +467,11 @@ impl TcpConnection {
                 deadline,
                 "while announcing the lane",
             )?;
-            let socket = stream.try_clone()?;
-            let recv_stream = stream.try_clone()?;
-            let (idle, idle_waker, idle_registry) = IdleWait::new(&recv_stream)?;
-            let recv_fd = recv_stream.as_raw_fd();
-            let send_pipe = Pipe::new(stream, Interest::WRITABLE)?;
-            let recv_pipe = Pipe::new(recv_stream, Interest::READABLE)?;
+            // One descriptor for the whole lane: both halves and the receiver thread's
+            // wait share it.
+            let socket = Arc::new(stream);
+            let send_pipe = Pipe::new(socket.clone(), None)?;
+            let recv_pipe = Pipe::new(socket.clone(), None)?;
             let state = Arc::new(LaneState {
                 dead: AtomicBool::new(false),
                 // Like the frame's vectors below, it grows with use to what the traffic
@@ -482,8 +479,8 @@ impl TcpConnection {
                 // not allocate and an idle lane holds no room for a full pipeline.
                 inflight: Mutex::new(Inflight::with_capacity(0)),
                 not_full: Condvar::new(),
+                drivers: Drivers::new(&socket)?,
                 socket,
-                wakers: [send_pipe.waker(), recv_pipe.waker(), idle_waker],
             });
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_DEPTH);
             let lane = Arc::new(Lane {
@@ -519,12 +516,6 @@ impl TcpConnection {
                     batch: Vec::new(),
                     guard: Vec::new(),
                 }),
-                drivers: Drivers {
-                    count: Mutex::new((0, true)),
-                    present: AtomicBool::new(false),
-                    registry: idle_registry,
-                    fd: recv_fd,
-                },
             });
             conn.lanes.push(lane.clone());
             let runner = lane.clone();
@@ -535,7 +526,7 @@ impl TcpConnection {
             let receiver = lane.clone();
             std::thread::Builder::new()
                 .name(format!("ferry-tcp-recv-{index}"))
-                .spawn(move || receiver.receiver_loop(idle))?;
+                .spawn(move || receiver.receiver_loop())?;
         }
         tracing::debug!(%peer, lanes = conn.lanes.len(), "connected");
         Ok(conn)
@@ -631,7 +622,8 @@ impl Connection for TcpConnection {
             return false;
         }
         for lane in &self.lanes {
-            lane.drivers.enter();
+            let s = &lane.state;
+            s.drivers.enter(&s.socket);
         }
         true
     }
@@ -644,10 +636,11 @@ impl Connection for TcpConnection {
 
     fn stop_driving(&self) {
         for lane in &self.lanes {
+            let s = &lane.state;
             // A socket the receiver thread can no longer wait on would leave answers
             // unread: the lane closes instead.
-            if let Err(e) = lane.drivers.leave() {
-                lane.state.kill(&self.peer, FailReason::ConnectionLost, &e);
+            if let Err(e) = s.drivers.leave(&s.socket) {
+                s.kill(&self.peer, FailReason::ConnectionLost, &e);
             }
         }
     }

@@ -631,9 +631,9 @@ impl Drop for TcpTransport {
     }
 }
 
-/// File descriptors one served connection costs: the socket, its epoll instance and the
-/// eventfd that wakes it.
-const FDS_PER_CONNECTION: u64 = 3;
+/// File descriptors one served connection costs: the socket and the eventfd that wakes
+/// its thread.
+const FDS_PER_CONNECTION: u64 = 2;
 /// Descriptors left for everything else in the process (files, lanes, libraries).
 const FD_RESERVE: u64 = 256;
 

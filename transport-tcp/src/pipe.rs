@@ -1,16 +1,19 @@
 //! A non-blocking TCP socket with readiness waits: the one place that turns "would block"
 //! into spinning briefly (a blocked thread on another core costs tens of microseconds to
-//! wake) and then sleeping in `epoll` until the socket is ready, a deadline check is due,
+//! wake) and then sleeping in `poll` until the socket is ready, a deadline check is due,
 //! or the transport is shutting down.
+//!
+//! A wait is a `poll(2)` of the socket itself (and of the pipe's [`WakeFd`] when it has
+//! one), for the one readiness the caller is waiting for, so the threads of one
+//! connection share its single descriptor and no thread holds an `epoll` instance of its
+//! own: an initiator's lane costs one descriptor, a target's connection two. Shutting the
+//! socket down wakes every thread polling it, whatever it waits for.
 
-use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use mio::{Events, Interest, Poll, Token, Waker};
-
-const SOCKET: Token = Token(0);
-const WAKE: Token = Token(1);
 
 /// How a blocked read or write is paced. The defaults spin for nothing and wait in
 /// 100 ms steps forever.
@@ -83,12 +86,61 @@ pub(crate) fn send(socket: &impl std::os::fd::AsFd, bufs: &[IoSlice<'_>]) -> io:
     socket2::SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
 }
 
-/// One direction (or both) of a TCP connection, with its own `epoll` instance.
+/// An eventfd that interrupts a [`Pipe`]'s sleeps without touching its socket (the
+/// target's deregistration asks its connection threads to look at their flags this way).
+#[derive(Debug)]
+pub(crate) struct WakeFd(std::fs::File);
+
+impl WakeFd {
+    pub(crate) fn new() -> io::Result<WakeFd> {
+        crate::sockopt::eventfd().map(|fd| WakeFd(fd.into()))
+    }
+
+    /// Wakes the pipe's sleep, or the next one if it is not asleep: the descriptor stays
+    /// readable until the sleeper drains it.
+    pub(crate) fn wake(&self) -> io::Result<()> {
+        match (&self.0).write(&1u64.to_ne_bytes()) {
+            // The counter is at its maximum: the descriptor is readable already.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Resets the counter (after a sleep it ended), so the next sleep waits again.
+    fn drain(&self) {
+        // Nothing to drain (WouldBlock) is as good as drained.
+        let _ = (&self.0).read(&mut [0u8; 8]);
+    }
+}
+
+/// Sleeps until `socket` reports `events` (`POLLIN` or `POLLOUT`; a hang-up or an error
+/// always ends the sleep), `wake` is woken, or `timeout` passes. An interrupted sleep
+/// just returns: every caller looks again.
+fn wait(
+    socket: &impl AsFd,
+    events: libc::c_short,
+    wake: Option<&WakeFd>,
+    timeout: Duration,
+) -> io::Result<()> {
+    let fds = [
+        (Some(socket.as_fd()), events),
+        (wake.map(|w| w.0.as_fd()), libc::POLLIN),
+    ];
+    let [_, woken] = crate::sockopt::poll(fds, timeout)?;
+    if let Some(w) = wake {
+        if woken != 0 {
+            w.drain();
+        }
+    }
+    Ok(())
+}
+
+/// One direction (or both) of a TCP connection. The socket may be shared with other
+/// pipes (an initiator's lane has one for sending and one for receiving) and with
+/// whoever shuts it down.
 pub(crate) struct Pipe {
-    stream: mio::net::TcpStream,
-    poll: Poll,
-    events: Events,
-    waker: Arc<Waker>,
+    stream: Arc<TcpStream>,
+    wake: Option<Arc<WakeFd>>,
     /// The socket's receive low-water mark as this pipe last set it (1, the kernel's
     /// default, outside [`Pipe::read_min`]).
     mark: usize,
@@ -111,48 +163,27 @@ const WAKE_AFTER_BYTES: usize = 512 * 1024;
 const RAISE_MARK_FROM: usize = 64 * 1024;
 
 impl Pipe {
-    /// Takes a connected socket, makes it non-blocking and registers it for `interest`.
-    pub(crate) fn new(stream: std::net::TcpStream, interest: Interest) -> io::Result<Pipe> {
+    /// Takes a connected socket (which it makes non-blocking, without Nagle's delay) and
+    /// the eventfd, if any, that may interrupt its sleeps.
+    pub(crate) fn new(stream: Arc<TcpStream>, wake: Option<Arc<WakeFd>>) -> io::Result<Pipe> {
         stream.set_nonblocking(true)?;
-        Pipe::from_mio(mio::net::TcpStream::from_std(stream), interest)
-    }
-
-    /// Takes a non-blocking socket and registers it for `interest`.
-    pub(crate) fn from_mio(
-        mut stream: mio::net::TcpStream,
-        interest: Interest,
-    ) -> io::Result<Pipe> {
         stream.set_nodelay(true)?;
-        let poll = Poll::new()?;
-        poll.registry().register(&mut stream, SOCKET, interest)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         Ok(Pipe {
             stream,
-            poll,
-            events: Events::with_capacity(4),
-            waker,
+            wake,
             mark: 1,
             #[cfg(test)]
             mark_calls: (0, 0),
         })
     }
 
-    /// Wakes this pipe's sleeping thread (for shutdown).
-    pub(crate) fn waker(&self) -> Arc<Waker> {
-        self.waker.clone()
-    }
-
-    /// Closes both directions; the peer and any thread on a dup of this socket see it.
+    /// Closes both directions; the peer and every thread polling this socket see it.
     pub(crate) fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
-    fn sleep(&mut self, timeout: Duration) -> io::Result<()> {
-        match self.poll.poll(&mut self.events, Some(timeout)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(e),
-        }
+    fn sleep(&mut self, events: libc::c_short, timeout: Duration) -> io::Result<()> {
+        wait(&*self.stream, events, self.wake.as_deref(), timeout)
     }
 
     /// Sleeps until `need` more bytes have arrived (at most [`WAKE_AFTER_BYTES`], and only
@@ -185,7 +216,7 @@ impl Pipe {
         {
             self.mark_calls.0 += 1;
         }
-        self.sleep(timeout)
+        self.sleep(libc::POLLIN, timeout)
     }
 
     fn set_mark(&mut self, mark: usize) -> io::Result<()> {
@@ -202,7 +233,7 @@ impl Pipe {
     /// closing is an error.
     pub(crate) fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         loop {
-            match (&self.stream).read_vectored(bufs) {
+            match (&*self.stream).read_vectored(bufs) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -230,9 +261,9 @@ impl Pipe {
     /// Reads at least `min` bytes into `bufs` (more if they are already there, up to the
     /// buffers' size) and returns how many.
     ///
-    /// A read that returns fewer bytes than asked drained the socket; with edge-triggered
-    /// readiness the next arrival raises a new event, so the reader goes straight to
-    /// spinning or sleeping instead of spending a system call on `EAGAIN`.
+    /// A read that returns fewer bytes than asked drained the socket, so the reader goes
+    /// straight to spinning or sleeping instead of spending a system call on `EAGAIN`
+    /// (the sleep's poll returns at once if more arrived meanwhile).
     pub(crate) fn read_min(
         &mut self,
         bufs: &mut [IoSliceMut<'_>],
@@ -304,7 +335,7 @@ impl Pipe {
                     break;
                 }
                 let timeout = pace.before_sleep()?.min(until - now);
-                self.sleep(timeout)?;
+                self.sleep(libc::POLLOUT, timeout)?;
             }
         }
         Ok(sent)
@@ -325,12 +356,12 @@ impl Pipe {
                     IoSlice::advance_slices(&mut bufs, n);
                     if n < want {
                         let timeout = pace.before_sleep()?;
-                        self.sleep(timeout)?;
+                        self.sleep(libc::POLLOUT, timeout)?;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let timeout = pace.before_sleep()?;
-                    self.sleep(timeout)?;
+                    self.sleep(libc::POLLOUT, timeout)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -403,8 +434,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        let mut wa = Pipe::new(a, Interest::WRITABLE).unwrap();
-        let mut rb = Pipe::new(b, Interest::READABLE).unwrap();
+        let mut wa = Pipe::new(Arc::new(a), None).unwrap();
+        let mut rb = Pipe::new(Arc::new(b), None).unwrap();
         let stop = || false;
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
         let writer = std::thread::spawn(move || {
@@ -480,7 +511,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        let mut rb = Pipe::new(b, Interest::READABLE).unwrap();
+        let mut rb = Pipe::new(Arc::new(b), None).unwrap();
         let sizes = [
             1,
             RAISE_MARK_FROM - 1,

@@ -23,7 +23,7 @@ use crate::frame::{
     self, Desc, FrameError, Header, Kind, AUTH_LEN, CLIENT_LABEL, DESC_LEN, HEADER_LEN, MAX_DESCS,
     MAX_REQUEST, TARGET_LABEL,
 };
-use crate::pipe::{Pace, Pipe, SEND_CALL_SLACK};
+use crate::pipe::{Pace, Pipe, WakeFd, SEND_CALL_SLACK};
 use crate::regions::Resolved;
 use crate::Shared;
 use crate::{staged, SharedSecret};
@@ -91,7 +91,7 @@ fn closing_of(e: &io::Error) -> Option<Closing> {
 /// What other threads need of a connection being served: a way to wake it, a flag to
 /// close it, and the keys of the requests its current frame names.
 pub(crate) struct ConnHandle {
-    waker: Arc<Waker>,
+    waker: Arc<WakeFd>,
     /// Set (by deregistration) to make the connection close at its next wait.
     close: AtomicBool,
     /// The keys of the current frame's requests, published before they are resolved.
@@ -228,7 +228,12 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
     if let Err(e) = crate::set_connection_options(&stream, &shared.config) {
         tracing::warn!(%peer, error = %e, "cannot set the connection's keepalive or congestion control");
     }
-    let pipe = match Pipe::from_mio(stream, Interest::READABLE | Interest::WRITABLE) {
+    // The connection's thread sleeps on its socket and this eventfd, which
+    // deregistration uses to make it look at its flags.
+    let (pipe, waker) = match WakeFd::new().and_then(|wake| {
+        let waker = Arc::new(wake);
+        Pipe::new(Arc::new(stream.into()), Some(waker.clone())).map(|p| (p, waker))
+    }) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot set up accepted connection");
@@ -237,7 +242,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
     };
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     let handle = Arc::new(ConnHandle {
-        waker: pipe.waker(),
+        waker,
         close: AtomicBool::new(false),
         held: std::array::from_fn(|_| AtomicU64::new(0)),
         held_n: AtomicUsize::new(0),

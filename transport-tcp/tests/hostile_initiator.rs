@@ -637,6 +637,44 @@ fn connections_that_fail_to_open_or_lose_their_peer_release_threads_and_fds() {
     drop((l1, l2, probes));
 }
 
+/// An initiator's lane holds two descriptors whatever its threads wait on: its socket,
+/// which the sending and the receiving half poll, and the `epoll` instance the receiver
+/// thread sleeps on between answers. Two threads per lane. What the peer accepted is
+/// counted apart (it holds the other ends in this process).
+#[test]
+fn a_lane_costs_two_descriptors_and_two_threads() {
+    let (l, addr) = listener();
+    let lanes = 3;
+    let (before_fds, before_threads) = (open_fds(), live_threads());
+    let (tcp, _done) = initiator(TcpConfig {
+        lanes,
+        ..TcpConfig::default()
+    });
+    let fds = open_fds();
+    let threads = live_threads();
+    let peer = std::thread::spawn(move || {
+        let held: Vec<TcpStream> = (0..lanes).map(|_| l.accept().unwrap().0).collect();
+        (l, held)
+    });
+    let conn = tcp.connect_tcp(&addr).unwrap();
+    let (l, held) = peer.join().unwrap();
+    assert!(conn.is_alive());
+    assert_eq!(
+        open_fds() - fds,
+        2 * lanes + held.len(),
+        "descriptors for {lanes} lanes"
+    );
+    assert_eq!(live_threads() - threads, 2 * lanes, "threads for {lanes} lanes");
+    // The peer going away ends the lanes, and with them their threads and descriptors.
+    drop(held);
+    eventually("the lanes see their peer go", || !conn.is_alive());
+    drop((conn, tcp));
+    eventually("threads and descriptors return to what they were", || {
+        live_threads() == before_threads && open_fds() == before_fds
+    });
+    drop(l);
+}
+
 /// Completions that say which thread delivered them.
 struct OnThread(Sender<(u32, Result<usize, FailReason>, std::thread::ThreadId)>);
 

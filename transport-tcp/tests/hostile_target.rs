@@ -625,6 +625,29 @@ fn closed_connections_leave_no_handles_behind() {
     assert_eq!(target.stats().connections, 20);
 }
 
+/// A served connection holds two descriptors, its socket and the eventfd its thread's
+/// sleeps also wait on (deregistration wakes it with that), and one thread; the
+/// connection limit is fitted to the descriptor limit with that cost.
+#[test]
+fn a_served_connection_costs_two_descriptors_and_one_thread() {
+    let target = started(TcpConfig::default());
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let live_threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let (fds, threads) = (open_fds(), live_threads());
+    let n = 4;
+    let held: Vec<TcpStream> = (0..n).map(|_| connect(&target.addr)).collect();
+    wait_for("every connection is served", || {
+        target.stats().open_connections == n as u64
+    });
+    // `held` adds the client ends.
+    assert_eq!(open_fds() - fds, n + 2 * n);
+    assert_eq!(live_threads() - threads, n);
+    drop(held);
+    wait_for("the connections' threads and descriptors are gone", || {
+        target.stats().open_connections == 0 && open_fds() == fds && live_threads() == threads
+    });
+}
+
 /// Acknowledgements of several frames read back to back go out in Ack frames of at most
 /// `MAX_DESCS` statuses each, which is what the initiator accepts.
 #[test]
@@ -957,7 +980,7 @@ fn the_connection_limit_fits_the_descriptor_limit() {
             // A low soft limit under a high hard one is raised to fit.
             rlimit::setrlimit(Resource::NOFILE, 300, hard).unwrap();
             let target = started(TcpConfig::default());
-            let need = 1024 * 3 + 256;
+            let need = 1024 * 2 + 256;
             if hard >= need {
                 assert_eq!(target.t.max_connections(), 1024);
                 assert!(rlimit::getrlimit(Resource::NOFILE).unwrap().0 >= need);

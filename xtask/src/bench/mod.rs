@@ -59,6 +59,8 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
 const NETNS_ENV: &str = "FERRY_BENCH_CONGESTION";
 /// Where Linux keeps the congestion control new TCP sockets get (per network namespace).
 const CONGESTION: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+/// The congestion controls a network namespace other than the host's may choose.
+const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
 
 /// `cargo xtask bench [--efa | --python | --scale | --costs] [--duration SECS] [--rounds N] [--plot DIR] [--congestion ALG]`:
 /// with `--plot`, each family also writes its SVG charts into DIR; with `--congestion`,
@@ -138,6 +140,19 @@ fn in_namespace(alg: &str, rest: &[String]) -> Result<()> {
         bail!(
             "--congestion {alg}: this kernel offers {} (load a module for others)",
             available.trim()
+        );
+    }
+    // A namespace other than the host's may only pick a control the host allows; the
+    // kernel refuses any other with EPERM, which would surface as a bare shell error.
+    let allowed = std::fs::read_to_string(ALLOWED)
+        .context("reading the congestion controls this host allows its namespaces")?;
+    if !allowed.split_whitespace().any(|a| a == alg) {
+        bail!(
+            "--congestion {alg}: the host lets other network namespaces use only {} \
+             (`sysctl -w {}=\"{} {alg}\"` adds it without changing the host's own default)",
+            allowed.trim(),
+            ALLOWED.trim_start_matches("/proc/sys/").replace('/', "."),
+            allowed.trim(),
         );
     }
     // The namespace is set up by a shell inside it, before this program starts again
