@@ -664,7 +664,11 @@ fn a_lane_costs_two_descriptors_and_two_threads() {
         2 * lanes + held.len(),
         "descriptors for {lanes} lanes"
     );
-    assert_eq!(live_threads() - threads, 2 * lanes, "threads for {lanes} lanes");
+    assert_eq!(
+        live_threads() - threads,
+        2 * lanes,
+        "threads for {lanes} lanes"
+    );
     // The peer going away ends the lanes, and with them their threads and descriptors.
     drop(held);
     eventually("the lanes see their peer go", || !conn.is_alive());
