@@ -545,6 +545,42 @@ fn a_busy_polling_waiter_reads_its_own_answers() {
     }
 }
 
+/// A waiter that may spin (`busy_poll` above zero) is woken early once per batch, when
+/// the batch's last 512 KiB are still to land, so it is running when they do; one that
+/// may not (`busy_poll` zero: the least CPU) is never woken early, since it would only
+/// spin, and sleeps until its batch ends. Each batch here moves 4 MiB in 1 MiB WRITEs.
+#[test]
+fn only_a_waiter_that_may_spin_is_woken_before_its_batch_ends() {
+    let batches = 3;
+    for (busy_poll, early) in [(Duration::ZERO, 0), (Duration::from_micros(50), batches)] {
+        let target = engine();
+        let initiator = engine_with(TcpConfig {
+            busy_poll,
+            ..TcpConfig::default()
+        });
+        let len = 4 << 20;
+        let remote_buf = target.allocate(len, Location::host()).unwrap();
+        let remote = common::remote_of(&initiator, &target, &remote_buf);
+        let local = initiator.allocate(len, Location::host()).unwrap();
+        for _ in 0..batches {
+            let data = random(len);
+            local.write_at(0, &data).unwrap();
+            let mut b = initiator.batch();
+            for k in 0..4 {
+                let at = k << 20;
+                b.write(&local, at, &remote, at as u64, 1 << 20).unwrap();
+            }
+            b.submit().unwrap().wait(WAIT).unwrap();
+            let mut got = vec![0u8; len];
+            remote_buf.read_at(0, &mut got).unwrap();
+            assert_bytes_eq(&got, &data, "WRITE");
+        }
+        let stats = initiator.batch_stats();
+        assert_eq!(stats.early_wakes, early, "busy poll {busy_poll:?}");
+        assert_eq!(stats.late_wakeups, 0);
+    }
+}
+
 /// A waiter drives every connection of its batch, not only its first task's: here the
 /// first task is a small READ from one target and the bulk comes from another, whose
 /// answers the spinning waiter reads itself.

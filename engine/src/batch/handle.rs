@@ -271,7 +271,8 @@ impl BatchBuilder {
             return Err(Error::Shutdown);
         }
         let deadline = after(Instant::now(), self.timeout);
-        slot.data.write().arm(deadline, self.retry_over_tcp);
+        let spins = !self.table.defaults.busy_poll.is_zero();
+        slot.data.write().arm(deadline, self.retry_over_tcp, spins);
         slot.data.read().post_all();
         // Posted: the slices in flight hold the memory now, and a finished batch none.
         slot.data.write().pins.clear();
@@ -356,7 +357,8 @@ impl Batch {
         let start = Instant::now();
         let end = after(start, timeout);
         let d = self.slot.data.read();
-        let mut spin_until = start + self.table.defaults.busy_poll;
+        let busy_poll = self.table.defaults.busy_poll;
+        let mut spin_until = start + busy_poll;
         // While it spins, the waiter receives its answers itself where the transport
         // lets it (and stops before it sleeps).
         let mut driving: Option<Driving<'_>> = None;
@@ -383,11 +385,14 @@ impl Batch {
             driving = None;
             // Sleep until the last task ends (the gate cannot lose that wake-up), the
             // batch's deadline, the caller's timeout, or an early nudge when little is
-            // left, which is followed by a short spin.
+            // left, which is followed by a short spin. A waiter that may not spin
+            // (`busy_poll` zero) is not nudged, and sleeps on through any other early
+            // wake-up.
             let mut first = true;
             let mut parked_until = None;
             let ended = d.gate.wait(|| {
                 if !std::mem::take(&mut first)
+                    && !busy_poll.is_zero()
                     && d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES
                 {
                     return None;
@@ -406,7 +411,9 @@ impl Batch {
                     "a batch wait slept to its deadline after its tasks ended"
                 );
             }
-            spin_until = Instant::now() + EARLY_WAKE_SPIN;
+            if !busy_poll.is_zero() {
+                spin_until = Instant::now() + EARLY_WAKE_SPIN;
+            }
         }
         outcome(&d)
     }

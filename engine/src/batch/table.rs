@@ -17,6 +17,8 @@ use crate::{Error, Result};
 
 /// A waiter parked on a batch is woken when this many bytes are left, so it is running
 /// (spinning) when the last slice lands instead of paying a cross-core wake-up after it.
+/// Only where waiters may spin (`busy_poll` above zero): with zero, a waiter is woken
+/// once, when the batch ends.
 pub(super) const EARLY_WAKE_BYTES: u64 = 512 * 1024;
 
 const PENDING: u8 = 0;
@@ -182,6 +184,11 @@ pub(super) struct SlotData {
     pub(super) gate: EndGate,
     /// Bytes of slices not yet completed.
     pub(super) bytes_left: AtomicU64,
+    /// Nudge the waiter when [`EARLY_WAKE_BYTES`] are left (set at submission: waiters
+    /// may spin).
+    early_wake: bool,
+    /// The table's count of those nudges.
+    early_wakes: Arc<AtomicU64>,
 }
 
 impl SlotData {
@@ -193,14 +200,16 @@ impl SlotData {
         self.gate.end_one();
     }
 
-    /// Readies the slot's tasks for submission with `deadline`.
-    pub(super) fn arm(&mut self, deadline: Instant, retry: bool) {
+    /// Readies the slot's tasks for submission with `deadline`; `early_wake` when its
+    /// waiter may spin (see [`EARLY_WAKE_BYTES`]).
+    pub(super) fn arm(&mut self, deadline: Instant, retry: bool, early_wake: bool) {
         let n = self.specs.len();
         if self.tasks.len() < n {
             self.tasks.resize_with(n, Task::default);
         }
         self.deadline = deadline;
         self.retry = retry;
+        self.early_wake = early_wake;
         let mut open = 0;
         for (spec, t) in self.specs.iter().zip(&self.tasks) {
             let slices = spec.len.div_ceil(spec.peer.path(spec.leg).max_slice());
@@ -268,8 +277,11 @@ impl SlotData {
         }
         if let Ok(bytes) = result {
             let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
-            if before > EARLY_WAKE_BYTES && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
+            if self.early_wake
+                && before > EARLY_WAKE_BYTES
+                && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
             {
+                self.early_wakes.fetch_add(1, Ordering::Relaxed);
                 self.gate.nudge();
             }
         }
@@ -514,6 +526,8 @@ pub(crate) struct BatchTable {
     pub(super) defaults: BatchDefaults,
     /// Waits that slept to their limit although every task had ended (a lost wake-up).
     pub(super) late_wakeups: AtomicU64,
+    /// Waiters nudged early (see [`EARLY_WAKE_BYTES`]).
+    early_wakes: Arc<AtomicU64>,
 }
 
 /// Counters of an engine's batch waits, for tests and monitoring.
@@ -522,6 +536,10 @@ pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
     /// had already ended: a lost wake-up. Always zero unless the wait protocol is broken.
     pub late_wakeups: u64,
+    /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
+    /// rest (at most one per batch). Zero when `busy_poll` is zero: such waiters never
+    /// spin and are woken only when their batch ends.
+    pub early_wakes: u64,
 }
 
 impl BatchTable {
@@ -535,6 +553,7 @@ impl BatchTable {
             free: Mutex::new(Vec::new()),
             defaults,
             late_wakeups: AtomicU64::new(0),
+            early_wakes: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -554,6 +573,7 @@ impl BatchTable {
     pub(crate) fn stats(&self) -> BatchStats {
         BatchStats {
             late_wakeups: self.late_wakeups.load(Ordering::Relaxed),
+            early_wakes: self.early_wakes.load(Ordering::Relaxed),
         }
     }
 
@@ -580,6 +600,8 @@ impl BatchTable {
                 deadline: Instant::now(),
                 gate: EndGate::new(),
                 bytes_left: AtomicU64::new(0),
+                early_wake: false,
+                early_wakes: self.early_wakes.clone(),
             }),
         });
         slots.push(slot.clone());

@@ -195,7 +195,7 @@ fn submit(
         len,
         leg,
     });
-    slot.data.write().arm(deadline, retry);
+    slot.data.write().arm(deadline, retry, false);
     slot.data.read().post_all();
     slot.data.write().pins.clear();
     Submitted { index, slot }
