@@ -4,10 +4,10 @@
 //! or the transport is shutting down.
 //!
 //! A wait is a `poll(2)` of the socket itself (and of the pipe's [`WakeFd`] when it has
-//! one), for the one readiness the caller is waiting for, so the threads of one
-//! connection share its single descriptor and no thread holds an `epoll` instance of its
-//! own: an initiator's lane costs one descriptor, a target's connection two. Shutting the
-//! socket down wakes every thread polling it, whatever it waits for.
+//! one), for the one readiness the caller is waiting for, so the pipes of one connection
+//! (an initiator lane's sending and receiving halves) share its single descriptor and
+//! hold no `epoll` instance of their own. Shutting the socket down wakes every thread
+//! polling it, whatever it waits for.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::TcpStream;
