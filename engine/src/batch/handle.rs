@@ -357,8 +357,7 @@ impl Batch {
         let start = Instant::now();
         let end = after(start, timeout);
         let d = self.slot.data.read();
-        let busy_poll = self.table.defaults.busy_poll;
-        let mut spin_until = start + busy_poll;
+        let mut spin_until = start + self.table.defaults.busy_poll;
         // While it spins, the waiter receives its answers itself where the transport
         // lets it (and stops before it sleeps).
         let mut driving: Option<Driving<'_>> = None;
@@ -392,7 +391,7 @@ impl Batch {
             let mut parked_until = None;
             let ended = d.gate.wait(|| {
                 if !std::mem::take(&mut first)
-                    && !busy_poll.is_zero()
+                    && d.early_wake
                     && d.bytes_left.load(Ordering::Acquire) <= EARLY_WAKE_BYTES
                 {
                     return None;
@@ -411,7 +410,7 @@ impl Batch {
                     "a batch wait slept to its deadline after its tasks ended"
                 );
             }
-            if !busy_poll.is_zero() {
+            if d.early_wake {
                 spin_until = Instant::now() + EARLY_WAKE_SPIN;
             }
         }

@@ -184,9 +184,9 @@ pub(super) struct SlotData {
     pub(super) gate: EndGate,
     /// Bytes of slices not yet completed.
     pub(super) bytes_left: AtomicU64,
-    /// Nudge the waiter when [`EARLY_WAKE_BYTES`] are left (set at submission: waiters
-    /// may spin).
-    early_wake: bool,
+    /// Nudge the waiter when [`EARLY_WAKE_BYTES`] are left, and let it spin then (set at
+    /// submission: the engine's waiters may spin).
+    pub(super) early_wake: bool,
     /// The table's count of those nudges.
     early_wakes: Arc<AtomicU64>,
 }
