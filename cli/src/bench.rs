@@ -34,6 +34,12 @@ pub(crate) struct RunArgs {
     /// Requests per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Bytes from one request's start to the next one's, on both sides (K, M, G
+    /// suffixes). By default the block size: blocks lie end to end, and the engine sends
+    /// such a run as one slice per transport slice. A larger stride leaves a gap after
+    /// each block, so that every block travels alone: the cost of one operation per block.
+    #[arg(long, value_parser = size::parse)]
+    stride: Option<usize>,
     /// Threads submitting batches.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -51,6 +57,18 @@ pub(crate) struct RunArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+impl RunArgs {
+    /// Bytes from one request's start to the next one's.
+    fn stride(&self) -> usize {
+        self.stride.unwrap_or(self.block_size)
+    }
+
+    /// Bytes one batch spans on each side (gaps included).
+    fn span(&self) -> usize {
+        self.stride() * self.batch_size
+    }
 }
 
 #[derive(Args)]
@@ -205,6 +223,8 @@ struct Report {
     operation: String,
     block_size: usize,
     batch_size: usize,
+    /// Bytes from one request's start to the next one's.
+    stride: usize,
     /// Submitting threads per initiator.
     threads: usize,
     /// Batches each thread keeps in flight.
@@ -229,6 +249,9 @@ struct Report {
     /// Batch waits that slept to their deadline after their tasks had ended (always 0
     /// unless the wait protocol is broken).
     late_wakeups: u64,
+    /// Requests that travelled in one slice with the request before them (blocks end to
+    /// end), over the whole run, warm-up included.
+    merged_requests: u64,
     /// Each process's peak threads, descriptors and resident memory during the run: the
     /// initiators first, then the targets.
     peers: Vec<Usage>,
@@ -371,7 +394,7 @@ fn finish(args: &RunArgs, report: Report) -> Result<()> {
 /// and engine configuration. Throughput, bytes, errors and CPU time add up; each latency
 /// figure is the worst initiator's (p99 is then an upper bound of the merged p99).
 fn fan_in(args: &RunArgs, n: usize) -> Result<()> {
-    let span = args.block_size * args.batch_size;
+    let span = args.span();
     if args.verify && span * args.threads * n > args.engine.buffer_size {
         bail!(
             "--verify with --initiators needs each initiator thread's batch in its own part of the target's buffer: raise --buffer-size to at least {}",
@@ -406,6 +429,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
         .args(["--operation", &args.operation])
         .args(["--block-size", &args.block_size.to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
+        .args(["--stride", &args.stride().to_string()])
         .args(["--threads", &args.threads.to_string()])
         .args(["--depth", &args.depth.to_string()])
         .args(["--duration", &args.duration.to_string()]);
@@ -483,13 +507,14 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     let mut total = reports[0].clone();
     total.peers.clear();
     total.initiators = n;
-    let (mut bytes, mut ops, mut errors, mut cpu, mut late) = (0, 0.0, 0, 0.0, 0);
+    let (mut bytes, mut ops, mut errors, mut cpu, mut late, mut merged) = (0, 0.0, 0, 0.0, 0, 0);
     for r in &reports {
         bytes += r.bytes;
         ops += r.ops_per_sec;
         errors += r.errors;
         cpu += r.cpu_seconds.initiator;
         late += r.late_wakeups;
+        merged += r.merged_requests;
         total.duration_s = total.duration_s.max(r.duration_s);
         total.latency_us.p50 = total.latency_us.p50.max(r.latency_us.p50);
         total.latency_us.p99 = total.latency_us.p99.max(r.latency_us.p99);
@@ -503,6 +528,7 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
     total.ops_per_sec = ops;
     total.errors = errors;
     total.late_wakeups = late;
+    total.merged_requests = merged;
     total.verified = reports.iter().all(|r| r.verified);
     // The target's CPU time spans the initiators' whole run, their start and warm-up
     // included (a little more than their measured windows).
@@ -566,12 +592,13 @@ struct Worker {
 }
 
 /// `count` requests of `block` bytes striped over `remotes`: request `i` moves
-/// `local[i * block..]` to or from `remotes[(first + i) % len]` at `base + i * block`.
+/// `local[i * stride..]` to or from `remotes[(first + i) % len]` at `base + i * stride`.
 struct Stripe<'a> {
     remotes: &'a [RemoteBuffer],
     first: usize,
     base: u64,
     block: usize,
+    stride: usize,
     count: usize,
 }
 
@@ -579,7 +606,7 @@ impl Stripe<'_> {
     /// Adds the requests to `b`: WRITEs from `local`, or READs into it.
     fn add(&self, b: &mut ferry_engine::BatchBuilder, write: bool, local: &Buffer) -> Result<()> {
         for i in 0..self.count {
-            let off = i * self.block;
+            let off = i * self.stride;
             let remote = &self.remotes[(self.first + i) % self.remotes.len()];
             let at = self.base + off as u64;
             if write {
@@ -620,6 +647,9 @@ fn run(
     if args.block_size == 0 || args.batch_size == 0 || args.threads == 0 || args.depth == 0 {
         bail!("--block-size, --batch-size, --threads and --depth must be positive");
     }
+    if args.stride() < args.block_size {
+        bail!("--stride must be at least --block-size (requests must not overlap)");
+    }
     let engine = Engine::from_config(config).context("starting the engine")?;
     let location = args.engine.location()?;
     let mut remotes = Vec::with_capacity(segments.len());
@@ -629,7 +659,7 @@ fn run(
             .with_context(|| format!("opening segment {segment}"))?;
         remotes.push(seg.buffer(0).context("the target publishes no buffer")?);
     }
-    let span = args.block_size * args.batch_size;
+    let span = args.span();
     let remote_len = remotes.iter().map(RemoteBuffer::len).min().unwrap_or(0);
     if span > remote_len {
         bail!(
@@ -689,6 +719,7 @@ fn run(
         let (engine, stop, moved) = (engine.clone(), stop.clone(), moved.clone());
         let (ready, go) = (ready.clone(), go.clone());
         let (block, batch, depth) = (args.block_size, args.batch_size, args.depth);
+        let stride = args.stride();
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
                 let mut w = w;
@@ -700,6 +731,7 @@ fn run(
                         first: w.next_first,
                         base: w.remote_base,
                         block,
+                        stride,
                         count: batch,
                     };
                     stripe.add(&mut b, write, &w.local)?;
@@ -823,13 +855,7 @@ fn run(
     let bytes = moved.load(Ordering::Relaxed);
 
     let verified = if args.verify {
-        verify(
-            &engine,
-            &done_workers,
-            write,
-            args.block_size,
-            args.batch_size,
-        )?;
+        verify(&engine, &done_workers, write, args)?;
         true
     } else {
         false
@@ -853,6 +879,7 @@ fn run(
         operation: args.operation.to_ascii_lowercase(),
         block_size: args.block_size,
         batch_size: args.batch_size,
+        stride: args.stride(),
         threads: args.threads,
         depth: args.depth,
         lanes: config.tcp.lanes,
@@ -877,19 +904,15 @@ fn run(
         cpu_seconds: cpu,
         verified,
         late_wakeups: engine.batch_stats().late_wakeups,
+        merged_requests: engine.batch_stats().merged_requests,
         peers: watch.into_usage(),
     };
     Ok(report)
 }
 
-fn verify(
-    engine: &Engine,
-    workers: &[Worker],
-    write: bool,
-    block: usize,
-    batch: usize,
-) -> Result<()> {
-    let span = block * batch;
+/// Checks every block at its destination (the gaps between blocks are not transferred).
+fn verify(engine: &Engine, workers: &[Worker], write: bool, args: &RunArgs) -> Result<()> {
+    let (block, stride, span) = (args.block_size, args.stride(), args.span());
     for (t, w) in workers.iter().enumerate() {
         let mut got = vec![0u8; span];
         if write {
@@ -901,7 +924,8 @@ fn verify(
                 first: w.last_first,
                 base: w.remote_base,
                 block,
-                count: batch,
+                stride,
+                count: args.batch_size,
             };
             stripe.add(&mut b, false, &back)?;
             b.submit()?
@@ -911,7 +935,8 @@ fn verify(
         } else {
             w.local.read_at(0, &mut got)?;
         }
-        if let Some(i) = got.iter().zip(&w.source).position(|(a, b)| a != b) {
+        let mut blocks = (0..args.batch_size).flat_map(|k| k * stride..k * stride + block);
+        if let Some(i) = blocks.find(|&i| got[i] != w.source[i]) {
             bail!(
                 "--verify: thread {t}: byte {i} differs at the destination ({:#04x} != {:#04x})",
                 got[i],
@@ -923,8 +948,13 @@ fn verify(
 }
 
 fn print_table(r: &Report) {
+    let apart = if r.stride == r.block_size {
+        String::new()
+    } else {
+        format!(" {} apart", size::format(r.stride))
+    };
     println!(
-        "ferry bench: {} {}, {} blocks, batch {}, {} thread(s), {} in flight each, {} lane(s), {} memory, {:.1} s",
+        "ferry bench: {} {}, {} blocks{apart}, batch {}, {} thread(s), {} in flight each, {} lane(s), {} memory, {:.1} s",
         r.protocol,
         r.operation,
         size::format(r.block_size),
@@ -944,6 +974,10 @@ fn print_table(r: &Report) {
         r.latency_us.p50, r.latency_us.p99
     );
     println!("  errors       {}", r.errors);
+    println!(
+        "  merged       {} requests travelled with the one before (blocks end to end)",
+        r.merged_requests
+    );
     let gb = r.bytes as f64 / 1e9;
     let per_gb = |s: f64| if gb > 0.0 { s / gb } else { 0.0 };
     print!(
@@ -1035,6 +1069,7 @@ fn one_batch(engine: &Engine, local: &Buffer, remote: &RemoteBuffer, args: &RunA
         first: 0,
         base: 0,
         block: args.block_size,
+        stride: args.stride(),
         count: args.batch_size,
     };
     stripe.add(&mut b, true, local)?;
@@ -1091,7 +1126,7 @@ fn idle_peers_against(
 ) -> Result<IdleReport> {
     let config = args.engine.config("127.0.0.1:0")?;
     let location = args.engine.location()?;
-    let span = args.block_size * args.batch_size;
+    let span = args.span();
     let start = || -> Result<(Engine, Buffer)> {
         let engine = Engine::from_config(&config).context("starting the engine")?;
         let local = engine

@@ -163,7 +163,7 @@ impl Engine {
         self.peers.cached_count()
     }
 
-    /// Counters of this engine's batch waits.
+    /// Counters of this engine's batches and their waits.
     pub fn batch_stats(&self) -> crate::BatchStats {
         self.batches.stats()
     }

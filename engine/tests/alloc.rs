@@ -108,13 +108,19 @@ fn no_heap_allocation_per_request_in_steady_state() {
     let run = |batches: usize| {
         for _ in 0..batches {
             let mut b = initiator.batch();
-            for i in 0..per_batch {
+            // Half the requests alternate READ and WRITE, so each travels alone; the
+            // other half are WRITEs laid end to end, which travel as one slice.
+            for i in 0..per_batch / 2 {
                 let off = i * block;
                 if i % 2 == 0 {
                     b.write(&local, off, &remote, off as u64, block).unwrap();
                 } else {
                     b.read(&local, off, &remote, off as u64, block).unwrap();
                 }
+            }
+            for i in per_batch / 2..per_batch {
+                let off = i * block;
+                b.write(&local, off, &remote, off as u64, block).unwrap();
             }
             b.submit().unwrap().wait(WAIT).unwrap();
         }
@@ -129,6 +135,11 @@ fn no_heap_allocation_per_request_in_steady_state() {
     let batches = 2000;
     run(batches);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        initiator.batch_stats().merged_requests,
+        (200 + batches as u64) * (per_batch as u64 / 2 - 1),
+        "the second half of each batch travels as one slice"
+    );
     let requests = (batches * per_batch) as u64;
     assert_eq!(
         allocations, 0,

@@ -581,6 +581,58 @@ fn only_a_waiter_that_may_spin_is_woken_before_its_batch_ends() {
     }
 }
 
+/// Requests whose bytes follow each other on both sides travel as one slice per run (up
+/// to the transport's slice size), and each lands exactly where it asked; requests with
+/// gaps between them travel one by one. Both ways, over real sockets.
+#[test]
+fn contiguous_requests_travel_together_and_land_where_each_asked() {
+    let target = engine();
+    let initiator = engine();
+    let (block, n) = (4096, 64);
+    let len = 2 * n * block;
+    let remote_buf = target.allocate(len, Location::host()).unwrap();
+    let remote = common::remote_of(&initiator, &target, &remote_buf);
+    let local = initiator.allocate(len, Location::host()).unwrap();
+    for (stride, merged) in [(block, n as u64 - 1), (2 * block, 0)] {
+        let before = initiator.batch_stats().merged_requests;
+        let data = random(len);
+        // Each request's bytes where it asked; the gaps between them stay zero.
+        let mut want = vec![0u8; len];
+        for i in 0..n {
+            let at = i * stride;
+            want[at..at + block].copy_from_slice(&data[at..at + block]);
+        }
+
+        local.write_at(0, &data).unwrap();
+        remote_buf.write_at(0, &vec![0; len]).unwrap();
+        let mut b = initiator.batch();
+        for i in 0..n {
+            let at = i * stride;
+            b.write(&local, at, &remote, at as u64, block).unwrap();
+        }
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut got = vec![0u8; len];
+        remote_buf.read_at(0, &mut got).unwrap();
+        assert_bytes_eq(&got, &want, "WRITE");
+
+        local.write_at(0, &vec![0; len]).unwrap();
+        let mut b = initiator.batch();
+        for i in 0..n {
+            let at = i * stride;
+            b.read(&local, at, &remote, at as u64, block).unwrap();
+        }
+        b.submit().unwrap().wait(WAIT).unwrap();
+        local.read_at(0, &mut got).unwrap();
+        assert_bytes_eq(&got, &want, "READ");
+
+        assert_eq!(
+            initiator.batch_stats().merged_requests - before,
+            2 * merged,
+            "requests {stride} bytes apart"
+        );
+    }
+}
+
 /// A waiter drives every connection of its batch, not only its first task's: here the
 /// first task is a small READ from one target and the bulk comes from another, whose
 /// answers the spinning waiter reads itself.

@@ -178,6 +178,11 @@ pub(super) struct SlotData {
     /// (capacity kept between batches).
     pub(super) pins: Vec<Arc<RegionMemory>>,
     tasks: Vec<Task>,
+    /// How many tasks the first attempt's slice starting at each task covers: 1 for a
+    /// task posted on its own (cut into slices as its length needs), n > 1 where it heads
+    /// a run of n contiguous tasks posted as one slice, 0 inside such a run (see
+    /// [`SlotData::joins`]). Set by `arm` (capacity kept between batches).
+    runs: Vec<u32>,
     pub(super) deadline: Instant,
     /// Tasks not yet ended, and the thread waiting for them (one atomic word: see
     /// [`EndGate`], model-checked with loom).
@@ -189,6 +194,8 @@ pub(super) struct SlotData {
     pub(super) early_wake: bool,
     /// The table's count of those nudges.
     early_wakes: Arc<AtomicU64>,
+    /// The table's count of requests that travelled in a run's slice behind its first.
+    merged: Arc<AtomicU64>,
 }
 
 impl SlotData {
@@ -210,6 +217,22 @@ impl SlotData {
         self.deadline = deadline;
         self.retry = retry;
         self.early_wake = early_wake;
+        self.runs.clear();
+        let (mut head, mut run_len, mut merged) = (0, 0, 0);
+        for i in 0..n {
+            if i > 0 && self.joins(head, run_len, i) {
+                self.runs[head] += 1;
+                self.runs.push(0);
+                run_len += self.specs[i].len;
+                merged += 1;
+            } else {
+                (head, run_len) = (i, self.specs[i].len);
+                self.runs.push(1);
+            }
+        }
+        if merged > 0 {
+            self.merged.fetch_add(merged, Ordering::Relaxed);
+        }
         let mut open = 0;
         for (spec, t) in self.specs.iter().zip(&self.tasks) {
             let slices = spec.len.div_ceil(spec.peer.path(spec.leg).max_slice());
@@ -230,11 +253,36 @@ impl SlotData {
         self.gate.reset(open);
     }
 
+    /// Whether task `next` extends the run of contiguous tasks that starts at `head`
+    /// (every task from `head` to `next - 1` in it, `run_len` bytes), so that one slice
+    /// can carry them all: the same operation on the same local memory and the same remote buffer over
+    /// the same path, each task's bytes following the previous one's on both sides, and
+    /// the run no longer than a slice of that path. A batch of blocks laid end to end
+    /// (a KV cache's consecutive pages, an object cut into chunks) then costs one
+    /// operation per slice rather than one per block.
+    fn joins(&self, head: usize, run_len: usize, next: usize) -> bool {
+        let (first, prev, spec) = (&self.specs[head], &self.specs[next - 1], &self.specs[next]);
+        prev.len > 0
+            && spec.len > 0
+            && spec.op == first.op
+            && spec.leg == first.leg
+            && spec.buffer == first.buffer
+            && Arc::ptr_eq(&spec.peer, &first.peer)
+            && Weak::ptr_eq(&spec.local, &first.local)
+            && prev.local_offset.checked_add(prev.len) == Some(spec.local_offset)
+            && prev.remote_addr.checked_add(prev.len as u64) == Some(spec.remote_addr)
+            && run_len
+                .checked_add(spec.len)
+                .is_some_and(|total| total <= first.peer.path(first.leg).max_slice())
+    }
+
     /// Posts every task of an armed slot on its path, then rings each peer's doorbell
-    /// once (small batches go out on this thread).
+    /// once (small batches go out on this thread). A run of contiguous tasks goes out as
+    /// one slice (see [`joins`](Self::joins)).
     pub(super) fn post_all(&self) {
         for (task, spec) in self.specs.iter().enumerate() {
-            if spec.len == 0 {
+            let run = self.runs[task] as usize;
+            if spec.len == 0 || run == 0 {
                 continue;
             }
             let token = CompletionToken {
@@ -243,17 +291,35 @@ impl SlotData {
                 task: task as u32,
             };
             let path = spec.peer.path(spec.leg);
-            match spec.local.upgrade() {
-                Some(local) => self.post_task(
+            let Some(local) = spec.local.upgrade() else {
+                // Pinned by the slot until every task is posted: not reached.
+                self.fail_unposted(spec, path.max_slice(), token);
+                continue;
+            };
+            if run == 1 {
+                self.post_task(
                     spec,
                     &local,
                     path.conn(),
                     path.max_slice(),
                     &spec.remote_keys,
                     token,
-                ),
-                // Pinned by the slot until every task is posted: not reached.
-                None => self.fail_unposted(spec, path.max_slice(), token),
+                );
+                continue;
+            }
+            let slice = Slice {
+                op: spec.op,
+                local,
+                local_offset: spec.local_offset,
+                remote_addr: spec.remote_addr,
+                remote_base: spec.remote_base,
+                remote_keys: spec.remote_keys.clone(),
+                len: self.specs[task..task + run].iter().map(|s| s.len).sum(),
+                token,
+                deadline: self.deadline,
+            };
+            if let Err(reason) = path.conn().post(slice) {
+                self.apply(token.task, Err(reason));
             }
         }
         let mut last: Option<&Arc<PeerInner>> = None;
@@ -266,7 +332,23 @@ impl SlotData {
         }
     }
 
+    /// Applies one slice's report. A first attempt's slice that carried a run of
+    /// contiguous tasks reports for each of them: each gets its own length, or the
+    /// slice's failure (a task's retry goes out on its own).
     fn apply(&self, word: u32, result: Result<usize, FailReason>) {
+        let task = (word & !RETRY_BIT) as usize;
+        let run = match self.runs.get(task) {
+            Some(&run) if word & RETRY_BIT == 0 && run > 1 && task < self.ntasks() => run as usize,
+            _ => return self.apply_one(word, result),
+        };
+        for t in task..(task + run).min(self.ntasks()) {
+            let mine = result.map(|_| self.specs[t].len);
+            self.apply_one(t as u32, mine);
+        }
+    }
+
+    /// Applies one report to the task `word` names.
+    fn apply_one(&self, word: u32, result: Result<usize, FailReason>) {
         let task = (word & !RETRY_BIT) as usize;
         let attempt = u8::from(word & RETRY_BIT != 0);
         let Some(t) = self.tasks.get(task).filter(|_| task < self.ntasks()) else {
@@ -376,7 +458,8 @@ impl SlotData {
         }
     }
 
-    /// Fails every slice of a task that cannot be posted.
+    /// Fails every slice of a task that cannot be posted (a token that heads a run
+    /// stands for the run's one slice).
     fn fail_unposted(&self, spec: &TaskSpec, step: usize, token: CompletionToken) {
         for _ in 0..spec.len.div_ceil(step) {
             self.apply(token.task, Err(FailReason::Unsupported));
@@ -528,9 +611,11 @@ pub(crate) struct BatchTable {
     pub(super) late_wakeups: AtomicU64,
     /// Waiters nudged early (see [`EARLY_WAKE_BYTES`]).
     early_wakes: Arc<AtomicU64>,
+    /// Requests carried in the slice of the run they follow (see [`SlotData::joins`]).
+    merged: Arc<AtomicU64>,
 }
 
-/// Counters of an engine's batch waits, for tests and monitoring.
+/// Counters of an engine's batches and their waits, for tests and monitoring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
@@ -540,6 +625,10 @@ pub struct BatchStats {
     /// rest (at most one per batch). Zero when `busy_poll` is zero: such waiters never
     /// spin and are woken only when their batch ends.
     pub early_wakes: u64,
+    /// Requests that travelled in one slice with the request before them, because their
+    /// bytes follow its bytes on both sides (same operation, local memory, remote buffer
+    /// and path): a batch of `n` such requests within one slice's length counts `n - 1`.
+    pub merged_requests: u64,
 }
 
 impl BatchTable {
@@ -554,6 +643,7 @@ impl BatchTable {
             defaults,
             late_wakeups: AtomicU64::new(0),
             early_wakes: Arc::new(AtomicU64::new(0)),
+            merged: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -574,6 +664,7 @@ impl BatchTable {
         BatchStats {
             late_wakeups: self.late_wakeups.load(Ordering::Relaxed),
             early_wakes: self.early_wakes.load(Ordering::Relaxed),
+            merged_requests: self.merged.load(Ordering::Relaxed),
         }
     }
 
@@ -597,11 +688,13 @@ impl BatchTable {
                 specs: Vec::new(),
                 pins: Vec::new(),
                 tasks: Vec::new(),
+                runs: Vec::new(),
                 deadline: Instant::now(),
                 gate: EndGate::new(),
                 bytes_left: AtomicU64::new(0),
                 early_wake: false,
                 early_wakes: self.early_wakes.clone(),
+                merged: self.merged.clone(),
             }),
         });
         slots.push(slot.clone());

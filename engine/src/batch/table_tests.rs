@@ -98,6 +98,24 @@ fn descriptor() -> SegmentDescriptor {
                     key: TCP_KEY + 1,
                 }],
             },
+            // A buffer that starts where the first ends, with keys of its own.
+            BufferDescriptor {
+                name: "next".into(),
+                addr: BASE + (1 << 20),
+                len: 1 << 20,
+                location: Location::host(),
+                access: Access::RemoteReadWrite,
+                keys: vec![
+                    TransportKey {
+                        protocol: Protocol::Efa,
+                        key: EFA_KEY + 2,
+                    },
+                    TransportKey {
+                        protocol: Protocol::Tcp,
+                        key: TCP_KEY + 2,
+                    },
+                ],
+            },
         ],
     }
 }
@@ -178,23 +196,66 @@ fn submit(
     deadline: Instant,
     retry: bool,
 ) -> Submitted {
+    submit_all(table, peer, &[Req::write(0, 0, len)], deadline, retry)
+}
+
+/// One request of a batch: its operation, its offset in the batch's local memory, the
+/// remote buffer and the offset in it, its length.
+#[derive(Clone, Copy)]
+struct Req {
+    op: Opcode,
+    local_offset: usize,
+    buffer: usize,
+    remote_offset: u64,
+    len: usize,
+}
+
+impl Req {
+    fn write(local_offset: usize, remote_offset: u64, len: usize) -> Req {
+        Req {
+            op: Opcode::Write,
+            local_offset,
+            buffer: 0,
+            remote_offset,
+            len,
+        }
+    }
+}
+
+/// Submits `reqs`, every one on the peer's primary path and on one local memory, as
+/// `BatchBuilder::submit` does.
+fn submit_all(
+    table: &BatchTable,
+    peer: &Arc<PeerInner>,
+    reqs: &[Req],
+    deadline: Instant,
+    retry: bool,
+) -> Submitted {
     let (index, slot, _) = table.acquire();
     let leg = Leg::Primary;
-    let remote_keys = peer.path(leg).keys(0).cloned().expect("keys");
-    let memory = local(len);
+    let end = reqs
+        .iter()
+        .map(|r| r.local_offset + r.len)
+        .max()
+        .unwrap_or(0);
+    let memory = local(end.max(1));
     slot.data.write().pins.push(memory.clone());
-    slot.data.write().specs.push(TaskSpec {
-        op: Opcode::Write,
-        local: Arc::downgrade(&memory),
-        local_offset: 0,
-        peer: peer.clone(),
-        buffer: 0,
-        remote_addr: BASE,
-        remote_base: BASE,
-        remote_keys,
-        len,
-        leg,
-    });
+    for r in reqs {
+        let buffer = &peer.descriptor().buffers[r.buffer];
+        let remote_keys = peer.path(leg).keys(r.buffer).cloned().expect("keys");
+        slot.data.write().specs.push(TaskSpec {
+            op: r.op,
+            local: Arc::downgrade(&memory),
+            local_offset: r.local_offset,
+            peer: peer.clone(),
+            buffer: r.buffer,
+            remote_addr: buffer.addr + r.remote_offset,
+            remote_base: buffer.addr,
+            remote_keys,
+            len: r.len,
+            leg,
+        });
+    }
     slot.data.write().arm(deadline, retry, false);
     slot.data.read().post_all();
     slot.data.write().pins.clear();
@@ -477,6 +538,177 @@ fn a_path_is_chosen_by_the_keys_both_buffers_have() {
     let alone = self::peer(&fabric, None);
     assert!(alone.path_for(&local, 0).is_err(), "no path has the keys");
     assert_eq!(alone.retry_leg(Leg::Primary, 0), None);
+}
+
+/// Requests laid end to end on both sides travel as one slice per run, a run no longer
+/// than the path's slice; each task still ends by its own account.
+#[test]
+fn contiguous_requests_travel_as_one_slice_per_run() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    // Ten 1000-byte requests: a 4096-byte slice carries four of them, so 4 + 4 + 2.
+    let reqs: Vec<Req> = (0..10)
+        .map(|i| Req::write(i * 1000, i as u64 * 1000, 1000))
+        .collect();
+    let b = submit_all(&table, &peer, &reqs, later(), false);
+    let posted = fabric.take();
+    let shape = |f: fn(&Slice) -> u64| posted.iter().map(f).collect::<Vec<_>>();
+    assert_eq!(shape(|s| s.len as u64), [4000, 4000, 2000]);
+    assert_eq!(shape(|s| u64::from(s.token.task)), [0, 4, 8]);
+    assert_eq!(shape(|s| s.local_offset as u64), [0, 4000, 8000]);
+    assert_eq!(shape(|s| s.remote_addr - BASE), [0, 4000, 8000]);
+    assert!(posted.iter().all(|s| s.remote_keys.first() == EFA_KEY));
+    assert_eq!(b.open(), 10);
+    assert_eq!(
+        table.stats().merged_requests,
+        7,
+        "ten requests in three slices"
+    );
+
+    table.complete(posted[1].token, Ok(4000));
+    let status = |range: std::ops::Range<usize>| range.map(|t| b.status(t)).collect::<Vec<_>>();
+    assert_eq!(status(4..8), [TaskStatus::Completed; 4]);
+    assert_eq!(status(0..4), [TaskStatus::Pending; 4]);
+    assert_eq!(status(8..10), [TaskStatus::Pending; 2]);
+    assert_eq!(b.open(), 6);
+    assert_eq!(b.slot.data.read().bytes_left.load(Ordering::Acquire), 6000);
+
+    table.complete(posted[0].token, Ok(4000));
+    table.complete(posted[2].token, Ok(2000));
+    assert_eq!(status(0..10), [TaskStatus::Completed; 10]);
+    assert_eq!(b.open(), 0);
+    assert_eq!(b.slot.data.read().bytes_left.load(Ordering::Acquire), 0);
+    table.release(b.index, &b.slot);
+}
+
+/// Each pair of requests below follows the other except in one respect, which keeps them
+/// apart: one slice each (a request longer than a slice is cut as always).
+#[test]
+fn requests_that_do_not_follow_each_other_on_both_sides_travel_apart() {
+    let read = |local_offset, remote_offset, len| Req {
+        op: Opcode::Read,
+        ..Req::write(local_offset, remote_offset, len)
+    };
+    let w = Req::write;
+    let next_buffer = Req {
+        buffer: 2,
+        ..w(100, 0, 100)
+    };
+    let cases: [(&str, Vec<Req>, &[usize]); 8] = [
+        (
+            "a gap in local memory",
+            vec![w(0, 0, 100), w(200, 100, 100)],
+            &[100, 100],
+        ),
+        (
+            "a gap in remote memory",
+            vec![w(0, 0, 100), w(100, 200, 100)],
+            &[100, 100],
+        ),
+        (
+            "the other operation",
+            vec![w(0, 0, 100), read(100, 100, 100)],
+            &[100, 100],
+        ),
+        (
+            "another remote buffer at the next address",
+            vec![w(0, (1 << 20) - 100, 100), next_buffer],
+            &[100, 100],
+        ),
+        (
+            "longer than a slice together",
+            vec![w(0, 0, 4000), w(4000, 4000, 100)],
+            &[4000, 100],
+        ),
+        (
+            "one longer than a slice",
+            vec![w(0, 0, 100), w(100, 100, 5000)],
+            &[100, 4096, 904],
+        ),
+        (
+            "an empty request between",
+            vec![w(0, 0, 100), w(100, 100, 0), w(100, 100, 100)],
+            &[100, 100],
+        ),
+        (
+            "in reverse order",
+            vec![w(100, 100, 100), w(0, 0, 100)],
+            &[100, 100],
+        ),
+    ];
+    for (why, reqs, lens) in cases {
+        let fabric = Arc::new(Fake::default());
+        let peer = peer(&fabric, None);
+        let table = table();
+        let b = submit_all(&table, &peer, &reqs, later(), false);
+        let posted = fabric.take();
+        assert_eq!(
+            posted.iter().map(|s| s.len).collect::<Vec<_>>(),
+            lens,
+            "{why}"
+        );
+        for s in &posted {
+            table.complete(s.token, Ok(s.len));
+        }
+        assert_eq!(b.open(), 0, "{why}: every task ended");
+        assert_eq!(table.stats().merged_requests, 0, "{why}");
+        for t in 0..reqs.len() {
+            assert_eq!(b.status(t), TaskStatus::Completed, "{why}: task {t}");
+        }
+        table.release(b.index, &b.slot);
+    }
+}
+
+/// A run's slice that fails fails each of its tasks, each with the reason; retried, each
+/// goes out on its own (the fallback's tokens name one task).
+#[test]
+fn a_failed_run_fails_each_of_its_tasks_and_each_is_retried_on_its_own() {
+    let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let reqs: Vec<Req> = (0..3)
+        .map(|i| Req::write(i * 1000, i as u64 * 1000, 1000))
+        .collect();
+    let b = submit_all(&table, &peer, &reqs, later(), true);
+    let run = fabric.take();
+    assert_eq!(run.len(), 1);
+    table.complete(run[0].token, Err(device_error()));
+    let mut retry = posted_on(&tcp, 3);
+    retry.sort_by_key(|s| s.token.task);
+    assert_eq!(
+        retry.iter().map(|s| s.token.task).collect::<Vec<_>>(),
+        [RETRY_BIT, 1 | RETRY_BIT, 2 | RETRY_BIT]
+    );
+    assert!(retry
+        .iter()
+        .all(|s| s.len == 1000 && s.remote_keys.first() == TCP_KEY));
+    assert_eq!(b.open(), 3);
+    for s in &retry {
+        table.complete(s.token, Ok(s.len));
+    }
+    assert_eq!(b.open(), 0);
+    assert!((0..3).all(|t| b.status(t) == TaskStatus::Completed));
+    // A late report of the run's abandoned attempt changes nothing.
+    table.complete(run[0].token, Ok(3000));
+    assert_eq!(b.open(), 0);
+    assert!((0..3).all(|t| b.status(t) == TaskStatus::Completed));
+    table.release(b.index, &b.slot);
+
+    // Without a retry, the run's failure is each task's.
+    let b = submit_all(&table, &peer, &reqs, later(), false);
+    let run = fabric.take();
+    table.complete(run[0].token, Err(device_error()));
+    assert_eq!(b.open(), 0);
+    assert!((0..3).all(|t| b.status(t) == TaskStatus::Failed(device_error())));
+    table.release(b.index, &b.slot);
+
+    // A post the connection refuses fails the run's every task at once.
+    let refusing = peer_on(Fake::refusing(FailReason::ConnectionLost), None);
+    let b = submit_all(&table, &refusing, &reqs, later(), false);
+    assert_eq!(b.open(), 0);
+    assert!((0..3).all(|t| b.status(t) == TaskStatus::Failed(FailReason::ConnectionLost)));
+    table.release(b.index, &b.slot);
 }
 
 /// Kept from the batch's first tests: the task's state machine alone.

@@ -38,8 +38,13 @@ struct Counts {
 /// What a subject is: ferry with an operation, or iperf3.
 #[derive(Clone, Copy)]
 enum Subject {
-    /// Operation, block size, requests per batch.
-    Ferry(&'static str, &'static str, &'static str),
+    /// Operation, block size, requests per batch, further `ferry bench` flags.
+    Ferry(
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+    ),
     Iperf,
 }
 
@@ -130,7 +135,7 @@ fn measure(
     let _ = std::fs::remove_file(&near_out);
     let _ = std::fs::remove_file(&far_out);
     let bytes = match subject {
-        Subject::Ferry(op, block, batch) => {
+        Subject::Ferry(op, block, batch, extra) => {
             let mut target = probed(
                 probe,
                 &far_out,
@@ -151,7 +156,7 @@ fn measure(
             let result = (|| {
                 let segment = first_word_after(&mut target, "segment")?;
                 let mut args = vec!["initiator", "--segment", &segment];
-                args.extend(flags(&("", op, block, batch, &["--busy-poll-us", "0"])));
+                args.extend(flags(&("", op, block, batch, extra)));
                 args.extend(["--duration", seconds, "--json"]);
                 let out = probed(probe, &near_out, ferry, &args).output()?;
                 if !out.status.success() {
@@ -252,18 +257,36 @@ pub(crate) fn bench(ferry: &Path, duration: &str) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let long: f64 = duration.parse().context("--duration")?;
     let short = format!("{}", (long / 3.0).max(0.5));
+    // Waiters sleep (no spinning), so what is counted is the work.
+    const SLEEP: &[&str] = &["--busy-poll-us", "0"];
     let subjects = [
         (
             "ferry WRITE 1 MiB x128",
-            Subject::Ferry("write", "1M", "128"),
+            Subject::Ferry("write", "1M", "128", SLEEP),
         ),
-        ("ferry READ 1 MiB x128", Subject::Ferry("read", "1M", "128")),
+        (
+            "ferry READ 1 MiB x128",
+            Subject::Ferry("read", "1M", "128", SLEEP),
+        ),
         // 8 MiB in flight instead of 128: what a smaller working set saves in the copies.
-        ("ferry WRITE 1 MiB x8", Subject::Ferry("write", "1M", "8")),
-        // The same 8 MiB in 64 KiB requests: what the request size costs per byte.
+        (
+            "ferry WRITE 1 MiB x8",
+            Subject::Ferry("write", "1M", "8", SLEEP),
+        ),
+        // The same 8 MiB in 64 KiB requests laid end to end (one slice per MiB), and with
+        // a gap after each (one operation per block): what the request size costs.
         (
             "ferry WRITE 64 KiB x128",
-            Subject::Ferry("write", "64K", "128"),
+            Subject::Ferry("write", "64K", "128", SLEEP),
+        ),
+        (
+            "ferry WRITE 64 KiB apart",
+            Subject::Ferry(
+                "write",
+                "64K",
+                "128",
+                &["--busy-poll-us", "0", "--stride", "128K"],
+            ),
         ),
         ("iperf3 -l 1M", Subject::Iperf),
     ];

@@ -36,22 +36,27 @@ const WINDOW: &str = "64";
 /// drains).
 const DEPTHS: [&str; 2] = ["1", "2"];
 
+/// `ferry bench`'s runs per operation: [`DEPTHS`] with the blocks end to end (which the
+/// engine sends as one slice per MiB), then depth 2 with a gap of one block after each
+/// (`--stride`: every block is its own operation, as each of the baseline's is).
+const FERRY_RUNS: usize = DEPTHS.len() + 1;
+
 /// One round's figures for a provider and block size.
 #[derive(Clone, Copy, Default)]
 struct Round {
     /// The baseline per entry of [`OPERATIONS`].
     baseline: [f64; OPERATIONS.len()],
-    /// `ferry bench` WRITE and READ, per entry of [`DEPTHS`].
-    ferry_write: [f64; DEPTHS.len()],
-    ferry_read: [f64; DEPTHS.len()],
+    /// `ferry bench` WRITE and READ, per run (see [`FERRY_RUNS`]).
+    ferry_write: [f64; FERRY_RUNS],
+    ferry_read: [f64; FERRY_RUNS],
 }
 
 impl Round {
-    fn ferry(&self, op: &str, depth: usize) -> f64 {
+    fn ferry(&self, op: &str, run: usize) -> f64 {
         if op == "read" {
-            self.ferry_read[depth]
+            self.ferry_read[run]
         } else {
-            self.ferry_write[depth]
+            self.ferry_write[run]
         }
     }
 }
@@ -71,11 +76,12 @@ fn baseline(exe: &Path, provider: &str, flags: &[&str], block: u64, duration: &s
     )
 }
 
+/// `ferry bench` with `block`-byte requests every `stride` bytes.
 fn ferry(
     exe: &Path,
     provider: &str,
     op: &str,
-    block: &str,
+    (block, stride): (u64, u64),
     depth: &str,
     duration: &str,
 ) -> Result<f64> {
@@ -85,7 +91,9 @@ fn ferry(
             "--operation",
             op,
             "--block-size",
-            block,
+            &block.to_string(),
+            "--stride",
+            &stride.to_string(),
             "--batch-size",
             "128",
             "--depth",
@@ -98,7 +106,7 @@ fn ferry(
         .context("running ferry bench")?;
     throughput(
         out,
-        &format!("ferry bench {provider} {op} {block} --depth {depth}"),
+        &format!("ferry bench {provider} {op} {block} --stride {stride} --depth {depth}"),
     )
 }
 
@@ -134,15 +142,20 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
         for (p, provider) in PROVIDERS.iter().enumerate() {
-            for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
+            for (b, (_, bytes)) in BLOCKS.iter().enumerate() {
                 let mut r = Round::default();
                 for (o, (_, flags, _)) in OPERATIONS.iter().enumerate() {
                     r.baseline[o] = baseline(&raw, provider, flags, *bytes, duration)?;
                 }
-                for (d, depth) in DEPTHS.iter().enumerate() {
-                    r.ferry_write[d] =
-                        ferry(&ferry_exe, provider, "write", block, depth, duration)?;
-                    r.ferry_read[d] = ferry(&ferry_exe, provider, "read", block, depth, duration)?;
+                let runs = DEPTHS
+                    .iter()
+                    .map(|d| (*d, *bytes))
+                    .chain([("2", 2 * *bytes)]);
+                for (i, (depth, stride)) in runs.enumerate() {
+                    let shape = (*bytes, stride);
+                    r.ferry_write[i] =
+                        ferry(&ferry_exe, provider, "write", shape, depth, duration)?;
+                    r.ferry_read[i] = ferry(&ferry_exe, provider, "read", shape, depth, duration)?;
                 }
                 results[p][b].push(r);
             }
@@ -152,10 +165,11 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         "libfabric, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes); \
          baseline: fi_rma_bw, two processes, {WINDOW} operations in flight, a completion each; \
          DC: with FI_DELIVERY_COMPLETE, as ferry's WRITEs; ferry: ferry bench --batch-size 128, \
-         --depth 1 and 2 (d2); ratio: median of each round's ferry / baseline"
+         --depth 1 and 2 (d2), blocks end to end (one slice per MiB); apart: depth 2 with a gap \
+         after each block (one operation per block); ratio: median of each round's ferry / baseline"
     );
     println!(
-        "{:<12} {:<24} {:>6} {:>14} {:>7} {:>7} {:>8} {:>7}",
+        "{:<12} {:<24} {:>6} {:>14} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7}",
         "provider",
         "ferry op vs baseline",
         "block",
@@ -163,6 +177,8 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         "ferry",
         "ratio",
         "ferry d2",
+        "ratio",
+        "apart",
         "ratio"
     );
     let mut chart = Chart {
@@ -175,6 +191,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     for (p, provider) in PROVIDERS.iter().enumerate() {
         let mut ferry_points = Vec::new();
         let mut ferry_d2_points = Vec::new();
+        let mut apart_points = Vec::new();
         let mut base_points = Vec::new();
         for (o, (label, _, ferry_op)) in OPERATIONS.iter().enumerate() {
             for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
@@ -189,7 +206,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                     )
                 };
                 println!(
-                    "{:<12} {:<24} {:>6} {:>14.2} {:>7.2} {:>7.2} {:>8.2} {:>7.2}",
+                    "{:<12} {:<24} {:>6} {:>14.2} {:>7.2} {:>7.2} {:>8.2} {:>7.2} {:>7.2} {:>7.2}",
                     provider,
                     format!("{} vs {label}", ferry_op.to_uppercase()),
                     block,
@@ -197,11 +214,14 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                     ours(0),
                     ratio(0),
                     ours(1),
-                    ratio(1)
+                    ratio(1),
+                    ours(2),
+                    ratio(2)
                 );
                 if *label == "fi_write" {
                     ferry_points.push((*bytes as f64, ours(0)));
                     ferry_d2_points.push((*bytes as f64, ours(1)));
+                    apart_points.push((*bytes as f64, ours(2)));
                     base_points.push((*bytes as f64, base));
                 }
             }
@@ -213,6 +233,10 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         chart.series.push(Series {
             label: format!("{provider}: ferry WRITE, depth 2"),
             points: ferry_d2_points,
+        });
+        chart.series.push(Series {
+            label: format!("{provider}: ferry WRITE, depth 2, blocks apart"),
+            points: apart_points,
         });
         chart.series.push(Series {
             label: format!("{provider}: fi_write baseline"),

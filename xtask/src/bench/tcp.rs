@@ -31,7 +31,10 @@ pub(crate) type Case = (
 /// drains (eight 1 MiB batches in flight on the same memory); the thread rows
 /// check that more submitting threads do not lower the total (with the same 128 MiB in
 /// flight as one thread, so they measure the threads, not a larger working set); the
-/// 4 KiB rows are one READ at a time, in each waiting mode.
+/// `apart` rows leave a 64 KiB gap after each block, so that no two blocks travel in one
+/// slice (every other row's blocks lie end to end, which the engine sends as one slice
+/// per MiB): one operation per block, as in a fragmented KV cache; the 4 KiB rows are one
+/// READ at a time, in each waiting mode.
 const CASES: &[Case] = &[
     ("write 1 MiB x128", "write", "1M", "128", &[]),
     ("read  1 MiB x128", "read", "1M", "128", &[]),
@@ -78,6 +81,20 @@ const CASES: &[Case] = &[
         "64K",
         "128",
         &["--depth", "2"],
+    ),
+    (
+        "write 64 KiB x128 apart",
+        "write",
+        "64K",
+        "128",
+        &["--stride", "128K"],
+    ),
+    (
+        "read  64 KiB x128 apart",
+        "read",
+        "64K",
+        "128",
+        &["--stride", "128K"],
     ),
     (
         "write 1 MiB x64, 2 thr",
@@ -142,12 +159,13 @@ fn size_bytes(flag: &str) -> usize {
 fn walked(case: &Case) -> Option<usize> {
     let (_, _, block, batch, extra) = *case;
     let batch: usize = batch.parse().ok()?;
-    let threads: usize = extra
-        .iter()
-        .position(|f| *f == "--threads")
-        .and_then(|i| extra.get(i + 1)?.parse().ok())
-        .unwrap_or(1);
-    let bytes = size_bytes(block) * batch * threads;
+    let flag = |name: &str| {
+        let i = extra.iter().position(|f| *f == name)?;
+        extra.get(i + 1).copied()
+    };
+    let threads: usize = flag("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
+    let stride = size_bytes(flag("--stride").unwrap_or(block));
+    let bytes = stride * batch * threads;
     (bytes >= 1 << 20).then_some(bytes)
 }
 
@@ -232,8 +250,9 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     footprints.sort_unstable();
     footprints.dedup();
     let mut streams: Vec<Vec<stream::Stream>> = vec![Vec::new(); footprints.len()];
-    // sweep[size] = (write, read, iperf3 -l size) per round.
-    let mut sweep: Vec<[Vec<f64>; 3]> = vec![Default::default(); SWEEP.len()];
+    // sweep[size] = (write, read, iperf3 -l size, write with a gap after each block) per
+    // round.
+    let mut sweep: Vec<[Vec<f64>; 4]> = vec![Default::default(); SWEEP.len()];
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
         iperf.push(iperf3(duration, "1M")?);
@@ -261,6 +280,18 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                     ];
                     sweep[i][k].push(ferry(&ferry_bin, &args, duration)?.gbps);
                 }
+                let stride = size_flag(2 * block);
+                let args = [
+                    "--operation",
+                    "write",
+                    "--block-size",
+                    &size,
+                    "--batch-size",
+                    &batch,
+                    "--stride",
+                    &stride,
+                ];
+                sweep[i][3].push(ferry(&ferry_bin, &args, duration)?.gbps);
                 // iperf3 writes and reads at most 1 MiB per call.
                 if block <= 1 << 20 {
                     sweep[i][2].push(iperf3(duration, &size)?.0);
@@ -365,7 +396,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
 
 /// Writes `tcp-throughput.svg` (GB/s against block size) and `tcp-latency.svg` (4 KiB
 /// round-trip percentiles) into `dir`.
-fn charts(dir: &Path, sweep: &[[Vec<f64>; 3]], rows: &[(&str, Run)], pp: &[Run]) -> Result<()> {
+fn charts(dir: &Path, sweep: &[[Vec<f64>; 4]], rows: &[(&str, Run)], pp: &[Run]) -> Result<()> {
     let line = |label: &str, k: usize| Series {
         label: label.into(),
         points: SWEEP
@@ -385,6 +416,7 @@ fn charts(dir: &Path, sweep: &[[Vec<f64>; 3]], rows: &[(&str, Run)], pp: &[Run])
             series: vec![
                 line("ferry WRITE", 0),
                 line("ferry READ", 1),
+                line("ferry WRITE, blocks apart", 3),
                 line("iperf3, 1 stream", 2),
             ],
         },
