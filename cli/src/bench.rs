@@ -34,12 +34,13 @@ pub(crate) struct RunArgs {
     /// Requests per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Bytes from one request's start to the next one's, on both sides (K, M, G
-    /// suffixes). By default the block size: blocks lie end to end, and the engine sends
-    /// such a run as one slice per transport slice. A larger stride leaves a gap after
-    /// each block, so that every block travels alone: the cost of one operation per block.
-    #[arg(long, value_parser = size::parse)]
-    stride: Option<usize>,
+    /// Add each batch's requests from its last block to its first. The blocks lie end to
+    /// end on both sides, and in ascending order (the default) the engine sends each run
+    /// of them as one slice per transport slice; descending, no request starts where the
+    /// one added before it ended, so every block travels alone (one transport operation
+    /// per block) over the same memory.
+    #[arg(long)]
+    descending: bool,
     /// Threads submitting batches.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -57,18 +58,6 @@ pub(crate) struct RunArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-}
-
-impl RunArgs {
-    /// Bytes from one request's start to the next one's.
-    fn stride(&self) -> usize {
-        self.stride.unwrap_or(self.block_size)
-    }
-
-    /// Bytes one batch spans on each side (gaps included).
-    fn span(&self) -> usize {
-        self.stride() * self.batch_size
-    }
 }
 
 #[derive(Args)]
@@ -223,8 +212,8 @@ struct Report {
     operation: String,
     block_size: usize,
     batch_size: usize,
-    /// Bytes from one request's start to the next one's.
-    stride: usize,
+    /// Requests added from the batch's last block to its first (`--descending`).
+    descending: bool,
     /// Submitting threads per initiator.
     threads: usize,
     /// Batches each thread keeps in flight.
@@ -394,7 +383,7 @@ fn finish(args: &RunArgs, report: Report) -> Result<()> {
 /// and engine configuration. Throughput, bytes, errors and CPU time add up; each latency
 /// figure is the worst initiator's (p99 is then an upper bound of the merged p99).
 fn fan_in(args: &RunArgs, n: usize) -> Result<()> {
-    let span = args.span();
+    let span = args.block_size * args.batch_size;
     if args.verify && span * args.threads * n > args.engine.buffer_size {
         bail!(
             "--verify with --initiators needs each initiator thread's batch in its own part of the target's buffer: raise --buffer-size to at least {}",
@@ -429,7 +418,6 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
         .args(["--operation", &args.operation])
         .args(["--block-size", &args.block_size.to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
-        .args(["--stride", &args.stride().to_string()])
         .args(["--threads", &args.threads.to_string()])
         .args(["--depth", &args.depth.to_string()])
         .args(["--duration", &args.duration.to_string()]);
@@ -438,6 +426,9 @@ fn fan_in_against(args: &RunArgs, n: usize, segment: &str, target_pid: u32) -> R
         }
         if args.verify {
             cmd.arg("--verify");
+        }
+        if args.descending {
+            cmd.arg("--descending");
         }
         let child = cmd
             .stdin(Stdio::piped())
@@ -591,22 +582,28 @@ struct Worker {
     source: Vec<u8>,
 }
 
-/// `count` requests of `block` bytes striped over `remotes`: request `i` moves
-/// `local[i * stride..]` to or from `remotes[(first + i) % len]` at `base + i * stride`.
+/// `count` requests of `block` bytes striped over `remotes`: request `i` moves block `k`,
+/// `local[k * block..]`, to or from `remotes[(first + i) % len]` at `base + k * block`,
+/// where `k` is `i`, or `count - 1 - i` when `descending`.
 struct Stripe<'a> {
     remotes: &'a [RemoteBuffer],
     first: usize,
     base: u64,
     block: usize,
-    stride: usize,
     count: usize,
+    descending: bool,
 }
 
 impl Stripe<'_> {
     /// Adds the requests to `b`: WRITEs from `local`, or READs into it.
     fn add(&self, b: &mut ferry_engine::BatchBuilder, write: bool, local: &Buffer) -> Result<()> {
         for i in 0..self.count {
-            let off = i * self.stride;
+            let k = if self.descending {
+                self.count - 1 - i
+            } else {
+                i
+            };
+            let off = k * self.block;
             let remote = &self.remotes[(self.first + i) % self.remotes.len()];
             let at = self.base + off as u64;
             if write {
@@ -647,9 +644,6 @@ fn run(
     if args.block_size == 0 || args.batch_size == 0 || args.threads == 0 || args.depth == 0 {
         bail!("--block-size, --batch-size, --threads and --depth must be positive");
     }
-    if args.stride() < args.block_size {
-        bail!("--stride must be at least --block-size (requests must not overlap)");
-    }
     let engine = Engine::from_config(config).context("starting the engine")?;
     let location = args.engine.location()?;
     let mut remotes = Vec::with_capacity(segments.len());
@@ -659,7 +653,7 @@ fn run(
             .with_context(|| format!("opening segment {segment}"))?;
         remotes.push(seg.buffer(0).context("the target publishes no buffer")?);
     }
-    let span = args.span();
+    let span = args.block_size * args.batch_size;
     let remote_len = remotes.iter().map(RemoteBuffer::len).min().unwrap_or(0);
     if span > remote_len {
         bail!(
@@ -719,7 +713,7 @@ fn run(
         let (engine, stop, moved) = (engine.clone(), stop.clone(), moved.clone());
         let (ready, go) = (ready.clone(), go.clone());
         let (block, batch, depth) = (args.block_size, args.batch_size, args.depth);
-        let stride = args.stride();
+        let descending = args.descending;
         handles.push(std::thread::spawn(
             move || -> Result<(Worker, Vec<u32>, u64)> {
                 let mut w = w;
@@ -731,8 +725,8 @@ fn run(
                         first: w.next_first,
                         base: w.remote_base,
                         block,
-                        stride,
                         count: batch,
+                        descending,
                     };
                     stripe.add(&mut b, write, &w.local)?;
                     w.last_first = w.next_first;
@@ -879,7 +873,7 @@ fn run(
         operation: args.operation.to_ascii_lowercase(),
         block_size: args.block_size,
         batch_size: args.batch_size,
-        stride: args.stride(),
+        descending: args.descending,
         threads: args.threads,
         depth: args.depth,
         lanes: config.tcp.lanes,
@@ -910,9 +904,8 @@ fn run(
     Ok(report)
 }
 
-/// Checks every block at its destination (the gaps between blocks are not transferred).
 fn verify(engine: &Engine, workers: &[Worker], write: bool, args: &RunArgs) -> Result<()> {
-    let (block, stride, span) = (args.block_size, args.stride(), args.span());
+    let span = args.block_size * args.batch_size;
     for (t, w) in workers.iter().enumerate() {
         let mut got = vec![0u8; span];
         if write {
@@ -923,9 +916,9 @@ fn verify(engine: &Engine, workers: &[Worker], write: bool, args: &RunArgs) -> R
                 remotes: &w.remotes,
                 first: w.last_first,
                 base: w.remote_base,
-                block,
-                stride,
+                block: args.block_size,
                 count: args.batch_size,
+                descending: args.descending,
             };
             stripe.add(&mut b, false, &back)?;
             b.submit()?
@@ -935,8 +928,7 @@ fn verify(engine: &Engine, workers: &[Worker], write: bool, args: &RunArgs) -> R
         } else {
             w.local.read_at(0, &mut got)?;
         }
-        let mut blocks = (0..args.batch_size).flat_map(|k| k * stride..k * stride + block);
-        if let Some(i) = blocks.find(|&i| got[i] != w.source[i]) {
+        if let Some(i) = got.iter().zip(&w.source).position(|(a, b)| a != b) {
             bail!(
                 "--verify: thread {t}: byte {i} differs at the destination ({:#04x} != {:#04x})",
                 got[i],
@@ -948,13 +940,9 @@ fn verify(engine: &Engine, workers: &[Worker], write: bool, args: &RunArgs) -> R
 }
 
 fn print_table(r: &Report) {
-    let apart = if r.stride == r.block_size {
-        String::new()
-    } else {
-        format!(" {} apart", size::format(r.stride))
-    };
+    let order = if r.descending { ", descending" } else { "" };
     println!(
-        "ferry bench: {} {}, {} blocks{apart}, batch {}, {} thread(s), {} in flight each, {} lane(s), {} memory, {:.1} s",
+        "ferry bench: {} {}, {} blocks{order}, batch {}, {} thread(s), {} in flight each, {} lane(s), {} memory, {:.1} s",
         r.protocol,
         r.operation,
         size::format(r.block_size),
@@ -1069,8 +1057,8 @@ fn one_batch(engine: &Engine, local: &Buffer, remote: &RemoteBuffer, args: &RunA
         first: 0,
         base: 0,
         block: args.block_size,
-        stride: args.stride(),
         count: args.batch_size,
+        descending: args.descending,
     };
     stripe.add(&mut b, true, local)?;
     b.submit()?
@@ -1126,7 +1114,7 @@ fn idle_peers_against(
 ) -> Result<IdleReport> {
     let config = args.engine.config("127.0.0.1:0")?;
     let location = args.engine.location()?;
-    let span = args.span();
+    let span = args.block_size * args.batch_size;
     let start = || -> Result<(Engine, Buffer)> {
         let engine = Engine::from_config(&config).context("starting the engine")?;
         let local = engine

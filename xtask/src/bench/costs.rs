@@ -273,19 +273,20 @@ pub(crate) fn bench(ferry: &Path, duration: &str) -> Result<()> {
             "ferry WRITE 1 MiB x8",
             Subject::Ferry("write", "1M", "8", SLEEP),
         ),
-        // The same 8 MiB in 64 KiB requests laid end to end (one slice per MiB), and with
-        // a gap after each (one operation per block): what the request size costs.
+        // The same 8 MiB in 64 KiB requests laid end to end (one slice per MiB), and the
+        // same added last to first (one operation per block): what the request size
+        // costs.
         (
             "ferry WRITE 64 KiB x128",
             Subject::Ferry("write", "64K", "128", SLEEP),
         ),
         (
-            "ferry WRITE 64 KiB apart",
+            "ferry WRITE 64 KiB desc",
             Subject::Ferry(
                 "write",
                 "64K",
                 "128",
-                &["--busy-poll-us", "0", "--stride", "128K"],
+                &["--busy-poll-us", "0", "--descending"],
             ),
         ),
         ("iperf3 -l 1M", Subject::Iperf),

@@ -36,9 +36,10 @@ const WINDOW: &str = "64";
 /// drains).
 const DEPTHS: [&str; 2] = ["1", "2"];
 
-/// `ferry bench`'s runs per operation: [`DEPTHS`] with the blocks end to end (which the
-/// engine sends as one slice per MiB), then depth 2 with a gap of one block after each
-/// (`--stride`: every block is its own operation, as each of the baseline's is).
+/// `ferry bench`'s runs per operation: [`DEPTHS`] with the blocks added in ascending
+/// order (end to end, which the engine sends as one slice per MiB), then depth 2 with
+/// them added in descending order (`--descending`: every block is its own operation, as
+/// each of the baseline's is, over the same memory).
 const FERRY_RUNS: usize = DEPTHS.len() + 1;
 
 /// One round's figures for a provider and block size.
@@ -76,15 +77,16 @@ fn baseline(exe: &Path, provider: &str, flags: &[&str], block: u64, duration: &s
     )
 }
 
-/// `ferry bench` with `block`-byte requests every `stride` bytes.
+/// `ferry bench` with `block`-byte requests, added last to first when `descending`.
 fn ferry(
     exe: &Path,
     provider: &str,
     op: &str,
-    (block, stride): (u64, u64),
+    (block, descending): (u64, bool),
     depth: &str,
     duration: &str,
 ) -> Result<f64> {
+    let order: &[&str] = if descending { &["--descending"] } else { &[] };
     let out = Command::new(exe)
         .args(["bench", "--protocol", "efa", "--provider", provider])
         .args([
@@ -92,13 +94,12 @@ fn ferry(
             op,
             "--block-size",
             &block.to_string(),
-            "--stride",
-            &stride.to_string(),
             "--batch-size",
             "128",
             "--depth",
             depth,
         ])
+        .args(order)
         .args(["--duration", duration, "--json"])
         .current_dir(root())
         .stderr(Stdio::inherit())
@@ -106,7 +107,10 @@ fn ferry(
         .context("running ferry bench")?;
     throughput(
         out,
-        &format!("ferry bench {provider} {op} {block} --stride {stride} --depth {depth}"),
+        &format!(
+            "ferry bench {provider} {op} {block} --depth {depth} {}",
+            order.join(" ")
+        ),
     )
 }
 
@@ -147,12 +151,9 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                 for (o, (_, flags, _)) in OPERATIONS.iter().enumerate() {
                     r.baseline[o] = baseline(&raw, provider, flags, *bytes, duration)?;
                 }
-                let runs = DEPTHS
-                    .iter()
-                    .map(|d| (*d, *bytes))
-                    .chain([("2", 2 * *bytes)]);
-                for (i, (depth, stride)) in runs.enumerate() {
-                    let shape = (*bytes, stride);
+                let runs = DEPTHS.iter().map(|d| (*d, false)).chain([("2", true)]);
+                for (i, (depth, descending)) in runs.enumerate() {
+                    let shape = (*bytes, descending);
                     r.ferry_write[i] =
                         ferry(&ferry_exe, provider, "write", shape, depth, duration)?;
                     r.ferry_read[i] = ferry(&ferry_exe, provider, "read", shape, depth, duration)?;
@@ -165,8 +166,8 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         "libfabric, medians of {rounds} interleaved rounds of {duration} s (1 GB = 10^9 bytes); \
          baseline: fi_rma_bw, two processes, {WINDOW} operations in flight, a completion each; \
          DC: with FI_DELIVERY_COMPLETE, as ferry's WRITEs; ferry: ferry bench --batch-size 128, \
-         --depth 1 and 2 (d2), blocks end to end (one slice per MiB); apart: depth 2 with a gap \
-         after each block (one operation per block); ratio: median of each round's ferry / baseline"
+         --depth 1 and 2 (d2), blocks end to end in ascending order (one slice per MiB); desc: depth 2, \
+         added in descending order (one operation per block); ratio: median of each round's ferry / baseline"
     );
     println!(
         "{:<12} {:<24} {:>6} {:>14} {:>7} {:>7} {:>8} {:>7} {:>7} {:>7}",
@@ -178,7 +179,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
         "ratio",
         "ferry d2",
         "ratio",
-        "apart",
+        "desc",
         "ratio"
     );
     let mut chart = Chart {
@@ -191,7 +192,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     for (p, provider) in PROVIDERS.iter().enumerate() {
         let mut ferry_points = Vec::new();
         let mut ferry_d2_points = Vec::new();
-        let mut apart_points = Vec::new();
+        let mut desc_points = Vec::new();
         let mut base_points = Vec::new();
         for (o, (label, _, ferry_op)) in OPERATIONS.iter().enumerate() {
             for (b, (block, bytes)) in BLOCKS.iter().enumerate() {
@@ -221,7 +222,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                 if *label == "fi_write" {
                     ferry_points.push((*bytes as f64, ours(0)));
                     ferry_d2_points.push((*bytes as f64, ours(1)));
-                    apart_points.push((*bytes as f64, ours(2)));
+                    desc_points.push((*bytes as f64, ours(2)));
                     base_points.push((*bytes as f64, base));
                 }
             }
@@ -235,8 +236,8 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
             points: ferry_d2_points,
         });
         chart.series.push(Series {
-            label: format!("{provider}: ferry WRITE, depth 2, blocks apart"),
-            points: apart_points,
+            label: format!("{provider}: ferry WRITE, depth 2, one operation per block"),
+            points: desc_points,
         });
         chart.series.push(Series {
             label: format!("{provider}: fi_write baseline"),

@@ -31,10 +31,11 @@ pub(crate) type Case = (
 /// drains (eight 1 MiB batches in flight on the same memory); the thread rows
 /// check that more submitting threads do not lower the total (with the same 128 MiB in
 /// flight as one thread, so they measure the threads, not a larger working set); the
-/// `apart` rows leave a 64 KiB gap after each block, so that no two blocks travel in one
-/// slice (every other row's blocks lie end to end, which the engine sends as one slice
-/// per MiB): one operation per block, as in a fragmented KV cache; the 4 KiB rows are one
-/// READ at a time, in each waiting mode.
+/// `descending` rows add each batch's blocks from last to first, so that no two travel
+/// in one slice (every other row's blocks lie end to end in ascending order, which the
+/// engine sends as one slice per MiB): one operation per block over the same memory, as
+/// with a fragmented KV cache; the 4 KiB rows are one READ at a time, in each waiting
+/// mode.
 const CASES: &[Case] = &[
     ("write 1 MiB x128", "write", "1M", "128", &[]),
     ("read  1 MiB x128", "read", "1M", "128", &[]),
@@ -83,18 +84,18 @@ const CASES: &[Case] = &[
         &["--depth", "2"],
     ),
     (
-        "write 64 KiB x128 apart",
+        "write 64 KiB x128, desc",
         "write",
         "64K",
         "128",
-        &["--stride", "128K"],
+        &["--descending"],
     ),
     (
-        "read  64 KiB x128 apart",
+        "read  64 KiB x128, desc",
         "read",
         "64K",
         "128",
-        &["--stride", "128K"],
+        &["--descending"],
     ),
     (
         "write 1 MiB x64, 2 thr",
@@ -159,13 +160,12 @@ fn size_bytes(flag: &str) -> usize {
 fn walked(case: &Case) -> Option<usize> {
     let (_, _, block, batch, extra) = *case;
     let batch: usize = batch.parse().ok()?;
-    let flag = |name: &str| {
-        let i = extra.iter().position(|f| *f == name)?;
-        extra.get(i + 1).copied()
-    };
-    let threads: usize = flag("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
-    let stride = size_bytes(flag("--stride").unwrap_or(block));
-    let bytes = stride * batch * threads;
+    let threads: usize = extra
+        .iter()
+        .position(|f| *f == "--threads")
+        .and_then(|i| extra.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
+    let bytes = size_bytes(block) * batch * threads;
     (bytes >= 1 << 20).then_some(bytes)
 }
 
@@ -250,8 +250,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
     footprints.sort_unstable();
     footprints.dedup();
     let mut streams: Vec<Vec<stream::Stream>> = vec![Vec::new(); footprints.len()];
-    // sweep[size] = (write, read, iperf3 -l size, write with a gap after each block) per
-    // round.
+    // sweep[size] = (write, read, iperf3 -l size, write in descending order) per round.
     let mut sweep: Vec<[Vec<f64>; 4]> = vec![Default::default(); SWEEP.len()];
     for round in 1..=rounds {
         eprintln!("xtask: round {round}/{rounds}");
@@ -280,7 +279,6 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                     ];
                     sweep[i][k].push(ferry(&ferry_bin, &args, duration)?.gbps);
                 }
-                let stride = size_flag(2 * block);
                 let args = [
                     "--operation",
                     "write",
@@ -288,8 +286,7 @@ pub(crate) fn bench(duration: &str, rounds: usize, plot: Option<&Path>) -> Resul
                     &size,
                     "--batch-size",
                     &batch,
-                    "--stride",
-                    &stride,
+                    "--descending",
                 ];
                 sweep[i][3].push(ferry(&ferry_bin, &args, duration)?.gbps);
                 // iperf3 writes and reads at most 1 MiB per call.
@@ -416,7 +413,7 @@ fn charts(dir: &Path, sweep: &[[Vec<f64>; 4]], rows: &[(&str, Run)], pp: &[Run])
             series: vec![
                 line("ferry WRITE", 0),
                 line("ferry READ", 1),
-                line("ferry WRITE, blocks apart", 3),
+                line("ferry WRITE, one operation per block", 3),
                 line("iperf3, 1 stream", 2),
             ],
         },
