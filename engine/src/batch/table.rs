@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use ferry_transport_api::sync::EndGate;
 use ferry_transport_api::{
-    CompletionToken, Completions, Connection, FailReason, Opcode, RegionMemory, RemoteKeys, Slice,
+    CompletionToken, Completions, FailReason, Opcode, RegionMemory, RemoteKeys, Slice,
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::peer::{Leg, PeerInner};
+use crate::peer::{Leg, Path, PeerInner};
 use crate::{Error, Result};
 
 /// A waiter parked on a batch is woken when this many bytes are left, so it is running
@@ -296,31 +296,10 @@ impl SlotData {
                 self.fail_unposted(spec, path.max_slice(), token);
                 continue;
             };
-            if run == 1 {
-                self.post_task(
-                    spec,
-                    &local,
-                    path.conn(),
-                    path.max_slice(),
-                    &spec.remote_keys,
-                    token,
-                );
-                continue;
-            }
-            let slice = Slice {
-                op: spec.op,
-                local,
-                local_offset: spec.local_offset,
-                remote_addr: spec.remote_addr,
-                remote_base: spec.remote_base,
-                remote_keys: spec.remote_keys.clone(),
-                len: self.specs[task..task + run].iter().map(|s| s.len).sum(),
-                token,
-                deadline: self.deadline,
-            };
-            if let Err(reason) = path.conn().post(slice) {
-                self.apply(token.task, Err(reason));
-            }
+            // A run's bytes follow its first task's: they go out as one slice (no longer
+            // than a slice, so never cut).
+            let len = self.specs[task..task + run].iter().map(|s| s.len).sum();
+            self.post_task(spec, len, &local, path, &spec.remote_keys, token);
         }
         let mut last: Option<&Arc<PeerInner>> = None;
         for spec in &self.specs {
@@ -448,13 +427,12 @@ impl SlotData {
         let task = (retry.token.task & !RETRY_BIT) as usize;
         let spec = &self.specs[task];
         let path = spec.peer.path(retry.leg);
-        let step = path.max_slice();
         match path.keys(spec.buffer) {
             Some(keys) => {
-                self.post_task(spec, &retry.local, path.conn(), step, keys, retry.token);
+                self.post_task(spec, spec.len, &retry.local, path, keys, retry.token);
                 path.conn().flush();
             }
-            None => self.fail_unposted(spec, step, retry.token),
+            None => self.fail_unposted(spec, path.max_slice(), retry.token),
         }
     }
 
@@ -466,20 +444,22 @@ impl SlotData {
         }
     }
 
-    /// Cuts a task into slices of `step` bytes and posts them on `conn` with `keys`; a
-    /// slice the connection refuses fails at once.
+    /// Cuts the `total` bytes from `spec`'s start (the task's length, or a run's) into
+    /// slices of `path`'s size and posts them on it with `keys`; a slice the connection
+    /// refuses fails at once.
     fn post_task(
         &self,
         spec: &TaskSpec,
+        total: usize,
         local: &Arc<RegionMemory>,
-        conn: &dyn Connection,
-        step: usize,
+        path: &Path,
         keys: &RemoteKeys,
         token: CompletionToken,
     ) {
+        let (conn, step) = (path.conn(), path.max_slice());
         let mut off = 0;
-        while off < spec.len {
-            let len = step.min(spec.len - off);
+        while off < total {
+            let len = step.min(total - off);
             let slice = Slice {
                 op: spec.op,
                 local: local.clone(),
