@@ -116,6 +116,9 @@ pub(super) struct Task {
     reason: AtomicU64,
     /// 0 for the first attempt, 1 once the task is retried on the peer's other path.
     attempt: AtomicU8,
+    /// Bytes the current attempt's slices reported landed (counted off the slot's
+    /// `bytes_left`), so a failed attempt gives back exactly what it counted.
+    landed: AtomicU64,
 }
 
 /// What one slice's report means for its task.
@@ -187,7 +190,8 @@ pub(super) struct SlotData {
     /// Tasks not yet ended, and the thread waiting for them (one atomic word: see
     /// [`EndGate`], model-checked with loom).
     pub(super) gate: EndGate,
-    /// Bytes of slices not yet completed.
+    /// Bytes the batch still expects to land: each open task's length less what its
+    /// current attempt has landed (an ended task counts nothing, a retry its every byte).
     pub(super) bytes_left: AtomicU64,
     /// Nudge the waiter when [`EARLY_WAKE_BYTES`] are left, and let it spin then (set at
     /// submission: the engine's waiters may spin).
@@ -238,6 +242,7 @@ impl SlotData {
             let slices = spec.len.div_ceil(spec.peer.path(spec.leg).max_slice());
             t.reason.store(0, Ordering::Relaxed);
             t.attempt.store(0, Ordering::Relaxed);
+            t.landed.store(0, Ordering::Relaxed);
             t.remaining.store(slices as u32, Ordering::Relaxed);
             if slices == 0 {
                 t.state.store(DONE, Ordering::Relaxed);
@@ -326,6 +331,19 @@ impl SlotData {
         }
     }
 
+    /// Counts `bytes` off what the batch still expects to land, and wakes a waiter that
+    /// may spin when that falls to [`EARLY_WAKE_BYTES`].
+    fn count_down(&self, bytes: u64) {
+        let before = self.bytes_left.fetch_sub(bytes, Ordering::AcqRel);
+        if self.early_wake
+            && before > EARLY_WAKE_BYTES
+            && before.saturating_sub(bytes) <= EARLY_WAKE_BYTES
+        {
+            self.early_wakes.fetch_add(1, Ordering::Relaxed);
+            self.gate.nudge();
+        }
+    }
+
     /// Applies one report to the task `word` names.
     fn apply_one(&self, word: u32, result: Result<usize, FailReason>) {
         let task = (word & !RETRY_BIT) as usize;
@@ -337,14 +355,8 @@ impl SlotData {
             return; // a completion of an abandoned attempt
         }
         if let Ok(bytes) = result {
-            let before = self.bytes_left.fetch_sub(bytes as u64, Ordering::AcqRel);
-            if self.early_wake
-                && before > EARLY_WAKE_BYTES
-                && before.saturating_sub(bytes as u64) <= EARLY_WAKE_BYTES
-            {
-                self.early_wakes.fetch_add(1, Ordering::Relaxed);
-                self.gate.nudge();
-            }
+            t.landed.fetch_add(bytes as u64, Ordering::AcqRel);
+            self.count_down(bytes as u64);
         }
         match t.report(result) {
             Reported::Pending => {}
@@ -365,6 +377,9 @@ impl SlotData {
                     FAILED
                 };
                 if t.finish(to) {
+                    // What its slices did not land will not land: off the batch's count.
+                    let landed = t.landed.load(Ordering::Acquire);
+                    self.count_down((self.specs[task].len as u64).saturating_sub(landed));
                     if reason.suggests_stale_descriptor() {
                         self.specs[task].peer.mark_stale();
                     }
@@ -409,7 +424,9 @@ impl SlotData {
             spec.len.div_ceil(path.max_slice()) as u32,
             Ordering::Release,
         );
-        self.bytes_left.fetch_add(spec.len as u64, Ordering::AcqRel);
+        // The failed attempt counted off what it landed; the retry moves every byte again.
+        let landed = t.landed.swap(0, Ordering::AcqRel);
+        self.bytes_left.fetch_add(landed, Ordering::AcqRel);
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,

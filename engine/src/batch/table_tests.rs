@@ -711,6 +711,42 @@ fn a_failed_run_fails_each_of_its_tasks_and_each_is_retried_on_its_own() {
     table.release(b.index, &b.slot);
 }
 
+/// What a batch still expects to land counts a failed attempt's landed bytes back in when
+/// the task is retried, and an ended task's missing bytes out: it falls to 0 when the
+/// batch ends, however its tasks ended.
+#[test]
+fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
+    let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+    let peer = peer(&fabric, Some(&tcp));
+    let table = table();
+    let left = |b: &Submitted| b.slot.data.read().bytes_left.load(Ordering::Acquire);
+    // 10000 bytes in slices of 4096: 4096 + 4096 + 1808.
+    let reqs = [Req::write(0, 0, 10_000)];
+    for retry in [true, false] {
+        let b = submit_all(&table, &peer, &reqs, later(), retry);
+        let first = fabric.take();
+        assert_eq!(first.len(), 3);
+        table.complete(first[0].token, Ok(4096));
+        assert_eq!(left(&b), 10_000 - 4096);
+        table.complete(first[1].token, Err(device_error()));
+        assert_eq!(left(&b), 10_000 - 4096, "a failed slice lands nothing");
+        table.complete(first[2].token, Ok(1808));
+        if retry {
+            assert_eq!(left(&b), 10_000, "the retry moves every byte again");
+            let again = posted_on(&tcp, 2); // the fallback's slices are twice as long
+            for s in &again {
+                table.complete(s.token, Ok(s.len));
+            }
+            assert_eq!(b.status(0), TaskStatus::Completed);
+        } else {
+            assert_eq!(b.status(0), TaskStatus::Failed(device_error()));
+        }
+        assert_eq!(b.open(), 0);
+        assert_eq!(left(&b), 0, "retry {retry}");
+        table.release(b.index, &b.slot);
+    }
+}
+
 /// Kept from the batch's first tests: the task's state machine alone.
 mod task {
     use super::*;
