@@ -1,8 +1,10 @@
 //! Hand-overs between threads, written once and checked by a model checker.
 //!
-//! ferry's threads meet in two places: a thread waiting on a batch meets the threads that
-//! complete its tasks ([`EndGate`]), and threads that queue work for a connection meet
-//! the one thread that sends it ([`Doorbell`]). Both protocols keep every fact a wake-up
+//! ferry's threads meet in three places: a thread waiting on a batch meets the threads
+//! that complete its tasks ([`EndGate`]), threads that queue work for a connection meet
+//! the one thread that sends it ([`Doorbell`]), and the threads that report a task's
+//! slices meet the one that ends it at its deadline over the batch's count of bytes still
+//! to land ([`Landed`]). Both protocols keep every fact a wake-up
 //! depends on in **one atomic word**, so the total order of operations on that word
 //! decides who wakes whom: no store on one location followed by a load of another (the
 //! pattern that loses wake-ups under acquire/release ordering).
@@ -14,13 +16,13 @@
 
 #[cfg(loom)]
 use loom::{
-    sync::atomic::{AtomicU32, AtomicU8, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
     sync::Mutex,
     thread::{self, Thread},
 };
 #[cfg(not(loom))]
 use std::{
-    sync::atomic::{AtomicU32, AtomicU8, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
     sync::Mutex,
     thread::{self, Thread},
 };
@@ -259,6 +261,69 @@ impl Doorbell {
     }
 }
 
+/// The bit of a [`Landed`] word that says its task was sealed.
+const SEALED: u64 = 1 << 63;
+
+/// What one task's current attempt has landed, so that a batch's total of bytes still to
+/// land has each byte counted off exactly once: by the slice that landed it, or by the
+/// seal that ends the task without completing and counts off everything not yet landed.
+///
+/// Slices landing and the seal are read-modify-writes of one word: a slice that lands
+/// before the seal counts its own bytes (and the seal leaves them out), one that lands
+/// after it counts nothing (the seal counted them).
+#[derive(Debug, Default)]
+pub struct Landed {
+    word: AtomicU64,
+}
+
+impl Landed {
+    /// Nothing landed, not sealed.
+    pub fn new() -> Self {
+        Landed {
+            word: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts over for a new batch (the caller has the task to itself).
+    pub fn reset(&self) {
+        self.word.store(0, Ordering::Release);
+    }
+
+    /// Records `bytes` landed by one slice. True when the caller counts them off the
+    /// total; false when the task was sealed first (the seal counted them).
+    pub fn land(&self, bytes: u64) -> bool {
+        self.word.fetch_add(bytes, Ordering::AcqRel) & SEALED == 0
+    }
+
+    /// Seals the task as it ends without completing: returns what had landed, and the
+    /// caller counts the rest of the task's length off the total. Called once per
+    /// attempt at most (by whoever ends the task).
+    pub fn seal(&self) -> u64 {
+        self.word.fetch_or(SEALED, Ordering::AcqRel) & !SEALED
+    }
+
+    /// Starts a second attempt, which moves every byte again: gives what the first
+    /// attempt landed back to `total` and counts from zero. When the task was sealed
+    /// meanwhile (it ended at its deadline), the seal's count stands and nothing changes.
+    /// Every slice of the first attempt must have reported before this.
+    pub fn restart(&self, total: &AtomicU64) {
+        let landed = self.word.load(Ordering::Acquire);
+        if landed & SEALED != 0 {
+            return;
+        }
+        // Given back before the word is cleared, so the total never dips below what a
+        // seal in between subtracts; taken back when that seal came first.
+        total.fetch_add(landed, Ordering::AcqRel);
+        if self
+            .word
+            .compare_exchange(landed, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            total.fetch_sub(landed, Ordering::AcqRel);
+        }
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -484,6 +549,57 @@ mod loom_tests {
             drained.sort_unstable();
             assert_eq!(drained, vec![1, 2, 3]);
             assert!(lane.queue.lock().unwrap().is_empty());
+        });
+    }
+
+    /// Counts `n` off `total`, failing the model if that would take it below zero.
+    fn take(total: &AtomicU64, n: u64) {
+        let before = total.fetch_sub(n, Ordering::AcqRel);
+        assert!(before >= n, "the total fell below zero: {before} - {n}");
+    }
+
+    /// A task of 10 bytes in two slices (4 and 6) that a second thread seals at its
+    /// deadline: whatever the order, the batch's total ends at zero, never below.
+    #[test]
+    fn landed_bytes_are_counted_once_by_the_slice_or_the_seal() {
+        model(|| {
+            let total = Arc::new(AtomicU64::new(10));
+            let task = Arc::new(Landed::new());
+            let (t, l) = (total.clone(), task.clone());
+            let reporter = thread::spawn(move || {
+                for bytes in [4, 6] {
+                    if l.land(bytes) {
+                        take(&t, bytes);
+                    }
+                }
+            });
+            let landed = task.seal();
+            take(&total, 10 - landed);
+            reporter.join().unwrap();
+            assert_eq!(total.load(Ordering::Acquire), 0);
+        });
+    }
+
+    /// A first attempt landed 4 of 10 bytes and failed; its retry (restart, then one
+    /// slice of 10) races the deadline's seal: the total ends at zero, never below.
+    #[test]
+    fn a_restart_racing_the_seal_leaves_the_total_exact() {
+        model(|| {
+            let total = Arc::new(AtomicU64::new(10));
+            let task = Arc::new(Landed::new());
+            assert!(task.land(4));
+            take(&total, 4);
+            let (t, l) = (total.clone(), task.clone());
+            let retry = thread::spawn(move || {
+                l.restart(&t);
+                if l.land(10) {
+                    take(&t, 10);
+                }
+            });
+            let landed = task.seal();
+            take(&total, 10 - landed);
+            retry.join().unwrap();
+            assert_eq!(total.load(Ordering::Acquire), 0);
         });
     }
 }

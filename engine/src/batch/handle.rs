@@ -9,6 +9,7 @@ use ferry_transport_api::{Connection, FailReason, Opcode};
 
 use super::table::{
     BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
+    LOST_WAKE_SLACK,
 };
 use crate::memory::Buffer;
 use crate::peer::{Peers, RemoteBuffer};
@@ -401,9 +402,13 @@ impl Batch {
                 parked_until = Some(until);
                 (now < until).then(|| until - now)
             });
-            if ended && parked_until.is_some_and(|u| Instant::now() >= u) {
-                // Every task had ended, yet the sleep ran to its limit: the wake-up was
-                // lost. The gate's protocol rules this out; the count proves it in use.
+            let lost = parked_until
+                .filter(|&u| Instant::now() >= u)
+                .is_some_and(|u| d.ended_at().is_some_and(|at| at + LOST_WAKE_SLACK <= u));
+            if ended && lost {
+                // Every task had ended well before the sleep's limit, yet the sleep ran
+                // to it: the wake-up was lost. The gate's protocol rules this out; the
+                // count proves it in use.
                 self.table.late_wakeups.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     batch = self.index,

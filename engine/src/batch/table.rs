@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::sync::EndGate;
+use ferry_transport_api::sync::{EndGate, Landed};
 use ferry_transport_api::{
     CompletionToken, Completions, FailReason, Opcode, RegionMemory, RemoteKeys, Slice,
 };
@@ -117,9 +117,15 @@ pub(super) struct Task {
     /// 0 for the first attempt, 1 once the task is retried on the peer's other path.
     attempt: AtomicU8,
     /// Bytes the current attempt's slices reported landed (counted off the slot's
-    /// `bytes_left`), so a failed attempt gives back exactly what it counted.
-    landed: AtomicU64,
+    /// `bytes_left`), so a failed attempt gives back exactly what it counted, and sealed
+    /// when the task ends without completing (see [`SlotData::seal`]).
+    landed: Landed,
 }
+
+/// A wait that slept to its limit after the batch ended counts as a lost wake-up only
+/// when the batch ended at least this long before that limit: a waiter woken just
+/// before its limit may be run after it on a busy machine.
+pub(super) const LOST_WAKE_SLACK: Duration = Duration::from_millis(10);
 
 /// What one slice's report means for its task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +199,11 @@ pub(super) struct SlotData {
     /// Bytes the batch still expects to land: each open task's length less what its
     /// current attempt has landed (an ended task counts nothing, a retry its every byte).
     pub(super) bytes_left: AtomicU64,
+    /// When the slot was armed, and nanoseconds after it plus one at which its last task
+    /// ended (0 while tasks are open, or before the thread that ended the last one has
+    /// stored it): tells a lost wake-up from a waiter that was merely run late.
+    armed_at: Instant,
+    ended_at: AtomicU64,
     /// Nudge the waiter when [`EARLY_WAKE_BYTES`] are left, and let it spin then (set at
     /// submission: the engine's waiters may spin).
     pub(super) early_wake: bool,
@@ -208,7 +219,30 @@ impl SlotData {
     }
 
     fn end_task(&self) {
-        self.gate.end_one();
+        if self.gate.end_one() {
+            let nanos = self
+                .armed_at
+                .elapsed()
+                .as_nanos()
+                .min(u128::from(u64::MAX - 1));
+            self.ended_at.store(nanos as u64 + 1, Ordering::Release);
+        }
+    }
+
+    /// When the batch's last task ended, once the thread that ended it has said so.
+    pub(super) fn ended_at(&self) -> Option<Instant> {
+        match self.ended_at.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.armed_at + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Counts off the batch what task `t` (number `task`) had not landed when it ended
+    /// without completing, and seals its count: slices of it that report landing after
+    /// this are not counted again.
+    fn seal(&self, task: usize, t: &Task) {
+        let landed = t.landed.seal();
+        self.count_down((self.specs[task].len as u64).saturating_sub(landed));
     }
 
     /// Readies the slot's tasks for submission with `deadline`; `early_wake` when its
@@ -221,6 +255,8 @@ impl SlotData {
         self.deadline = deadline;
         self.retry = retry;
         self.early_wake = early_wake;
+        self.armed_at = Instant::now();
+        self.ended_at.store(0, Ordering::Relaxed);
         self.runs.clear();
         let (mut head, mut run_len, mut merged) = (0, 0, 0);
         for i in 0..n {
@@ -242,7 +278,7 @@ impl SlotData {
             let slices = spec.len.div_ceil(spec.peer.path(spec.leg).max_slice());
             t.reason.store(0, Ordering::Relaxed);
             t.attempt.store(0, Ordering::Relaxed);
-            t.landed.store(0, Ordering::Relaxed);
+            t.landed.reset();
             t.remaining.store(slices as u32, Ordering::Relaxed);
             if slices == 0 {
                 t.state.store(DONE, Ordering::Relaxed);
@@ -355,8 +391,10 @@ impl SlotData {
             return; // a completion of an abandoned attempt
         }
         if let Ok(bytes) = result {
-            t.landed.fetch_add(bytes as u64, Ordering::AcqRel);
-            self.count_down(bytes as u64);
+            // A task that has ended and been sealed counted these bytes off already.
+            if t.landed.land(bytes as u64) {
+                self.count_down(bytes as u64);
+            }
         }
         match t.report(result) {
             Reported::Pending => {}
@@ -378,8 +416,7 @@ impl SlotData {
                 };
                 if t.finish(to) {
                     // What its slices did not land will not land: off the batch's count.
-                    let landed = t.landed.load(Ordering::Acquire);
-                    self.count_down((self.specs[task].len as u64).saturating_sub(landed));
+                    self.seal(task, t);
                     if reason.suggests_stale_descriptor() {
                         self.specs[task].peer.mark_stale();
                     }
@@ -424,9 +461,10 @@ impl SlotData {
             spec.len.div_ceil(path.max_slice()) as u32,
             Ordering::Release,
         );
-        // The failed attempt counted off what it landed; the retry moves every byte again.
-        let landed = t.landed.swap(0, Ordering::AcqRel);
-        self.bytes_left.fetch_add(landed, Ordering::AcqRel);
+        // The failed attempt counted off what it landed; the retry moves every byte
+        // again (unless the deadline ended the task meanwhile: then its seal counted
+        // off what had not landed, and that stands).
+        t.landed.restart(&self.bytes_left);
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,
@@ -505,6 +543,7 @@ impl SlotData {
             {
                 t.reason
                     .store(FailReason::TimedOut.to_bits(), Ordering::Release);
+                self.seal(task, t);
                 self.end_task();
             }
             state = t.state.load(Ordering::Acquire);
@@ -616,10 +655,13 @@ pub(crate) struct BatchTable {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
-    /// had already ended: a lost wake-up. Always zero unless the wait protocol is broken.
+    /// had ended at least 10 ms before it: a lost wake-up. Always zero unless the wait
+    /// protocol is broken (a batch that ends within 10 ms of the limit is not counted: its
+    /// waiter may simply have been run late).
     pub late_wakeups: u64,
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
-    /// rest (at most one per batch). Zero when `busy_poll` is zero: such waiters never
+    /// rest: one per batch, and one more each time a retry puts a failed attempt's
+    /// landed bytes back and the batch comes down to 512 KiB again. Zero when `busy_poll` is zero: such waiters never
     /// spin and are woken only when their batch ends.
     pub early_wakes: u64,
     /// Requests that travelled in one slice with the request before them, because their
@@ -689,6 +731,8 @@ impl BatchTable {
                 deadline: Instant::now(),
                 gate: EndGate::new(),
                 bytes_left: AtomicU64::new(0),
+                armed_at: Instant::now(),
+                ended_at: AtomicU64::new(0),
                 early_wake: false,
                 early_wakes: self.early_wakes.clone(),
                 merged: self.merged.clone(),

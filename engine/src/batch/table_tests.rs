@@ -747,6 +747,53 @@ fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
     }
 }
 
+#[test]
+fn a_task_ended_by_its_deadline_counts_off_what_it_had_not_landed_once() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    let left = |b: &Submitted| b.slot.data.read().bytes_left.load(Ordering::Acquire);
+    let b = submit(&table, &peer, 3 * STEP, Instant::now(), false);
+    let posted = fabric.take();
+    assert_eq!(posted.len(), 3);
+    table.complete(posted[0].token, Ok(STEP));
+    assert_eq!(left(&b), 2 * STEP as u64);
+    // The deadline has passed: asking ends the task and counts off its missing bytes.
+    assert_eq!(b.status(0), TaskStatus::TimedOut);
+    assert_eq!(left(&b), 0);
+    // Slices that report landing after it were counted by that, not again.
+    table.complete(posted[1].token, Ok(STEP));
+    table.complete(posted[2].token, Ok(STEP));
+    assert_eq!(left(&b), 0);
+    assert_eq!(b.open(), 0);
+}
+
+#[test]
+fn the_instant_a_batch_ends_is_kept_for_its_waiter() {
+    let fabric = Arc::new(Fake::default());
+    let peer = peer(&fabric, None);
+    let table = table();
+    let before = Instant::now();
+    let b = submit_all(
+        &table,
+        &peer,
+        &[Req::write(0, 0, 100), Req::write(1000, 1000, 100)],
+        later(),
+        false,
+    );
+    let posted = fabric.take();
+    assert_eq!(posted.len(), 2, "the two requests do not follow each other");
+    table.complete(posted[0].token, Ok(100));
+    assert_eq!(b.slot.data.read().ended_at(), None, "a task is still open");
+    table.complete(posted[1].token, Ok(100));
+    let at = b.slot.data.read().ended_at().expect("the batch has ended");
+    assert!(before <= at && at <= Instant::now());
+    table.release(b.index, &b.slot);
+    // The slot's next batch starts with no end.
+    let again = submit(&table, &peer, 100, later(), false);
+    assert_eq!(again.slot.data.read().ended_at(), None);
+}
+
 /// Kept from the batch's first tests: the task's state machine alone.
 mod task {
     use super::*;
