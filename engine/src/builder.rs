@@ -181,9 +181,10 @@ impl<S> EngineBuilder<S> {
 
     /// How long a metadata store keeps this engine's entry after its last renewal
     /// (renewed every third of it); a dead engine's entry goes within this time (stores
-    /// with expiry). Default 10 s.
+    /// with expiry). Default 10 s; a longer one than the clock can add (`Duration::MAX`)
+    /// is taken as [`FOREVER`](ferry_transport_api::FOREVER).
     pub fn metadata_ttl(mut self, ttl: Duration) -> Self {
-        self.store.ttl = ttl;
+        self.store.ttl = ferry_transport_api::at_most_forever(ttl);
         self
     }
 

@@ -664,3 +664,23 @@ fn a_busy_polling_waiter_reads_the_answers_of_every_peer_of_its_batch() {
     let read = initiator.tcp_stats().answers_read_by_waiters;
     assert!(read > 32, "the waiter read {read} answers");
 }
+
+/// Durations too long for the clock to add to an instant (`Duration::MAX`, as a caller
+/// might write for "never") are taken as forever, and a keepalive longer than the kernel
+/// takes as its longest: an engine with them moves data both ways, its waiters, lanes
+/// and target threads included, and nothing panics or is refused.
+#[test]
+fn durations_too_long_for_the_clock_are_taken_as_forever() {
+    let config = TcpConfig {
+        busy_poll: Duration::MAX,
+        connect_timeout: Duration::MAX,
+        idle_timeout: Duration::MAX,
+        progress_timeout: Duration::MAX,
+        keepalive: Some(Duration::MAX),
+        ..TcpConfig::default()
+    };
+    let target = engine_with(config.clone());
+    let initiator = engine_with(config);
+    round_trip(&initiator, &target, 1 << 20, 3, 5);
+    round_trip(&initiator, &target, 4096, 0, 0);
+}

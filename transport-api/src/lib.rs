@@ -50,3 +50,14 @@ pub use staging::{Staging, StagingBuffer, StagingStats};
 pub use transport::{
     Connection, ControlPlane, NoExchange, PeerControl, Transport, TransportContext,
 };
+
+/// The longest wait, limit or deadline ferry keeps: a longer one (`Duration::MAX`, as a
+/// caller may write for "never", or a huge float from a binding) is taken as this, which
+/// no process outlives, so that adding it to an `Instant` cannot overflow.
+pub const FOREVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `d`, at most [`FOREVER`]: what a transport does to every duration of its
+/// configuration when it is made.
+pub fn at_most_forever(d: std::time::Duration) -> std::time::Duration {
+    d.min(FOREVER)
+}

@@ -169,7 +169,9 @@ pub struct EfaTransport {
 
 impl EfaTransport {
     /// A transport with `config`, not yet opened.
-    pub fn new(config: EfaConfig) -> Self {
+    pub fn new(mut config: EfaConfig) -> Self {
+        // Longer than the clock can add is forever.
+        config.busy_poll = ferry_transport_api::at_most_forever(config.busy_poll);
         EfaTransport {
             inner: Arc::new(Inner {
                 config,

@@ -270,7 +270,9 @@ pub struct RdmaTransport {
 
 impl RdmaTransport {
     /// A transport with `config`; nothing is opened until [`Transport::start`].
-    pub fn new(config: RdmaConfig) -> Self {
+    pub fn new(mut config: RdmaConfig) -> Self {
+        // Longer than the clock can add is forever.
+        config.connect_timeout = ferry_transport_api::at_most_forever(config.connect_timeout);
         RdmaTransport {
             shared: Arc::new(Shared {
                 config,

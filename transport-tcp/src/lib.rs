@@ -67,6 +67,9 @@ pub use initiator::TcpConnection;
 /// integers whose names carry the unit: `busy_poll_us` in microseconds,
 /// `connect_timeout_ms`, `idle_timeout_ms`, `progress_timeout_ms` and `keepalive_ms`
 /// (`null`: off) in milliseconds. `secret` is read from a string and never serialized.
+/// A duration longer than the clock can add (`Duration::MAX` for "never") is taken as
+/// [`FOREVER`](ferry_transport_api::FOREVER), and `keepalive` is at most Linux's
+/// 32767 s.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
@@ -353,7 +356,16 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     /// A transport with `config`, not yet listening.
-    pub fn new(config: TcpConfig) -> Self {
+    pub fn new(mut config: TcpConfig) -> Self {
+        // Longer than the clock can add is forever (see `at_most_forever`).
+        for d in [
+            &mut config.busy_poll,
+            &mut config.connect_timeout,
+            &mut config.idle_timeout,
+            &mut config.progress_timeout,
+        ] {
+            *d = ferry_transport_api::at_most_forever(*d);
+        }
         let config_max = config.max_connections;
         TcpTransport {
             shared: Arc::new(Shared {
@@ -679,8 +691,12 @@ fn connection_budget(want: usize) -> usize {
     fit
 }
 
-/// Sets TCP keepalive on a connected socket: probes after `idle` of silence, every third
-/// of it (at least 1 s), three times.
+/// Linux's longest keepalive idle time and probe interval (`MAX_TCP_KEEPIDLE`): a longer
+/// one is refused by the socket, so it is taken as this.
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32767);
+
+/// Sets TCP keepalive on a connected socket: probes after `idle` of silence (1 s to
+/// [`MAX_KEEPALIVE`]), every third of it (at least 1 s), three times.
 pub(crate) fn set_keepalive(
     socket: &impl std::os::fd::AsFd,
     idle: Option<Duration>,
@@ -689,7 +705,7 @@ pub(crate) fn set_keepalive(
     match idle {
         None => sock.set_keepalive(false),
         Some(idle) => {
-            let idle = idle.max(Duration::from_secs(1));
+            let idle = idle.clamp(Duration::from_secs(1), MAX_KEEPALIVE);
             let ka = socket2::TcpKeepalive::new()
                 .with_time(idle)
                 .with_interval((idle / 3).max(Duration::from_secs(1)))

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::{Connection, FailReason, Opcode};
+use ferry_transport_api::{Connection, FailReason, Opcode, FOREVER};
 
 use super::table::{
     BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
@@ -15,10 +15,6 @@ use crate::memory::Buffer;
 use crate::peer::{Peers, RemoteBuffer};
 use crate::registry::Registry;
 use crate::{Error, Result};
-
-/// The longest deadline or wait: a longer one (`Duration::MAX`, a huge float from a
-/// binding) is taken as this, which no batch outlives.
-const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `start + d`, with `d` capped at [`FOREVER`] (an `Instant` cannot hold any sum).
 fn after(start: Instant, d: Duration) -> Instant {
@@ -358,7 +354,7 @@ impl Batch {
         let start = Instant::now();
         let end = after(start, timeout);
         let d = self.slot.data.read();
-        let mut spin_until = start + self.table.defaults.busy_poll;
+        let mut spin_until = after(start, self.table.defaults.busy_poll);
         // While it spins, the waiter receives its answers itself where the transport
         // lets it (and stops before it sleeps).
         let mut driving: Option<Driving<'_>> = None;
