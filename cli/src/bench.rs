@@ -49,8 +49,8 @@ pub(crate) struct RunArgs {
     /// same local and remote memory (the bytes walked do not grow with the depth).
     #[arg(long, default_value_t = 1)]
     depth: usize,
-    /// Seconds to measure (after a short warm-up).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds to measure (after a short warm-up): above 0, at most a day.
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
     duration: f64,
     /// Fill sources with random bytes and check every byte at the destination.
     #[arg(long)]
@@ -58,6 +58,21 @@ pub(crate) struct RunArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// Parses `--duration`: a finite number of seconds above 0 and at most a day (a
+/// benchmark, not a service; and `inf` or `1e30` would not fit a `Duration`).
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number of seconds ({e})"))?;
+    if v.is_finite() && v > 0.0 && v <= 24.0 * 3600.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "`{s}`: the measured window is above 0 and at most 86400 seconds"
+        ))
+    }
 }
 
 #[derive(Args)]

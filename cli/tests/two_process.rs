@@ -172,6 +172,15 @@ fn bench_verifies_and_reports_json() {
 
 #[test]
 fn unknown_protocols_and_missing_features_are_clear_errors() {
+    for bad in ["inf", "NaN", "-1", "0", "1e30", "five"] {
+        let out = Command::new(FERRY)
+            .args(["bench", &format!("--duration={bad}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--duration {bad} was taken");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--duration") && err.contains(bad), "{err}");
+    }
     let out = Command::new(FERRY)
         .args(["bench", "--protocol", "efa", "--duration", "0.1"])
         .output()

@@ -212,9 +212,11 @@ impl<S> EngineBuilder<S> {
         self
     }
 
-    /// Default deadline of a batch, counted from its submission (default 30 s).
+    /// Default deadline of a batch or a notification, counted from its submission
+    /// (default 30 s); a longer one than the clock can add (`Duration::MAX`) is taken as
+    /// [`FOREVER`](ferry_transport_api::FOREVER).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = ferry_transport_api::at_most_forever(timeout);
         self
     }
 

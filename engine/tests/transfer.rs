@@ -667,8 +667,9 @@ fn a_busy_polling_waiter_reads_the_answers_of_every_peer_of_its_batch() {
 
 /// Durations too long for the clock to add to an instant (`Duration::MAX`, as a caller
 /// might write for "never") are taken as forever, and a keepalive longer than the kernel
-/// takes as its longest: an engine with them moves data both ways, its waiters, lanes
-/// and target threads included, and nothing panics or is refused.
+/// takes as its longest: an engine with them (and with such a default deadline and
+/// metadata TTL) moves data both ways and sends a notification, its waiters, lanes and
+/// target threads included, and nothing panics or is refused.
 #[test]
 fn durations_too_long_for_the_clock_are_taken_as_forever() {
     let config = TcpConfig {
@@ -679,8 +680,20 @@ fn durations_too_long_for_the_clock_are_taken_as_forever() {
         keepalive: Some(Duration::MAX),
         ..TcpConfig::default()
     };
-    let target = engine_with(config.clone());
-    let initiator = engine_with(config);
+    let make = || {
+        Engine::builder()
+            .transport(Tcp::new(config.clone()))
+            .timeout(Duration::MAX)
+            .metadata_ttl(Duration::MAX)
+            .build()
+            .expect("engine on 127.0.0.1")
+    };
+    let (target, initiator) = (make(), make());
     round_trip(&initiator, &target, 1 << 20, 3, 5);
     round_trip(&initiator, &target, 4096, 0, 0);
+    // A notification under the engine's never-ending default deadline.
+    let segment = initiator.open_segment(&target.name()).unwrap();
+    initiator.notify(&segment, b"never late").unwrap();
+    let got = target.recv_notification(Duration::MAX).expect("a notification");
+    assert_eq!(got.message, b"never late");
 }

@@ -296,8 +296,8 @@ impl Landed {
     }
 
     /// Seals the task as it ends without completing: returns what had landed, and the
-    /// caller counts the rest of the task's length off the total. Called once per
-    /// attempt at most (by whoever ends the task).
+    /// caller counts the rest of the task's length off the total. Called at most once
+    /// per task (by whoever ends it).
     pub fn seal(&self) -> u64 {
         self.word.fetch_or(SEALED, Ordering::AcqRel) & !SEALED
     }

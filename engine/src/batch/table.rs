@@ -655,13 +655,15 @@ pub(crate) struct BatchTable {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
-    /// had ended at least 10 ms before it: a lost wake-up. Always zero unless the wait
-    /// protocol is broken (a batch that ends within 10 ms of the limit is not counted: its
-    /// waiter may simply have been run late).
+    /// had ended at least 10 ms before it: a lost wake-up. Zero unless the wait protocol
+    /// is broken, or a waiter was kept off the CPU for more than 10 ms just as its batch
+    /// ended near its limit (a batch that ends within 10 ms of the limit is not counted:
+    /// its waiter may simply have been run late).
     pub late_wakeups: u64,
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
-    /// rest: one per batch, and one more each time a retry puts a failed attempt's
-    /// landed bytes back and the batch comes down to 512 KiB again. Zero when `busy_poll` is zero: such waiters never
+    /// rest: at most one per batch larger than 512 KiB (counted whether or not a waiter
+    /// was parked), and one more each time a retry puts a failed attempt's landed bytes
+    /// back and the batch comes down to 512 KiB again. Zero when `busy_poll` is zero: such waiters never
     /// spin and are woken only when their batch ends.
     pub early_wakes: u64,
     /// Requests that travelled in one slice with the request before them, because their
