@@ -694,6 +694,8 @@ fn durations_too_long_for_the_clock_are_taken_as_forever() {
     // A notification under the engine's never-ending default deadline.
     let segment = initiator.open_segment(&target.name()).unwrap();
     initiator.notify(&segment, b"never late").unwrap();
-    let got = target.recv_notification(Duration::MAX).expect("a notification");
+    let got = target
+        .recv_notification(Duration::MAX)
+        .expect("a notification");
     assert_eq!(got.message, b"never late");
 }
