@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::{Connection, FailReason, Opcode, FOREVER};
+use ferry_transport_api::{Connection, FailReason, Opcode};
 
 use super::table::{
     BatchId, BatchTable, Progress, Slot, SlotData, TaskSpec, TaskStatus, EARLY_WAKE_BYTES,
@@ -16,10 +16,10 @@ use crate::peer::{Peers, RemoteBuffer};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
-/// `start + d`, with `d` capped at [`FOREVER`] (an `Instant` cannot hold any sum).
+/// `start + d`, with `d` capped at [`FOREVER`](ferry_transport_api::FOREVER) (an `Instant` cannot hold any sum).
 fn after(start: Instant, d: Duration) -> Instant {
     start
-        .checked_add(d.min(FOREVER))
+        .checked_add(ferry_transport_api::at_most_forever(d))
         .or_else(|| start.checked_add(Duration::from_secs(24 * 3600)))
         .unwrap_or(start)
 }

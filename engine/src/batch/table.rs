@@ -663,8 +663,8 @@ pub struct BatchStats {
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
     /// rest: at most one per batch larger than 512 KiB (counted whether or not a waiter
     /// was parked), and one more each time a retry puts a failed attempt's landed bytes
-    /// back and the batch comes down to 512 KiB again. Zero when `busy_poll` is zero: such waiters never
-    /// spin and are woken only when their batch ends.
+    /// back and the batch comes down to 512 KiB again. Zero when `busy_poll` is zero:
+    /// such waiters never spin and are woken only when their batch ends.
     pub early_wakes: u64,
     /// Requests that travelled in one slice with the request before them, because their
     /// bytes follow its bytes on both sides (same operation, local memory, remote buffer
