@@ -16,7 +16,8 @@ use crate::peer::{Peers, RemoteBuffer};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
-/// `start + d`, with `d` capped at [`FOREVER`](ferry_transport_api::FOREVER) (an `Instant` cannot hold any sum).
+/// `start + d`, with `d` capped at [`FOREVER`](ferry_transport_api::FOREVER) (an
+/// `Instant` cannot hold any sum).
 fn after(start: Instant, d: Duration) -> Instant {
     start
         .checked_add(ferry_transport_api::at_most_forever(d))
