@@ -452,7 +452,13 @@ fn a_hung_peer_times_tasks_out_by_their_deadline() {
     assert!(p.completed < 16);
 }
 
-/// Deadlines and waits of any length are taken (capped), never an overflow.
+/// Deadlines, waits and settings of any length are taken (capped), never an overflow:
+/// `Duration::MAX`, as a caller might write for "never", as a batch's deadline and wait,
+/// in every duration of the TCP configuration, as the engine's default deadline (which
+/// notifications use) and as the metadata TTL, and a keepalive longer than the kernel
+/// takes (taken as its longest): data moves both ways and a notification arrives, with
+/// the engine's waiters, lanes and target threads all under those settings, and nothing
+/// panics or is refused.
 #[test]
 fn huge_timeouts_are_capped_not_overflowed() {
     let common::Pair {
@@ -467,6 +473,32 @@ fn huge_timeouts_are_capped_not_overflowed() {
     let batch = b.submit().unwrap();
     batch.wait(Duration::MAX).unwrap();
     assert_eq!(batch.task(0), Some(TaskStatus::Completed));
+    let config = TcpConfig {
+        busy_poll: Duration::MAX,
+        connect_timeout: Duration::MAX,
+        idle_timeout: Duration::MAX,
+        progress_timeout: Duration::MAX,
+        keepalive: Some(Duration::MAX),
+        ..TcpConfig::default()
+    };
+    let make = || {
+        Engine::builder()
+            .transport(Tcp::new(config.clone()))
+            .timeout(Duration::MAX)
+            .metadata_ttl(Duration::MAX)
+            .build()
+            .expect("engine on 127.0.0.1")
+    };
+    let (target, initiator) = (make(), make());
+    round_trip(&initiator, &target, 1 << 20, 3, 5);
+    round_trip(&initiator, &target, 4096, 0, 0);
+    // A notification under the engine's never-ending default deadline.
+    let segment = initiator.open_segment(&target.name()).unwrap();
+    initiator.notify(&segment, b"never late").unwrap();
+    let got = target
+        .recv_notification(Duration::MAX)
+        .expect("a notification");
+    assert_eq!(got.message, b"never late");
 }
 
 /// A peer restarted at the same address (a new incarnation, new buffers and keys): the
@@ -663,39 +695,4 @@ fn a_busy_polling_waiter_reads_the_answers_of_every_peer_of_its_batch() {
     // own receiver thread, the waiter would have read one answer or two.
     let read = initiator.tcp_stats().answers_read_by_waiters;
     assert!(read > 32, "the waiter read {read} answers");
-}
-
-/// Durations too long for the clock to add to an instant (`Duration::MAX`, as a caller
-/// might write for "never") are taken as forever, and a keepalive longer than the kernel
-/// takes as its longest: an engine with them (and with such a default deadline and
-/// metadata TTL) moves data both ways and sends a notification, its waiters, lanes and
-/// target threads included, and nothing panics or is refused.
-#[test]
-fn durations_too_long_for_the_clock_are_taken_as_forever() {
-    let config = TcpConfig {
-        busy_poll: Duration::MAX,
-        connect_timeout: Duration::MAX,
-        idle_timeout: Duration::MAX,
-        progress_timeout: Duration::MAX,
-        keepalive: Some(Duration::MAX),
-        ..TcpConfig::default()
-    };
-    let make = || {
-        Engine::builder()
-            .transport(Tcp::new(config.clone()))
-            .timeout(Duration::MAX)
-            .metadata_ttl(Duration::MAX)
-            .build()
-            .expect("engine on 127.0.0.1")
-    };
-    let (target, initiator) = (make(), make());
-    round_trip(&initiator, &target, 1 << 20, 3, 5);
-    round_trip(&initiator, &target, 4096, 0, 0);
-    // A notification under the engine's never-ending default deadline.
-    let segment = initiator.open_segment(&target.name()).unwrap();
-    initiator.notify(&segment, b"never late").unwrap();
-    let got = target
-        .recv_notification(Duration::MAX)
-        .expect("a notification");
-    assert_eq!(got.message, b"never late");
 }

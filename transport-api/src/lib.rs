@@ -61,3 +61,12 @@ pub const FOREVER: std::time::Duration = std::time::Duration::from_secs(100 * 36
 pub fn at_most_forever(d: std::time::Duration) -> std::time::Duration {
     d.min(FOREVER)
 }
+
+/// `start + d`, with `d` at most [`FOREVER`] (and, on a clock that cannot hold even
+/// that, a day): the deadline of a wait or a request whose length a caller chose.
+pub fn instant_after(start: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    start
+        .checked_add(at_most_forever(d))
+        .or_else(|| start.checked_add(std::time::Duration::from_secs(24 * 3600)))
+        .unwrap_or(start)
+}

@@ -4,9 +4,9 @@
 //! that complete its tasks ([`EndGate`]), threads that queue work for a connection meet
 //! the one thread that sends it ([`Doorbell`]), and the threads that report a task's
 //! slices meet the one that ends it at its deadline over the batch's count of bytes still
-//! to land ([`Landed`]). Both protocols keep every fact a wake-up
-//! depends on in **one atomic word**, so the total order of operations on that word
-//! decides who wakes whom: no store on one location followed by a load of another (the
+//! to land ([`Landed`]). Each protocol keeps every fact its decision depends on in **one
+//! atomic word**, so the total order of operations on that word decides who wakes whom
+//! (or who counts what): no store on one location followed by a load of another (the
 //! pattern that loses wake-ups under acquire/release ordering).
 //!
 //! The tests at the bottom run under [loom](https://docs.rs/loom), which explores every

@@ -543,7 +543,7 @@ impl TcpConnection {
     /// `timeout` is the message's deadline like a slice's: a peer that has not answered
     /// by then gets its lane closed (the connection then reports it is not alive).
     pub fn notify(&self, from: &str, message: &[u8], timeout: Duration) -> Result<(), FailReason> {
-        let deadline = Instant::now() + ferry_transport_api::at_most_forever(timeout);
+        let deadline = ferry_transport_api::instant_after(Instant::now(), timeout);
         let body = crate::target::encode_notification(from, message);
         if body.len() > MAX_NOTIFY {
             return Err(FailReason::Remote(RemoteStatus::TooLarge));

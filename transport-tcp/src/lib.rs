@@ -983,7 +983,7 @@ fn ask(
     body: &[u8],
     answer: frame::Kind,
 ) -> Result<Vec<u8>, TransportError> {
-    let deadline = Instant::now() + ferry_transport_api::at_most_forever(timeout);
+    let deadline = ferry_transport_api::instant_after(Instant::now(), timeout);
     let addr = resolve(address)?;
     let connect_err = |source| TransportError::ConnectPeer {
         peer: address.to_string(),

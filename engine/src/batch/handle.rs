@@ -16,14 +16,7 @@ use crate::peer::{Peers, RemoteBuffer};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
-/// `start + d`, with `d` capped at [`FOREVER`](ferry_transport_api::FOREVER) (an
-/// `Instant` cannot hold any sum).
-fn after(start: Instant, d: Duration) -> Instant {
-    start
-        .checked_add(ferry_transport_api::at_most_forever(d))
-        .or_else(|| start.checked_add(Duration::from_secs(24 * 3600)))
-        .unwrap_or(start)
-}
+use ferry_transport_api::instant_after as after;
 
 /// Most connections one waiter drives (the first distinct ones of its batch's tasks): a
 /// fixed array, so that waiting allocates nothing.

@@ -167,6 +167,11 @@ impl Submitted {
         self.slot.data.read().gate.open()
     }
 
+    /// Bytes the batch still expects to land.
+    fn bytes_left(&self) -> u64 {
+        self.slot.data.read().bytes_left.load(Ordering::Acquire)
+    }
+
     /// 0 until the task's retry is claimed, 1 after.
     fn attempt(&self, task: usize) -> u8 {
         self.slot.data.read().tasks[task]
@@ -572,13 +577,13 @@ fn contiguous_requests_travel_as_one_slice_per_run() {
     assert_eq!(status(0..4), [TaskStatus::Pending; 4]);
     assert_eq!(status(8..10), [TaskStatus::Pending; 2]);
     assert_eq!(b.open(), 6);
-    assert_eq!(b.slot.data.read().bytes_left.load(Ordering::Acquire), 6000);
+    assert_eq!(b.bytes_left(), 6000);
 
     table.complete(posted[0].token, Ok(4000));
     table.complete(posted[2].token, Ok(2000));
     assert_eq!(status(0..10), [TaskStatus::Completed; 10]);
     assert_eq!(b.open(), 0);
-    assert_eq!(b.slot.data.read().bytes_left.load(Ordering::Acquire), 0);
+    assert_eq!(b.bytes_left(), 0);
     table.release(b.index, &b.slot);
 }
 
@@ -719,7 +724,6 @@ fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
     let (fabric, tcp) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
     let peer = peer(&fabric, Some(&tcp));
     let table = table();
-    let left = |b: &Submitted| b.slot.data.read().bytes_left.load(Ordering::Acquire);
     // 10000 bytes in slices of 4096: 4096 + 4096 + 1808.
     let reqs = [Req::write(0, 0, 10_000)];
     for retry in [true, false] {
@@ -727,12 +731,16 @@ fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
         let first = fabric.take();
         assert_eq!(first.len(), 3);
         table.complete(first[0].token, Ok(4096));
-        assert_eq!(left(&b), 10_000 - 4096);
+        assert_eq!(b.bytes_left(), 10_000 - 4096);
         table.complete(first[1].token, Err(device_error()));
-        assert_eq!(left(&b), 10_000 - 4096, "a failed slice lands nothing");
+        assert_eq!(
+            b.bytes_left(),
+            10_000 - 4096,
+            "a failed slice lands nothing"
+        );
         table.complete(first[2].token, Ok(1808));
         if retry {
-            assert_eq!(left(&b), 10_000, "the retry moves every byte again");
+            assert_eq!(b.bytes_left(), 10_000, "the retry moves every byte again");
             let again = posted_on(&tcp, 2); // the fallback's slices are twice as long
             for s in &again {
                 table.complete(s.token, Ok(s.len));
@@ -742,7 +750,7 @@ fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
             assert_eq!(b.status(0), TaskStatus::Failed(device_error()));
         }
         assert_eq!(b.open(), 0);
-        assert_eq!(left(&b), 0, "retry {retry}");
+        assert_eq!(b.bytes_left(), 0, "retry {retry}");
         table.release(b.index, &b.slot);
     }
 }
@@ -752,19 +760,18 @@ fn a_task_ended_by_its_deadline_counts_off_what_it_had_not_landed_once() {
     let fabric = Arc::new(Fake::default());
     let peer = peer(&fabric, None);
     let table = table();
-    let left = |b: &Submitted| b.slot.data.read().bytes_left.load(Ordering::Acquire);
     let b = submit(&table, &peer, 3 * STEP, Instant::now(), false);
     let posted = fabric.take();
     assert_eq!(posted.len(), 3);
     table.complete(posted[0].token, Ok(STEP));
-    assert_eq!(left(&b), 2 * STEP as u64);
+    assert_eq!(b.bytes_left(), 2 * STEP as u64);
     // The deadline has passed: asking ends the task and counts off its missing bytes.
     assert_eq!(b.status(0), TaskStatus::TimedOut);
-    assert_eq!(left(&b), 0);
+    assert_eq!(b.bytes_left(), 0);
     // Slices that report landing after it were counted by that, not again.
     table.complete(posted[1].token, Ok(STEP));
     table.complete(posted[2].token, Ok(STEP));
-    assert_eq!(left(&b), 0);
+    assert_eq!(b.bytes_left(), 0);
     assert_eq!(b.open(), 0);
 }
 
