@@ -498,6 +498,8 @@ fn reports_for_a_released_batch_touch_nothing_in_the_slot_s_next_batch() {
     assert_eq!(new.status(0), TaskStatus::Completed);
 }
 
+/// The deadline ends a task whose slices are still out, once, and counts off the batch
+/// what it had not landed, once: slices that report after it change nothing.
 #[test]
 fn the_deadline_ends_a_task_whose_slices_never_report() {
     let fabric = Arc::new(Fake::default());
@@ -505,18 +507,23 @@ fn the_deadline_ends_a_task_whose_slices_never_report() {
     let table = table();
     let b = submit(&table, &peer, 3 * STEP, Instant::now(), false);
     let posted = fabric.take();
+    assert_eq!(posted.len(), 3);
     assert!(posted
         .iter()
         .all(|s| s.deadline == b.slot.data.read().deadline));
     table.complete(posted[0].token, Ok(STEP));
+    assert_eq!(b.bytes_left(), 2 * STEP as u64);
     let p = b.slot.data.read().progress();
     assert_eq!((p.timed_out, p.pending), (1, 0));
     assert_eq!(b.open(), 0, "the timed-out task ended the gate once");
-    // The slices that report after the deadline change nothing.
+    assert_eq!(b.bytes_left(), 0, "its missing bytes were counted off");
+    // The slices that report after the deadline change nothing (their bytes were
+    // counted by the deadline, not again).
     table.complete(posted[1].token, Ok(STEP));
     table.complete(posted[2].token, Ok(STEP));
     assert_eq!(b.status(0), TaskStatus::TimedOut);
     assert_eq!(b.open(), 0);
+    assert_eq!(b.bytes_left(), 0);
 }
 
 #[test]
@@ -753,26 +760,6 @@ fn bytes_left_counts_what_is_still_to_land_across_failures_and_retries() {
         assert_eq!(b.bytes_left(), 0, "retry {retry}");
         table.release(b.index, &b.slot);
     }
-}
-
-#[test]
-fn a_task_ended_by_its_deadline_counts_off_what_it_had_not_landed_once() {
-    let fabric = Arc::new(Fake::default());
-    let peer = peer(&fabric, None);
-    let table = table();
-    let b = submit(&table, &peer, 3 * STEP, Instant::now(), false);
-    let posted = fabric.take();
-    assert_eq!(posted.len(), 3);
-    table.complete(posted[0].token, Ok(STEP));
-    assert_eq!(b.bytes_left(), 2 * STEP as u64);
-    // The deadline has passed: asking ends the task and counts off its missing bytes.
-    assert_eq!(b.status(0), TaskStatus::TimedOut);
-    assert_eq!(b.bytes_left(), 0);
-    // Slices that report landing after it were counted by that, not again.
-    table.complete(posted[1].token, Ok(STEP));
-    table.complete(posted[2].token, Ok(STEP));
-    assert_eq!(b.bytes_left(), 0);
-    assert_eq!(b.open(), 0);
 }
 
 #[test]
