@@ -363,7 +363,7 @@ impl Accepted {
 pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, TransportError> {
     let refuse =
         |why: String| TransportError::invalid(format!("RDMA queue-pair exchange refused: {why}"));
-    let request = Message::decode(body).map_err(|e| refuse(e.0))?;
+    let request = Message::decode(body).map_err(|e| refuse(e.to_string()))?;
     if request.kind != Kind::Request {
         return Err(refuse("not a request".into()));
     }

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::sh::{cargo, render, root, run};
+use crate::sh::{cargo, root, run, test_binaries};
 
 /// `cargo xtask gpu-bundle [DIR]`.
 pub(crate) fn bundle(args: &[String]) -> Result<()> {
@@ -68,31 +68,19 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
 }
 
 /// Builds one test binary (release, so the GPU host runs optimised code) and returns its
-/// path, from cargo's JSON messages.
+/// path.
 fn test_binary(selection: &[&str]) -> Result<PathBuf> {
-    let mut c = cargo();
-    c.args(["test", "--release", "--no-run", "--message-format=json"])
-        .args(selection);
-    eprintln!("xtask: $ {}", render(&c));
-    let out = c.output().context("running cargo")?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed:\n{}",
-            render(&c),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let found: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
-        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+    let mut args = vec!["--release"];
+    args.extend_from_slice(selection);
+    let tests: Vec<_> = test_binaries(&args)?
+        .into_iter()
+        .filter(|b| b.test)
         .collect();
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => bail!(
-            "`{}` built {} test binaries, where one was expected",
-            render(&c),
+    match tests.as_slice() {
+        [one] => Ok(one.path.clone()),
+        found => bail!(
+            "`cargo test --no-run {}` built {} test binaries, where one was expected",
+            args.join(" "),
             found.len()
         ),
     }

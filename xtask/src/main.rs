@@ -30,6 +30,9 @@
 //!   stable toolchain (`cargo xtask test` runs each for a bounded time).
 //! - `cargo xtask stall [--runs N] [--duration SECS]`: `ferry bench` N times (200) over
 //!   mixed shapes; fails if any run outlived its window (a wait that missed its wake-up).
+//! - `cargo xtask rdma-vm`: the RDMA tests, hardware ones included, over two soft-RoCE
+//!   devices in a virtual machine (qemu, Debian's kernel, this host's files), for hosts
+//!   whose kernel has no `rdma_rxe`; `cargo xtask test` runs it too.
 //! - `cargo xtask gpu-bundle [DIR]`: the CUDA tests, the `ferry` binary and the staging
 //!   benchmark, built here and stripped, with a `run.sh` that runs the tests and the GPU
 //!   benchmarks on a GPU host that has no Rust toolchain.
@@ -53,7 +56,8 @@ usage: cargo xtask test [--hw] [--full]
        cargo xtask cross aarch64
        cargo xtask fuzz [TARGET] [--time SECS] [--ci]
        cargo xtask stall [--runs N] [--duration SECS]
-       cargo xtask gpu-bundle [DIR]";
+       cargo xtask gpu-bundle [DIR]
+       cargo xtask rdma-vm";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +72,12 @@ fn main() -> Result<()> {
         "stall" => reliability::stall(rest),
         "fuzz" => fuzz::run(rest),
         "gpu-bundle" => gpu::bundle(rest),
+        "rdma-vm" => match rest {
+            [] => rdma::vm_step(),
+            _ => bail!("usage: cargo xtask rdma-vm"),
+        },
+        // PID 1 of `rdma-vm`'s virtual machine (see `rdma/vm.rs`).
+        "__rdma-vm-guest" => rdma::vm::guest(rest),
         // The server half of `bench`'s ping-pong baseline, started by `bench` itself.
         "__pingpong-serve" => bench::pingpong_serve(rest),
         // The receiving half of `bench`'s same-memory stream baseline.

@@ -7,8 +7,13 @@
 //!   to the `efa` feature), with `FERRY_RDMA_DEVICES` unset so the tests take every one;
 //! - two soft-RoCE devices made for the run when the kernel has `rdma_rxe` and iproute2
 //!   has `rdma` (see [`SoftRoce`]), removed afterwards, also when the tests fail;
+//! - two soft-RoCE devices in a virtual machine that boots Debian's kernel over this
+//!   host's files ([`vm`]), where qemu can be installed;
 //! - none: a line says the hardware tests were skipped and why, and the tests that need
 //!   no device still run.
+//!
+//! Without `--hw`, `cargo xtask test` runs the RDMA tests in that virtual machine too
+//! ([`vm_step`]), so every run of the suite drives the transport over a real verbs stack.
 //!
 //! The other `--hw` runs leave `rdma` out (`ferry-transport-rdma` from the workspace run,
 //! the feature from the engine's feature sets), so its hardware tests run only here.
@@ -21,6 +26,8 @@ use anyhow::{bail, Result};
 
 use crate::sh::{apt_install, as_root, have, render, run};
 use crate::test::nextest_or_test;
+
+pub(crate) mod vm;
 
 /// The RDMA transport's package.
 pub(crate) const PACKAGE: &str = "ferry-transport-rdma";
@@ -91,11 +98,36 @@ pub(crate) fn hw() -> Result<()> {
             run_tests(true, Some(&names))
         }
         Some(why) => {
-            eprintln!(
-                "xtask: skipped: the RDMA hardware tests (this host has no RDMA device, and \
-                 soft-RoCE cannot be set up: {why}); the RDMA tests that need no device run"
-            );
-            run_tests(false, None)
+            run_tests(false, None)?;
+            match vm::unavailable() {
+                None => {
+                    eprintln!(
+                        "xtask: this host's kernel cannot make soft-RoCE devices ({why}): \
+                         the RDMA hardware tests run in a VM"
+                    );
+                    vm::run_tests()
+                }
+                Some(no_vm) => {
+                    eprintln!(
+                        "xtask: skipped: the RDMA hardware tests (this host has no RDMA \
+                         device, soft-RoCE cannot be set up: {why}; and no VM: {no_vm}); the \
+                         RDMA tests that need no device ran"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// The step of `cargo xtask test` without `--hw`: the RDMA tests over soft-RoCE in a
+/// virtual machine ([`vm`]), or a line saying why they cannot run here.
+pub(crate) fn vm_step() -> Result<()> {
+    match vm::unavailable() {
+        None => vm::run_tests(),
+        Some(why) => {
+            eprintln!("xtask: skipped: the RDMA tests over soft-RoCE in a VM ({why})");
+            Ok(())
         }
     }
 }

@@ -13,13 +13,15 @@ pub(crate) fn root() -> PathBuf {
     here.parent().map(|p| p.to_path_buf()).unwrap_or(here)
 }
 
-/// Runs `cmd` in the workspace root, printing its line and how long it took; fails
-/// unless it exits successfully.
+/// Runs `cmd` in the workspace root (unless it names a folder of its own), printing its
+/// line and how long it took; fails unless it exits successfully.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", render(cmd));
     let start = Instant::now();
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let status = cmd
-        .current_dir(root())
         .status()
         .with_context(|| format!("running {}", render(cmd)))?;
     eprintln!("xtask:   ({:.1} s)", start.elapsed().as_secs_f64());
@@ -112,3 +114,44 @@ pub(crate) const BUILD_PACKAGES: &[&str] = &[
     "ibverbs-providers",
     "libclang-dev",
 ];
+
+/// An executable cargo built: where it is, and the folder of its package's manifest (the
+/// working directory `cargo test` gives a test binary).
+pub(crate) struct Built {
+    pub(crate) path: PathBuf,
+    pub(crate) package_dir: PathBuf,
+    /// The target's name (`conformance`; the crate's for unit tests; `ferry`).
+    pub(crate) name: String,
+    /// A test binary (else a program the tests run, such as `ferry`).
+    pub(crate) test: bool,
+}
+
+/// Builds what `cargo test --no-run` builds with `selection` (packages, features,
+/// targets, profile) and lists its executables, from cargo's JSON messages.
+pub(crate) fn test_binaries(selection: &[&str]) -> Result<Vec<Built>> {
+    let mut c = cargo();
+    c.args(["test", "--no-run", "--message-format=json"])
+        .args(selection)
+        .current_dir(root())
+        .stderr(Stdio::inherit());
+    eprintln!("xtask: $ {}", render(&c));
+    let out = c.output().context("running cargo")?;
+    if !out.status.success() {
+        bail!("`{}` failed", render(&c));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| {
+            let path = PathBuf::from(m["executable"].as_str()?);
+            let manifest = PathBuf::from(m["manifest_path"].as_str()?);
+            Some(Built {
+                path,
+                package_dir: manifest.parent()?.to_path_buf(),
+                name: m["target"]["name"].as_str()?.to_string(),
+                test: m["profile"]["test"] == true,
+            })
+        })
+        .collect())
+}

@@ -108,7 +108,10 @@ fn matrix() -> Result<Vec<Combo>> {
 /// Feature sets the engine's and the CLI's tests run with, besides the defaults. `rdma`
 /// rides along with the others rather than costing a run of its own (clippy checks it
 /// alone).
-const TEST_FEATURES: &[&str] = &["efa", "efa,rdma,cuda,http,redis,etcd"];
+const TEST_FEATURES: &[&str] = &["efa", FULL_FEATURES];
+
+/// Every optional feature of the engine and the CLI.
+pub(crate) const FULL_FEATURES: &str = "efa,rdma,cuda,http,redis,etcd";
 
 /// Deployment profiles of the downstream crate (`tests/downstream`).
 const PROFILES: &[&str] = &["tcp", "efa", "efa,cuda", "rdma", "rdma,cuda"];
@@ -269,6 +272,8 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     }
     if hw {
         rdma::hw()?;
+    } else {
+        rdma::vm_step()?;
     }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     downstream()?;

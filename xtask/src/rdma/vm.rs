@@ -1,0 +1,504 @@
+//! The RDMA tests over soft-RoCE in a virtual machine, for hosts whose kernel cannot make
+//! soft-RoCE devices itself (no `rdma_rxe` module: containers, micro-VMs, CI runners).
+//!
+//! What it runs, on the host:
+//! - builds the RDMA test binaries (see [`PLAN`]) and the `ferry` binary with `rdma`;
+//! - fetches Debian's current kernel package (`linux-image-amd64`'s dependency) into
+//!   `target/rdma-vm/kernel/VERSION` once, and indexes its modules (`depmod`);
+//! - writes a small initramfs (busybox and the virtio and 9p modules) that mounts the
+//!   host's root file system read-only over 9p and hands over to the guest step of this
+//!   xtask binary, `__rdma-vm-guest`;
+//! - boots the kernel under qemu with software emulation (TCG: a nested KVM may only
+//!   run kernels built for it) and prints its console; the guest writes its verdict into
+//!   `target/rdma-vm/out`, the one folder it may write on the host.
+//!
+//! In the guest (PID 1): tmpfs over `/tmp`, `/run` and the like; the kernel's module
+//! loader pointed at the fetched modules; `rdma_rxe` loaded and the two soft-RoCE devices
+//! made as on a host ([`SoftRoce`]); then every planned test binary with its ignored
+//! (hardware) tests included, and `ferry bench --protocol rdma --verify` both ways
+//! between two processes; then it powers the machine off.
+//!
+//! The user-space side is the host's own: libibverbs and its `rxe` driver
+//! (`ibverbs-providers`), iproute2's `rdma`, kmod.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::{SoftRoce, DEVICES_VAR, SOFT_ROCE};
+use crate::sh::{apt_install, as_root, have, render, root, run, test_binaries};
+use crate::test::FULL_FEATURES;
+
+/// A build whose RDMA tests run in the VM.
+struct Suite {
+    /// cargo's selection: those `cargo xtask test` builds anyway, so nothing is built
+    /// twice.
+    selection: &'static [&'static str],
+    /// The package folder whose test binaries run.
+    package: &'static str,
+    /// Its test targets that run; `None`: every one.
+    targets: Option<&'static [&'static str]>,
+}
+
+/// What runs in the VM: the RDMA transport's tests from the workspace build, and the
+/// engine's RDMA and exchange tests from the build with every feature (which also makes
+/// the `ferry` binary the guest benchmarks with).
+const PLAN: &[Suite] = &[
+    Suite {
+        selection: &["--workspace"],
+        package: "transport-rdma",
+        targets: None,
+    },
+    Suite {
+        selection: &[
+            "-p",
+            "ferry-engine",
+            "-p",
+            "ferry-cli",
+            "--features",
+            FULL_FEATURES,
+        ],
+        package: "engine",
+        targets: Some(&["rdma", "exchange"]),
+    },
+];
+
+/// Host packages: the emulator, busybox for the initramfs, kmod for the modules. qemu's
+/// tools come along so that a host which had them keeps them (Debian's emulator replaces
+/// a newer `qemu-utils` with its own).
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-utils",
+    "busybox-static",
+    "kmod",
+    "iproute2",
+    "ibverbs-providers",
+];
+
+/// Modules the initramfs loads to reach the host's files (their dependencies come too).
+const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
+
+/// The longest the VM may run before it is stopped and the step fails.
+const VM_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The workspace's folder for the VM: kernel cache, initramfs, the guest's plan and
+/// verdict.
+fn vm_dir() -> PathBuf {
+    root().join("target/rdma-vm")
+}
+
+/// Why the VM cannot run here, or `None` when it can (x86_64 Linux with apt, where the
+/// packages install).
+pub(crate) fn unavailable() -> Option<String> {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return Some("the soft-RoCE VM is set up for x86_64 Linux hosts only".into());
+    }
+    if !have("apt-get") {
+        return Some("no apt-get to install qemu and fetch a kernel with".into());
+    }
+    if let Err(e) = apt_install(PACKAGES) {
+        return Some(format!("cannot install {}: {e:#}", PACKAGES.join(" ")));
+    }
+    None
+}
+
+/// Builds what the guest runs, boots the VM and fails unless every test in it passed.
+pub(crate) fn run_tests() -> Result<()> {
+    let dir = vm_dir();
+    std::fs::create_dir_all(&dir)?;
+    let started = Instant::now();
+    let mut plan = String::new();
+    let mut ferry = None;
+    for suite in PLAN {
+        for b in test_binaries(suite.selection)? {
+            if !b.test {
+                if b.name == "ferry" {
+                    ferry = Some(b.path);
+                }
+                continue;
+            }
+            if b.package_dir.ends_with(suite.package)
+                && suite.targets.is_none_or(|k| k.contains(&b.name.as_str()))
+            {
+                plan.push_str(&format!(
+                    "test\t{}\t{}\n",
+                    b.package_dir.display(),
+                    b.path.display()
+                ));
+            }
+        }
+    }
+    let ferry = ferry.context("the builds made no `ferry` binary")?;
+    plan.push_str(&format!("bench\t{}\n", ferry.display()));
+    let (kernel, modules) = kernel()?;
+    let initrd = dir.join("initrd.cpio");
+    write_initramfs(&initrd, &modules)?;
+    let out = dir.join("out");
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    std::fs::create_dir_all(&out)?;
+    let plan_file = dir.join("plan.tsv");
+    std::fs::write(&plan_file, &plan)?;
+    let xtask = std::env::current_exe().context("finding this xtask binary")?;
+    for p in [&xtask, &plan_file, &modules, &out] {
+        if p.to_string_lossy().contains(char::is_whitespace) {
+            bail!(
+                "the soft-RoCE VM needs paths without spaces: {}",
+                p.display()
+            );
+        }
+    }
+    eprintln!(
+        "xtask: RDMA tests over soft-RoCE in a VM (kernel {}, built in {:.0} s)",
+        kernel.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
+        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+        .args(["-no-reboot", "-nic", "none", "-kernel"])
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet ferry.guest={} ferry.plan={} ferry.modules={} \
+             ferry.out={}",
+            xtask.display(),
+            plan_file.display(),
+            modules.display(),
+            out.display()
+        ))
+        .arg("-virtfs")
+        .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=out,security_model=none",
+            out.display()
+        ))
+        .stdin(Stdio::null());
+    eprintln!("xtask: $ {}", render(&qemu));
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let boot = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if boot.elapsed() > VM_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the soft-RoCE VM ran past {} minutes and was stopped",
+                VM_LIMIT.as_secs() / 60
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "xtask:   (VM: {:.1} s, {status})",
+        boot.elapsed().as_secs_f64()
+    );
+    let verdict = std::fs::read_to_string(out.join("verdict")).unwrap_or_default();
+    match verdict.lines().next() {
+        Some("passed") => Ok(()),
+        Some(_) => bail!("RDMA tests in the soft-RoCE VM failed:\n{verdict}"),
+        None => bail!("the soft-RoCE VM ended ({status}) without a verdict; see its console above"),
+    }
+}
+
+/// Debian's current kernel for the VM, fetched and unpacked once: its image and the
+/// folder whose `lib/modules/VERSION` holds its indexed modules.
+fn kernel() -> Result<(PathBuf, PathBuf)> {
+    let package = kernel_package()?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .context("kernel package name")?
+        .to_string();
+    let tree = vm_dir().join("kernel").join(&version);
+    let image = tree.join(format!("boot/vmlinuz-{version}"));
+    let index = tree.join(format!("lib/modules/{version}/modules.dep.bin"));
+    if image.exists() && index.exists() {
+        return Ok((image, tree));
+    }
+    let download = vm_dir().join("download");
+    if download.exists() {
+        std::fs::remove_dir_all(&download)?;
+    }
+    std::fs::create_dir_all(&download)?;
+    let fetch = || {
+        let mut c = as_root("apt-get");
+        c.args(["download", "-qq", &package]).current_dir(&download);
+        c.status().is_ok_and(|s| s.success())
+    };
+    if !fetch() {
+        // The package lists may be older than the archive: refresh them once.
+        run(as_root("apt-get").args(["update", "-qq"]))?;
+        if !fetch() {
+            bail!("`apt-get download {package}` failed");
+        }
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree)?;
+    }
+    std::fs::create_dir_all(&tree)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    run(Command::new("depmod").arg("-b").arg(&tree).arg(&version))?;
+    std::fs::remove_dir_all(&download)?;
+    Ok((image, tree))
+}
+
+/// The package `linux-image-amd64` stands for (`linux-image-6.1.0-57-amd64`).
+fn kernel_package() -> Result<String> {
+    let out = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .context("running apt-cache")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string)
+        .context("apt-cache names no kernel behind linux-image-amd64")
+}
+
+/// The initramfs: busybox, the modules that reach the host's files (in load order) and
+/// an `init` that mounts the host's root over 9p and hands over to the guest step.
+fn write_initramfs(path: &Path, modules: &Path) -> Result<()> {
+    let version = modules
+        .file_name()
+        .context("kernel folder")?
+        .to_string_lossy()
+        .into_owned();
+    let mut files: Vec<(String, Vec<u8>, u32)> = vec![(
+        "bin/busybox".into(),
+        std::fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?,
+        0o755,
+    )];
+    let mut order = vec![];
+    for m in BOOT_MODULES {
+        let out = Command::new("modprobe")
+            .arg("-d")
+            .arg(modules)
+            .args(["-S", &version, "--show-depends", m])
+            .output()
+            .context("running modprobe --show-depends")?;
+        if !out.status.success() {
+            bail!(
+                "modprobe cannot resolve {m}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `insmod /path/to/module.ko` (or `builtin name`, which needs nothing).
+            if let Some(ko) = line.strip_prefix("insmod ") {
+                let ko = Path::new(ko.trim());
+                let name = ko.file_name().context("module path")?.to_string_lossy();
+                if !order.contains(&name.to_string()) {
+                    order.push(name.to_string());
+                    files.push((format!("modules/{name}"), std::fs::read(ko)?, 0o644));
+                }
+            }
+        }
+    }
+    let init = INIT.replace("@MODULES@", &order.join(" "));
+    files.push(("init".into(), init.into_bytes(), 0o755));
+    let mut cpio = vec![];
+    for d in ["bin", "modules", "proc", "dev", "newroot"] {
+        newc_entry(&mut cpio, d, 0o040_755, &[]);
+    }
+    for (name, data, mode) in &files {
+        newc_entry(&mut cpio, name, 0o100_000 | mode, data);
+    }
+    newc_entry(&mut cpio, "TRAILER!!!", 0, &[]);
+    std::fs::File::create(path)?.write_all(&cpio)?;
+    Ok(())
+}
+
+/// One entry of a `newc` cpio archive (the initramfs format): header, name and data, each
+/// padded to 4 bytes.
+fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    let ino = out.len() as u32;
+    let nlink = if mode & 0o040_000 != 0 { 2 } else { 1 };
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    pad4(out);
+    out.extend_from_slice(data);
+    pad4(out);
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// The initramfs's `init` (busybox sh): load the modules, mount the host's root, hand
+/// over to `ferry.guest` with the plan, the modules and the verdict folder.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in @MODULES@; do insmod /modules/$m || echo "init: insmod $m failed"; done
+arg() { sed -n "s/.*ferry\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+guest=$(arg guest); plan=$(arg plan); modules=$(arg modules); out=$(arg out)
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot; then
+    echo "init: cannot mount the host's root over 9p"
+    echo o > /proc/sysrq-trigger
+fi
+umount /proc /dev
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
+exec switch_root /newroot "$guest" __rdma-vm-guest "$plan" "$modules" "$out"
+"#;
+
+/// `xtask __rdma-vm-guest PLAN MODULES OUT`: PID 1 of the VM. Sets the machine up, runs
+/// the plan, writes the verdict into OUT and powers off; never returns.
+pub(crate) fn guest(args: &[String]) -> Result<()> {
+    let verdict = match args {
+        [plan, modules, out] => match guest_run(Path::new(plan), Path::new(modules), out) {
+            Ok(failed) if failed.is_empty() => "passed\n".to_string(),
+            Ok(failed) => format!("failed\n{}\n", failed.join("\n")),
+            Err(e) => format!("failed\nsetting up the VM: {e:#}\n"),
+        },
+        _ => "failed\nusage: xtask __rdma-vm-guest PLAN MODULES OUT\n".to_string(),
+    };
+    eprintln!("guest: {}", verdict.trim().replace('\n', ": "));
+    if let Some(out) = args.get(2) {
+        let _ = std::fs::write(Path::new(out).join("verdict"), &verdict);
+    }
+    let _ = Command::new("sync").status();
+    // PID 1 must not exit: power the machine off instead.
+    let _ = std::fs::write("/proc/sysrq-trigger", "o");
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// The guest's work; returns what failed (empty: everything passed).
+fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
+    let mounts: &[(&str, &str, &str)] = &[
+        ("proc", "proc", "/proc"),
+        ("sysfs", "sys", "/sys"),
+        ("devtmpfs", "dev", "/dev"),
+        ("devpts", "devpts", "/dev/pts"),
+        ("tmpfs", "shm", "/dev/shm"),
+        ("tmpfs", "tmp", "/tmp"),
+        ("tmpfs", "run", "/run"),
+        ("tmpfs", "vartmp", "/var/tmp"),
+        ("tmpfs", "home", "/root"),
+    ];
+    for (fs, source, target) in mounts {
+        if *target == "/dev/pts" || *target == "/dev/shm" {
+            std::fs::create_dir_all(target)?;
+        }
+        run(Command::new("mount").args(["-t", fs, source, target]))?;
+    }
+    run(Command::new("mount")
+        .args(["-t", "9p", "-o", "trans=virtio,version=9p2000.L", "out"])
+        .arg(out))?;
+    // The kernel loads modules on demand (veth, crc32 for rxe, ...) through this program.
+    let loader = "/run/modprobe";
+    std::fs::write(
+        loader,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/modprobe -d {} \"$@\"\n",
+            modules.display()
+        ),
+    )?;
+    run(Command::new("chmod").args(["755", loader]))?;
+    std::fs::write("/proc/sys/kernel/modprobe", loader)?;
+    run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
+    run(Command::new(loader).arg("rdma_rxe"))?;
+    let devices = SoftRoce::create()?;
+    eprintln!("guest: soft-RoCE: {}", devices.describe());
+    let names = SOFT_ROCE.map(|(.., d)| d).join(",");
+    let mut failed = vec![];
+    for line in std::fs::read_to_string(plan)?.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let mut steps: Vec<Command> = vec![];
+        match fields[..] {
+            ["test", dir, binary] => {
+                let mut c = Command::new(binary);
+                c.arg("--include-ignored").current_dir(dir);
+                steps.push(c);
+            }
+            ["bench", ferry] => {
+                for op in ["write", "read"] {
+                    let mut c = Command::new(ferry);
+                    c.args(["bench", "--protocol", "rdma", "--rdma-devices"])
+                        .arg(SOFT_ROCE[0].2)
+                        .args(["--operation", op, "--verify", "--duration", "1"])
+                        .args(["--block-size", "256K", "--batch-size", "16"])
+                        .args(["--buffer-size", "16M"]);
+                    steps.push(c);
+                }
+            }
+            _ => bail!("unreadable plan line `{line}`"),
+        }
+        for mut c in steps {
+            c.env(DEVICES_VAR, &names);
+            if let Err(e) = run(&mut c) {
+                eprintln!("guest: {e:#}");
+                failed.push(render(&c));
+            }
+        }
+    }
+    drop(devices);
+    Ok(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newc_entries_are_padded_headers_names_and_data() {
+        let mut a = vec![];
+        newc_entry(&mut a, "init", 0o100_755, b"#!/bin/sh\n");
+        assert_eq!(&a[..6], b"070701");
+        assert_eq!(a.len() % 4, 0);
+        // 110-byte header; the name and its NUL padded to 4 (116); the data padded (128).
+        assert_eq!(a.len(), 128);
+        let field = |i: usize| field_at(&a, 0, i);
+        assert_eq!(field(1), 0o100_755, "mode");
+        assert_eq!(field(6), 10, "file size");
+        assert_eq!(field(11), 5, "name size, NUL included");
+        assert_eq!(&a[110..115], b"init\0");
+        assert_eq!(&a[116..126], b"#!/bin/sh\n");
+        let before = a.len();
+        newc_entry(&mut a, "bin", 0o040_755, &[]);
+        assert_eq!(field_at(&a, before, 4), 2, "a folder has two links");
+    }
+
+    fn field_at(a: &[u8], entry: usize, i: usize) -> u32 {
+        let at = entry + 6 + 8 * i;
+        u32::from_str_radix(std::str::from_utf8(&a[at..at + 8]).unwrap(), 16).unwrap()
+    }
+}
