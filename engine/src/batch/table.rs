@@ -404,10 +404,7 @@ impl SlotData {
                 }
             }
             Reported::Failed(reason)
-                if reason.retryable() && attempt == 0 && self.retry && self.retry(task, t) =>
-            {
-                tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
-            }
+                if reason.retryable() && attempt == 0 && self.retry && self.retry(task, t, reason) => {}
             Reported::Failed(reason) => {
                 let to = if reason == FailReason::TimedOut {
                     TIMED_OUT
@@ -430,8 +427,10 @@ impl SlotData {
     /// posting to the retry thread (a post may wait for room until the deadline, which
     /// must not hold the transport thread reporting this failure: it also ends other
     /// operations at their deadlines). Returns false when the task cannot be retried (no
-    /// other path, no key on it, already retried, no retry thread).
-    fn retry(&self, task: usize, t: &Task) -> bool {
+    /// other path, no key on it, already retried, no retry thread); true when it was
+    /// claimed, including when its deadline ended it in the meantime (then nothing is
+    /// posted: the task has ended).
+    fn retry(&self, task: usize, t: &Task, reason: FailReason) -> bool {
         let spec = &self.specs[task];
         let Some(leg) = spec.peer.retry_leg(spec.leg, spec.buffer) else {
             return false;
@@ -465,6 +464,12 @@ impl SlotData {
         // again (unless the deadline ended the task meanwhile: then its seal counted
         // off what had not landed, and that stands).
         t.landed.restart(&self.bytes_left);
+        // The deadline may have ended the task between the check above and the claim:
+        // its end stands, and a retry would only post slices past their deadline.
+        if t.state.load(Ordering::Acquire) != PENDING {
+            return true;
+        }
+        tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,
