@@ -133,6 +133,30 @@ fn an_rdma_build_answers_a_queue_pair_request_only_with_a_started_rdma_transport
     };
     let answered = exchange_with(&e.name(), Protocol::Rdma, &request.encode(), WAIT, None);
     if e.protocols().contains(&Protocol::Rdma) {
+        // A well-formed request gets a queue pair of this side's for each one asked, or,
+        // where the NIC cannot reach the made-up addresses (soft-RoCE with IPv4 GIDs
+        // refuses these link-local ones), a refusal that says so.
+        match answered {
+            Ok(bytes) => {
+                let answer = Message::decode(&bytes).unwrap();
+                assert_eq!(answer.kind, Kind::Answer);
+                assert_eq!(answer.connection, request.connection);
+                assert_eq!(answer.qps.len(), request.qps.len());
+                for (ours, theirs) in answer.qps.iter().zip(&request.qps) {
+                    assert_eq!(
+                        ours.peer_nic, theirs.nic,
+                        "each answer names its pair's NIC"
+                    );
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("exchange refused: queue pair 0: the peer's address is unusable"),
+                    "{msg}"
+                );
+            }
+        }
         // The transport decodes what it is given: garbage is refused as malformed.
         let err = exchange_with(&e.name(), Protocol::Rdma, b"not FYQP", WAIT, None).unwrap_err();
         assert!(err.to_string().contains("malformed"), "{err}");

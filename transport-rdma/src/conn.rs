@@ -403,12 +403,18 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
     let mut slots = Vec::with_capacity(request.qps.len());
     let mut answer = Vec::with_capacity(request.qps.len());
     let mut ports = Vec::new();
-    for q in &request.qps {
+    for (i, q) in request.qps.iter().enumerate() {
         let nic = &nics[usize::from(q.peer_nic)];
         let (slot, mut addr) = nic
             .new_qp(false, usize::from(q.nic), unused.clone(), no_conn.clone())
             .map_err(verb)?;
-        nic.connect_qp(&slot, q, addr.psn).map_err(verb)?;
+        // The peer's address is the peer's word: one this NIC cannot reach (a GID of
+        // another kind, a LID on Ethernet) is a refusal, not a fault of this side.
+        nic.connect_qp(&slot, q, addr.psn).map_err(|e| {
+            refuse(format!(
+                "queue pair {i}: the peer's address is unusable here ({e})"
+            ))
+        })?;
         addr.peer_nic = q.nic;
         if !ports.contains(&nic.index) {
             ports.push(nic.index);

@@ -404,7 +404,10 @@ impl SlotData {
                 }
             }
             Reported::Failed(reason)
-                if reason.retryable() && attempt == 0 && self.retry && self.retry(task, t, reason) => {}
+                if reason.retryable()
+                    && attempt == 0
+                    && self.retry
+                    && self.retry(task, t, reason) => {}
             Reported::Failed(reason) => {
                 let to = if reason == FailReason::TimedOut {
                     TIMED_OUT
