@@ -217,10 +217,18 @@ fn a_peer_that_publishes_rdma_and_one_that_does_not_talk_over_tcp() {
 }
 
 fn rdma_engine() -> Engine {
-    Engine::builder()
+    rdma_engine_at(None)
+}
+
+/// An engine over RDMA, listening at `address` when given (a restart at the same port).
+fn rdma_engine_at(address: Option<String>) -> Engine {
+    let mut b = Engine::builder()
         .transport(Rdma::new(rdma_config()))
-        .fallback(Tcp::new(TcpConfig::default()))
-        .build()
+        .fallback(Tcp::new(TcpConfig::default()));
+    if let Some(a) = address {
+        b = b.listen(a);
+    }
+    b.build()
         .unwrap_or_else(|e| panic!("engine over RDMA: {e}"))
 }
 
@@ -268,4 +276,40 @@ fn failed_rdma_transfers_are_retried_over_tcp_when_allowed() {
     let host = Location::host();
     let used = common::round_trips_at(&initiator, &target, host, host, common::SIZES);
     assert!(used.is_some());
+}
+
+/// A target restarted at the same address over RDMA: its old queue pairs are gone (the
+/// NIC reports the first batch's operations failed, or its deadline ends it), and a
+/// later batch follows the peer to its new descriptor, connects new queue pairs and
+/// lands in the new buffer, still over RDMA, without the caller opening anything.
+#[test]
+#[ignore = "needs an RDMA device"]
+fn a_restarted_rdma_peer_is_followed_over_rdma() {
+    use ferry_engine::Access;
+    let target = rdma_engine();
+    let address = target.name();
+    let kv = target
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    let initiator = rdma_engine();
+    let local = initiator.allocate(8192, Location::host()).unwrap();
+    let segment = initiator.open_segment(&address).unwrap();
+    let remote = segment.buffer_named("kv").unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 8192).unwrap();
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+    assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
+    let old_incarnation = segment.descriptor().incarnation;
+
+    drop(kv);
+    drop(target);
+    let restarted = rdma_engine_at(Some(address.clone()));
+    let _pad = restarted.allocate(4096, Location::host()).unwrap();
+    let kv = restarted
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    common::write_to_restarted_peer(&initiator, &local, &remote, &kv, 8192);
+    assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
+    let now = initiator.open_segment(&address).unwrap();
+    assert_ne!(now.descriptor().incarnation, old_incarnation);
 }
