@@ -66,12 +66,11 @@ const PLAN: &[Suite] = &[
     },
 ];
 
-/// Host packages: the emulator, busybox for the initramfs, kmod for the modules. qemu's
-/// tools come along so that a host which had them keeps them (Debian's emulator replaces
-/// a newer `qemu-utils` with its own).
+/// Host packages: the emulator (Debian's; apt replaces a newer `qemu-utils` from
+/// elsewhere with its own when it installs it, which ferry does not use), busybox for the
+/// initramfs, kmod for the modules, and the user-space side of RDMA the guest uses.
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
-    "qemu-utils",
     "busybox-static",
     "kmod",
     "iproute2",
