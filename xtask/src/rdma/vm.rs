@@ -80,6 +80,10 @@ const PACKAGES: &[&str] = &[
 /// Modules the initramfs loads to reach the host's files (their dependencies come too).
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
+/// kmod's tools, by path: `/usr/sbin` is not on every user's `PATH`.
+const MODPROBE: &str = "/usr/sbin/modprobe";
+const DEPMOD: &str = "/usr/sbin/depmod";
+
 /// The longest the VM may run before it is stopped and the step fails.
 const VM_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -228,8 +232,9 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
         std::fs::remove_dir_all(&download)?;
     }
     std::fs::create_dir_all(&download)?;
+    // Downloading needs no privilege (refreshing the lists does).
     let fetch = || {
-        let mut c = as_root("apt-get");
+        let mut c = Command::new("apt-get");
         c.args(["download", "-qq", &package]).current_dir(&download);
         c.status().is_ok_and(|s| s.success())
     };
@@ -244,12 +249,14 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .context("apt-get download left no .deb")?;
-    if tree.exists() {
-        std::fs::remove_dir_all(&tree)?;
+    // One kernel is kept: an older one (about 400 MB unpacked) goes.
+    let kernels = vm_dir().join("kernel");
+    if kernels.exists() {
+        std::fs::remove_dir_all(&kernels)?;
     }
     std::fs::create_dir_all(&tree)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-    run(Command::new("depmod").arg("-b").arg(&tree).arg(&version))?;
+    run(Command::new(DEPMOD).arg("-b").arg(&tree).arg(&version))?;
     std::fs::remove_dir_all(&download)?;
     Ok((image, tree))
 }
@@ -283,7 +290,7 @@ fn write_initramfs(path: &Path, modules: &Path) -> Result<()> {
     )];
     let mut order = vec![];
     for m in BOOT_MODULES {
-        let out = Command::new("modprobe")
+        let out = Command::new(MODPROBE)
             .arg("-d")
             .arg(modules)
             .args(["-S", &version, "--show-depends", m])
@@ -427,7 +434,7 @@ fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
     std::fs::write(
         loader,
         format!(
-            "#!/bin/sh\nexec /usr/sbin/modprobe -d {} \"$@\"\n",
+            "#!/bin/sh\nexec {MODPROBE} -d {} \"$@\"\n",
             modules.display()
         ),
     )?;
