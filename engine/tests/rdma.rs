@@ -285,31 +285,6 @@ fn failed_rdma_transfers_are_retried_over_tcp_when_allowed() {
 #[test]
 #[ignore = "needs an RDMA device"]
 fn a_restarted_rdma_peer_is_followed_over_rdma() {
-    use ferry_engine::Access;
-    let target = rdma_engine();
-    let address = target.name();
-    let kv = target
-        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
-        .unwrap();
-    let initiator = rdma_engine();
-    let local = initiator.allocate(8192, Location::host()).unwrap();
-    let segment = initiator.open_segment(&address).unwrap();
-    let remote = segment.buffer_named("kv").unwrap();
-    let mut b = initiator.batch();
-    b.write(&local, 0, &remote, 0, 8192).unwrap();
-    b.submit().unwrap().wait(common::WAIT).unwrap();
-    assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
-    let old_incarnation = segment.descriptor().incarnation;
-
-    drop(kv);
-    drop(target);
-    let restarted = rdma_engine_at(Some(address.clone()));
-    let _pad = restarted.allocate(4096, Location::host()).unwrap();
-    let kv = restarted
-        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
-        .unwrap();
-    common::write_to_restarted_peer(&initiator, &local, &remote, &kv, 8192);
-    assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
-    let now = initiator.open_segment(&address).unwrap();
-    assert_ne!(now.descriptor().incarnation, old_incarnation);
+    let used = common::handles_follow_a_restarted_peer(&rdma_engine_at, &rdma_engine());
+    assert_eq!(used, (Some(Protocol::Rdma), Some(Protocol::Rdma)));
 }

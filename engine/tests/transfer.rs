@@ -501,43 +501,27 @@ fn huge_timeouts_are_capped_not_overflowed() {
     assert_eq!(got.message, b"never late");
 }
 
-/// A peer restarted at the same address (a new incarnation, new buffers and keys): the
-/// caller's old handles follow it. The first batch after the restart finds the old
-/// connection gone, opens the peer again by name, finds the buffer by its name in the new
-/// descriptor, and lands there, without the caller opening anything.
+/// A peer restarted at the same address is followed by the caller's old handles
+/// (`common::handles_follow_a_restarted_peer`).
 #[test]
 fn handles_follow_a_restarted_peer_without_reopening() {
-    let target = Engine::builder()
-        .transport(Tcp::new(TcpConfig::default()))
+    let tcp = |at: Option<String>| {
+        let b = Engine::builder().transport(Tcp::new(TcpConfig::default()));
+        match at {
+            Some(address) => b.listen(address),
+            None => b,
+        }
         .build()
-        .unwrap();
-    let address = target.name();
-    let kv = target
-        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
-        .unwrap();
-    let initiator = engine();
-    let local = initiator.allocate(8192, Location::host()).unwrap();
-    let segment = initiator.open_segment(&address).unwrap();
-    let remote = segment.buffer_named("kv").unwrap();
-    let mut b = initiator.batch();
-    b.write(&local, 0, &remote, 0, 8192).unwrap();
-    b.submit().unwrap().wait(WAIT).unwrap();
-    let old_incarnation = segment.descriptor().incarnation;
-
-    drop(kv);
-    drop(target);
-    let restarted = Engine::builder()
-        .transport(Tcp::new(TcpConfig::default()))
-        .listen(address.clone())
-        .build()
-        .expect("the same port again");
-    let _pad = restarted.allocate(4096, Location::host()).unwrap();
-    let kv = restarted
-        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
-        .unwrap();
-    common::write_to_restarted_peer(&initiator, &local, &remote, &kv, 8192);
-    let now = initiator.open_segment(&address).unwrap();
-    assert_ne!(now.descriptor().incarnation, old_incarnation);
+        .expect("an engine, at the same port again when restarted")
+    };
+    let used = common::handles_follow_a_restarted_peer(&tcp, &engine());
+    assert_eq!(
+        used,
+        (
+            Some(ferry_engine::Protocol::Tcp),
+            Some(ferry_engine::Protocol::Tcp)
+        )
+    );
 }
 
 /// A thread waiting on a batch while it busy-polls reads its answers over TCP itself

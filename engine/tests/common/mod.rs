@@ -174,6 +174,47 @@ pub fn round_trips_at(
     remote.segment().protocol()
 }
 
+/// A target made by `make` (listening at the address it is given, when one is) is
+/// written to, dropped, and started again at its address (a new incarnation, new
+/// buffers and keys). The caller's old handles follow it: the first batch after the
+/// restart finds the old connection gone, opens the peer again by name, finds the buffer
+/// by its name in the new descriptor, and lands there, without the caller opening
+/// anything. Returns the protocol the handle's segment used before and after.
+pub fn handles_follow_a_restarted_peer(
+    make: &dyn Fn(Option<String>) -> Engine,
+    initiator: &Engine,
+) -> (
+    Option<ferry_engine::Protocol>,
+    Option<ferry_engine::Protocol>,
+) {
+    use ferry_engine::{Access, Location};
+    let target = make(None);
+    let address = target.name();
+    let kv = target
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    let local = initiator.allocate(8192, Location::host()).unwrap();
+    let segment = initiator.open_segment(&address).unwrap();
+    let remote = segment.buffer_named("kv").unwrap();
+    let mut b = initiator.batch();
+    b.write(&local, 0, &remote, 0, 8192).unwrap();
+    b.submit().unwrap().wait(WAIT).unwrap();
+    let before = remote.segment().protocol();
+    let old_incarnation = segment.descriptor().incarnation;
+
+    drop(kv);
+    drop(target);
+    let restarted = make(Some(address.clone()));
+    let _pad = restarted.allocate(4096, Location::host()).unwrap();
+    let kv = restarted
+        .allocate_with(8192, Location::host(), Access::RemoteReadWrite, "kv")
+        .unwrap();
+    write_to_restarted_peer(initiator, &local, &remote, &kv, 8192);
+    let now = initiator.open_segment(&address).unwrap();
+    assert_ne!(now.descriptor().incarnation, old_incarnation);
+    (before, remote.segment().protocol())
+}
+
 /// Writes random bytes from `local` to `remote` (both `len` long) until a batch
 /// completes, then checks they are in `landed_in`, the restarted peer's buffer. The old
 /// connection may not know yet that it died: a batch on it fails (by its deadline at
