@@ -152,7 +152,9 @@ fn an_rdma_build_answers_a_queue_pair_request_only_with_a_started_rdma_transport
             Err(e) => {
                 let msg = e.to_string();
                 assert!(
-                    msg.contains("exchange refused: queue pair 0: the peer's address is unusable"),
+                    msg.contains(
+                        "exchange refused: could not connect queue pair 0 to the peer's address"
+                    ),
                     "{msg}"
                 );
             }

@@ -408,11 +408,11 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
         let (slot, mut addr) = nic
             .new_qp(false, usize::from(q.nic), unused.clone(), no_conn.clone())
             .map_err(verb)?;
-        // The peer's address is the peer's word: one this NIC cannot reach (a GID of
-        // another kind, a LID on Ethernet) is a refusal, not a fault of this side.
+        // Connecting to the addresses the peer sent (a GID of another kind, a LID on
+        // Ethernet) can fail: a refusal that names the queue pair, not "unsupported".
         nic.connect_qp(&slot, q, addr.psn).map_err(|e| {
             refuse(format!(
-                "queue pair {i}: the peer's address is unusable here ({e})"
+                "could not connect queue pair {i} to the peer's address ({e})"
             ))
         })?;
         addr.peer_nic = q.nic;

@@ -89,25 +89,24 @@ pub(crate) fn hw() -> Result<()> {
         None => {
             apt_install(PACKAGES)?;
             let devices = SoftRoce::create()?;
-            let names = SOFT_ROCE.map(|(.., d)| d).join(",");
             eprintln!(
                 "xtask: RDMA hardware tests on soft-RoCE: {}",
                 devices.describe()
             );
             // `devices` is dropped (and the devices removed) however the tests end.
-            run_tests(true, Some(&names))
+            run_tests(true, Some(&SoftRoce::names()))
         }
         Some(why) => {
             run_tests(false, None)?;
-            match vm::unavailable() {
-                None => {
+            match vm::prepare() {
+                Ok(kernel) => {
                     eprintln!(
                         "xtask: this host's kernel cannot make soft-RoCE devices ({why}): \
                          the RDMA hardware tests run in a VM"
                     );
-                    vm::run_tests()
+                    vm::run_tests(&kernel)
                 }
-                Some(no_vm) => {
+                Err(no_vm) => {
                     eprintln!(
                         "xtask: skipped: the RDMA hardware tests (this host has no RDMA \
                          device, soft-RoCE cannot be set up: {why}; and no VM: {no_vm}); the \
@@ -121,11 +120,12 @@ pub(crate) fn hw() -> Result<()> {
 }
 
 /// The step of `cargo xtask test` without `--hw`: the RDMA tests over soft-RoCE in a
-/// virtual machine ([`vm`]), or a line saying why they cannot run here.
+/// virtual machine ([`vm`]) on any host, so that every run drives the verbs path the same
+/// way whatever the host has; or a line saying why they cannot run here.
 pub(crate) fn vm_step() -> Result<()> {
-    match vm::unavailable() {
-        None => vm::run_tests(),
-        Some(why) => {
+    match vm::prepare() {
+        Ok(kernel) => vm::run_tests(&kernel),
+        Err(why) => {
             eprintln!("xtask: skipped: the RDMA tests over soft-RoCE in a VM ({why})");
             Ok(())
         }
@@ -212,6 +212,11 @@ impl SoftRoce {
         }
         let _ = run(Command::new("rdma").args(["link", "show"]));
         Ok(made)
+    }
+
+    /// The devices' names as `FERRY_RDMA_DEVICES` takes them.
+    fn names() -> String {
+        SOFT_ROCE.map(|(.., d)| d).join(",")
     }
 
     /// The devices in words, for the log.

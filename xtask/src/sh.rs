@@ -91,15 +91,22 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let apt = |args: &[&str]| {
-        let mut c = as_root("apt-get");
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        c
-    };
-    run(&mut apt(&["update", "-qq"]))?;
+    apt_update()?;
     let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
     install.args(&missing);
     run(&mut install)
+}
+
+/// Refreshes apt's package lists (needs root, as on CI).
+pub(crate) fn apt_update() -> Result<()> {
+    run(&mut apt(&["update", "-qq"]))
+}
+
+/// `apt-get ARGS` as root, without questions.
+fn apt(args: &[&str]) -> Command {
+    let mut c = as_root("apt-get");
+    c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    c
 }
 
 /// Debian packages the full build needs: libfabric and its headers for the `efa`

@@ -432,7 +432,8 @@ impl SlotData {
     /// operations at their deadlines). Returns false when the task cannot be retried (no
     /// other path, no key on it, already retried, no retry thread); true when it was
     /// claimed, including when its deadline ended it in the meantime (then nothing is
-    /// posted: the task has ended).
+    /// posted; a deadline that ends it just after that check leaves the retry's slices
+    /// to be refused as past their deadline, their reports ignored).
     fn retry(&self, task: usize, t: &Task, reason: FailReason) -> bool {
         let spec = &self.specs[task];
         let Some(leg) = spec.peer.retry_leg(spec.leg, spec.buffer) else {

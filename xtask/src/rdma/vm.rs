@@ -1,10 +1,13 @@
-//! The RDMA tests over soft-RoCE in a virtual machine, for hosts whose kernel cannot make
-//! soft-RoCE devices itself (no `rdma_rxe` module: containers, micro-VMs, CI runners).
+//! The RDMA tests over soft-RoCE in a virtual machine: the same on every host, and the
+//! way hosts whose kernel cannot make soft-RoCE devices itself (no `rdma_rxe` module:
+//! containers, micro-VMs, CI runners) run the RDMA data path at all.
 //!
 //! What it runs, on the host:
-//! - builds the RDMA test binaries (see [`PLAN`]) and the `ferry` binary with `rdma`;
 //! - fetches Debian's current kernel package (`linux-image-amd64`'s dependency) into
-//!   `target/rdma-vm/kernel/VERSION` once, and indexes its modules (`depmod`);
+//!   `target/rdma-vm/kernel/VERSION` once, and indexes its modules (`depmod`); where
+//!   that or the packages below cannot be had, [`prepare`] says why and the step is
+//!   skipped;
+//! - builds the RDMA test binaries (see [`PLAN`]) and the `ferry` binary with `rdma`;
 //! - writes a small initramfs (busybox and the virtio and 9p modules) that mounts the
 //!   host's root file system read-only over 9p and hands over to the guest step of this
 //!   xtask binary, `__rdma-vm-guest`;
@@ -14,9 +17,10 @@
 //!
 //! In the guest (PID 1): tmpfs over `/tmp`, `/run` and the like; the kernel's module
 //! loader pointed at the fetched modules; `rdma_rxe` loaded and the two soft-RoCE devices
-//! made as on a host ([`SoftRoce`]); then every planned test binary with its ignored
-//! (hardware) tests included, and `ferry bench --protocol rdma --verify` both ways
-//! between two processes; then it powers the machine off.
+//! made as on a host ([`SoftRoce`]); then every test of the planned binaries, ignored
+//! (hardware) ones included, each in a process of its own as nextest runs them, and
+//! `ferry bench --protocol rdma --verify` both ways between two processes; then it powers
+//! the machine off.
 //!
 //! The user-space side is the host's own: libibverbs and its `rxe` driver
 //! (`ibverbs-providers`), iproute2's `rdma`, kmod.
@@ -29,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::{SoftRoce, DEVICES_VAR, SOFT_ROCE};
-use crate::sh::{apt_install, as_root, have, render, root, run, test_binaries};
+use crate::sh::{apt_install, apt_update, have, render, root, run, test_binaries, BUILD_PACKAGES};
 use crate::test::FULL_FEATURES;
 
 /// A build whose RDMA tests run in the VM.
@@ -93,23 +97,45 @@ fn vm_dir() -> PathBuf {
     root().join("target/rdma-vm")
 }
 
-/// Why the VM cannot run here, or `None` when it can (x86_64 Linux with apt, where the
-/// packages install).
-pub(crate) fn unavailable() -> Option<String> {
-    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-        return Some("the soft-RoCE VM is set up for x86_64 Linux hosts only".into());
-    }
-    if !have("apt-get") {
-        return Some("no apt-get to install qemu and fetch a kernel with".into());
-    }
-    if let Err(e) = apt_install(PACKAGES) {
-        return Some(format!("cannot install {}: {e:#}", PACKAGES.join(" ")));
-    }
-    None
+/// The kernel the VM boots: its image and the folder whose `lib/modules/VERSION` holds
+/// its indexed modules.
+pub(crate) struct Kernel {
+    image: PathBuf,
+    tree: PathBuf,
 }
 
-/// Builds what the guest runs, boots the VM and fails unless every test in it passed.
-pub(crate) fn run_tests() -> Result<()> {
+/// Gets what the VM needs (packages, a kernel), or says why it cannot run here: not an
+/// x86_64 Linux host with Debian's apt, packages that do not install, no kernel package
+/// (no network, another distribution), or paths qemu cannot take.
+pub(crate) fn prepare() -> Result<Kernel, String> {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return Err("the soft-RoCE VM is set up for x86_64 Linux hosts only".into());
+    }
+    if !have("apt-get") {
+        return Err("no apt-get to install qemu and fetch a kernel with".into());
+    }
+    // The paths go into qemu's `-virtfs` options (commas separate them) and the kernel's
+    // command line (spaces and quotes separate words).
+    let unsafe_char = |c: char| c.is_whitespace() || matches!(c, ',' | '"' | '\'' | '\\');
+    for p in [Some(root()), std::env::current_exe().ok()]
+        .into_iter()
+        .flatten()
+    {
+        if p.to_string_lossy().contains(unsafe_char) {
+            return Err(format!(
+                "{} holds a space, comma or quote, which qemu's options cannot take",
+                p.display()
+            ));
+        }
+    }
+    apt_install(PACKAGES).map_err(|e| format!("cannot install {}: {e:#}", PACKAGES.join(" ")))?;
+    kernel().map_err(|e| format!("no Debian kernel to boot: {e:#}"))
+}
+
+/// Builds what the guest runs, boots the VM on `kernel` and fails unless every test in it
+/// passed.
+pub(crate) fn run_tests(kernel: &Kernel) -> Result<()> {
+    apt_install(BUILD_PACKAGES)?;
     let dir = vm_dir();
     std::fs::create_dir_all(&dir)?;
     let started = Instant::now();
@@ -136,9 +162,27 @@ pub(crate) fn run_tests() -> Result<()> {
     }
     let ferry = ferry.context("the builds made no `ferry` binary")?;
     plan.push_str(&format!("bench\t{}\n", ferry.display()));
-    let (kernel, modules) = kernel()?;
+    // Folders the guest must still see where it mounts a tmpfs (a workspace or a target
+    // folder under /tmp): the workspace, and where every program it runs lies.
+    let xtask = std::env::current_exe().context("finding this xtask binary")?;
+    let mut keep = vec![root()];
+    let programs = plan
+        .lines()
+        .filter_map(|l| l.rsplit('\t').next())
+        .map(PathBuf::from);
+    for p in programs.chain([xtask.clone()]) {
+        if let Some(d) = p
+            .parent()
+            .filter(|d| !keep.iter().any(|k| d.starts_with(k)))
+        {
+            keep.push(d.to_path_buf());
+        }
+    }
+    for k in keep {
+        plan.insert_str(0, &format!("keep\t{}\n", k.display()));
+    }
     let initrd = dir.join("initrd.cpio");
-    write_initramfs(&initrd, &modules)?;
+    write_initramfs(&initrd, &kernel.tree)?;
     let out = dir.join("out");
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
@@ -146,25 +190,16 @@ pub(crate) fn run_tests() -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let plan_file = dir.join("plan.tsv");
     std::fs::write(&plan_file, &plan)?;
-    let xtask = std::env::current_exe().context("finding this xtask binary")?;
-    for p in [&xtask, &plan_file, &modules, &out] {
-        if p.to_string_lossy().contains(char::is_whitespace) {
-            bail!(
-                "the soft-RoCE VM needs paths without spaces: {}",
-                p.display()
-            );
-        }
-    }
     eprintln!(
         "xtask: RDMA tests over soft-RoCE in a VM (kernel {}, built in {:.0} s)",
-        kernel.display(),
+        kernel.image.display(),
         started.elapsed().as_secs_f64()
     );
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .args(["-no-reboot", "-nic", "none", "-kernel"])
-        .arg(&kernel)
+        .arg(&kernel.image)
         .arg("-initrd")
         .arg(&initrd)
         .arg("-append")
@@ -173,7 +208,7 @@ pub(crate) fn run_tests() -> Result<()> {
              ferry.out={}",
             xtask.display(),
             plan_file.display(),
-            modules.display(),
+            kernel.tree.display(),
             out.display()
         ))
         .arg("-virtfs")
@@ -213,52 +248,68 @@ pub(crate) fn run_tests() -> Result<()> {
     }
 }
 
-/// Debian's current kernel for the VM, fetched and unpacked once: its image and the
-/// folder whose `lib/modules/VERSION` holds its indexed modules.
-fn kernel() -> Result<(PathBuf, PathBuf)> {
-    let package = kernel_package()?;
-    let version = package
-        .strip_prefix("linux-image-")
-        .context("kernel package name")?
-        .to_string();
-    let tree = vm_dir().join("kernel").join(&version);
-    let image = tree.join(format!("boot/vmlinuz-{version}"));
-    let index = tree.join(format!("lib/modules/{version}/modules.dep.bin"));
-    if image.exists() && index.exists() {
-        return Ok((image, tree));
-    }
+/// Debian's current kernel for the VM, fetched and unpacked once.
+fn kernel() -> Result<Kernel> {
     let download = vm_dir().join("download");
-    if download.exists() {
-        std::fs::remove_dir_all(&download)?;
-    }
-    std::fs::create_dir_all(&download)?;
-    // Downloading needs no privilege (refreshing the lists does).
-    let fetch = || {
-        let mut c = Command::new("apt-get");
-        c.args(["download", "-qq", &package]).current_dir(&download);
-        c.status().is_ok_and(|s| s.success())
-    };
-    if !fetch() {
-        // The package lists may be older than the archive: refresh them once.
-        run(as_root("apt-get").args(["update", "-qq"]))?;
-        if !fetch() {
+    let mut refreshed = false;
+    loop {
+        // Missing or old package lists name no kernel, or one the archive no longer
+        // has: refresh them once and look again.
+        let package = match kernel_package() {
+            Ok(p) => p,
+            Err(_) if !refreshed => {
+                apt_update()?;
+                refreshed = true;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let version = package
+            .strip_prefix("linux-image-")
+            .context("kernel package name")?
+            .to_string();
+        let tree = vm_dir().join("kernel").join(&version);
+        let kernel = Kernel {
+            image: tree.join(format!("boot/vmlinuz-{version}")),
+            tree: tree.clone(),
+        };
+        let index = tree.join(format!("lib/modules/{version}/modules.dep.bin"));
+        if kernel.image.exists() && index.exists() {
+            return Ok(kernel);
+        }
+        if download.exists() {
+            std::fs::remove_dir_all(&download)?;
+        }
+        std::fs::create_dir_all(&download)?;
+        // Downloading needs no privilege (refreshing the lists does).
+        let fetched = Command::new("apt-get")
+            .args(["download", "-qq", &package])
+            .current_dir(&download)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !fetched {
+            if !refreshed {
+                apt_update()?;
+                refreshed = true;
+                continue;
+            }
             bail!("`apt-get download {package}` failed");
         }
+        let deb = std::fs::read_dir(&download)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        // One kernel is kept: an older one (about 400 MB unpacked) goes.
+        let kernels = vm_dir().join("kernel");
+        if kernels.exists() {
+            std::fs::remove_dir_all(&kernels)?;
+        }
+        std::fs::create_dir_all(&tree)?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+        run(Command::new(DEPMOD).arg("-b").arg(&tree).arg(&version))?;
+        std::fs::remove_dir_all(&download)?;
+        return Ok(kernel);
     }
-    let deb = std::fs::read_dir(&download)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
-    // One kernel is kept: an older one (about 400 MB unpacked) goes.
-    let kernels = vm_dir().join("kernel");
-    if kernels.exists() {
-        std::fs::remove_dir_all(&kernels)?;
-    }
-    std::fs::create_dir_all(&tree)?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-    run(Command::new(DEPMOD).arg("-b").arg(&tree).arg(&version))?;
-    std::fs::remove_dir_all(&download)?;
-    Ok((image, tree))
 }
 
 /// The package `linux-image-amd64` stands for (`linux-image-6.1.0-57-amd64`).
@@ -303,9 +354,11 @@ fn write_initramfs(path: &Path, modules: &Path) -> Result<()> {
             );
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // `insmod /path/to/module.ko` (or `builtin name`, which needs nothing).
-            if let Some(ko) = line.strip_prefix("insmod ") {
-                let ko = Path::new(ko.trim());
+            // `insmod /path/to/module.ko [options]` (or `builtin name`, which needs
+            // nothing).
+            let mut words = line.split_whitespace();
+            if let (Some("insmod"), Some(ko)) = (words.next(), words.next()) {
+                let ko = Path::new(ko);
                 let name = ko.file_name().context("module path")?.to_string_lossy();
                 if !order.contains(&name.to_string()) {
                     order.push(name.to_string());
@@ -375,10 +428,14 @@ mount -t devtmpfs dev /dev
 for m in @MODULES@; do insmod /modules/$m || echo "init: insmod $m failed"; done
 arg() { sed -n "s/.*ferry\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 guest=$(arg guest); plan=$(arg plan); modules=$(arg modules); out=$(arg out)
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot; then
-    echo "init: cannot mount the host's root over 9p"
+halt() {
+    echo "init: $1"
     echo o > /proc/sysrq-trigger
-fi
+    while :; do sleep 60; done
+}
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot ||
+    halt "cannot mount the host's root over 9p"
+[ -x "/newroot$guest" ] || halt "no guest program at $guest"
 umount /proc /dev
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
 exec switch_root /newroot "$guest" __rdma-vm-guest "$plan" "$modules" "$out"
@@ -388,11 +445,17 @@ exec switch_root /newroot "$guest" __rdma-vm-guest "$plan" "$modules" "$out"
 /// the plan, writes the verdict into OUT and powers off; never returns.
 pub(crate) fn guest(args: &[String]) -> Result<()> {
     let verdict = match args {
-        [plan, modules, out] => match guest_run(Path::new(plan), Path::new(modules), out) {
-            Ok(failed) if failed.is_empty() => "passed\n".to_string(),
-            Ok(failed) => format!("failed\n{}\n", failed.join("\n")),
-            Err(e) => format!("failed\nsetting up the VM: {e:#}\n"),
-        },
+        [plan, modules, out] => {
+            // PID 1 must not end, not even by a panic: catch it and report it.
+            let ran =
+                std::panic::catch_unwind(|| guest_run(Path::new(plan), Path::new(modules), out));
+            match ran {
+                Ok(Ok(failed)) if failed.is_empty() => "passed\n".to_string(),
+                Ok(Ok(failed)) => format!("failed\n{}\n", failed.join("\n")),
+                Ok(Err(e)) => format!("failed\nsetting up the VM: {e:#}\n"),
+                Err(_) => "failed\nthe guest panicked (see the console)\n".to_string(),
+            }
+        }
         _ => "failed\nusage: xtask __rdma-vm-guest PLAN MODULES OUT\n".to_string(),
     };
     eprintln!("guest: {}", verdict.trim().replace('\n', ": "));
@@ -409,26 +472,48 @@ pub(crate) fn guest(args: &[String]) -> Result<()> {
 
 /// The guest's work; returns what failed (empty: everything passed).
 fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
-    let mounts: &[(&str, &str, &str)] = &[
-        ("proc", "proc", "/proc"),
-        ("sysfs", "sys", "/sys"),
-        ("devtmpfs", "dev", "/dev"),
-        ("devpts", "devpts", "/dev/pts"),
-        ("tmpfs", "shm", "/dev/shm"),
-        ("tmpfs", "tmp", "/tmp"),
-        ("tmpfs", "run", "/run"),
-        ("tmpfs", "vartmp", "/var/tmp"),
-        ("tmpfs", "home", "/root"),
-    ];
-    for (fs, source, target) in mounts {
-        if *target == "/dev/pts" || *target == "/dev/shm" {
-            std::fs::create_dir_all(target)?;
-        }
-        run(Command::new("mount").args(["-t", fs, source, target]))?;
+    // Read before any tmpfs can hide it.
+    let plan = std::fs::read_to_string(plan)?;
+    let keep: Vec<&Path> = plan
+        .lines()
+        .filter_map(|l| l.strip_prefix("keep\t"))
+        .map(Path::new)
+        .collect();
+    // Every command here runs from `/`: a workspace under a folder about to get a tmpfs
+    // is not there while it is being put back.
+    let mount = |args: &[&str]| {
+        let mut c = Command::new("mount");
+        c.args(args).current_dir("/");
+        run(&mut c)
+    };
+    mount(&["-t", "proc", "proc", "/proc"])?;
+    mount(&["-t", "sysfs", "sys", "/sys"])?;
+    mount(&["-t", "devtmpfs", "dev", "/dev"])?;
+    for d in ["/dev/pts", "/dev/shm"] {
+        std::fs::create_dir_all(d)?;
     }
-    run(Command::new("mount")
-        .args(["-t", "9p", "-o", "trans=virtio,version=9p2000.L", "out"])
-        .arg(out))?;
+    mount(&["-t", "devpts", "devpts", "/dev/pts"])?;
+    mount(&["-t", "tmpfs", "shm", "/dev/shm"])?;
+    // The host's root stays reachable here while tmpfs covers parts of it.
+    let host = "/dev/shm/host";
+    std::fs::create_dir_all(host)?;
+    mount(&["--bind", "/", host])?;
+    for writable in ["/tmp", "/run", "/var/tmp", "/root"] {
+        mount(&["-t", "tmpfs", "tmpfs", writable])?;
+        for k in keep.iter().filter(|k| k.starts_with(writable)) {
+            std::fs::create_dir_all(k)?;
+            let from = Path::new(host).join(k.strip_prefix("/")?);
+            mount(&["--bind", &from.to_string_lossy(), &k.to_string_lossy()])?;
+        }
+    }
+    mount(&[
+        "-t",
+        "9p",
+        "-o",
+        "trans=virtio,version=9p2000.L",
+        "out",
+        out,
+    ])?;
     // The kernel loads modules on demand (veth, crc32 for rxe, ...) through this program.
     let loader = "/run/modprobe";
     std::fs::write(
@@ -444,16 +529,21 @@ fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
     run(Command::new(loader).arg("rdma_rxe"))?;
     let devices = SoftRoce::create()?;
     eprintln!("guest: soft-RoCE: {}", devices.describe());
-    let names = SOFT_ROCE.map(|(.., d)| d).join(",");
+    let names = SoftRoce::names();
     let mut failed = vec![];
-    for line in std::fs::read_to_string(plan)?.lines() {
+    for line in plan.lines() {
         let fields: Vec<&str> = line.split('\t').collect();
         let mut steps: Vec<Command> = vec![];
         match fields[..] {
             ["test", dir, binary] => {
-                let mut c = Command::new(binary);
-                c.arg("--include-ignored").current_dir(dir);
-                steps.push(c);
+                // One process per test, as nextest runs them: some tests count what the
+                // whole process holds open.
+                for test in list_tests(binary)? {
+                    let mut c = Command::new(binary);
+                    c.args(["--include-ignored", "--exact", &test])
+                        .current_dir(dir);
+                    steps.push(c);
+                }
             }
             ["bench", ferry] => {
                 for op in ["write", "read"] {
@@ -466,6 +556,7 @@ fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
                     steps.push(c);
                 }
             }
+            ["keep", _] => {}
             _ => bail!("unreadable plan line `{line}`"),
         }
         for mut c in steps {
@@ -478,6 +569,22 @@ fn guest_run(plan: &Path, modules: &Path, out: &str) -> Result<Vec<String>> {
     }
     drop(devices);
     Ok(failed)
+}
+
+/// The tests a libtest binary holds, ignored ones included.
+fn list_tests(binary: &str) -> Result<Vec<String>> {
+    let out = Command::new(binary)
+        .args(["--list", "--format", "terse", "--include-ignored"])
+        .output()
+        .with_context(|| format!("listing the tests of {binary}"))?;
+    if !out.status.success() {
+        bail!("`{binary} --list` failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]
