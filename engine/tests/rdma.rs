@@ -288,3 +288,67 @@ fn a_restarted_rdma_peer_is_followed_over_rdma() {
     let used = common::handles_follow_a_restarted_peer(&rdma_engine_at, &rdma_engine());
     assert_eq!(used, (Some(Protocol::Rdma), Some(Protocol::Rdma)));
 }
+
+/// A queue-pair request the target refuses (addresses its NIC cannot reach, as soft-RoCE
+/// refuses link-local GIDs) changes nothing the target keeps: with room for one queue
+/// pair, the connection it already serves is not evicted to make room for the refused
+/// one, and the next transfer on that connection lands.
+#[test]
+#[ignore = "needs an RDMA device"]
+fn a_refused_queue_pair_request_evicts_no_connection() {
+    use ferry_transport_rdma::exchange::{Kind, Message, QpAddr};
+    let one_port = |max_peer_qps| RdmaConfig {
+        devices: rdma_config().devices.into_iter().take(1).collect(),
+        qps_per_pair: 1,
+        max_peer_qps,
+        ..rdma_config()
+    };
+    let engine = |config| {
+        Engine::builder()
+            .transport(Rdma::new(config))
+            .fallback(Tcp::new(TcpConfig::default()))
+            .build()
+            .unwrap_or_else(|e| panic!("engine over RDMA: {e}"))
+    };
+    let target = engine(one_port(1));
+    let initiator = engine(one_port(4096));
+    let len = 64 * 1024;
+    let target_buf = target.allocate(len, Location::host()).unwrap();
+    let local = initiator.allocate(len, Location::host()).unwrap();
+    // `write_check_read` reads back one byte in.
+    let back = initiator.allocate(len + 1, Location::host()).unwrap();
+    let remote = common::remote_of(&initiator, &target, &target_buf);
+    common::write_check_read(&initiator, &local, &back, &remote, &target_buf, len, 0, 0);
+    assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
+
+    let request = Message {
+        kind: Kind::Request,
+        connection: 0x0bad_0000_0000_0001,
+        replaces: 0,
+        qps: vec![QpAddr {
+            nic: 0,
+            peer_nic: 0,
+            qpn: 0x1200,
+            psn: 0x00ab_cdef,
+            lid: 0,
+            gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, 1],
+            mtu: 3,
+            rd_atomic: 16,
+        }],
+        flush: Vec::new(),
+    };
+    let answered = ferry_transport_tcp::exchange_with(
+        &target.name(),
+        Protocol::Rdma,
+        &request.encode(),
+        common::WAIT,
+        None,
+    );
+    if answered.is_ok() {
+        // This NIC can reach those addresses: the request was a good one, and making
+        // room for it by dropping the oldest connection is what the limit means.
+        eprintln!("skipped: this NIC accepts link-local GIDs, so the request was not refused");
+        return;
+    }
+    common::write_check_read(&initiator, &local, &back, &remote, &target_buf, len, 0, 0);
+}

@@ -384,16 +384,8 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
             request.qps.len()
         )));
     }
-    let mut accepted = shared.accepted.lock();
-    if request.replaces != 0 {
-        if let Some((_, v)) = accepted.by_connection.remove(&request.replaces) {
-            accepted.qps -= v.len();
-        }
-    }
-    if let Some((_, v)) = accepted.by_connection.remove(&request.connection) {
-        accepted.qps -= v.len();
-    }
-    accepted.make_room(request.qps.len(), limit);
+    // Nothing this side keeps changes until every new queue pair is up: a request refused
+    // half-way tears down no connection and evicts nobody's.
     let verb = |e: crate::verbs::VerbError| TransportError::Unsupported {
         what: "accepting an RDMA connection".into(),
         why: e.to_string(),
@@ -422,6 +414,16 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
         slots.push(slot);
         answer.push(addr);
     }
+    let mut accepted = shared.accepted.lock();
+    if request.replaces != 0 {
+        if let Some((_, v)) = accepted.by_connection.remove(&request.replaces) {
+            accepted.qps -= v.len();
+        }
+    }
+    if let Some((_, v)) = accepted.by_connection.remove(&request.connection) {
+        accepted.qps -= v.len();
+    }
+    accepted.make_room(slots.len(), limit);
     accepted.qps += slots.len();
     accepted
         .by_connection
