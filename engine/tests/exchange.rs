@@ -105,7 +105,7 @@ fn an_engines_secret_guards_its_exchanges() {
 #[cfg(feature = "rdma")]
 #[test]
 fn an_rdma_build_answers_a_queue_pair_request_only_with_a_started_rdma_transport() {
-    use ferry_transport_rdma::exchange::{Kind, Message, QpAddr};
+    use ferry_transport_rdma::exchange::{Kind, Message};
 
     let e = ferry_engine::Engine::from_config(&ferry_engine::EngineConfig {
         protocol: "rdma".into(),
@@ -113,24 +113,7 @@ fn an_rdma_build_answers_a_queue_pair_request_only_with_a_started_rdma_transport
         ..ferry_engine::EngineConfig::default()
     })
     .unwrap();
-    let request = Message {
-        kind: Kind::Request,
-        connection: 0x5eed_0000_0000_0001,
-        replaces: 0,
-        qps: (0..4)
-            .map(|i| QpAddr {
-                nic: i % 2,
-                peer_nic: 0,
-                qpn: 0x1200 + u32::from(i),
-                psn: 0x00ab_cdef,
-                lid: 0,
-                gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, i],
-                mtu: 3,
-                rd_atomic: 16,
-            })
-            .collect(),
-        flush: Vec::new(),
-    };
+    let request = common::link_local_qp_request(0x5eed_0000_0000_0001, 4);
     let answered = exchange_with(&e.name(), Protocol::Rdma, &request.encode(), WAIT, None);
     if e.protocols().contains(&Protocol::Rdma) {
         // A well-formed request gets a queue pair of this side's for each one asked, or,

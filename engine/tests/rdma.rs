@@ -222,8 +222,12 @@ fn rdma_engine() -> Engine {
 
 /// An engine over RDMA, listening at `address` when given (a restart at the same port).
 fn rdma_engine_at(address: Option<String>) -> Engine {
+    rdma_engine_with(rdma_config(), address)
+}
+
+fn rdma_engine_with(config: RdmaConfig, address: Option<String>) -> Engine {
     let mut b = Engine::builder()
-        .transport(Rdma::new(rdma_config()))
+        .transport(Rdma::new(config))
         .fallback(Tcp::new(TcpConfig::default()));
     if let Some(a) = address {
         b = b.listen(a);
@@ -296,22 +300,14 @@ fn a_restarted_rdma_peer_is_followed_over_rdma() {
 #[test]
 #[ignore = "needs an RDMA device"]
 fn a_refused_queue_pair_request_evicts_no_connection() {
-    use ferry_transport_rdma::exchange::{Kind, Message, QpAddr};
     let one_port = |max_peer_qps| RdmaConfig {
         devices: rdma_config().devices.into_iter().take(1).collect(),
         qps_per_pair: 1,
         max_peer_qps,
         ..rdma_config()
     };
-    let engine = |config| {
-        Engine::builder()
-            .transport(Rdma::new(config))
-            .fallback(Tcp::new(TcpConfig::default()))
-            .build()
-            .unwrap_or_else(|e| panic!("engine over RDMA: {e}"))
-    };
-    let target = engine(one_port(1));
-    let initiator = engine(one_port(4096));
+    let target = rdma_engine_with(one_port(1), None);
+    let initiator = rdma_engine_with(one_port(4096), None);
     let len = 64 * 1024;
     let target_buf = target.allocate(len, Location::host()).unwrap();
     let local = initiator.allocate(len, Location::host()).unwrap();
@@ -321,22 +317,7 @@ fn a_refused_queue_pair_request_evicts_no_connection() {
     common::write_check_read(&initiator, &local, &back, &remote, &target_buf, len, 0, 0);
     assert_eq!(remote.segment().protocol(), Some(Protocol::Rdma));
 
-    let request = Message {
-        kind: Kind::Request,
-        connection: 0x0bad_0000_0000_0001,
-        replaces: 0,
-        qps: vec![QpAddr {
-            nic: 0,
-            peer_nic: 0,
-            qpn: 0x1200,
-            psn: 0x00ab_cdef,
-            lid: 0,
-            gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, 1],
-            mtu: 3,
-            rd_atomic: 16,
-        }],
-        flush: Vec::new(),
-    };
+    let request = common::link_local_qp_request(0x0bad_0000_0000_0001, 1);
     let answered = ferry_transport_tcp::exchange_with(
         &target.name(),
         Protocol::Rdma,

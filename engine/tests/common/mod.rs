@@ -215,6 +215,32 @@ pub fn handles_follow_a_restarted_peer(
     (before, remote.segment().protocol())
 }
 
+/// A well-formed RDMA queue-pair request for `n` queue pairs (alternating the sender's
+/// NIC 0 and 1, all for the receiver's NIC 0) whose addresses are made-up link-local
+/// GIDs: a NIC with IPv4 GIDs (soft-RoCE) cannot connect to them.
+#[cfg(feature = "rdma")]
+pub fn link_local_qp_request(connection: u64, n: u8) -> ferry_transport_rdma::exchange::Message {
+    use ferry_transport_rdma::exchange::{Kind, Message, QpAddr};
+    Message {
+        kind: Kind::Request,
+        connection,
+        replaces: 0,
+        qps: (0..n)
+            .map(|i| QpAddr {
+                nic: i % 2,
+                peer_nic: 0,
+                qpn: 0x1200 + u32::from(i),
+                psn: 0x00ab_cdef,
+                lid: 0,
+                gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, i],
+                mtu: 3,
+                rd_atomic: 16,
+            })
+            .collect(),
+        flush: Vec::new(),
+    }
+}
+
 /// Writes random bytes from `local` to `remote` (both `len` long) until a batch
 /// completes, then checks they are in `landed_in`, the restarted peer's buffer. The old
 /// connection may not know yet that it died: a batch on it fails (by its deadline at

@@ -178,9 +178,11 @@ pub(crate) fn run_tests(kernel: &Kernel) -> Result<()> {
             keep.push(d.to_path_buf());
         }
     }
-    for k in keep {
-        plan.insert_str(0, &format!("keep\t{}\n", k.display()));
-    }
+    let keep: String = keep
+        .iter()
+        .map(|k| format!("keep\t{}\n", k.display()))
+        .collect();
+    plan.insert_str(0, &keep);
     let initrd = dir.join("initrd.cpio");
     write_initramfs(&initrd, &kernel.tree)?;
     let out = dir.join("out");
@@ -248,68 +250,55 @@ pub(crate) fn run_tests(kernel: &Kernel) -> Result<()> {
     }
 }
 
-/// Debian's current kernel for the VM, fetched and unpacked once.
+/// Debian's current kernel for the VM, fetched and unpacked once. Missing or old
+/// package lists name no kernel, or one the archive no longer has: then they are
+/// refreshed and the kernel looked up again, once.
 fn kernel() -> Result<Kernel> {
-    let download = vm_dir().join("download");
-    let mut refreshed = false;
-    loop {
-        // Missing or old package lists name no kernel, or one the archive no longer
-        // has: refresh them once and look again.
-        let package = match kernel_package() {
-            Ok(p) => p,
-            Err(_) if !refreshed => {
-                apt_update()?;
-                refreshed = true;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let version = package
-            .strip_prefix("linux-image-")
-            .context("kernel package name")?
-            .to_string();
-        let tree = vm_dir().join("kernel").join(&version);
-        let kernel = Kernel {
-            image: tree.join(format!("boot/vmlinuz-{version}")),
-            tree: tree.clone(),
-        };
-        let index = tree.join(format!("lib/modules/{version}/modules.dep.bin"));
-        if kernel.image.exists() && index.exists() {
-            return Ok(kernel);
-        }
-        if download.exists() {
-            std::fs::remove_dir_all(&download)?;
-        }
-        std::fs::create_dir_all(&download)?;
-        // Downloading needs no privilege (refreshing the lists does).
-        let fetched = Command::new("apt-get")
-            .args(["download", "-qq", &package])
-            .current_dir(&download)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !fetched {
-            if !refreshed {
-                apt_update()?;
-                refreshed = true;
-                continue;
-            }
-            bail!("`apt-get download {package}` failed");
-        }
-        let deb = std::fs::read_dir(&download)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .context("apt-get download left no .deb")?;
-        // One kernel is kept: an older one (about 400 MB unpacked) goes.
-        let kernels = vm_dir().join("kernel");
-        if kernels.exists() {
-            std::fs::remove_dir_all(&kernels)?;
-        }
-        std::fs::create_dir_all(&tree)?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-        run(Command::new(DEPMOD).arg("-b").arg(&tree).arg(&version))?;
-        std::fs::remove_dir_all(&download)?;
+    fetch_kernel().or_else(|first| {
+        apt_update()?;
+        fetch_kernel().with_context(|| format!("also before refreshing the lists: {first:#}"))
+    })
+}
+
+/// The kernel the package lists name: the one unpacked before, or fetched (without
+/// privilege), unpacked and indexed now, in place of any other.
+fn fetch_kernel() -> Result<Kernel> {
+    let package = kernel_package()?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .context("kernel package name")?
+        .to_string();
+    let kernels = vm_dir().join("kernel");
+    let tree = kernels.join(&version);
+    let kernel = Kernel {
+        image: tree.join(format!("boot/vmlinuz-{version}")),
+        tree: tree.clone(),
+    };
+    let index = tree.join(format!("lib/modules/{version}/modules.dep.bin"));
+    if kernel.image.exists() && index.exists() {
         return Ok(kernel);
     }
+    let download = vm_dir().join("download");
+    if download.exists() {
+        std::fs::remove_dir_all(&download)?;
+    }
+    std::fs::create_dir_all(&download)?;
+    run(Command::new("apt-get")
+        .args(["download", "-qq", &package])
+        .current_dir(&download))?;
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    // One kernel is kept: an older one (about 400 MB unpacked) goes.
+    if kernels.exists() {
+        std::fs::remove_dir_all(&kernels)?;
+    }
+    std::fs::create_dir_all(&tree)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    run(Command::new(DEPMOD).arg("-b").arg(&tree).arg(&version))?;
+    std::fs::remove_dir_all(&download)?;
+    Ok(kernel)
 }
 
 /// The package `linux-image-amd64` stands for (`linux-image-6.1.0-57-amd64`).
