@@ -197,8 +197,11 @@ pub(crate) fn run_tests(kernel: &Kernel) -> Result<()> {
         kernel.image.display(),
         started.elapsed().as_secs_f64()
     );
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
+    // Through `setpriv --pdeathsig`, which execs qemu with a parent-death signal: if
+    // xtask itself is killed, the kernel ends the VM too instead of leaving it running.
+    let mut qemu = Command::new("setpriv");
+    qemu.args(["--pdeathsig", "KILL", "qemu-system-x86_64"])
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .args(["-no-reboot", "-nic", "none", "-kernel"])
         .arg(&kernel.image)
