@@ -3,11 +3,14 @@
 //!
 //! DIR (default `target/gpu-bundle`) receives the `ferry` binary with `cuda`, the
 //! staging benchmark, the CUDA test binaries (the engine's `cuda` suite and
-//! `ferry-mem-cuda`'s unit tests), all stripped, and `run.sh`, which runs on the GPU
-//! host: the tests with the hardware ones included, the staging copy rate against the
-//! device's, `ferry bench --location cuda:0` against `--location cpu` interleaved round
-//! by round, and whether the host has RDMA devices. It writes its logs under `$OUT` (or
-//! `./gpu-out`) and exits non-zero when a test failed.
+//! `ferry-mem-cuda`'s unit tests), all stripped, the Python wheel with `cuda`, and
+//! `run.sh`, which runs on the GPU host: the tests with the hardware ones included; the
+//! Python package's tests (PyTorch CUDA tensors among them) in the interpreter that has
+//! PyTorch; the staging copy rate against the device's; `ferry bench --location cuda:0`
+//! against `--location cpu`, interleaved round by round; and, where the host has RDMA
+//! NICs, the RDMA tests and `ferry bench --protocol rdma` from host and GPU memory
+//! (`ferry-rdma` and the `rdma-*-tests`, built apart because they link libibverbs). It
+//! writes its logs under `$OUT` (or `./gpu-out`) and exits non-zero when a test failed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +55,41 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
     place(&engine, &dir.join("engine-cuda-tests"))?;
     let mem = test_binary(&["-p", "ferry-mem-cuda", "--lib"])?;
     place(&mem, &dir.join("mem-cuda-tests"))?;
+    // The RDMA side, apart: these link libibverbs, which a GPU host without RDMA may
+    // lack, and must not keep the CUDA runs above from starting.
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "ferry-cli",
+        "--features",
+        "cuda,rdma",
+    ]))?;
+    place(
+        &root().join("target/release/ferry"),
+        &dir.join("ferry-rdma"),
+    )?;
+    for (selection, name) in RDMA_TESTS {
+        place(&test_binary(selection)?, &dir.join(name))?;
+    }
+    // The Python package with `cuda`, as a wheel the GPU host installs next to its
+    // PyTorch without an index (abi3: any CPython from 3.9 on).
+    let python = crate::python::venv()?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "maturin",
+            "build",
+            "--release",
+            "--strip",
+            "--features",
+            "cuda",
+        ])
+        .arg("--manifest-path")
+        .arg(root().join("python/Cargo.toml"))
+        .arg("--out")
+        .arg(&dir)
+        .env("CARGO_TARGET_DIR", crate::python::target_dir()))?;
     let script = dir.join("run.sh");
     std::fs::write(&script, RUN_SH)?;
     let size: u64 = std::fs::read_dir(&dir)?
@@ -66,6 +104,47 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
     );
     Ok(())
 }
+
+/// The RDMA test binaries that need a device, and their names in the bundle: the
+/// transport's (its fuzz regressions, which need none and read seed files from the
+/// source tree, stay at home) and the engine's RDMA and exchange tests with GPU memory
+/// available.
+const RDMA_TESTS: &[(&[&str], &str)] = &[
+    (
+        &["-p", "ferry-transport-rdma", "--lib"],
+        "rdma-transport-tests",
+    ),
+    (
+        &["-p", "ferry-transport-rdma", "--test", "conformance"],
+        "rdma-conformance-tests",
+    ),
+    (
+        &["-p", "ferry-transport-rdma", "--test", "no_alloc"],
+        "rdma-no-alloc-tests",
+    ),
+    (
+        &[
+            "-p",
+            "ferry-engine",
+            "--features",
+            "cuda,rdma",
+            "--test",
+            "rdma",
+        ],
+        "rdma-engine-tests",
+    ),
+    (
+        &[
+            "-p",
+            "ferry-engine",
+            "--features",
+            "cuda,rdma",
+            "--test",
+            "exchange",
+        ],
+        "rdma-exchange-tests",
+    ),
+];
 
 /// Builds one test binary (release, so the GPU host runs optimised code) and returns its
 /// path.
@@ -125,5 +204,51 @@ for round in 1 2 3; do
     done
 done > "$out/bench.txt"
 cat "$out/bench.txt"
+# Python: the wheel next to the interpreter that has PyTorch, then the package's tests
+# from the checkout this bundle lies in (FERRY_REPO, else two folders up), the CUDA
+# tensor tests among them.
+repo=${FERRY_REPO:-$here/../..}
+if [ -d "$repo/python/tests" ] && python3 -c 'import torch' 2>/dev/null; then
+    site=$(mktemp -d)
+    if python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$here"/ferry-*.whl > "$out/python.txt" 2>&1; then
+        PYTHONPATH="$site" timeout 300 python3 -m pytest -q -p no:cacheprovider -rs "$repo/python/tests" >> "$out/python.txt" 2>&1 || failed=1
+    else
+        failed=1
+    fi
+    tail -n 12 "$out/python.txt"
+else
+    echo "python: no python3 with torch, or no $repo/python/tests: skipped" | tee "$out/python.txt"
+fi
+# RDMA: this host's NICs, if it has any and the verbs library is installed (soft-RoCE
+# runs in `cargo xtask test`'s VM instead). Each test in its own process, as nextest
+# runs them; then ferry over RDMA from host and from GPU memory (GPUDirect RDMA).
+nics=$(ls /sys/class/infiniband 2>/dev/null | grep -v -e '^efa' -e '^rxe' -e '^ferry_rxe' | tr '\n' ' ')
+{
+    echo "RDMA NICs: ${nics:-none}"
+    for port in /sys/class/infiniband/*/ports/*; do
+        [ -e "$port" ] && echo "$port: $(cat "$port/state") $(cat "$port/link_layer")"
+    done
+    grep -e nvidia_peermem -e rdma_rxe -e ib_core /proc/modules || echo "(none of nvidia_peermem, rdma_rxe, ib_core loaded)"
+    ldd "$here/ferry-rdma" | grep "not found" || echo "ferry-rdma's libraries: all found"
+} > "$out/rdma-host.txt" 2>&1
+cat "$out/rdma-host.txt"
+if [ -n "$nics" ] && ! ldd "$here/ferry-rdma" | grep -q "not found"; then
+    for t in rdma-transport-tests rdma-conformance-tests rdma-no-alloc-tests rdma-engine-tests rdma-exchange-tests; do
+        for name in $("$here/$t" --list --format terse --include-ignored | sed -n 's/: test$//p'); do
+            if ! timeout 120 "$here/$t" --include-ignored --exact "$name" >> "$out/$t.txt" 2>&1; then
+                failed=1
+                echo "FAILED: $t $name"
+            fi
+        done
+        grep -c '^test .* ok$' "$out/$t.txt" | sed "s/^/$t: passed /"
+    done
+    for loc in cpu cuda:0; do
+        for op in write read; do
+            printf 'rdma %s %s ' "$loc" "$op"
+            timeout 60 "$here/ferry-rdma" bench --protocol rdma --location "$loc" --operation "$op" --block-size 1M --batch-size 128 --duration 3 --verify --json 2>>"$out/rdma-bench.err" || { failed=1; echo; }
+        done
+    done > "$out/rdma-bench.txt"
+    cat "$out/rdma-bench.txt"
+fi
 exit $failed
 "#;

@@ -42,7 +42,7 @@ pub(crate) fn venv() -> Result<PathBuf> {
 }
 
 /// The binding's own target directory (it is a workspace of its own).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     root().join("target/python")
 }
 
