@@ -121,6 +121,11 @@ fn address_index(descriptor: &SegmentDescriptor) -> Vec<(u64, usize)> {
 }
 
 impl PeerInner {
+    /// The name it was opened by.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The published buffer that holds `addr..addr + len`, and the offset of `addr` in
     /// it.
     pub(crate) fn locate(&self, addr: u64, len: u64) -> Option<(usize, u64)> {

@@ -188,11 +188,26 @@ fn faulty_engine(retry: bool) -> Engine {
 
 #[test]
 fn failed_fabric_transfers_are_retried_over_tcp_when_allowed() {
+    ferry_transport_api::testing::warnings::install();
     let target = efa_engine("tcp;ofi_rxm");
     let initiator = faulty_engine(true);
     // Every fifth EFA post fails; each affected task is retried over TCP and the data
     // still arrives byte for byte.
     round_trips(&initiator, &target, Protocol::Efa);
+    // The retries are logged naming the peer, one warning per batch at most, however
+    // many of its tasks failed (the 64 MiB batch loses about 200 of its 64 KiB slices).
+    let peer = target.name();
+    let warned: Vec<_> =
+        ferry_transport_api::testing::warnings::starting_with("fabric transfer failed")
+            .into_iter()
+            .filter(|w| w.fields.get("peer") == Some(&peer))
+            .collect();
+    let batches = 2 * common::SIZES.len();
+    assert!(
+        !warned.is_empty() && warned.len() <= batches,
+        "{} retry warnings naming {peer} for {batches} batches",
+        warned.len()
+    );
 }
 
 #[test]

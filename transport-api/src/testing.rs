@@ -8,6 +8,8 @@
 //! check's failure never leaks into another.
 #![allow(unsafe_code)]
 
+pub mod warnings;
+
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::ptr::NonNull;

@@ -1250,6 +1250,15 @@ impl Receiver_ {
     /// then ends).
     fn fail(&mut self, err: &io::Error) {
         let reason = lane_failure(&self.shared, err);
+        if err.kind() == io::ErrorKind::InvalidData && !self.state.dead.load(Ordering::Acquire) {
+            // The peer's answers broke the protocol (its own closing, a deadline or a
+            // restart are not news at this level).
+            self.shared
+                .stats
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.peer, error = %err, "closing a lane after the peer broke the protocol");
+        }
         self.state.kill(&self.peer, reason, err);
         self.state
             .drain(&*self.completions, &mut self.batch, reason);

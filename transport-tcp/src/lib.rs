@@ -273,7 +273,9 @@ pub struct TcpStats {
     pub connections: u64,
     /// Requests refused (bad key, out of bounds, not registered, access denied).
     pub rejected_requests: u64,
-    /// Connections closed because the peer broke the protocol.
+    /// Connections closed because the peer broke the protocol: accepted ones whose
+    /// initiator sent what a target cannot serve, and this side's lanes whose target
+    /// answered out of turn. Each is also logged as a warning naming the peer.
     pub protocol_errors: u64,
     /// Connections refused because [`TcpConfig::max_connections`] were open.
     pub refused_connections: u64,

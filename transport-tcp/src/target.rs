@@ -255,7 +255,7 @@ fn spawn_connection(shared: &Arc<Shared>, stream: mio::net::TcpStream, peer: Soc
             let _open = open;
             let span = tracing::debug_span!("target", %peer);
             let _enter = span.enter();
-            let mut conn = TargetConn::new(shared.clone(), pipe, handle);
+            let mut conn = TargetConn::new(shared.clone(), pipe, handle, peer);
             let result = conn.serve();
             conn.ended(result);
             conn.pipe.shutdown();
@@ -478,6 +478,9 @@ impl WarnLimit {
 
 struct TargetConn {
     shared: Arc<Shared>,
+    /// Where the connection comes from: every warning about it names it, whatever
+    /// spans the subscriber records.
+    peer: SocketAddr,
     pipe: Pipe,
     handle: Arc<ConnHandle>,
     acks: PendingAcks,
@@ -503,9 +506,10 @@ struct TargetConn {
 }
 
 impl TargetConn {
-    fn new(shared: Arc<Shared>, pipe: Pipe, handle: Arc<ConnHandle>) -> Self {
+    fn new(shared: Arc<Shared>, pipe: Pipe, handle: Arc<ConnHandle>, peer: SocketAddr) -> Self {
         TargetConn {
             shared,
+            peer,
             pipe,
             handle,
             acks: PendingAcks {
@@ -533,8 +537,9 @@ impl TargetConn {
         let stats = &self.shared.stats;
         if self.warns.suppressed > 0 {
             tracing::warn!(
+                peer = %self.peer,
                 suppressed = self.warns.suppressed,
-                "refused requests not logged (rate limit)"
+                "refusals not logged (rate limit)"
             );
         }
         let e = match result {
@@ -561,7 +566,7 @@ impl TargetConn {
             None if is_disconnect(&e) => tracing::debug!(error = %e, "peer went away"),
             None => {
                 stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "closing connection after protocol error");
+                tracing::warn!(peer = %self.peer, error = %e, "closing connection after protocol error");
             }
         }
     }
@@ -692,7 +697,9 @@ impl TargetConn {
             },
         };
         if let Err(why) = &answer {
-            tracing::debug!(%why, "refused a set-up exchange");
+            if let Some(suppressed) = self.warns.admit() {
+                tracing::warn!(peer = %self.peer, %why, suppressed, "refused a set-up exchange");
+            }
         }
         let body = frame::encode_exchanged(&answer);
         let h = Header::new(Kind::Exchanged, body.len() as u32, 0).encode();
@@ -900,7 +907,7 @@ impl TargetConn {
                         .rejected_requests
                         .fetch_add(1, Ordering::Relaxed);
                     if let Some(suppressed) = self.warns.admit() {
-                        tracing::warn!(?op, addr = d.addr, len = d.len, status = %s, suppressed, "refused request");
+                        tracing::warn!(peer = %self.peer, ?op, addr = d.addr, len = d.len, status = %s, suppressed, "refused request");
                     }
                     *s
                 }

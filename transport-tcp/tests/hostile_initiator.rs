@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use ferry_transport_api::testing::warnings;
 use ferry_transport_api::{
     CompletionToken, Completions, Connection, ControlPlane, FailReason, Location, Opcode,
     RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
@@ -30,6 +31,7 @@ const DESC_LEN: usize = 24;
 const WRITE: u8 = 1;
 const READ: u8 = 2;
 const NOTIFY: u8 = 3;
+const ACK: u8 = 6;
 const READ_DATA: u8 = 7;
 const LANE: u8 = 11;
 
@@ -290,6 +292,43 @@ fn an_unanswered_notification_closes_its_lane_so_later_writes_end_and_stay_unapp
     assert!(closed, "the initiator kept the stalled connection open");
     assert!(bytes < n as usize * len, "{bytes} bytes reached the peer");
     assert!(second.is_ok());
+    tcp.shutdown();
+}
+
+/// A target that acknowledges a WRITE under a sequence number never sent: the lane
+/// closes, the WRITE fails at once instead of waiting for its deadline, the transport
+/// counts a protocol error, and the warning names the peer.
+#[test]
+fn an_answer_out_of_turn_closes_the_lane_counts_and_names_the_peer() {
+    warnings::install();
+    let (l, addr) = listener();
+    let peer = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let f = read_frame(&mut c).unwrap();
+        assert_eq!(f.kind, WRITE);
+        let mut answer = header(ACK, 1, f.seq + 1000).to_vec();
+        answer.push(0);
+        c.write_all(&answer).unwrap();
+        drain_until_closed(&mut c).0
+    });
+    let (tcp, done) = initiator(TcpConfig::default());
+    let conn = tcp.connect_tcp(&addr).unwrap();
+    let local = random_region(4096);
+    conn.post(slice(Opcode::Write, &local, 4096, 0, Instant::now() + FAR))
+        .unwrap();
+    conn.flush();
+    assert_eq!(
+        completions(&done, 1),
+        vec![(0, Err(FailReason::ConnectionLost))]
+    );
+    assert!(peer.join().unwrap(), "the initiator kept the lane open");
+    assert!(!conn.is_alive());
+    assert_eq!(tcp.stats().protocol_errors, 1);
+    let named: Vec<_> = warnings::starting_with("closing a lane after the peer broke")
+        .into_iter()
+        .filter_map(|w| w.fields.get("peer").cloned())
+        .collect();
+    assert!(named.contains(&addr), "{named:?} does not name {addr}");
     tcp.shutdown();
 }
 

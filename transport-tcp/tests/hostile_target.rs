@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use ferry_transport_api::testing::warnings;
 use ferry_transport_api::{
     Access, CompletionToken, Completions, Connection, ControlPlane, FailReason, Location, Opcode,
     Protocol, RegionMemory, RemoteKeys, Slice, Transport, TransportContext, TransportError,
@@ -704,49 +705,6 @@ fn a_half_closed_write_is_still_acknowledged() {
 }
 
 /// Counts the target's "refused request" warnings.
-mod warnings {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::OnceLock;
-
-    use tracing::field::{Field, Visit};
-    use tracing::{Event, Level, Subscriber};
-    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
-
-    pub(crate) static REFUSED: AtomicUsize = AtomicUsize::new(0);
-
-    struct Count;
-
-    struct IsRefusal(bool);
-
-    impl Visit for IsRefusal {
-        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            if field.name() == "message" && format!("{value:?}") == "refused request" {
-                self.0 = true;
-            }
-        }
-    }
-
-    impl<S: Subscriber> Layer<S> for Count {
-        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-            if *event.metadata().level() == Level::WARN {
-                let mut v = IsRefusal(false);
-                event.record(&mut v);
-                if v.0 {
-                    REFUSED.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    pub(crate) fn install() {
-        static ONCE: OnceLock<()> = OnceLock::new();
-        ONCE.get_or_init(|| {
-            let _ =
-                tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Count));
-        });
-    }
-}
-
 #[test]
 fn refusals_are_counted_every_one_and_logged_at_a_bounded_rate() {
     warnings::install();
@@ -757,8 +715,8 @@ fn refusals_are_counted_every_one_and_logged_at_a_bounded_rate() {
         .iter()
         .map(|r| target.t.register(r, Access::RemoteReadWrite).unwrap()[0])
         .collect();
-    let before = warnings::REFUSED.load(Ordering::Relaxed);
     let mut s = connect(&target.addr);
+    let me = s.local_addr().unwrap().to_string();
     let mut seq = 0;
     for frame in 0..40 {
         let mut f = header(READ, 256, seq);
@@ -793,12 +751,65 @@ fn refusals_are_counted_every_one_and_logged_at_a_bounded_rate() {
         seq += 1;
     }
     assert_eq!(target.stats().rejected_requests, 40 * 256);
-    let logged = warnings::REFUSED.load(Ordering::Relaxed) - before;
+    let logged = warnings::starting_with("refused request")
+        .iter()
+        .filter(|w| w.fields.get("peer") == Some(&me))
+        .count();
     assert!(logged >= 1, "refusals must still be logged");
     assert!(
         logged <= 64,
         "{logged} warnings for 10240 refusals: not rate-limited"
     );
+}
+
+/// A refused request, a refused set-up exchange and a broken frame each come from a
+/// different connection; each warning names the connection it is about, in its own
+/// fields, so an operator can find the peer at the default log level.
+#[test]
+fn warnings_about_a_connection_name_its_peer() {
+    warnings::install();
+    let target = started(TcpConfig::default());
+    let region = host(64);
+    let key = target.t.register(&region, Access::RemoteReadWrite).unwrap()[0];
+
+    let mut refused = connect(&target.addr);
+    let mut f = header(READ, 1, 0);
+    f.extend(desc(region.addr(), 8, key ^ 1));
+    refused.write_all(&f).unwrap();
+    let (kind, _, statuses) = answer(&mut refused);
+    assert_eq!(kind, READ_DATA);
+    assert_ne!(statuses, vec![0], "a wrong key is refused");
+
+    let mut exchange = connect(&target.addr);
+    exchange.write_all(&exchange_frame(200, b"set-up")).unwrap();
+    let (kind, _, body) = answer(&mut exchange);
+    assert_eq!(kind, EXCHANGED);
+    assert!(refusal(&body).contains("unknown protocol byte 200"));
+
+    let mut broken = connect(&target.addr);
+    broken.write_all(&header(ACK, 0, 0)).unwrap();
+    assert!(closed_by_target(&mut broken));
+
+    for (message, s) in [
+        ("refused request", &refused),
+        ("refused a set-up exchange", &exchange),
+        ("closing connection after protocol error", &broken),
+    ] {
+        let me = s.local_addr().unwrap().to_string();
+        let peers = || -> Vec<Option<String>> {
+            warnings::starting_with(message)
+                .into_iter()
+                .map(|w| w.fields.get("peer").cloned())
+                .collect()
+        };
+        wait_for(&format!("a warning `{message}` naming {me}"), || {
+            peers().contains(&Some(me.clone()))
+        });
+        assert!(
+            !peers().contains(&None),
+            "a warning `{message}` names no peer"
+        );
+    }
 }
 
 fn secret_target() -> Target {

@@ -2,7 +2,7 @@
 //! deadline. Completions arrive here from any transport thread; a retry over the peer's
 //! fallback is posted by a thread of the table's own (see [`Retries`]).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,9 @@ pub(super) struct SlotData {
     early_wakes: Arc<AtomicU64>,
     /// The table's count of requests that travelled in a run's slice behind its first.
     merged: Arc<AtomicU64>,
+    /// Whether a retry of this batch has been logged as a warning (later ones go to
+    /// debug: a fabric fault fails many tasks at once).
+    retry_warned: AtomicBool,
 }
 
 impl SlotData {
@@ -257,6 +260,7 @@ impl SlotData {
         self.early_wake = early_wake;
         self.armed_at = Instant::now();
         self.ended_at.store(0, Ordering::Relaxed);
+        self.retry_warned.store(false, Ordering::Relaxed);
         self.runs.clear();
         let (mut head, mut run_len, mut merged) = (0, 0, 0);
         for i in 0..n {
@@ -473,7 +477,12 @@ impl SlotData {
         if t.state.load(Ordering::Acquire) != PENDING {
             return true;
         }
-        tracing::warn!(task, %reason, "fabric transfer failed; retrying it over TCP");
+        let peer = spec.peer.name();
+        if self.retry_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(peer, task, %reason, "fabric transfer failed; retrying it over TCP");
+        } else {
+            tracing::warn!(peer, batch = self.index, task, %reason, "fabric transfer failed; retrying it over TCP (this batch's further retries are logged at debug level)");
+        }
         let token = CompletionToken {
             slot: self.index,
             generation: self.generation,
@@ -747,6 +756,7 @@ impl BatchTable {
                 early_wake: false,
                 early_wakes: self.early_wakes.clone(),
                 merged: self.merged.clone(),
+                retry_warned: AtomicBool::new(false),
             }),
         });
         slots.push(slot.clone());
