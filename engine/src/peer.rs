@@ -557,6 +557,10 @@ impl PeerControl for PeerPort<'_> {
     ) -> std::result::Result<Vec<u8>, TransportError> {
         self.tcp.exchange(self.address, protocol, body, timeout)
     }
+
+    fn name(&self) -> &str {
+        self.address
+    }
 }
 
 /// A peer's segment (or this engine's own), opened with [`crate::Engine::open_segment`].

@@ -266,6 +266,7 @@ fn rdma_and_tcp_only_peers_talk_over_tcp_both_ways() {
 #[test]
 #[ignore = "needs an RDMA device"]
 fn failed_rdma_transfers_are_retried_over_tcp_when_allowed() {
+    ferry_transport_api::testing::warnings::install();
     let target = rdma_engine();
     let initiator = Engine::builder()
         .transport(Rdma::new(RdmaConfig {
@@ -280,6 +281,15 @@ fn failed_rdma_transfers_are_retried_over_tcp_when_allowed() {
     let host = Location::host();
     let used = common::round_trips_at(&initiator, &target, host, host, common::SIZES);
     assert!(used.is_some());
+    // Logged naming the peer, one warning per batch at most.
+    let (warned, batches) = (
+        common::retry_warnings_naming(&target.name()),
+        2 * common::SIZES.len(),
+    );
+    assert!(
+        warned >= 1 && warned <= batches,
+        "{warned} retry warnings naming the target for {batches} batches"
+    );
 }
 
 /// A target restarted at the same address over RDMA: its old queue pairs are gone (the

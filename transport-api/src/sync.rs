@@ -46,8 +46,11 @@ const POLL_STEP: Duration = Duration::from_millis(1);
 
 /// The bit of [`EndGate`]'s word that says a waiter is registered.
 const WAITING: u32 = 1 << 31;
+/// The bit of [`EndGate`]'s word that the last task's ender sets when it found a waiter
+/// registered: that waiter's wake-up is owed (made, or about to be).
+const OWED: u32 = 1 << 30;
 /// The bits of [`EndGate`]'s word that count open tasks.
-const OPEN: u32 = WAITING - 1;
+const OPEN: u32 = OWED - 1;
 
 /// A count of open tasks that one thread can wait on while others end them.
 ///
@@ -55,7 +58,9 @@ const OPEN: u32 = WAITING - 1;
 /// read-modify-write of that word; the thread that ends the last task reads the flag in
 /// the same read-modify-write that drops the count to zero. Whichever comes second in the
 /// word's order sees the other: the waiter sees zero and does not park, or the last ender
-/// sees the flag and unparks it. A wake-up cannot be lost.
+/// sees the flag and unparks it. A wake-up cannot be lost. That ender also records in the
+/// word that it owes the wake-up ([`owed`](EndGate::owed)), so a waiter the scheduler runs
+/// late can tell a late wake-up from a lost one.
 #[derive(Debug)]
 pub struct EndGate {
     word: AtomicU32,
@@ -98,9 +103,11 @@ impl EndGate {
             if cur & OPEN == 0 {
                 return false;
             }
+            let owes = cur & OPEN == 1 && cur & WAITING != 0;
+            let next = (cur - 1) | if owes { OWED } else { 0 };
             match self
                 .word
-                .compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
@@ -111,6 +118,13 @@ impl EndGate {
             self.unpark();
         }
         last
+    }
+
+    /// Whether the thread that ended the last task found a waiter registered, and so owes
+    /// (or has made) its wake-up. A waiter that slept to its limit after every task ended
+    /// with this set was woken late by the scheduler; without it, a wake-up was lost.
+    pub fn owed(&self) -> bool {
+        self.word.load(Ordering::Acquire) & OWED != 0
     }
 
     /// Wakes the registered waiter early, if there is one (a hint that the end is near;
@@ -324,6 +338,41 @@ impl Landed {
     }
 }
 
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The owed flag is what tells a waiter run late from a lost wake-up: set when the
+    /// last end found a waiter registered, clear when it found none, and cleared again by
+    /// the next round.
+    #[test]
+    fn the_last_end_records_whether_it_owed_a_wake_up() {
+        let gate = std::sync::Arc::new(EndGate::new());
+        gate.reset(1);
+        assert!(gate.end_one());
+        assert!(!gate.owed(), "nobody waited: nothing owed");
+
+        gate.reset(1);
+        let g = gate.clone();
+        let (asked, slept) = std::sync::mpsc::channel();
+        let waiter = thread::spawn(move || {
+            g.wait(|| {
+                let _ = asked.send(());
+                Some(Duration::from_secs(30))
+            })
+        });
+        // The waiter asked for its sleep: it is registered.
+        slept.recv().unwrap();
+        assert!(gate.end_one());
+        assert!(waiter.join().unwrap());
+        assert!(gate.owed(), "a registered waiter's wake-up was owed");
+
+        gate.reset(2);
+        assert!(!gate.owed(), "a new round owes nothing");
+        assert_eq!(gate.open(), 2);
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -356,6 +405,32 @@ mod loom_tests {
             let gate = Arc::new(EndGate::new());
             gate.reset(2);
             let waiter = spawn_waiter(&gate);
+            let g = gate.clone();
+            let ender = thread::spawn(move || {
+                g.end_one();
+            });
+            gate.end_one();
+            ender.join().unwrap();
+            waiter.join().unwrap();
+        });
+    }
+
+    /// A waiter that went to sleep (it asked its budget) always finds its wake-up owed
+    /// once the count is zero: the last ender saw it registered.
+    #[test]
+    fn gate_a_sleeping_waiter_is_owed_its_wake_up() {
+        model(|| {
+            let gate = Arc::new(EndGate::new());
+            gate.reset(2);
+            let g = gate.clone();
+            let waiter = thread::spawn(move || {
+                let mut slept = false;
+                assert!(g.wait(|| {
+                    slept = true;
+                    Some(Duration::from_secs(30))
+                }));
+                assert!(!slept || g.owed(), "a waiter slept and no wake-up was owed");
+            });
             let g = gate.clone();
             let ender = thread::spawn(move || {
                 g.end_one();

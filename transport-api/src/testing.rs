@@ -512,7 +512,14 @@ impl PeerControl for Direct {
         );
         self.0.answer(body)
     }
+
+    fn name(&self) -> &str {
+        DIRECT_PEER
+    }
 }
+
+/// How [`Direct`] names the peer it reaches, for tests of what logs say.
+pub const DIRECT_PEER: &str = "the conformance suite's target";
 
 fn connect(pair: &Pair) -> Arc<dyn Connection> {
     pair.initiator

@@ -50,6 +50,11 @@ pub trait PeerControl: Send + Sync {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError>;
+
+    /// How logs name the peer (the engine gives the address it was opened by).
+    fn name(&self) -> &str {
+        "an unnamed peer"
+    }
 }
 
 /// A [`PeerControl`] that reaches nobody: for transports that set nothing up with their

@@ -230,6 +230,7 @@ pub(crate) fn open(
         )));
     }
     let conn_cell: Arc<OnceLock<Weak<ConnInner>>> = Arc::new(OnceLock::new());
+    let peer_name: Arc<str> = peer.name().into();
     let mut qps: Vec<Vec<Arc<QpSlot>>> = Vec::with_capacity(pairs.len());
     let mut mine: Vec<QpAddr> = Vec::with_capacity(pairs.len() * per_pair);
     let verb = |e: crate::verbs::VerbError| TransportError::Unsupported {
@@ -241,7 +242,13 @@ pub(crate) fn open(
         let mut v = Vec::with_capacity(per_pair);
         for _ in 0..per_pair {
             let (slot, addr) = nic
-                .new_qp(true, pair.remote, alive.clone(), conn_cell.clone())
+                .new_qp(
+                    true,
+                    pair.remote,
+                    alive.clone(),
+                    conn_cell.clone(),
+                    peer_name.clone(),
+                )
                 .map_err(verb)?;
             v.push(slot);
             mine.push(addr);
@@ -392,13 +399,23 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
     };
     let unused = Arc::new(AtomicBool::new(true));
     let no_conn = Arc::new(OnceLock::new());
+    // Set up through the control port, which does not say who asked: the peer's own
+    // connection id names it (these queue pairs only answer, and never post).
+    let asker: Arc<str> =
+        format!("the peer of accepted connection {:x}", request.connection).into();
     let mut slots = Vec::with_capacity(request.qps.len());
     let mut answer = Vec::with_capacity(request.qps.len());
     let mut ports = Vec::new();
     for (i, q) in request.qps.iter().enumerate() {
         let nic = &nics[usize::from(q.peer_nic)];
         let (slot, mut addr) = nic
-            .new_qp(false, usize::from(q.nic), unused.clone(), no_conn.clone())
+            .new_qp(
+                false,
+                usize::from(q.nic),
+                unused.clone(),
+                no_conn.clone(),
+                asker.clone(),
+            )
             .map_err(verb)?;
         // Connecting to the addresses the peer sent (a GID of another kind, a LID on
         // Ethernet) can fail: a refusal that names the queue pair, not "unsupported".

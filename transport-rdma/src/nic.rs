@@ -78,6 +78,8 @@ pub(crate) struct QpSlot {
     /// Its connection (set once the connection exists; never for a queue pair a peer
     /// connected to), to retry a failed slice on another queue pair.
     pub(crate) conn: Arc<OnceLock<Weak<crate::conn::ConnInner>>>,
+    /// Whom it connects to, as warnings name it.
+    pub(crate) peer: Arc<str>,
 }
 
 impl Drop for QpSlot {
@@ -236,6 +238,7 @@ impl OpenNic {
         peer_nic: usize,
         alive: Arc<AtomicBool>,
         conn: Arc<OnceLock<Weak<crate::conn::ConnInner>>>,
+        peer: Arc<str>,
     ) -> Result<(Arc<QpSlot>, QpAddr), VerbError> {
         let qp = Qp::new(&self.pd, &self.cq, if sending { self.depth } else { 1 })?;
         let psn = rand::random::<u32>() & 0xff_ffff;
@@ -255,6 +258,7 @@ impl OpenNic {
             broken: AtomicBool::new(false),
             alive,
             conn,
+            peer,
         });
         self.qps.write().insert(addr.qpn, Arc::downgrade(&slot));
         Ok((slot, addr))
@@ -410,7 +414,7 @@ impl OpenNic {
         match unsafe { qp.qp.post(&mut wr) } {
             Ok(()) => Posted::Yes,
             Err((error, nothing)) => {
-                tracing::warn!(nic = %self.info.label(), %error, "ibv_post_send refused a work request; the queue pair is failed");
+                tracing::warn!(peer = %qp.peer, nic = %self.info.label(), %error, "ibv_post_send refused a work request; the queue pair is failed");
                 qp.broken.store(true, Ordering::Release);
                 qp.alive.store(false, Ordering::Release);
                 if nothing {
@@ -561,10 +565,13 @@ impl OpenNic {
             .iter()
             .filter(|w| w.status != ib::ibv_wc_status::IBV_WC_SUCCESS)
         {
-            if w.status != ib::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
-                tracing::warn!(nic = %self.info.label(), status = w.status, vendor_error = w.vendor_err, qp = w.qp_num, "work completion failed; its queue pair is failed");
-            }
             let slot = self.qps.read().get(&w.qp_num).and_then(Weak::upgrade);
+            if w.status != ib::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
+                let peer = slot
+                    .as_ref()
+                    .map_or("a queue pair already dropped", |s| &s.peer);
+                tracing::warn!(peer, nic = %self.info.label(), status = w.status, vendor_error = w.vendor_err, qp = w.qp_num, "work completion failed; its queue pair is failed");
+            }
             if let Some(slot) = slot {
                 slot.broken.store(true, Ordering::Release);
                 slot.alive.store(false, Ordering::Release);

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use ferry_transport_api::testing::{
-    conformance, kill_by_fault_knob, Capabilities, Pair, Recorder, Setup,
+    conformance, kill_by_fault_knob, warnings, Capabilities, Pair, Recorder, Setup, DIRECT_PEER,
 };
 use ferry_transport_api::{Transport, TransportContext};
 use ferry_transport_rdma::{RdmaConfig, RdmaTransport};
@@ -60,6 +60,7 @@ fn pair(setup: &Setup) -> Pair {
 #[test]
 #[ignore = "needs an RDMA device"]
 fn rdma_passes_the_transport_conformance_suite() {
+    warnings::install();
     conformance(
         &Capabilities {
             // Host bytes labelled as device memory register like any host memory.
@@ -70,4 +71,15 @@ fn rdma_passes_the_transport_conformance_suite() {
         },
         &pair,
     );
+    // A WRITE through a deregistered key fails at the NIC: the warning names the peer
+    // the queue pair was connected to.
+    let failed = warnings::starting_with("work completion failed");
+    assert!(!failed.is_empty(), "no work completion failed");
+    for w in failed {
+        assert_eq!(
+            w.fields.get("peer").map(String::as_str),
+            Some(DIRECT_PEER),
+            "{w:?}"
+        );
+    }
 }

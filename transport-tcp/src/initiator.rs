@@ -125,16 +125,25 @@ impl LaneState {
 
     /// Closes the in-flight table and fails everything in it, after `taken` (entries
     /// the receiver had taken out), with the reason the lane closed for.
-    fn drain(&self, completions: &dyn Completions, taken: &mut Vec<Entry>, reason: FailReason) {
+    /// Returns how many requests failed, and why.
+    fn drain(
+        &self,
+        completions: &dyn Completions,
+        taken: &mut Vec<Entry>,
+        reason: FailReason,
+    ) -> (usize, FailReason) {
         let (entries, reason): (Vec<Entry>, FailReason) = {
             let mut g = self.inflight.lock();
             let reason = *g.closed.get_or_insert(reason);
             (g.drain_all().collect(), reason)
         };
         self.not_full.notify_all();
+        let mut failed = 0;
         for e in taken.drain(..).chain(entries) {
             e.fail(completions, reason);
+            failed += 1;
         }
+        (failed, reason)
     }
 }
 
@@ -1250,9 +1259,10 @@ impl Receiver_ {
     /// then ends).
     fn fail(&mut self, err: &io::Error) {
         let reason = lane_failure(&self.shared, err);
-        if err.kind() == io::ErrorKind::InvalidData && !self.state.dead.load(Ordering::Acquire) {
-            // The peer's answers broke the protocol (its own closing, a deadline or a
-            // restart are not news at this level).
+        let broke =
+            err.kind() == io::ErrorKind::InvalidData && !self.state.dead.load(Ordering::Acquire);
+        if broke {
+            // The peer's answers broke the protocol.
             self.shared
                 .stats
                 .protocol_errors
@@ -1260,8 +1270,14 @@ impl Receiver_ {
             tracing::warn!(peer = %self.peer, error = %err, "closing a lane after the peer broke the protocol");
         }
         self.state.kill(&self.peer, reason, err);
-        self.state
+        let (failed, reason) = self
+            .state
             .drain(&*self.completions, &mut self.batch, reason);
+        // A lane that closes idle (a peer restarting between transfers) is not news;
+        // one that takes requests with it is, whoever the caller of the batch is.
+        if failed > 0 && !broke && reason != FailReason::Shutdown {
+            tracing::warn!(peer = %self.peer, requests = failed, %reason, error = %err, "a lane to the peer closed with requests in flight; they fail");
+        }
     }
 
     fn pace(&self) -> ReceiverPace<'_> {

@@ -15,7 +15,7 @@ use ferry_transport_api::{
     CompletionToken, Completions, Connection, ControlPlane, FailReason, Location, Opcode,
     RegionMemory, RemoteKeys, Slice, Transport, TransportContext,
 };
-use ferry_transport_tcp::{TcpConfig, TcpConnection, TcpTransport};
+use ferry_transport_tcp::{TcpConfig, TcpConnection, TcpStats, TcpTransport};
 use rand::RngCore;
 
 /// Bound of every wait in these tests: far beyond the deadlines they use, so a wait that
@@ -295,20 +295,27 @@ fn an_unanswered_notification_closes_its_lane_so_later_writes_end_and_stay_unapp
     tcp.shutdown();
 }
 
-/// A target that acknowledges a WRITE under a sequence number never sent: the lane
-/// closes, the WRITE fails at once instead of waiting for its deadline, the transport
-/// counts a protocol error, and the warning names the peer.
-#[test]
-fn an_answer_out_of_turn_closes_the_lane_counts_and_names_the_peer() {
+/// Posts one 4 KiB WRITE to a raw peer that reads its frame and then does `then` with the
+/// connection and the frame's first sequence number. Returns how the WRITE ended, whether
+/// the initiator closed the lane (as the peer saw it), the transport's stats, and the
+/// `peer` fields of the warnings starting with `warning`.
+fn one_write_against(
+    then: impl FnOnce(&mut TcpStream, u64) + Send + 'static,
+    warning: &str,
+) -> (
+    Result<usize, FailReason>,
+    bool,
+    TcpStats,
+    String,
+    Vec<String>,
+) {
     warnings::install();
     let (l, addr) = listener();
     let peer = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         let f = read_frame(&mut c).unwrap();
         assert_eq!(f.kind, WRITE);
-        let mut answer = header(ACK, 1, f.seq + 1000).to_vec();
-        answer.push(0);
-        c.write_all(&answer).unwrap();
+        then(&mut c, f.seq);
         drain_until_closed(&mut c).0
     });
     let (tcp, done) = initiator(TcpConfig::default());
@@ -317,19 +324,48 @@ fn an_answer_out_of_turn_closes_the_lane_counts_and_names_the_peer() {
     conn.post(slice(Opcode::Write, &local, 4096, 0, Instant::now() + FAR))
         .unwrap();
     conn.flush();
-    assert_eq!(
-        completions(&done, 1),
-        vec![(0, Err(FailReason::ConnectionLost))]
-    );
-    assert!(peer.join().unwrap(), "the initiator kept the lane open");
-    assert!(!conn.is_alive());
-    assert_eq!(tcp.stats().protocol_errors, 1);
-    let named: Vec<_> = warnings::starting_with("closing a lane after the peer broke")
+    let ended = completions(&done, 1).remove(0).1;
+    let closed = peer.join().unwrap();
+    eventually("the lane closes", || !conn.is_alive());
+    let named = warnings::starting_with(warning)
         .into_iter()
         .filter_map(|w| w.fields.get("peer").cloned())
         .collect();
-    assert!(named.contains(&addr), "{named:?} does not name {addr}");
+    let stats = tcp.stats();
     tcp.shutdown();
+    (ended, closed, stats, addr, named)
+}
+
+/// A target that acknowledges a WRITE under a sequence number never sent: the lane
+/// closes, the WRITE fails at once instead of waiting for its deadline, the transport
+/// counts a protocol error, and the warning names the peer.
+#[test]
+fn an_answer_out_of_turn_closes_the_lane_counts_and_names_the_peer() {
+    let (ended, closed, stats, addr, named) = one_write_against(
+        |c, seq| {
+            let mut answer = header(ACK, 1, seq + 1000).to_vec();
+            answer.push(0);
+            c.write_all(&answer).unwrap();
+        },
+        "closing a lane after the peer broke",
+    );
+    assert_eq!(ended, Err(FailReason::ConnectionLost));
+    assert!(closed, "the initiator kept the lane open");
+    assert_eq!(stats.protocol_errors, 1);
+    assert!(named.contains(&addr), "{named:?} does not name {addr}");
+}
+
+/// A target that dies holding a WRITE: the WRITE fails at once, and a warning names the
+/// peer the lane went to (no protocol error: a peer may die).
+#[test]
+fn a_peer_that_dies_with_requests_in_flight_is_named() {
+    let (ended, _, stats, addr, named) = one_write_against(
+        |c, _| c.shutdown(std::net::Shutdown::Both).unwrap(),
+        "a lane to the peer closed with requests in flight",
+    );
+    assert_eq!(ended, Err(FailReason::ConnectionLost));
+    assert_eq!(stats.protocol_errors, 0);
+    assert!(named.contains(&addr), "{named:?} does not name {addr}");
 }
 
 #[test]

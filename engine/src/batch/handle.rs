@@ -392,9 +392,12 @@ impl Batch {
                 parked_until = Some(until);
                 (now < until).then(|| until - now)
             });
-            let lost = parked_until
-                .filter(|&u| Instant::now() >= u)
-                .is_some_and(|u| d.ended_at().is_some_and(|at| at + LOST_WAKE_SLACK <= u));
+            // A wake-up the last task's ender owed this waiter came late (the scheduler
+            // ran it after its limit): not lost.
+            let lost = !d.gate.owed()
+                && parked_until
+                    .filter(|&u| Instant::now() >= u)
+                    .is_some_and(|u| d.ended_at().is_some_and(|at| at + LOST_WAKE_SLACK <= u));
             if ended && lost {
                 // Every task had ended well before the sleep's limit, yet the sleep ran
                 // to it: the wake-up was lost. The gate's protocol rules this out; the

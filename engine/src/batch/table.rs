@@ -673,10 +673,12 @@ pub(crate) struct BatchTable {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
-    /// had ended at least 10 ms before it: a lost wake-up. Zero unless the wait protocol
-    /// is broken, or a waiter was kept off the CPU for more than 10 ms just as its batch
-    /// ended near its limit (a batch that ends within 10 ms of the limit is not counted:
-    /// its waiter may simply have been run late).
+    /// had ended at least 10 ms before it, and whose wake-up the last task's ender did not
+    /// owe (it found no waiter registered): a lost wake-up. Zero unless the wait protocol
+    /// is broken. A waiter woken in time but kept off the CPU past its limit is not
+    /// counted: its wake-up was owed. (A second thread waiting on the same batch at once
+    /// polls every millisecond instead of being woken; kept off the CPU for 10 ms as its
+    /// batch ends, it can still be counted.)
     pub late_wakeups: u64,
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
     /// rest: at most one per batch larger than 512 KiB (counted whether or not a waiter

@@ -264,3 +264,12 @@ pub fn write_to_restarted_peer(
     landed_in.read_at(0, &mut got).unwrap();
     assert_bytes_eq(&got, &data, "the restarted peer's buffer");
 }
+
+/// Warnings that a fabric transfer to `peer` was retried over TCP, recorded since
+/// `ferry_transport_api::testing::warnings::install` (one per batch at most).
+pub fn retry_warnings_naming(peer: &str) -> usize {
+    ferry_transport_api::testing::warnings::starting_with("fabric transfer failed")
+        .iter()
+        .filter(|w| w.fields.get("peer").map(String::as_str) == Some(peer))
+        .count()
+}
