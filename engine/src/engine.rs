@@ -168,6 +168,12 @@ impl Engine {
         self.batches.stats()
     }
 
+    /// What this engine's batches did with each peer it opened, by the name it was
+    /// opened by, sorted by name (see [`PeerStats`](crate::PeerStats)).
+    pub fn peer_stats(&self) -> Vec<(String, crate::PeerStats)> {
+        self.peers.stats()
+    }
+
     /// Counters of the TCP target (refused requests, protocol errors, connections).
     pub fn tcp_stats(&self) -> TcpStats {
         self.registry.tcp.stats()

@@ -92,7 +92,7 @@ pub use error::{Error, Result, SegmentError};
 pub use features::{compiled, protocol_feature, Feature};
 pub use memory::Buffer;
 pub use metadata::{metadata_stores, Metadata};
-pub use peer::{RemoteBuffer, Segment};
+pub use peer::{PeerStats, RemoteBuffer, Segment};
 
 pub use ferry_transport_api::{
     Access, BufferDescriptor, Endpoint, ErrorKind, FailReason, Location, Opcode, Protocol,

@@ -11,7 +11,7 @@
 //!   the path of a retry. Nothing else in the engine asks which protocol a request uses.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,9 +90,89 @@ enum Messenger {
     Lanes(Arc<TcpConnection>),
 }
 
+/// What an engine's batches did with one peer, by the name it was opened by, since the
+/// engine started: kept across the peer's restarts and the engine's re-openings of it
+/// ([`crate::Engine::peer_stats`], [`Segment::stats`]). Tasks count when their batch is
+/// dropped; a batch dropped before its tasks ended counts only those that had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Tasks that completed.
+    pub completed: u64,
+    /// Tasks that failed: refused by the peer, a lost connection, a transport's error.
+    pub failed: u64,
+    /// Tasks that ended at their deadline.
+    pub timed_out: u64,
+    /// Bytes of completed WRITE tasks, to the peer.
+    pub bytes_written: u64,
+    /// Bytes of completed READ tasks, from the peer.
+    pub bytes_read: u64,
+    /// Tasks that failed on a fabric and were tried again over TCP.
+    pub retried_over_tcp: u64,
+    /// Times the peer was opened again after its connection died or its descriptor went
+    /// stale (a restart, say).
+    pub reopened: u64,
+}
+
+/// [`PeerStats`] as the engine's threads add to it.
+#[derive(Debug, Default)]
+pub(crate) struct PeerCounters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    retried_over_tcp: AtomicU64,
+    reopened: AtomicU64,
+}
+
+/// Ended tasks of one batch towards one peer, added to its counters at once.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub(crate) completed: u64,
+    pub(crate) failed: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) bytes_written: u64,
+    pub(crate) bytes_read: u64,
+}
+
+impl PeerCounters {
+    pub(crate) fn add(&self, t: &Tally) {
+        for (c, n) in [
+            (&self.completed, t.completed),
+            (&self.failed, t.failed),
+            (&self.timed_out, t.timed_out),
+            (&self.bytes_written, t.bytes_written),
+            (&self.bytes_read, t.bytes_read),
+        ] {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn retried(&self) {
+        self.retried_over_tcp.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> PeerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PeerStats {
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            timed_out: get(&self.timed_out),
+            bytes_written: get(&self.bytes_written),
+            bytes_read: get(&self.bytes_read),
+            retried_over_tcp: get(&self.retried_over_tcp),
+            reopened: get(&self.reopened),
+        }
+    }
+}
+
 pub(crate) struct PeerInner {
     /// The name it was opened by (the peer's descriptor may claim any name).
     name: String,
+    /// Shared by every opening of this name.
+    pub(crate) counters: Arc<PeerCounters>,
     descriptor: SegmentDescriptor,
     primary: Path,
     /// TCP, when the primary path is a fabric.
@@ -242,6 +322,7 @@ impl PeerInner {
     ) -> Self {
         PeerInner {
             name: descriptor.name.clone(),
+            counters: Arc::default(),
             descriptor,
             primary,
             fallback,
@@ -270,6 +351,9 @@ pub(crate) struct Peers {
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Peers whose re-opening failed, and when (see [`Peers::current`]).
     unreachable: Mutex<HashMap<String, std::time::Instant>>,
+    /// Every name opened so far and its counters, kept when its peer is dropped from the
+    /// cache (one entry per name ever opened).
+    counters: Mutex<HashMap<String, Arc<PeerCounters>>>,
 }
 
 /// How long a peer that could not be opened again is left alone before the next try.
@@ -283,7 +367,37 @@ impl Peers {
             segments: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The counters of `name`, for a peer opened under it just now: a name opened before
+    /// counts one more re-opening.
+    fn counters_for(&self, name: &str) -> Arc<PeerCounters> {
+        let mut all = self.counters.lock();
+        match all.get(name) {
+            Some(c) => {
+                c.reopened.fetch_add(1, Ordering::Relaxed);
+                c.clone()
+            }
+            None => {
+                let c = Arc::<PeerCounters>::default();
+                all.insert(name.to_string(), c.clone());
+                c
+            }
+        }
+    }
+
+    /// [`PeerStats`] of every name opened so far, sorted by name.
+    pub(crate) fn stats(&self) -> Vec<(String, PeerStats)> {
+        let mut v: Vec<_> = self
+            .counters
+            .lock()
+            .iter()
+            .map(|(name, c)| (name.clone(), c.snapshot()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// When `peer` can no longer be used (its connection died, or an access error made
@@ -466,6 +580,7 @@ impl Peers {
             );
             return Ok(PeerInner {
                 name: name.to_string(),
+                counters: self.counters_for(name),
                 primary,
                 fallback: None,
                 messenger: Messenger::Own(registry.control.clone()),
@@ -512,6 +627,7 @@ impl Peers {
                 let port = PeerPort {
                     tcp: tcp_transport,
                     address: &address,
+                    name,
                 };
                 match t.connect(ep, &port) {
                     Ok(conn) => {
@@ -531,6 +647,7 @@ impl Peers {
         tracing::info!(segment = name, protocol = ?primary.protocol, "segment opened");
         Ok(PeerInner {
             name: name.to_string(),
+            counters: self.counters_for(name),
             primary,
             fallback,
             messenger: Messenger::Lanes(tcp),
@@ -546,6 +663,8 @@ impl Peers {
 struct PeerPort<'a> {
     tcp: &'a ferry_transport_tcp::TcpTransport,
     address: &'a str,
+    /// The name the peer was opened by, as logs give it.
+    name: &'a str,
 }
 
 impl PeerControl for PeerPort<'_> {
@@ -559,7 +678,7 @@ impl PeerControl for PeerPort<'_> {
     }
 
     fn name(&self) -> &str {
-        self.address
+        self.name
     }
 }
 
@@ -574,6 +693,12 @@ impl Segment {
     /// The name the segment was opened by (`host:port` with peer-to-peer metadata).
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// What this engine's batches did with the peer of this name so far, across its
+    /// re-openings (see [`PeerStats`]).
+    pub fn stats(&self) -> PeerStats {
+        self.inner.counters.snapshot()
     }
 
     /// The descriptor as fetched (checked: every range fits, keys match endpoints). Its

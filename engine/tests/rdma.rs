@@ -281,15 +281,9 @@ fn failed_rdma_transfers_are_retried_over_tcp_when_allowed() {
     let host = Location::host();
     let used = common::round_trips_at(&initiator, &target, host, host, common::SIZES);
     assert!(used.is_some());
-    // Logged naming the peer, one warning per batch at most.
-    let (warned, batches) = (
-        common::retry_warnings_naming(&target.name()),
-        2 * common::SIZES.len(),
-    );
-    assert!(
-        warned >= 1 && warned <= batches,
-        "{warned} retry warnings naming the target for {batches} batches"
-    );
+    // Counted for the peer, and logged naming it once per batch at most (the 64 MiB
+    // batch loses about 200 of its 64 KiB slices).
+    common::assert_retries_counted_and_logged(&initiator, &target);
 }
 
 /// A target restarted at the same address over RDMA: its old queue pairs are gone (the

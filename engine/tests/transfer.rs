@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use common::{assert_bytes_eq, engine, engine_with, random, WAIT};
 use ferry_engine::{
-    Access, BatchId, Engine, Error, FailReason, Location, RemoteStatus, TaskStatus, Tcp, TcpConfig,
+    Access, BatchId, Engine, Error, FailReason, Location, PeerStats, RemoteStatus, TaskStatus, Tcp,
+    TcpConfig,
 };
 
 /// WRITE random bytes to the peer, check the target's memory, READ them back, compare.
@@ -149,6 +150,25 @@ fn concurrent_batches_from_many_threads_to_one_and_two_peers() {
             });
         }
     });
+    // Each peer's counters hold exactly what the threads moved with it.
+    let mut want = [PeerStats::default(); 2];
+    for t in 0..6usize {
+        for round in 0..20usize {
+            let w = &mut want[if t < 3 { 0 } else { round % 2 }];
+            let n = 1 + round % 16;
+            let moved = (n * ((1 << 20) / n)) as u64;
+            w.completed += n as u64 + 1;
+            w.bytes_written += moved;
+            w.bytes_read += moved;
+        }
+    }
+    let mut got = initiator.peer_stats();
+    got.sort_by_key(|(name, _)| peers.iter().position(|p| p.name() == *name));
+    let names: Vec<String> = peers.iter().map(|p| p.name()).collect();
+    assert_eq!(
+        got,
+        vec![(names[0].clone(), want[0]), (names[1].clone(), want[1])]
+    );
     drop(remotes);
 }
 
@@ -355,6 +375,20 @@ fn descriptor_is_refreshed_after_an_access_error() {
     let mut got = vec![0u8; 1024];
     new.read_at(0, &mut got).unwrap();
     assert_bytes_eq(&got, &data, "after refresh");
+    // The refused task and the one after the peer was opened again, on one name.
+    drop(batch);
+    let stats = seg2.stats();
+    assert_eq!(stats, seg.stats());
+    assert_eq!(
+        (
+            stats.failed,
+            stats.completed,
+            stats.bytes_written,
+            stats.reopened
+        ),
+        (1, 1, 1024, 1),
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -450,6 +484,13 @@ fn a_hung_peer_times_tasks_out_by_their_deadline() {
     assert_eq!(p.pending, 0);
     assert_eq!(p.completed + p.failed + p.timed_out, 16);
     assert!(p.completed < 16);
+    // The peer's counters say the same once the batch is dropped.
+    drop(batch);
+    let stats = seg.stats();
+    assert_eq!(
+        (stats.completed, stats.failed, stats.timed_out),
+        (p.completed as u64, p.failed as u64, p.timed_out as u64)
+    );
 }
 
 /// Deadlines, waits and settings of any length are taken (capped), never an overflow:

@@ -131,6 +131,16 @@ impl PyEngine {
         self.inner.protocols().iter().map(|p| p.name()).collect()
     }
 
+    /// What this engine's batches did with each peer it opened: a dict from the name it
+    /// was opened by to that peer's counters (see ``Segment.stats``).
+    fn peer_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (name, stats) in self.inner.peer_stats() {
+            out.set_item(name, peer_stats_dict(py, &stats)?)?;
+        }
+        Ok(out)
+    }
+
     /// Allocates `length` zeroed bytes at `location` ("cpu" or "cuda:N"), registered and
     /// published to peers with `access` ("rw", "read" or "local") under `name`.
     #[pyo3(signature = (length, location="cpu", access="rw", name=""))]
@@ -524,6 +534,14 @@ impl PySegment {
         self.inner.protocol().map(|p| p.name())
     }
 
+    /// What the engine's batches did with this peer so far, across its re-openings:
+    /// tasks ``completed``, ``failed`` and ``timed_out``, ``bytes_written`` and
+    /// ``bytes_read`` by completed tasks, ``retried_over_tcp``, ``reopened``. Tasks
+    /// count once their batch is dropped.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        peer_stats_dict(py, &self.inner.stats())
+    }
+
     /// Whether this is the engine's own segment (requests are memory copies).
     #[getter]
     fn is_local(&self) -> bool {
@@ -857,4 +875,24 @@ impl PyBatch {
             p.pending
         )
     }
+}
+
+/// A peer's counters as a dict.
+fn peer_stats_dict<'py>(
+    py: Python<'py>,
+    s: &ferry_engine::PeerStats,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in [
+        ("completed", s.completed),
+        ("failed", s.failed),
+        ("timed_out", s.timed_out),
+        ("bytes_written", s.bytes_written),
+        ("bytes_read", s.bytes_read),
+        ("retried_over_tcp", s.retried_over_tcp),
+        ("reopened", s.reopened),
+    ] {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
 }

@@ -46,6 +46,12 @@ def test_write_then_read_random_data_byte_for_byte():
     located, offset = segment.locate(kv.addr + 4096, 10)
     assert located.addr == kv.addr and offset == 4096
     assert segment.locate(kv.addr + len(kv), 1) is None
+    # Tasks count for the peer once their batches are gone.
+    del b, batch
+    stats = {"completed": 3, "failed": 0, "timed_out": 0, "bytes_written": len(data), "bytes_read": len(data),
+             "retried_over_tcp": 0, "reopened": 0}
+    assert segment.stats() == stats
+    assert initiator.peer_stats() == {target.name: stats}
 
 
 def test_buffers_are_seen_without_a_copy():

@@ -447,6 +447,7 @@ fn outcome(d: &SlotData) -> Result<()> {
 
 impl Drop for Batch {
     fn drop(&mut self) {
+        self.slot.data.read().account();
         self.table.release(self.index, &self.slot);
     }
 }

@@ -12,7 +12,7 @@ use ferry_transport_api::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::peer::{Leg, Path, PeerInner};
+use crate::peer::{Leg, Path, PeerInner, Tally};
 use crate::{Error, Result};
 
 /// A waiter parked on a batch is woken when this many bytes are left, so it is running
@@ -229,6 +229,37 @@ impl SlotData {
                 .as_nanos()
                 .min(u128::from(u64::MAX - 1));
             self.ended_at.store(nanos as u64 + 1, Ordering::Release);
+        }
+    }
+
+    /// Adds the batch's ended tasks to their peers' counters, one addition per run of
+    /// tasks to the same peer (when the submitted batch is dropped). Tasks still open are
+    /// left out: their outcome is not known.
+    pub(super) fn account(&self) {
+        let mut tally = Tally::default();
+        let mut peer: Option<&Arc<PeerInner>> = None;
+        for (spec, t) in self.specs.iter().zip(&self.tasks) {
+            if peer.is_some_and(|p| !Arc::ptr_eq(p, &spec.peer)) {
+                if let Some(p) = peer {
+                    p.counters.add(&std::mem::take(&mut tally));
+                }
+            }
+            peer = Some(&spec.peer);
+            match t.state.load(Ordering::Acquire) {
+                DONE => {
+                    tally.completed += 1;
+                    match spec.op {
+                        Opcode::Write => tally.bytes_written += spec.len as u64,
+                        Opcode::Read => tally.bytes_read += spec.len as u64,
+                    }
+                }
+                FAILED => tally.failed += 1,
+                TIMED_OUT => tally.timed_out += 1,
+                _ => {}
+            }
+        }
+        if let Some(p) = peer {
+            p.counters.add(&tally);
         }
     }
 
@@ -477,6 +508,7 @@ impl SlotData {
         if t.state.load(Ordering::Acquire) != PENDING {
             return true;
         }
+        spec.peer.counters.retried();
         let peer = spec.peer.name();
         if self.retry_warned.swap(true, Ordering::Relaxed) {
             tracing::debug!(peer, task, %reason, "fabric transfer failed; retrying it over TCP");

@@ -265,11 +265,29 @@ pub fn write_to_restarted_peer(
     assert_bytes_eq(&got, &data, "the restarted peer's buffer");
 }
 
-/// Warnings that a fabric transfer to `peer` was retried over TCP, recorded since
-/// `ferry_transport_api::testing::warnings::install` (one per batch at most).
-pub fn retry_warnings_naming(peer: &str) -> usize {
-    ferry_transport_api::testing::warnings::starting_with("fabric transfer failed")
+/// After [`round_trips_at`] over a fabric that failed some posts, with retries over TCP
+/// allowed: the retries are counted in the target's [`ferry_engine::PeerStats`] and
+/// logged naming it, one warning per batch at most (recorded since
+/// `ferry_transport_api::testing::warnings::install`), and no task failed.
+pub fn assert_retries_counted_and_logged(initiator: &Engine, target: &Engine) {
+    let name = target.name();
+    let stats = initiator
+        .peer_stats()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| s)
+        .expect("the target has counters");
+    let warned = ferry_transport_api::testing::warnings::starting_with("fabric transfer failed")
         .iter()
-        .filter(|w| w.fields.get("peer").map(String::as_str) == Some(peer))
-        .count()
+        .filter(|w| w.fields.get("peer") == Some(&name))
+        .count();
+    let batches = 2 * SIZES.len();
+    assert!(
+        stats.retried_over_tcp >= 1 && stats.failed == 0 && stats.timed_out == 0,
+        "{stats:?}"
+    );
+    assert!(
+        warned >= 1 && warned <= batches,
+        "{warned} retry warnings naming the target for {batches} batches"
+    );
 }
