@@ -131,6 +131,44 @@ impl PyEngine {
         self.inner.protocols().iter().map(|p| p.name()).collect()
     }
 
+    /// The TCP transport's counters: ``connections`` accepted, ``open_connections``,
+    /// ``rejected_requests``, ``protocol_errors``, ``refused_connections``,
+    /// ``auth_failures``, ``idle_timeouts``, ``progress_timeouts``,
+    /// ``closed_on_deregister``, ``tracked_connections``, ``answers_read_by_waiters``.
+    fn tcp_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.tcp_stats();
+        counters(
+            py,
+            &[
+                ("connections", s.connections),
+                ("open_connections", s.open_connections),
+                ("rejected_requests", s.rejected_requests),
+                ("protocol_errors", s.protocol_errors),
+                ("refused_connections", s.refused_connections),
+                ("auth_failures", s.auth_failures),
+                ("idle_timeouts", s.idle_timeouts),
+                ("progress_timeouts", s.progress_timeouts),
+                ("closed_on_deregister", s.closed_on_deregister),
+                ("tracked_connections", s.tracked_connections),
+                ("answers_read_by_waiters", s.answers_read_by_waiters),
+            ],
+        )
+    }
+
+    /// The batches' counters: ``late_wakeups`` (lost wake-ups: 0 unless something is
+    /// broken), ``early_wakes``, ``merged_requests``.
+    fn batch_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.batch_stats();
+        counters(
+            py,
+            &[
+                ("late_wakeups", s.late_wakeups),
+                ("early_wakes", s.early_wakes),
+                ("merged_requests", s.merged_requests),
+            ],
+        )
+    }
+
     /// What this engine's batches did with each peer it opened: a dict from the name it
     /// was opened by to that peer's counters (see ``Segment.stats``).
     fn peer_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -877,22 +915,30 @@ impl PyBatch {
     }
 }
 
+/// Named counters as a dict.
+fn counters<'py>(py: Python<'py>, pairs: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for &(k, v) in pairs {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
+}
+
 /// A peer's counters as a dict.
 fn peer_stats_dict<'py>(
     py: Python<'py>,
     s: &ferry_engine::PeerStats,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    for (k, v) in [
-        ("completed", s.completed),
-        ("failed", s.failed),
-        ("timed_out", s.timed_out),
-        ("bytes_written", s.bytes_written),
-        ("bytes_read", s.bytes_read),
-        ("retried_over_tcp", s.retried_over_tcp),
-        ("reopened", s.reopened),
-    ] {
-        d.set_item(k, v)?;
-    }
-    Ok(d)
+    counters(
+        py,
+        &[
+            ("completed", s.completed),
+            ("failed", s.failed),
+            ("timed_out", s.timed_out),
+            ("bytes_written", s.bytes_written),
+            ("bytes_read", s.bytes_read),
+            ("retried_over_tcp", s.retried_over_tcp),
+            ("reopened", s.reopened),
+        ],
+    )
 }

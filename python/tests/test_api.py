@@ -129,6 +129,12 @@ def test_a_failing_batch_raises_on_leaving_the_block_and_keeps_its_statuses():
     assert "not registered" in b.batch.reason(0)
     with pytest.raises(ferry.InvalidInput):
         initiator.batch_progress(b.batch.id + (1 << 32))
+    # The peer counted the refusal; this engine counts the failed task for the peer.
+    assert target.tcp_stats()["rejected_requests"] == 1
+    assert initiator.tcp_stats()["rejected_requests"] == 0
+    assert initiator.batch_stats()["late_wakeups"] == 0
+    del b
+    assert initiator.peer_stats()[target.name]["failed"] == 1
 
 
 def test_the_gil_is_released_while_waiting():
