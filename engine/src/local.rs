@@ -13,11 +13,17 @@ pub(crate) struct LocalConnection {
     /// Its table of registered regions resolves every request.
     tcp: Arc<TcpTransport>,
     completions: Arc<dyn Completions>,
+    /// Failed device copies, logged at a bounded rate (a broken device fails them all).
+    warns: ferry_transport_api::LogLimit,
 }
 
 impl LocalConnection {
     pub(crate) fn new(tcp: Arc<TcpTransport>, completions: Arc<dyn Completions>) -> Self {
-        LocalConnection { tcp, completions }
+        LocalConnection {
+            tcp,
+            completions,
+            warns: Default::default(),
+        }
     }
 
     fn copy(&self, s: &Slice) -> Result<usize, FailReason> {
@@ -43,7 +49,9 @@ impl LocalConnection {
         memory::device_copy(dst, dst_off, src, src_off, s.len)
             .map(|()| s.len)
             .map_err(|e| {
-                tracing::warn!(error = %e, len = s.len, "a copy within this engine's device memory failed");
+                if let Some(suppressed) = self.warns.admit() {
+                    tracing::warn!(error = %e, len = s.len, suppressed, "a copy within this engine's device memory failed");
+                }
                 FailReason::Unsupported
             })
     }

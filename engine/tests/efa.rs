@@ -194,9 +194,37 @@ fn failed_fabric_transfers_are_retried_over_tcp_when_allowed() {
     // Every fifth EFA post fails; each affected task is retried over TCP and the data
     // still arrives byte for byte.
     round_trips(&initiator, &target, Protocol::Efa);
-    // Counted for the peer, and logged naming it once per batch at most (the 64 MiB
-    // batch loses about 200 of its 64 KiB slices).
+    // Counted for the peer, and logged naming it once per batch at most.
     common::assert_retries_counted_and_logged(&initiator, &target);
+}
+
+/// A refused post kills the fabric connection, so every later task of the batch fails
+/// and is retried over TCP: one batch, many retries, each counted, one warning.
+#[test]
+fn a_batch_with_many_retries_warns_once() {
+    ferry_transport_api::testing::warnings::install();
+    let target = efa_engine("tcp;ofi_rxm");
+    let initiator = faulty_engine(true);
+    let remote_buf = target.allocate(1 << 20, Location::host()).unwrap();
+    let local = initiator.allocate(1 << 20, Location::host()).unwrap();
+    let remote = common::remote_of(&initiator, &target, &remote_buf);
+    let mut b = initiator.batch().retry_over_tcp(true);
+    for i in 0..10 {
+        b.write(&local, i << 16, &remote, (i << 16) as u64, 1 << 16)
+            .unwrap();
+    }
+    b.submit().unwrap().wait(common::WAIT).unwrap();
+    let stats = remote.segment().stats();
+    assert!(
+        stats.retried_over_tcp >= 2 && stats.completed == 10,
+        "{stats:?}"
+    );
+    let name = target.name();
+    let warned = ferry_transport_api::testing::warnings::starting_with("fabric transfer failed")
+        .into_iter()
+        .filter(|w| w.fields.get("peer") == Some(&name))
+        .count();
+    assert_eq!(warned, 1, "{} retries in one batch", stats.retried_over_tcp);
 }
 
 #[test]

@@ -156,13 +156,15 @@ impl PyEngine {
     }
 
     /// The batches' counters: ``late_wakeups`` (lost wake-ups: 0 unless something is
-    /// broken), ``early_wakes``, ``merged_requests``.
+    /// broken), ``woken_late`` (waiters the machine ran late), ``early_wakes``,
+    /// ``merged_requests``.
     fn batch_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.batch_stats();
         counters(
             py,
             &[
                 ("late_wakeups", s.late_wakeups),
+                ("woken_late", s.woken_late),
                 ("early_wakes", s.early_wakes),
                 ("merged_requests", s.merged_requests),
             ],

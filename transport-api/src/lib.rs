@@ -29,6 +29,7 @@
 mod descriptor;
 mod error;
 mod location;
+mod log_limit;
 mod memory;
 pub mod ops;
 mod request;
@@ -44,6 +45,7 @@ pub use descriptor::{
 };
 pub use error::{ErrorKind, TransportError};
 pub use location::{Access, Location};
+pub use log_limit::{LogLimit, LINES_PER_SECOND};
 pub use memory::RegionMemory;
 pub use request::{CompletionToken, Completions, FailReason, Opcode, RemoteStatus, Slice};
 pub use staging::{Staging, StagingBuffer, StagingStats};

@@ -40,7 +40,7 @@ const MAX_NAP: Duration = Duration::from_millis(1);
 /// Longest closing the endpoints waits for their operations in flight to complete.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-fn strerror(code: i32) -> String {
+pub(crate) fn strerror(code: i32) -> String {
     // SAFETY: fi_strerror returns a pointer to a static, NUL-terminated string.
     unsafe { CStr::from_ptr(fi::fi_strerror(code)) }
         .to_string_lossy()
@@ -151,6 +151,8 @@ pub(crate) struct Device {
     completions: Arc<dyn Completions>,
     stop: Arc<AtomicBool>,
     progress: Mutex<Option<JoinHandle<()>>>,
+    /// Warnings about this device's operations, at a bounded rate.
+    pub(crate) warns: ferry_transport_api::LogLimit,
 }
 
 impl Device {
@@ -488,6 +490,7 @@ impl Device {
                 completions,
                 stop,
                 progress: Mutex::new(None),
+                warns: Default::default(),
             });
             let runner = device.clone();
             let busy_poll = config.busy_poll;
@@ -770,7 +773,7 @@ impl Device {
             // The queue is full or the peer not yet connected: reap completions (which
             // also drives the provider's progress), then try again, within bounds.
             let failure = if rc != -(fi::FI_EAGAIN as isize) {
-                tracing::warn!(error = %strerror(-rc as i32), "libfabric refused a post");
+                // The caller logs it, naming the peer.
                 Some(PostError::Fatal(-rc as i32))
             } else if Instant::now() >= give_up {
                 Some(PostError::Busy)
@@ -851,7 +854,10 @@ impl Device {
                 }
             };
             drop(serial);
-            tracing::warn!(error = %strerror(err.err), provider_error = %message, "libfabric operation failed");
+            // A fault fails every operation in flight at once: a few lines a second.
+            if let Some(suppressed) = self.warns.admit() {
+                tracing::warn!(domain = %self.domain_name, error = %strerror(err.err), provider_error = %message, suppressed, "libfabric operation failed");
+            }
             if !err.op_context.is_null() {
                 let mut out = Outcomes::new();
                 self.ops.finish([(err.op_context, Some(err.err))], &mut out);

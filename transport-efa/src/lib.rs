@@ -283,7 +283,7 @@ impl Transport for EfaTransport {
     fn connect(
         &self,
         endpoint: &Endpoint,
-        _peer: &dyn PeerControl,
+        peer: &dyn PeerControl,
     ) -> Result<Arc<dyn Connection>, TransportError> {
         if endpoint.protocol != Protocol::Efa {
             return Err(TransportError::invalid(format!(
@@ -336,6 +336,7 @@ impl Transport for EfaTransport {
             .collect::<Result<Vec<_>, TransportError>>()?;
         let conn = Arc::new(EfaConnection {
             inner: self.inner.clone(),
+            name: peer.name().into(),
             paths,
             next: AtomicUsize::new(0),
             alive: Arc::new(AtomicBool::new(true)),
@@ -397,6 +398,8 @@ struct Path {
 /// A peer reached through the local rails (address-vector entries).
 struct EfaConnection {
     inner: Arc<Inner>,
+    /// The peer, as warnings name it.
+    name: Arc<str>,
     paths: Vec<Path>,
     /// Round-robin position over `paths`.
     next: AtomicUsize,
@@ -446,6 +449,9 @@ impl Connection for EfaConnection {
             Err(PostError::Closed) => Err(FailReason::Shutdown),
             Err(PostError::Fatal(code)) => {
                 self.alive.store(false, Ordering::Release);
+                if let Some(suppressed) = path.device.warns.admit() {
+                    tracing::warn!(peer = %self.name, error = %fabric::strerror(code), suppressed, "libfabric refused a post; the connection is replaced");
+                }
                 Err(fabric_error(code))
             }
             Err(PostError::Busy) => Err(fabric_error(libfabric_sys::FI_EAGAIN as i32)),

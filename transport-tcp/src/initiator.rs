@@ -125,25 +125,25 @@ impl LaneState {
 
     /// Closes the in-flight table and fails everything in it, after `taken` (entries
     /// the receiver had taken out), with the reason the lane closed for.
-    /// Returns how many requests failed, and why.
+    /// `before` is told how many requests are about to fail, and why, before any of
+    /// them is reported (so what it logs comes before what the caller of the batch sees).
     fn drain(
         &self,
         completions: &dyn Completions,
         taken: &mut Vec<Entry>,
         reason: FailReason,
-    ) -> (usize, FailReason) {
+        before: impl FnOnce(usize, FailReason),
+    ) {
         let (entries, reason): (Vec<Entry>, FailReason) = {
             let mut g = self.inflight.lock();
             let reason = *g.closed.get_or_insert(reason);
             (g.drain_all().collect(), reason)
         };
         self.not_full.notify_all();
-        let mut failed = 0;
+        before(taken.len() + entries.len(), reason);
         for e in taken.drain(..).chain(entries) {
             e.fail(completions, reason);
-            failed += 1;
         }
-        (failed, reason)
     }
 }
 
@@ -1270,14 +1270,15 @@ impl Receiver_ {
             tracing::warn!(peer = %self.peer, error = %err, "closing a lane after the peer broke the protocol");
         }
         self.state.kill(&self.peer, reason, err);
-        let (failed, reason) = self
-            .state
-            .drain(&*self.completions, &mut self.batch, reason);
-        // A lane that closes idle (a peer restarting between transfers) is not news;
-        // one that takes requests with it is, whoever the caller of the batch is.
-        if failed > 0 && !broke && reason != FailReason::Shutdown {
-            tracing::warn!(peer = %self.peer, requests = failed, %reason, error = %err, "a lane to the peer closed with requests in flight; they fail");
-        }
+        let peer = &self.peer;
+        self.state
+            .drain(&*self.completions, &mut self.batch, reason, |failed, reason| {
+                // A lane that closes idle (a peer restarting between transfers) is not
+                // news; one that takes requests with it is.
+                if failed > 0 && !broke && reason != FailReason::Shutdown {
+                    tracing::warn!(peer = %peer, requests = failed, %reason, error = %err, "a lane to the peer closed with requests in flight; they fail");
+                }
+            });
     }
 
     fn pace(&self) -> ReceiverPace<'_> {

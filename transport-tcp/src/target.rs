@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::{Opcode, RemoteStatus};
+use ferry_transport_api::{LogLimit, Opcode, RemoteStatus};
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
@@ -44,9 +44,6 @@ const SCRATCH: usize = 64 * 1024;
 const WRITE_CHUNK: usize = 1 << 20;
 /// Longest sleep between checks of shutdown, deregistration and limits.
 const STEP: Duration = Duration::from_millis(200);
-/// Refused requests logged per connection per second; the rest are counted and their
-/// number logged with the next line.
-const WARNS_PER_SECOND: u32 = 4;
 
 /// Why a connection is being closed by the target, carried in the `io::Error` that ends
 /// its thread.
@@ -447,35 +444,6 @@ fn next_piece(left: usize) -> usize {
     }
 }
 
-/// Logs refused requests at a bounded rate; the rest are only counted.
-#[derive(Default)]
-struct WarnLimit {
-    window: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl WarnLimit {
-    /// Whether to log one more refusal now; if so, how many went unlogged before it.
-    fn admit(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .window
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.logged = 0;
-        }
-        if self.logged < WARNS_PER_SECOND {
-            self.logged += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
 struct TargetConn {
     shared: Arc<Shared>,
     /// Where the connection comes from: every warning about it names it, whatever
@@ -502,7 +470,8 @@ struct TargetConn {
     active: bool,
     /// Since when the peer has sent nothing, while it is not `active`.
     idle_since: Instant,
-    warns: WarnLimit,
+    /// Refused requests on this connection, logged at a bounded rate.
+    warns: LogLimit,
 }
 
 impl TargetConn {
@@ -528,18 +497,19 @@ impl TargetConn {
             scratch: Vec::new(),
             active: false,
             idle_since: Instant::now(),
-            warns: WarnLimit::default(),
+            warns: LogLimit::new(),
         }
     }
 
     /// Counts and logs how the connection ended.
     fn ended(&mut self, result: io::Result<()>) {
         let stats = &self.shared.stats;
-        if self.warns.suppressed > 0 {
+        let suppressed = self.warns.suppressed();
+        if suppressed > 0 {
             tracing::warn!(
                 peer = %self.peer,
-                suppressed = self.warns.suppressed,
-                "refusals not logged (rate limit)"
+                suppressed,
+                "refused requests not logged (rate limit)"
             );
         }
         let e = match result {
@@ -566,7 +536,10 @@ impl TargetConn {
             None if is_disconnect(&e) => tracing::debug!(error = %e, "peer went away"),
             None => {
                 stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %self.peer, error = %e, "closing connection after protocol error");
+                // Each broken connection is its own: the transport's limit bounds them.
+                if let Some(suppressed) = self.shared.warns.admit() {
+                    tracing::warn!(peer = %self.peer, error = %e, suppressed, "closing connection after protocol error");
+                }
             }
         }
     }
@@ -697,7 +670,8 @@ impl TargetConn {
             },
         };
         if let Err(why) = &answer {
-            if let Some(suppressed) = self.warns.admit() {
+            // Every exchange comes on a connection of its own: the transport's limit.
+            if let Some(suppressed) = self.shared.warns.admit() {
                 tracing::warn!(peer = %self.peer, %why, suppressed, "refused a set-up exchange");
             }
         }

@@ -812,6 +812,31 @@ fn warnings_about_a_connection_name_its_peer() {
     }
 }
 
+/// Set-up exchanges come each on a connection of its own, so their refusals are limited
+/// for the whole transport: a peer that keeps asking cannot flood the log.
+#[test]
+fn refused_exchanges_are_logged_at_a_bounded_rate_across_connections() {
+    warnings::install();
+    let target = started(TcpConfig::default());
+    let mut askers = Vec::new();
+    for _ in 0..100 {
+        let mut s = connect(&target.addr);
+        s.write_all(&exchange_frame(200, b"again")).unwrap();
+        let (kind, _, body) = answer(&mut s);
+        assert_eq!(kind, EXCHANGED);
+        assert!(refusal(&body).contains("unknown protocol byte 200"));
+        askers.push(s.local_addr().unwrap().to_string());
+    }
+    let logged = warnings::starting_with("refused a set-up exchange")
+        .iter()
+        .filter(|w| w.fields.get("peer").is_some_and(|p| askers.contains(p)))
+        .count();
+    assert!(
+        (1..100).contains(&logged),
+        "{logged} warnings for 100 refused exchanges"
+    );
+}
+
 fn secret_target() -> Target {
     started(TcpConfig {
         secret: Some(SharedSecret::from("correct horse battery staple")),

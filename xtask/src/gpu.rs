@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::sh::{cargo, root, run, test_binaries};
+use crate::sh::{apt_install, cargo, root, run, test_binaries, BUILD_PACKAGES};
 
 /// `cargo xtask gpu-bundle [DIR]`.
 pub(crate) fn bundle(args: &[String]) -> Result<()> {
@@ -30,6 +30,8 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    // The RDMA half builds against the verbs headers (through bindgen).
+    apt_install(BUILD_PACKAGES)?;
     run(cargo().args([
         "build",
         "--release",
@@ -73,7 +75,7 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
         place(&test_binary(selection)?, &dir.join(name))?;
     }
     // The Python package with `cuda`, as a wheel the GPU host installs next to its
-    // PyTorch without an index (abi3: any CPython from 3.9 on).
+    // PyTorch without an index (abi3: any CPython from 3.9 on), and its tests.
     let python = crate::python::venv()?;
     run(Command::new(&python)
         .args([
@@ -90,6 +92,14 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
         .arg("--out")
         .arg(&dir)
         .env("CARGO_TARGET_DIR", crate::python::target_dir()))?;
+    let tests = dir.join("python-tests");
+    std::fs::create_dir_all(&tests)?;
+    for f in std::fs::read_dir(root().join("python/tests"))? {
+        let f = f?.path();
+        if f.extension().is_some_and(|e| e == "py") {
+            std::fs::copy(&f, tests.join(f.file_name().context("a file name")?))?;
+        }
+    }
     let script = dir.join("run.sh");
     std::fs::write(&script, RUN_SH)?;
     let size: u64 = std::fs::read_dir(&dir)?
@@ -205,47 +215,63 @@ for round in 1 2 3; do
 done > "$out/bench.txt"
 cat "$out/bench.txt"
 # Python: the wheel next to the interpreter that has PyTorch, then the package's tests
-# from the checkout this bundle lies in (FERRY_REPO, else two folders up), the CUDA
-# tensor tests among them.
-repo=${FERRY_REPO:-$here/../..}
-if [ -d "$repo/python/tests" ] && python3 -c 'import torch' 2>/dev/null; then
+# (copied into the bundle), the CUDA tensor tests among them, which must run here: a
+# wheel without `cuda` or a host whose PyTorch sees no GPU fails instead of skipping.
+if python3 -c 'import torch' 2>/dev/null; then
     site=$(mktemp -d)
-    if python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$here"/ferry-*.whl > "$out/python.txt" 2>&1; then
-        PYTHONPATH="$site" timeout 300 python3 -m pytest -q -p no:cacheprovider -rs "$repo/python/tests" >> "$out/python.txt" 2>&1 || failed=1
+    if python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$here"/ferry-*.whl > "$out/python.txt" 2>&1 \
+        && (cd "$site" && PYTHONPATH="$site" python3 -c 'import ferry, torch; assert ferry.CUDA_COMPILED, "a wheel without cuda"; assert torch.cuda.is_available(), "PyTorch sees no GPU"') >> "$out/python.txt" 2>&1; then
+        (cd "$site" && PYTHONPATH="$site" FERRY_REQUIRE_CUDA=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs "$here/python-tests") >> "$out/python.txt" 2>&1 || failed=1
     else
         failed=1
     fi
+    rm -rf "$site"
     tail -n 12 "$out/python.txt"
 else
-    echo "python: no python3 with torch, or no $repo/python/tests: skipped" | tee "$out/python.txt"
+    echo "python: no python3 with torch: skipped" | tee "$out/python.txt"
 fi
-# RDMA: this host's NICs, if it has any and the verbs library is installed (soft-RoCE
-# runs in `cargo xtask test`'s VM instead). Each test in its own process, as nextest
-# runs them; then ferry over RDMA from host and from GPU memory (GPUDirect RDMA).
-nics=$(ls /sys/class/infiniband 2>/dev/null | grep -v -e '^efa' -e '^rxe' -e '^ferry_rxe' | tr '\n' ' ')
+# RDMA: this host's NICs with a port up, if any, and the verbs library (soft-RoCE runs
+# in `cargo xtask test`'s VM instead). Each test in its own process, as nextest runs
+# them; then ferry over RDMA from host and from GPU memory (GPUDirect RDMA where the NIC
+# can register GPU memory, else staged over TCP, which the line then says).
+nics=""
+for dev in /sys/class/infiniband/*; do
+    name=${dev##*/}
+    case "$name" in '*'|efa*|rxe*|ferry_rxe*) continue ;; esac
+    if grep -qs ACTIVE "$dev"/ports/*/state; then nics="$nics $name"; fi
+done
 {
-    echo "RDMA NICs: ${nics:-none}"
+    echo "RDMA NICs with an active port:${nics:- none}"
     for port in /sys/class/infiniband/*/ports/*; do
         [ -e "$port" ] && echo "$port: $(cat "$port/state") $(cat "$port/link_layer")"
     done
-    grep -e nvidia_peermem -e rdma_rxe -e ib_core /proc/modules || echo "(none of nvidia_peermem, rdma_rxe, ib_core loaded)"
+    grep -s -e nvidia_peermem -e rdma_rxe -e ib_core /proc/modules || echo "(none of nvidia_peermem, rdma_rxe, ib_core listed as loaded)"
     ldd "$here/ferry-rdma" | grep "not found" || echo "ferry-rdma's libraries: all found"
 } > "$out/rdma-host.txt" 2>&1
 cat "$out/rdma-host.txt"
 if [ -n "$nics" ] && ! ldd "$here/ferry-rdma" | grep -q "not found"; then
     for t in rdma-transport-tests rdma-conformance-tests rdma-no-alloc-tests rdma-engine-tests rdma-exchange-tests; do
-        for name in $("$here/$t" --list --format terse --include-ignored | sed -n 's/: test$//p'); do
+        names=$("$here/$t" --list --format terse --include-ignored 2>>"$out/$t.txt" | sed -n 's/: test$//p')
+        if [ -z "$names" ]; then
+            failed=1
+            echo "FAILED: $t lists no tests"
+        fi
+        for name in $names; do
             if ! timeout 120 "$here/$t" --include-ignored --exact "$name" >> "$out/$t.txt" 2>&1; then
                 failed=1
                 echo "FAILED: $t $name"
             fi
         done
-        grep -c '^test .* ok$' "$out/$t.txt" | sed "s/^/$t: passed /"
+        echo "$t: $(grep -c '^test .* ok$' "$out/$t.txt") passed"
     done
     for loc in cpu cuda:0; do
         for op in write read; do
-            printf 'rdma %s %s ' "$loc" "$op"
-            timeout 60 "$here/ferry-rdma" bench --protocol rdma --location "$loc" --operation "$op" --block-size 1M --batch-size 128 --duration 3 --verify --json 2>>"$out/rdma-bench.err" || { failed=1; echo; }
+            err="$out/rdma-bench-$loc-$op.err"
+            line=$(timeout 60 "$here/ferry-rdma" bench --protocol rdma --location "$loc" --operation "$op" --block-size 1M --batch-size 128 --duration 3 --verify --json 2>"$err") || failed=1
+            if grep -qs "cannot be registered" "$err"; then
+                line="$line (staged over TCP: the NIC cannot register this GPU memory)"
+            fi
+            echo "rdma $loc $op $line"
         done
     done > "$out/rdma-bench.txt"
     cat "$out/rdma-bench.txt"

@@ -392,13 +392,14 @@ impl Batch {
                 parked_until = Some(until);
                 (now < until).then(|| until - now)
             });
+            let overslept = parked_until
+                .filter(|&u| Instant::now() >= u)
+                .is_some_and(|u| d.ended_at().is_some_and(|at| at + LOST_WAKE_SLACK <= u));
             // A wake-up the last task's ender owed this waiter came late (the scheduler
-            // ran it after its limit): not lost.
-            let lost = !d.gate.owed()
-                && parked_until
-                    .filter(|&u| Instant::now() >= u)
-                    .is_some_and(|u| d.ended_at().is_some_and(|at| at + LOST_WAKE_SLACK <= u));
-            if ended && lost {
+            // ran it after its limit): counted apart, not lost.
+            if ended && overslept && d.gate.owed() {
+                self.table.woken_late.fetch_add(1, Ordering::Relaxed);
+            } else if ended && overslept {
                 // Every task had ended well before the sleep's limit, yet the sleep ran
                 // to it: the wake-up was lost. The gate's protocol rules this out; the
                 // count proves it in use.

@@ -695,6 +695,8 @@ pub(crate) struct BatchTable {
     pub(super) defaults: BatchDefaults,
     /// Waits that slept to their limit although every task had ended (a lost wake-up).
     pub(super) late_wakeups: AtomicU64,
+    /// Waits woken in time that ran only after their limit (see [`BatchStats`]).
+    pub(super) woken_late: AtomicU64,
     /// Waiters nudged early (see [`EARLY_WAKE_BYTES`]).
     early_wakes: Arc<AtomicU64>,
     /// Requests carried in the slice of the run they follow (see [`SlotData::joins`]).
@@ -706,12 +708,15 @@ pub(crate) struct BatchTable {
 pub struct BatchStats {
     /// Waits that slept until their deadline or timeout although every task of the batch
     /// had ended at least 10 ms before it, and whose wake-up the last task's ender did not
-    /// owe (it found no waiter registered): a lost wake-up. Zero unless the wait protocol
-    /// is broken. A waiter woken in time but kept off the CPU past its limit is not
-    /// counted: its wake-up was owed. (A second thread waiting on the same batch at once
-    /// polls every millisecond instead of being woken; kept off the CPU for 10 ms as its
-    /// batch ends, it can still be counted.)
+    /// owe (it found no waiter registered): a lost wake-up, which the gate's protocol
+    /// rules out (its loom models check that, and that the owed wake-up is made). (A
+    /// second thread waiting on the same batch at once polls every millisecond instead of
+    /// being woken; kept off the CPU for 10 ms as its batch ends, it can be counted.)
     pub late_wakeups: u64,
+    /// Waits like those, whose wake-up was owed: woken in time, the waiter was kept off
+    /// the CPU past its limit (a busy machine). Not a fault of the engine; a count that
+    /// grows says the waiting threads lack CPU.
+    pub woken_late: u64,
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
     /// rest: at most one per batch larger than 512 KiB (counted whether or not a waiter
     /// was parked), and one more each time a retry puts a failed attempt's landed bytes
@@ -735,6 +740,7 @@ impl BatchTable {
             free: Mutex::new(Vec::new()),
             defaults,
             late_wakeups: AtomicU64::new(0),
+            woken_late: AtomicU64::new(0),
             early_wakes: Arc::new(AtomicU64::new(0)),
             merged: Arc::new(AtomicU64::new(0)),
         })
@@ -756,6 +762,7 @@ impl BatchTable {
     pub(crate) fn stats(&self) -> BatchStats {
         BatchStats {
             late_wakeups: self.late_wakeups.load(Ordering::Relaxed),
+            woken_late: self.woken_late.load(Ordering::Relaxed),
             early_wakes: self.early_wakes.load(Ordering::Relaxed),
             merged_requests: self.merged.load(Ordering::Relaxed),
         }
