@@ -280,7 +280,7 @@ impl State {
             let (segment, requests) = match self.prepare(target, locals, peers, lens) {
                 Ok(prepared) => prepared,
                 Err(why) => {
-                    tracing::warn!(target, %why, "transfer refused");
+                    tracing::warn!(peer = %target, %why, "transfer refused");
                     return -1;
                 }
             };
@@ -297,7 +297,7 @@ impl State {
                 Ok(()) => {
                     if let Some(n) = notify {
                         if let Err(e) = self.engine.notify(&segment, &encode_notify(n)) {
-                            tracing::warn!(target, error = %chain(&e), "transfer done; its notification failed");
+                            tracing::warn!(peer = %target, error = %chain(&e), "transfer done; its notification failed");
                             return -1;
                         }
                     }
@@ -314,7 +314,7 @@ impl State {
                     tracing::info!(target, %why, "transfer failed; trying once more with the peer's descriptor fetched again");
                 }
                 Err((why, _)) => {
-                    tracing::warn!(target, %why, "transfer failed");
+                    tracing::warn!(peer = %target, %why, "transfer failed");
                     return -1;
                 }
             }
@@ -655,7 +655,7 @@ impl TransferEngine {
                     id
                 }
                 Err(why) => {
-                    tracing::warn!(target = %target, %why, "async transfer refused");
+                    tracing::warn!(peer = %target, %why, "async transfer refused");
                     0
                 }
             }

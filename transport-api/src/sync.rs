@@ -82,9 +82,14 @@ impl EndGate {
         }
     }
 
-    /// Starts a new round with `open` tasks and forgets any waiter. The caller has the
-    /// gate to itself (no task of the previous round can still end on it).
+    /// The most tasks one round may count.
+    pub const MAX_OPEN: u32 = OPEN;
+
+    /// Starts a new round with `open` tasks (at most [`MAX_OPEN`](Self::MAX_OPEN)) and
+    /// forgets any waiter. The caller has the gate to itself (no task of the previous
+    /// round can still end on it).
     pub fn reset(&self, open: u32) {
+        debug_assert!(open <= OPEN, "{open} tasks on one gate");
         *self.lock_waiter() = None;
         self.word.store(open & OPEN, Ordering::Release);
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_transport_api::sync::EndGate;
 use ferry_transport_api::{Connection, FailReason, Opcode};
 
 use super::table::{
@@ -237,6 +238,12 @@ impl BatchBuilder {
             .ok_or_else(|| Error::InvalidRequest("the remote buffer has no key".into()))?;
         let slot = self.slot.as_ref().ok_or(Error::StaleBatch)?;
         let mut d = slot.data.write();
+        if d.specs.len() >= EndGate::MAX_OPEN as usize {
+            return Err(Error::InvalidRequest(format!(
+                "a batch holds at most {} requests",
+                EndGate::MAX_OPEN
+            )));
+        }
         d.pins.push(local.memory().clone());
         d.specs.push(TaskSpec {
             op,
