@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_engine::{Access, Batch, Buffer, Engine, EngineConfig, Location, Protocol, Segment};
 use parking_lot::{Mutex, RwLock};
@@ -137,6 +137,22 @@ struct State {
     py_engine: Py<PyEngine>,
     /// Why stream-ordered transfers failed, not yet reported to the caller.
     stream_failures: Mutex<Vec<String>>,
+    /// Peers whose descriptor was fetched again for an address it still did not hold,
+    /// and when: within [`REFETCH_BACKOFF`] of that, a peer address that does not map is
+    /// refused without fetching again (each fetch is a connection to the peer).
+    useless_refetch: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long after a fetch that did not help a peer's descriptor is not fetched again for
+/// an address that does not map.
+const REFETCH_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why a request does not map.
+enum Unmapped {
+    /// The local range is not in memory registered here: the peer has nothing to do with it.
+    Local(String),
+    /// The peer's range is in no buffer of the descriptor at hand (which may be out of date).
+    Remote(String),
 }
 
 /// Where a request's two ends are.
@@ -170,15 +186,15 @@ impl State {
         local_addr: u64,
         peer_addr: u64,
         len: usize,
-    ) -> Result<Request, String> {
+    ) -> Result<Request, Unmapped> {
         let (local, local_offset, _use) = self.local_at(local_addr, len).ok_or_else(|| {
-            format!("local range {local_addr:#x}+{len} is not inside memory registered with this engine")
+            Unmapped::Local(format!("local range {local_addr:#x}+{len} is not inside memory registered with this engine"))
         })?;
         let (remote, remote_offset) = segment.locate(peer_addr, len as u64).ok_or_else(|| {
-            format!(
+            Unmapped::Remote(format!(
                 "peer range {peer_addr:#x}+{len} is not inside a buffer segment `{}` publishes",
                 segment.name()
-            )
+            ))
         })?;
         Ok(Request {
             local,
@@ -190,8 +206,11 @@ impl State {
         })
     }
 
-    /// Opens `target` and maps every request, fetching the descriptor again once when an
-    /// address does not map (the peer may have registered memory since).
+    /// Opens `target` and maps every request, fetching the descriptor again once when a
+    /// peer address does not map (the peer may have registered memory since), unless a
+    /// fetch for an address it did not hold was made within [`REFETCH_BACKOFF`]: a caller
+    /// that keeps naming a wrong address costs no connection per request. A local
+    /// address that does not map fetches nothing.
     fn prepare(
         &self,
         target: &str,
@@ -213,16 +232,38 @@ impl State {
             .map_err(|e| format!("cannot open segment `{target}`: {}", chain(&e)))?;
         let mut refreshed = false;
         loop {
-            let mapped: Result<Vec<Request>, String> = locals
+            let mapped: Result<Vec<Request>, Unmapped> = locals
                 .iter()
                 .zip(peers)
                 .zip(lens)
                 .map(|((&l, &p), &n)| self.request(&segment, l, p, n))
                 .collect();
             match mapped {
-                Ok(requests) => return Ok((segment, requests)),
-                Err(why) if refreshed => return Err(why),
-                Err(_) => {
+                Ok(requests) => {
+                    if refreshed {
+                        self.useless_refetch.lock().remove(target);
+                    }
+                    return Ok((segment, requests));
+                }
+                Err(Unmapped::Local(why)) => return Err(why),
+                Err(Unmapped::Remote(why)) if refreshed => {
+                    self.useless_refetch
+                        .lock()
+                        .insert(target.to_string(), Instant::now());
+                    return Err(why);
+                }
+                Err(Unmapped::Remote(why)) => {
+                    let recent = self
+                        .useless_refetch
+                        .lock()
+                        .get(target)
+                        .is_some_and(|t| t.elapsed() < REFETCH_BACKOFF);
+                    if recent {
+                        return Err(format!(
+                            "{why} (its descriptor was fetched again less than {} s ago and did not hold the address either)",
+                            REFETCH_BACKOFF.as_secs()
+                        ));
+                    }
                     refreshed = true;
                     segment = self
                         .engine
@@ -311,7 +352,7 @@ impl State {
                         && start.elapsed() < timeout =>
                 {
                     retried = true;
-                    tracing::info!(target, %why, "transfer failed; trying once more with the peer's descriptor fetched again");
+                    tracing::info!(peer = %target, %why, "transfer failed; trying once more with the peer's descriptor fetched again");
                 }
                 Err((why, _)) => {
                     tracing::warn!(peer = %target, %why, "transfer failed");
@@ -797,6 +838,7 @@ impl TransferEngine {
             pending: Mutex::new(HashMap::new()),
             py_engine,
             stream_failures: Mutex::new(Vec::new()),
+            useless_refetch: Mutex::new(HashMap::new()),
         }));
         0
     }

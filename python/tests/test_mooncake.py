@@ -4,6 +4,7 @@ peers in their own processes on loopback, with random data checked byte for byte
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -152,6 +153,32 @@ def test_memory_registered_after_opening_is_found(engine, peer):
     # The cached descriptor does not know it: fetched again, once.
     assert engine.transfer_sync_write(peer.name, local.addr, later, 8192) == 0
     assert peer.read(later, 8192) == local.bytes()
+
+
+def test_wrong_addresses_in_a_loop_cost_no_connection_per_request(engine, peer):
+    local = LocalMemory(engine, 8192)
+    remote, remote_len = peer.buffers[0]
+    assert engine.transfer_sync_write(peer.name, local.addr, remote, 16) == 0
+    stats = engine.get_engine().peer_stats
+    # A local address that is not registered here says nothing about the peer: its
+    # descriptor is not fetched again.
+    for _ in range(20):
+        assert engine.transfer_sync_write(peer.name, 12345, remote, 16) == -1
+    assert stats()[peer.name]["reopened"] == 0
+    # A peer address it does not publish is looked for once in a fresh descriptor; the
+    # next misses within a second fetch nothing (each fetch is a connection).
+    for _ in range(20):
+        assert engine.transfer_sync_write(peer.name, local.addr, remote + remote_len, 16) == -1
+    fetched = stats()[peer.name]["reopened"]
+    # One, or two where this machine stalled for a second inside the loop: never 20.
+    assert fetched in (1, 2), fetched
+    # Once the second has passed, memory the peer registered meanwhile is found by one
+    # more fetch.
+    later = peer.register(8192)
+    time.sleep(1.1)
+    assert engine.transfer_sync_write(peer.name, local.addr, later, 8192) == 0
+    assert peer.read(later, 8192) == local.bytes()
+    assert stats()[peer.name]["reopened"] == fetched + 1
 
 
 def test_bad_input_is_refused_and_the_engine_keeps_serving(engine, peer):
