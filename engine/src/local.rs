@@ -22,7 +22,7 @@ impl LocalConnection {
         LocalConnection {
             tcp,
             completions,
-            warns: Default::default(),
+            warns: ferry_transport_api::LogLimit::new("failed device copies"),
         }
     }
 

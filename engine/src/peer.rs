@@ -108,8 +108,10 @@ pub struct PeerStats {
     pub bytes_read: u64,
     /// Tasks that failed on a fabric and were tried again over TCP.
     pub retried_over_tcp: u64,
-    /// Times the peer was opened again after its connection died or its descriptor went
-    /// stale (a restart, say).
+    /// Times the peer's descriptor was fetched and its paths set up again after the first
+    /// opening: after its connection died or its descriptor went stale (a restart, a
+    /// re-registration), and for every `refresh_segment` (Mooncake's API fetches again
+    /// for a peer address the descriptor at hand does not hold).
     pub reopened: u64,
 }
 
@@ -154,7 +156,7 @@ impl PeerCounters {
         self.retried_over_tcp.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> PeerStats {
+    pub(crate) fn snapshot(&self) -> PeerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         PeerStats {
             completed: get(&self.completed),

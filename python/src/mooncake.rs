@@ -137,10 +137,11 @@ struct State {
     py_engine: Py<PyEngine>,
     /// Why stream-ordered transfers failed, not yet reported to the caller.
     stream_failures: Mutex<Vec<String>>,
-    /// Peers whose descriptor was fetched again for an address it still did not hold,
-    /// and when: within [`REFETCH_BACKOFF`] of that, a peer address that does not map is
-    /// refused without fetching again (each fetch is a connection to the peer).
-    useless_refetch: Mutex<HashMap<String, Instant>>,
+    /// Peer addresses a descriptor fetched again did not hold either, by segment, and
+    /// when: within [`REFETCH_BACKOFF`] of that, the same address is refused without
+    /// fetching again (each fetch is a connection to the peer). Other addresses of the
+    /// peer still fetch. Expired entries go whenever one is added.
+    useless_refetch: Mutex<HashMap<(String, u64), Instant>>,
 }
 
 /// How long after a fetch that did not help a peer's descriptor is not fetched again for
@@ -151,8 +152,9 @@ const REFETCH_BACKOFF: Duration = Duration::from_secs(1);
 enum Unmapped {
     /// The local range is not in memory registered here: the peer has nothing to do with it.
     Local(String),
-    /// The peer's range is in no buffer of the descriptor at hand (which may be out of date).
-    Remote(String),
+    /// The peer's range starting at this address is in no buffer of the descriptor at
+    /// hand (which may be out of date).
+    Remote(u64, String),
 }
 
 /// Where a request's two ends are.
@@ -191,10 +193,13 @@ impl State {
             Unmapped::Local(format!("local range {local_addr:#x}+{len} is not inside memory registered with this engine"))
         })?;
         let (remote, remote_offset) = segment.locate(peer_addr, len as u64).ok_or_else(|| {
-            Unmapped::Remote(format!(
-                "peer range {peer_addr:#x}+{len} is not inside a buffer segment `{}` publishes",
-                segment.name()
-            ))
+            Unmapped::Remote(
+                peer_addr,
+                format!(
+                    "peer range {peer_addr:#x}+{len} is not inside a buffer segment `{}` publishes",
+                    segment.name()
+                ),
+            )
         })?;
         Ok(Request {
             local,
@@ -208,8 +213,8 @@ impl State {
 
     /// Opens `target` and maps every request, fetching the descriptor again once when a
     /// peer address does not map (the peer may have registered memory since), unless a
-    /// fetch for an address it did not hold was made within [`REFETCH_BACKOFF`]: a caller
-    /// that keeps naming a wrong address costs no connection per request. A local
+    /// fetch made within [`REFETCH_BACKOFF`] did not hold that same address either: a
+    /// caller that keeps naming a wrong address costs no connection per request. A local
     /// address that does not map fetches nothing.
     fn prepare(
         &self,
@@ -230,6 +235,15 @@ impl State {
             .engine
             .open_segment(target)
             .map_err(|e| format!("cannot open segment `{target}`: {}", chain(&e)))?;
+        // Every local address first: one that is not registered here is refused before
+        // any peer address sends for the peer's descriptor.
+        for (&l, &n) in locals.iter().zip(lens) {
+            if self.local_at(l, n).is_none() {
+                return Err(format!(
+                    "local range {l:#x}+{n} is not inside memory registered with this engine"
+                ));
+            }
+        }
         let mut refreshed = false;
         loop {
             let mapped: Result<Vec<Request>, Unmapped> = locals
@@ -239,28 +253,23 @@ impl State {
                 .map(|((&l, &p), &n)| self.request(&segment, l, p, n))
                 .collect();
             match mapped {
-                Ok(requests) => {
-                    if refreshed {
-                        self.useless_refetch.lock().remove(target);
-                    }
-                    return Ok((segment, requests));
-                }
+                Ok(requests) => return Ok((segment, requests)),
                 Err(Unmapped::Local(why)) => return Err(why),
-                Err(Unmapped::Remote(why)) if refreshed => {
-                    self.useless_refetch
-                        .lock()
-                        .insert(target.to_string(), Instant::now());
+                Err(Unmapped::Remote(addr, why)) if refreshed => {
+                    let mut useless = self.useless_refetch.lock();
+                    useless.retain(|_, at| at.elapsed() < REFETCH_BACKOFF);
+                    useless.insert((target.to_string(), addr), Instant::now());
                     return Err(why);
                 }
-                Err(Unmapped::Remote(why)) => {
+                Err(Unmapped::Remote(addr, why)) => {
                     let recent = self
                         .useless_refetch
                         .lock()
-                        .get(target)
+                        .get(&(target.to_string(), addr))
                         .is_some_and(|t| t.elapsed() < REFETCH_BACKOFF);
                     if recent {
                         return Err(format!(
-                            "{why} (its descriptor was fetched again less than {} s ago and did not hold the address either)",
+                            "{why} (a descriptor fetched again less than {} s ago did not hold it either)",
                             REFETCH_BACKOFF.as_secs()
                         ));
                     }

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 /// Lines one [`LogLimit`] lets through per second.
 pub const LINES_PER_SECOND: u32 = 4;
 
-/// Admits at most [`LINES_PER_SECOND`] warnings a second from one source (a connection,
-/// a device, a transport); the rest are counted, and the next line admitted says how many
-/// went unlogged. Shared by the threads that report through it.
-#[derive(Debug, Default)]
+/// Admits at most [`LINES_PER_SECOND`] warnings a second of one kind from one source (a
+/// transport, a device); the rest are counted, and the next line admitted says how many
+/// went unlogged before it. What is still unlogged when the limit is dropped is logged
+/// then, in one line naming the kind. Shared by the threads that report through it.
+#[derive(Debug)]
 pub struct LogLimit {
+    /// The kind of warning, for the closing line.
+    what: &'static str,
     state: Mutex<Window>,
 }
 
@@ -23,9 +26,13 @@ struct Window {
 }
 
 impl LogLimit {
-    /// A limit that has logged nothing.
-    pub fn new() -> Self {
-        LogLimit::default()
+    /// A limit for warnings of kind `what` ("refused requests", say) that has logged
+    /// nothing.
+    pub fn new(what: &'static str) -> Self {
+        LogLimit {
+            what,
+            state: Mutex::default(),
+        }
     }
 
     /// Whether to log one more line now; if so, how many went unlogged before it.
@@ -47,12 +54,25 @@ impl LogLimit {
         }
     }
 
-    /// Lines not logged since the last one admitted (for a closing summary).
+    /// Lines not logged since the last one admitted.
     pub fn suppressed(&self) -> u64 {
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .suppressed
+    }
+}
+
+impl Drop for LogLimit {
+    fn drop(&mut self) {
+        let suppressed = self.suppressed();
+        if suppressed > 0 {
+            tracing::warn!(
+                what = self.what,
+                suppressed,
+                "warnings not logged (rate limit)"
+            );
+        }
     }
 }
 
@@ -62,7 +82,7 @@ mod tests {
 
     #[test]
     fn a_burst_logs_a_few_lines_and_counts_the_rest() {
-        let limit = LogLimit::new();
+        let limit = LogLimit::new("test lines");
         let admitted: Vec<_> = (0..100).filter_map(|_| limit.admit()).collect();
         // A few lines (more only if the loop spans several one-second windows).
         assert!(

@@ -151,8 +151,10 @@ pub(crate) struct Device {
     completions: Arc<dyn Completions>,
     stop: Arc<AtomicBool>,
     progress: Mutex<Option<JoinHandle<()>>>,
-    /// Warnings about this device's operations, at a bounded rate.
-    pub(crate) warns: ferry_transport_api::LogLimit,
+    /// Failed operations (a fault fails every one in flight), logged at a bounded rate.
+    op_warns: ferry_transport_api::LogLimit,
+    /// Posts the provider refused, logged at a bounded rate.
+    pub(crate) post_warns: ferry_transport_api::LogLimit,
 }
 
 impl Device {
@@ -490,7 +492,8 @@ impl Device {
                 completions,
                 stop,
                 progress: Mutex::new(None),
-                warns: Default::default(),
+                op_warns: ferry_transport_api::LogLimit::new("failed libfabric operations"),
+                post_warns: ferry_transport_api::LogLimit::new("refused libfabric posts"),
             });
             let runner = device.clone();
             let busy_poll = config.busy_poll;
@@ -855,7 +858,7 @@ impl Device {
             };
             drop(serial);
             // A fault fails every operation in flight at once: a few lines a second.
-            if let Some(suppressed) = self.warns.admit() {
+            if let Some(suppressed) = self.op_warns.admit() {
                 tracing::warn!(domain = %self.domain_name, error = %strerror(err.err), provider_error = %message, suppressed, "libfabric operation failed");
             }
             if !err.op_context.is_null() {

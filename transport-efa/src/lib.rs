@@ -449,7 +449,7 @@ impl Connection for EfaConnection {
             Err(PostError::Closed) => Err(FailReason::Shutdown),
             Err(PostError::Fatal(code)) => {
                 self.alive.store(false, Ordering::Release);
-                if let Some(suppressed) = path.device.warns.admit() {
+                if let Some(suppressed) = path.device.post_warns.admit() {
                     tracing::warn!(peer = %self.name, error = %fabric::strerror(code), suppressed, "libfabric refused a post; the connection is replaced");
                 }
                 Err(fabric_error(code))

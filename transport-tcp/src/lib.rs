@@ -330,9 +330,9 @@ struct Shared {
     conns: target::Conns,
     /// [`TcpConfig::max_connections`] as the descriptor limit allows, set at start.
     max_connections: AtomicUsize,
-    /// Warnings that each come from a connection of their own (refused set-up
-    /// exchanges, broken connections), at a bounded rate for the whole transport.
-    warns: ferry_transport_api::LogLimit,
+    /// Warnings the target logs at a bounded rate for the whole transport, one limit
+    /// per kind: a peer that opens connection after connection cannot flood the log.
+    warns: target::Warns,
 }
 
 impl Shared {
@@ -383,7 +383,7 @@ impl TcpTransport {
                 accept_thread: Mutex::new(None),
                 conns: Default::default(),
                 max_connections: AtomicUsize::new(config_max),
-                warns: Default::default(),
+                warns: target::Warns::new(),
             }),
             listen: Mutex::new("127.0.0.1:0".into()),
             local: OnceLock::new(),

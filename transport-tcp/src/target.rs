@@ -444,6 +444,27 @@ fn next_piece(left: usize) -> usize {
     }
 }
 
+/// What the target logs at a bounded rate, one limit per kind, for the whole transport
+/// (each line names its peer and how many went unlogged before it).
+pub(crate) struct Warns {
+    /// Refused requests.
+    requests: LogLimit,
+    /// Refused set-up exchanges (each on a connection of its own).
+    exchanges: LogLimit,
+    /// Connections closed because the peer broke the protocol.
+    protocol_errors: LogLimit,
+}
+
+impl Warns {
+    pub(crate) fn new() -> Self {
+        Warns {
+            requests: LogLimit::new("refused requests"),
+            exchanges: LogLimit::new("refused set-up exchanges"),
+            protocol_errors: LogLimit::new("connections that broke the protocol"),
+        }
+    }
+}
+
 struct TargetConn {
     shared: Arc<Shared>,
     /// Where the connection comes from: every warning about it names it, whatever
@@ -470,8 +491,6 @@ struct TargetConn {
     active: bool,
     /// Since when the peer has sent nothing, while it is not `active`.
     idle_since: Instant,
-    /// Refused requests on this connection, logged at a bounded rate.
-    warns: LogLimit,
 }
 
 impl TargetConn {
@@ -497,21 +516,12 @@ impl TargetConn {
             scratch: Vec::new(),
             active: false,
             idle_since: Instant::now(),
-            warns: LogLimit::new(),
         }
     }
 
     /// Counts and logs how the connection ended.
     fn ended(&mut self, result: io::Result<()>) {
         let stats = &self.shared.stats;
-        let suppressed = self.warns.suppressed();
-        if suppressed > 0 {
-            tracing::warn!(
-                peer = %self.peer,
-                suppressed,
-                "refused requests not logged (rate limit)"
-            );
-        }
         let e = match result {
             Ok(()) => return tracing::debug!("connection closed"),
             Err(e) => e,
@@ -537,7 +547,7 @@ impl TargetConn {
             None => {
                 stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 // Each broken connection is its own: the transport's limit bounds them.
-                if let Some(suppressed) = self.shared.warns.admit() {
+                if let Some(suppressed) = self.shared.warns.protocol_errors.admit() {
                     tracing::warn!(peer = %self.peer, error = %e, suppressed, "closing connection after protocol error");
                 }
             }
@@ -671,7 +681,7 @@ impl TargetConn {
         };
         if let Err(why) = &answer {
             // Every exchange comes on a connection of its own: the transport's limit.
-            if let Some(suppressed) = self.shared.warns.admit() {
+            if let Some(suppressed) = self.shared.warns.exchanges.admit() {
                 tracing::warn!(peer = %self.peer, %why, suppressed, "refused a set-up exchange");
             }
         }
@@ -880,7 +890,7 @@ impl TargetConn {
                         .stats
                         .rejected_requests
                         .fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = self.warns.admit() {
+                    if let Some(suppressed) = self.shared.warns.requests.admit() {
                         tracing::warn!(peer = %self.peer, ?op, addr = d.addr, len = d.len, status = %s, suppressed, "refused request");
                     }
                     *s

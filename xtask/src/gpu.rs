@@ -26,12 +26,13 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
         [d] if !d.starts_with('-') => PathBuf::from(d),
         _ => bail!("usage: cargo xtask gpu-bundle [DIR]"),
     };
+    // The RDMA half builds against the verbs headers (through bindgen). Before the old
+    // bundle goes, so a failed install leaves it.
+    apt_install(BUILD_PACKAGES)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-    // The RDMA half builds against the verbs headers (through bindgen).
-    apt_install(BUILD_PACKAGES)?;
     run(cargo().args([
         "build",
         "--release",
@@ -266,8 +267,8 @@ if [ -n "$nics" ] && ! ldd "$here/ferry-rdma" | grep -q "not found"; then
     done
     for loc in cpu cuda:0; do
         for op in write read; do
-            err="$out/rdma-bench-$loc-$op.err"
-            line=$(timeout 60 "$here/ferry-rdma" bench --protocol rdma --location "$loc" --operation "$op" --block-size 1M --batch-size 128 --duration 3 --verify --json 2>"$err") || failed=1
+            err="$out/rdma-bench-$(echo "$loc" | tr -d :)-$op.err"
+            line=$(timeout 60 "$here/ferry-rdma" bench --protocol rdma --location "$loc" --operation "$op" --block-size 1M --batch-size 128 --duration 3 --verify --json 2>"$err") || { failed=1; line="FAILED (see $err)"; }
             if grep -qs "cannot be registered" "$err"; then
                 line="$line (staged over TCP: the NIC cannot register this GPU memory)"
             fi

@@ -233,9 +233,11 @@ impl SlotData {
     }
 
     /// Adds the batch's ended tasks to their peers' counters, one addition per run of
-    /// tasks to the same peer (when the submitted batch is dropped). Tasks still open are
-    /// left out: their outcome is not known.
+    /// tasks to the same peer (when the submitted batch is dropped). A task still open
+    /// past the batch's deadline counts as timed out (what its status says); one still
+    /// open before it is left out: its outcome is not known.
     pub(super) fn account(&self) {
+        let overdue = Instant::now() >= self.deadline;
         let mut tally = Tally::default();
         let mut peer: Option<&Arc<PeerInner>> = None;
         for (spec, t) in self.specs.iter().zip(&self.tasks) {
@@ -255,6 +257,7 @@ impl SlotData {
                 }
                 FAILED => tally.failed += 1,
                 TIMED_OUT => tally.timed_out += 1,
+                PENDING if overdue => tally.timed_out += 1,
                 _ => {}
             }
         }
@@ -715,7 +718,8 @@ pub struct BatchStats {
     pub late_wakeups: u64,
     /// Waits like those, whose wake-up was owed: woken in time, the waiter was kept off
     /// the CPU past its limit (a busy machine). Not a fault of the engine; a count that
-    /// grows says the waiting threads lack CPU.
+    /// grows says the waiting threads lack CPU. (A second, polling waiter that oversleeps
+    /// while the first is registered lands here too.)
     pub woken_late: u64,
     /// Waiters woken early, with a batch's last 512 KiB still to land, to spin for the
     /// rest: at most one per batch larger than 512 KiB (counted whether or not a waiter

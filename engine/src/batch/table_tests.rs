@@ -526,6 +526,55 @@ fn the_deadline_ends_a_task_whose_slices_never_report() {
     assert_eq!(b.bytes_left(), 0);
 }
 
+/// A dropped batch adds its tasks to their peers' counters by outcome, per peer; a task
+/// still open past the deadline counts as timed out, one still open before it not at
+/// all.
+#[test]
+fn a_batch_s_tasks_are_counted_for_their_peers_by_outcome() {
+    let (one, two) = (Arc::new(Fake::default()), Arc::new(Fake::default()));
+    let (p1, p2) = (peer(&one, None), peer(&two, None));
+    let table = table();
+    // Three tasks to peer one (completed, failed, never reported) and one to peer two.
+    let b = submit_all(
+        &table,
+        &p1,
+        &[
+            Req::write(0, 0, STEP),
+            Req::write(2 * STEP, 2 * STEP as u64, STEP),
+            Req::write(4 * STEP, 4 * STEP as u64, STEP),
+        ],
+        later(),
+        false,
+    );
+    let posted = one.take();
+    table.complete(posted[0].token, Ok(STEP));
+    table.complete(posted[1].token, Err(FailReason::ConnectionLost));
+    b.slot.data.read().account();
+    let s = p1.counters.snapshot();
+    assert_eq!(
+        (s.completed, s.failed, s.timed_out, s.bytes_written),
+        (1, 1, 0, STEP as u64),
+        "an open task before its deadline is not counted"
+    );
+    table.release(b.index, &b.slot);
+    let b = submit_all(
+        &table,
+        &p2,
+        &[Req::write(0, 0, STEP)],
+        Instant::now(),
+        false,
+    );
+    assert_eq!(two.take().len(), 1);
+    b.slot.data.read().account();
+    let s = p2.counters.snapshot();
+    assert_eq!(
+        (s.completed, s.timed_out),
+        (0, 1),
+        "past its deadline: timed out"
+    );
+    assert_eq!(p1.counters.snapshot().timed_out, 0, "each peer its own");
+}
+
 #[test]
 fn a_path_is_chosen_by_the_keys_both_buffers_have() {
     let fabric = Arc::new(Fake::default());
