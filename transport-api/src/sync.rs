@@ -393,12 +393,18 @@ mod loom_tests {
     }
 
     /// Waits on the gate in a thread of its own (loom's `join` shares the parking slot
-    /// with `park`, so the main thread never parks on the gate).
+    /// with `park`, so the main thread never parks on the gate). A waiter that went to
+    /// sleep (it asked its budget) must find its wake-up owed: the last ender saw it.
     fn spawn_waiter(gate: &Arc<EndGate>) -> thread::JoinHandle<()> {
         let g = gate.clone();
         thread::spawn(move || {
-            assert!(g.wait(|| Some(Duration::from_secs(30))));
+            let mut slept = false;
+            assert!(g.wait(|| {
+                slept = true;
+                Some(Duration::from_secs(30))
+            }));
             assert_eq!(g.open(), 0);
+            assert!(!slept || g.owed(), "a waiter slept and no wake-up was owed");
         })
     }
 
@@ -410,32 +416,6 @@ mod loom_tests {
             let gate = Arc::new(EndGate::new());
             gate.reset(2);
             let waiter = spawn_waiter(&gate);
-            let g = gate.clone();
-            let ender = thread::spawn(move || {
-                g.end_one();
-            });
-            gate.end_one();
-            ender.join().unwrap();
-            waiter.join().unwrap();
-        });
-    }
-
-    /// A waiter that went to sleep (it asked its budget) always finds its wake-up owed
-    /// once the count is zero: the last ender saw it registered.
-    #[test]
-    fn gate_a_sleeping_waiter_is_owed_its_wake_up() {
-        model(|| {
-            let gate = Arc::new(EndGate::new());
-            gate.reset(2);
-            let g = gate.clone();
-            let waiter = thread::spawn(move || {
-                let mut slept = false;
-                assert!(g.wait(|| {
-                    slept = true;
-                    Some(Duration::from_secs(30))
-                }));
-                assert!(!slept || g.owed(), "a waiter slept and no wake-up was owed");
-            });
             let g = gate.clone();
             let ender = thread::spawn(move || {
                 g.end_one();

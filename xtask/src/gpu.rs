@@ -33,15 +33,7 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "ferry-cli",
-        "--features",
-        "cuda",
-    ]))?;
-    place(&root().join("target/release/ferry"), &dir.join("ferry"))?;
+    place_ferry("cuda", &dir.join("ferry"))?;
     run(cargo().args([
         "build",
         "--release",
@@ -60,18 +52,7 @@ pub(crate) fn bundle(args: &[String]) -> Result<()> {
     place(&mem, &dir.join("mem-cuda-tests"))?;
     // The RDMA side, apart: these link libibverbs, which a GPU host without RDMA may
     // lack, and must not keep the CUDA runs above from starting.
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "ferry-cli",
-        "--features",
-        "cuda,rdma",
-    ]))?;
-    place(
-        &root().join("target/release/ferry"),
-        &dir.join("ferry-rdma"),
-    )?;
+    place_ferry("cuda,rdma", &dir.join("ferry-rdma"))?;
     for (selection, name) in RDMA_TESTS {
         place(&test_binary(selection)?, &dir.join(name))?;
     }
@@ -174,6 +155,19 @@ fn test_binary(selection: &[&str]) -> Result<PathBuf> {
             found.len()
         ),
     }
+}
+
+/// Builds the `ferry` binary with `features` and places it at `to`.
+fn place_ferry(features: &str, to: &Path) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "ferry-cli",
+        "--features",
+        features,
+    ]))?;
+    place(&root().join("target/release/ferry"), to)
 }
 
 /// Copies a binary into the bundle without its debug information (the bundle travels).
