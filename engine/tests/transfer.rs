@@ -491,22 +491,6 @@ fn a_hung_peer_times_tasks_out_by_their_deadline() {
         (stats.completed, stats.failed, stats.timed_out),
         (p.completed as u64, p.failed as u64, p.timed_out as u64)
     );
-    // A batch dropped unwaited after its deadline counts every task: what was still open
-    // as timed out, as its status would say.
-    let mut b = initiator.batch().timeout(Duration::from_millis(100));
-    for i in 0..16 {
-        b.write(&local, i * 65536, &remote, (i * 65536) as u64, 65536)
-            .unwrap();
-    }
-    let batch = b.submit().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    drop(batch);
-    let after = seg.stats();
-    assert_eq!(
-        after.completed + after.failed + after.timed_out,
-        stats.completed + stats.failed + stats.timed_out + 16,
-        "{after:?}"
-    );
 }
 
 /// Deadlines, waits and settings of any length are taken (capped), never an overflow:
