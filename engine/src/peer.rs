@@ -93,7 +93,8 @@ enum Messenger {
 /// What an engine's batches did with one peer, by the name it was opened by, since the
 /// engine started: kept across the peer's restarts and the engine's re-openings of it
 /// ([`crate::Engine::peer_stats`], [`Segment::stats`]). Tasks count when their batch is
-/// dropped; a batch dropped before its tasks ended counts only those that had.
+/// dropped, by their status then: one past the deadline as timed out, one still open
+/// before it not at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerStats {
     /// Tasks that completed.
@@ -127,24 +128,17 @@ pub(crate) struct PeerCounters {
     reopened: AtomicU64,
 }
 
-/// Ended tasks of one batch towards one peer, added to its counters at once.
-#[derive(Default)]
-pub(crate) struct Tally {
-    pub(crate) completed: u64,
-    pub(crate) failed: u64,
-    pub(crate) timed_out: u64,
-    pub(crate) bytes_written: u64,
-    pub(crate) bytes_read: u64,
-}
-
 impl PeerCounters {
-    pub(crate) fn add(&self, t: &Tally) {
+    /// Adds what one batch did with the peer (its tasks' outcomes and bytes).
+    pub(crate) fn add(&self, t: &PeerStats) {
         for (c, n) in [
             (&self.completed, t.completed),
             (&self.failed, t.failed),
             (&self.timed_out, t.timed_out),
             (&self.bytes_written, t.bytes_written),
             (&self.bytes_read, t.bytes_read),
+            (&self.retried_over_tcp, t.retried_over_tcp),
+            (&self.reopened, t.reopened),
         ] {
             if n > 0 {
                 c.fetch_add(n, Ordering::Relaxed);

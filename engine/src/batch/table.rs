@@ -12,7 +12,7 @@ use ferry_transport_api::{
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::peer::{Leg, Path, PeerInner, Tally};
+use crate::peer::{Leg, Path, PeerInner, PeerStats};
 use crate::{Error, Result};
 
 /// A waiter parked on a batch is woken when this many bytes are left, so it is running
@@ -233,32 +233,29 @@ impl SlotData {
     }
 
     /// Adds the batch's ended tasks to their peers' counters, one addition per run of
-    /// tasks to the same peer (when the submitted batch is dropped). A task still open
-    /// past the batch's deadline counts as timed out (what its status says); one still
-    /// open before it is left out: its outcome is not known.
+    /// tasks to the same peer (when the submitted batch is dropped), each by its
+    /// [`status`](Self::status): so a task still open past the deadline is timed out,
+    /// and one still open before it is left out (its outcome is not known).
     pub(super) fn account(&self) {
-        let overdue = Instant::now() >= self.deadline;
-        let mut tally = Tally::default();
+        let now = Instant::now();
+        let mut tally = PeerStats::default();
         let mut peer: Option<&Arc<PeerInner>> = None;
-        for (spec, t) in self.specs.iter().zip(&self.tasks) {
-            if peer.is_some_and(|p| !Arc::ptr_eq(p, &spec.peer)) {
-                if let Some(p) = peer {
-                    p.counters.add(&std::mem::take(&mut tally));
-                }
+        for (task, spec) in self.specs.iter().enumerate() {
+            if let Some(p) = peer.filter(|p| !Arc::ptr_eq(p, &spec.peer)) {
+                p.counters.add(&std::mem::take(&mut tally));
             }
             peer = Some(&spec.peer);
-            match t.state.load(Ordering::Acquire) {
-                DONE => {
+            match self.status(task, now) {
+                TaskStatus::Completed => {
                     tally.completed += 1;
                     match spec.op {
                         Opcode::Write => tally.bytes_written += spec.len as u64,
                         Opcode::Read => tally.bytes_read += spec.len as u64,
                     }
                 }
-                FAILED => tally.failed += 1,
-                TIMED_OUT => tally.timed_out += 1,
-                PENDING if overdue => tally.timed_out += 1,
-                _ => {}
+                TaskStatus::Failed(_) => tally.failed += 1,
+                TaskStatus::TimedOut => tally.timed_out += 1,
+                TaskStatus::Pending => {}
             }
         }
         if let Some(p) = peer {
