@@ -1,8 +1,10 @@
 """The Mooncake-compatible TransferEngine, driven the way real clients drive it, against
 peers in their own processes on loopback, with random data checked byte for byte."""
 
+import contextlib
 import os
 import random
+import subprocess
 import threading
 
 import pytest
@@ -362,9 +364,11 @@ def test_a_temporary_registered_buffer_in_a_batch_does_not_hang():
     assert batch.statuses() == [ferry.TaskStatus.Completed] and len(kv) == 4096
 
 
-def start_store(kind):
-    """A metadata server on free loopback ports: ``(process, metadata string for
-    initialize)``, or ``(None, None)`` when its binary is missing."""
+@contextlib.contextmanager
+def metadata_store(kind):
+    """A metadata server on free loopback ports for the body of the ``with``: yields its
+    metadata string for ``initialize``, or ``None`` when its binary is missing. The
+    server is stopped and its data directory removed at the end."""
     import shutil
     import socket
     import tempfile
@@ -375,34 +379,38 @@ def start_store(kind):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    port, tmp = free(), tempfile.mkdtemp(prefix=f"ferry-{kind}-")
     if kind == "http":
-        return http_store(), None
-    if kind == "redis":
-        if shutil.which("redis-server") is None:
-            return None, None
-        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
-        url = f"redis://127.0.0.1:{port}"
-    else:
-        if shutil.which("etcd") is None:
-            return None, None
-        client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{free()}"
-        cmd = ["etcd", "--data-dir", tmp + "/d", "--listen-client-urls", client, "--advertise-client-urls", client,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"]
-        url = f"127.0.0.1:{port}"  # a bare host:port is etcd, as Mooncake reads it
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        probe = TransferEngine()
-        if probe.initialize("probe", url, "tcp", "") == 0:
-            del probe
-            return proc, url
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{kind} did not come up")
-
-
-import subprocess  # noqa: E402
+        server = HttpStore()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+        return
+    binary = "redis-server" if kind == "redis" else "etcd"
+    if shutil.which(binary) is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f"ferry-{kind}-") as tmp:
+        port = free()
+        if kind == "redis":
+            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+            url = f"redis://127.0.0.1:{port}"
+        else:
+            client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{free()}"
+            cmd = [binary, "--data-dir", tmp + "/d", "--listen-client-urls", client, "--advertise-client-urls", client,
+                   "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"]
+            url = f"127.0.0.1:{port}"  # a bare host:port is etcd, as Mooncake reads it
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while TransferEngine().initialize("probe", url, "tcp", "") != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{kind} did not come up")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 class HttpStore:
@@ -446,25 +454,16 @@ class HttpStore:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metadata"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def kill(self):
+    def stop(self):
         self.server.shutdown()
-
-    def wait(self):
         self.server.server_close()
-
-
-def http_store():
-    return HttpStore()
 
 
 @pytest.mark.parametrize("kind", ["redis", "etcd", "http"])
 def test_names_through_a_metadata_server(kind):
-    proc, url = start_store(kind)
-    if kind == "http":
-        url = proc.url
-    if proc is None:
-        pytest.skip(f"{kind} is not installed (cargo xtask test installs it)")
-    try:
+    with metadata_store(kind) as url:
+        if url is None:
+            pytest.skip(f"{kind} is not installed (cargo xtask test installs it)")
         target = TransferEngine()
         assert target.initialize("target-0", url, "tcp", "") == 0
         assert target.get_local_segment_name() == "target-0" and target.get_rpc_port() > 0
@@ -481,6 +480,3 @@ def test_names_through_a_metadata_server(kind):
         assert initiator.send_probe("target-0") == 0 and initiator.send_probe("nobody") != 0
         # A second engine cannot take a live name.
         assert TransferEngine().initialize("target-0", url, "tcp", "") == -1
-    finally:
-        proc.kill()
-        proc.wait()

@@ -79,6 +79,11 @@ fn fuzz_dir() -> PathBuf {
     root().join("fuzz")
 }
 
+/// The fuzz build, its corpora, crash artifacts and logs.
+pub(crate) fn target_dir() -> PathBuf {
+    fuzz_dir().join("target")
+}
+
 /// The host's target triple. Building with an explicit `--target` keeps the coverage
 /// flags off build scripts and proc macros, which run inside the build, not the fuzzer.
 fn host_triple() -> Result<String> {
@@ -97,7 +102,7 @@ fn host_triple() -> Result<String> {
 /// Builds every fuzz target; returns the directory holding the binaries.
 pub(crate) fn build() -> Result<PathBuf> {
     let triple = host_triple()?;
-    let target_dir = fuzz_dir().join("target");
+    let target_dir = target_dir();
     if !have("c++") {
         // libfuzzer-sys compiles libFuzzer (C++) in its build script.
         apt_install(&["g++"])?;
@@ -154,7 +159,7 @@ fn fuzz_one(bins: &Path, target: &str, secs: u64, extra: &[String]) -> Result<Ou
     if !bin.exists() {
         bail!("no fuzz target binary {}", bin.display());
     }
-    let work = fuzz_dir().join("target");
+    let work = target_dir();
     let corpus = work.join("corpus").join(target);
     let artifacts = work.join("artifacts").join(target);
     let logs = work.join("logs");

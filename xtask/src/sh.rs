@@ -1,7 +1,7 @@
 //! Shell helpers every task shares: the workspace root, running a command with its line
 //! and time printed, cargo, and Debian packages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -45,6 +45,17 @@ pub(crate) fn render(cmd: &Command) -> String {
         }))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// On CI (`CI` set), removes `dir`, a build folder that only the step just finished
+/// uses, so that a fresh machine's disk holds one such folder at a time. Elsewhere it is
+/// kept: it is what makes the next run quick.
+pub(crate) fn discard_on_ci(dir: &Path) -> Result<()> {
+    if std::env::var_os("CI").is_none() || !dir.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask: CI: removing {}", dir.display());
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 /// The cargo that runs this xtask (so its toolchain builds everything else).

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::cross::cross;
-use crate::sh::{apt_install, cargo, have, render, root, run, BUILD_PACKAGES};
+use crate::sh::{apt_install, cargo, discard_on_ci, have, render, root, run, BUILD_PACKAGES};
 use crate::{fuzz, rdma, reliability};
 
 /// What a feature combination must do.
@@ -254,7 +254,9 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     run(&mut nextest_or_test(&[], None, hw))?;
     benches()?;
     reliability::loom()?;
+    discard_on_ci(&root().join("target/loom"))?;
     fuzz::ci()?;
+    discard_on_ci(&fuzz::target_dir())?;
     for features in TEST_FEATURES {
         // With --hw, `rdma` is the RDMA step's, which sets up devices for it.
         let features = if hw {
@@ -274,10 +276,12 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
         rdma::hw()?;
     } else {
         rdma::vm_step()?;
+        discard_on_ci(&root().join("target/rdma-vm"))?;
     }
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     downstream()?;
     crate::python::test()?;
+    discard_on_ci(&crate::python::target_dir())?;
     if full {
         cross(&["aarch64".to_string()])?;
     }
