@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_transport_api::{
     BufferDescriptor, Connection, ControlPlane, FailReason, PeerControl, Protocol, RemoteKeys,
@@ -178,6 +178,13 @@ pub(crate) struct PeerInner {
     /// holds an address in O(log n).
     by_addr: Vec<(u64, usize)>,
     stale: AtomicBool,
+    /// Set when this opening fetched the very descriptor of the stale one it replaced:
+    /// the access error that made that one stale was the peer's answer to what it
+    /// publishes, not news of a change. Until then further access errors leave this
+    /// opening usable (they fail their tasks, and fetch nothing), so a peer that refuses
+    /// its own keys costs one fetch a [`REOPEN_BACKOFF`], not one per batch.
+    /// [`Engine::refresh_segment`](crate::Engine::refresh_segment) fetches regardless.
+    trusted_until: Option<Instant>,
 }
 
 /// How many buffers starting at or below an address [`PeerInner::locate`] looks at.
@@ -268,10 +275,20 @@ impl PeerInner {
         }
     }
 
-    /// Marks the cached descriptor out of date: the next `open_segment` fetches it again.
+    /// After an access error: marks the cached descriptor out of date, so the next
+    /// `open_segment` (or the next request on this opening) fetches it again; unless the
+    /// descriptor was just fetched and found unchanged (see `trusted_until`).
     pub(crate) fn mark_stale(&self) {
+        if self.trusted_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.expire("after an access error");
+    }
+
+    /// Marks the cached descriptor out of date, whatever else holds.
+    fn expire(&self, why: &str) {
         if !self.stale.swap(true, Ordering::AcqRel) {
-            tracing::debug!(segment = %self.name, "descriptor marked stale after an access error");
+            tracing::debug!(segment = %self.name, "descriptor marked stale {why}");
         }
     }
 
@@ -325,6 +342,7 @@ impl PeerInner {
             messenger: Messenger::Own(control),
             by_addr: Vec::new(),
             stale: AtomicBool::new(false),
+            trusted_until: None,
         }
     }
 
@@ -429,7 +447,7 @@ impl Peers {
                 let mut unreachable = self.unreachable.lock();
                 // Bounded: names that failed long ago go first.
                 unreachable.retain(|_, at| at.elapsed() < REOPEN_BACKOFF);
-                unreachable.insert(peer.name.clone(), std::time::Instant::now());
+                unreachable.insert(peer.name.clone(), Instant::now());
                 return Ok(None);
             }
         };
@@ -450,7 +468,9 @@ impl Peers {
         };
         match found {
             Some(i) => {
-                tracing::info!(segment = %peer.name, "the peer changed; requests follow it to its new descriptor");
+                if fresh.descriptor != peer.descriptor {
+                    tracing::info!(segment = %peer.name, "the peer changed; requests follow it to its new descriptor");
+                }
                 Ok(Some((fresh, i)))
             }
             None => Err(Error::InvalidRequest(format!(
@@ -476,36 +496,42 @@ impl Peers {
         drop(cached);
     }
 
-    /// Marks the cached peer `name` stale, so the next open fetches it again.
+    /// Marks the cached peer `name` stale, so the next open fetches it again (for
+    /// `refresh_segment`: whatever the last fetch found).
     pub(crate) fn mark_stale(&self, name: &str) {
         if let Some(old) = self.segments.lock().get(name) {
-            old.mark_stale();
+            old.expire("on request");
         }
     }
 
-    /// The cached peer for `name` if it is still usable; a dead or stale one is dropped
-    /// from the cache.
-    fn cached(&self, name: &str) -> Option<Arc<PeerInner>> {
+    /// The cached peer for `name` if it is still usable. A dead or stale one is dropped
+    /// from the cache; a stale one's descriptor comes back in the error, so that the
+    /// fetch that replaces it can tell an unchanged descriptor.
+    fn cached(&self, name: &str) -> std::result::Result<Arc<PeerInner>, Option<SegmentDescriptor>> {
         let mut segments = self.segments.lock();
         match segments.get(name) {
-            Some(s) if s.usable() => Some(s.clone()),
+            Some(s) if s.usable() => Ok(s.clone()),
             Some(_) => {
                 let dead = segments.remove(name);
                 // Closing what the dead peer held fails its transfers, which runs
                 // completions: not under the cache's lock.
                 drop(segments);
-                drop(dead);
-                None
+                Err(dead.and_then(|d| {
+                    d.stale
+                        .load(Ordering::Acquire)
+                        .then(|| d.descriptor.clone())
+                }))
             }
-            None => None,
+            None => Err(None),
         }
     }
 
     /// The peer named `name`, from the cache or opened now.
     pub(crate) fn open(&self, name: &str) -> Result<Arc<PeerInner>> {
-        if let Some(inner) = self.cached(name) {
-            return Ok(inner);
-        }
+        let previous = match self.cached(name) {
+            Ok(inner) => return Ok(inner),
+            Err(previous) => previous,
+        };
         let gate = self
             .opening
             .lock()
@@ -515,28 +541,30 @@ impl Peers {
         let opened = {
             let _one_at_a_time = gate.lock();
             match self.cached(name) {
-                Some(inner) => Ok(inner),
-                None => self.connect(name).map(|inner| {
-                    let inner = Arc::new(inner);
-                    let mut evicted = Vec::new();
-                    {
-                        let mut segments = self.segments.lock();
-                        // Bound the cache: what is dead or stale is never handed out
-                        // again, so it goes (and is dropped after the lock).
-                        segments.retain(|_, s| {
-                            let keep = s.usable();
-                            if !keep {
-                                evicted.push(s.clone());
+                Ok(inner) => Ok(inner),
+                Err(again) => self
+                    .connect(name, again.or(previous).as_ref())
+                    .map(|inner| {
+                        let inner = Arc::new(inner);
+                        let mut evicted = Vec::new();
+                        {
+                            let mut segments = self.segments.lock();
+                            // Bound the cache: what is dead or stale is never handed out
+                            // again, so it goes (and is dropped after the lock).
+                            segments.retain(|_, s| {
+                                let keep = s.usable();
+                                if !keep {
+                                    evicted.push(s.clone());
+                                }
+                                keep
+                            });
+                            if !self.registry.is_shut_down() {
+                                evicted.extend(segments.insert(name.to_string(), inner.clone()));
                             }
-                            keep
-                        });
-                        if !self.registry.is_shut_down() {
-                            evicted.extend(segments.insert(name.to_string(), inner.clone()));
                         }
-                    }
-                    drop(evicted);
-                    inner
-                }),
+                        drop(evicted);
+                        inner
+                    }),
             }
         };
         {
@@ -558,8 +586,9 @@ impl Peers {
     }
 
     /// Names and connects a peer (contract 3: the best transport both sides speak, with
-    /// TCP as the fallback).
-    fn connect(&self, name: &str) -> Result<PeerInner> {
+    /// TCP as the fallback). `previous`: the descriptor of the stale opening this one
+    /// replaces, if any.
+    fn connect(&self, name: &str, previous: Option<&SegmentDescriptor>) -> Result<PeerInner> {
         let open_err = |source: SegmentError| Error::OpenSegment {
             segment: name.to_string(),
             source,
@@ -583,6 +612,7 @@ impl Peers {
                 by_addr: address_index(&descriptor),
                 descriptor,
                 stale: AtomicBool::new(false),
+                trusted_until: None,
             });
         }
         let fetched = registry.store.fetch(name).map_err(open_err)?;
@@ -591,6 +621,13 @@ impl Peers {
         descriptor
             .validate()
             .map_err(|e| open_err(SegmentError::Invalid(e)))?;
+        let trusted_until = (previous == Some(&descriptor)).then(|| {
+            tracing::debug!(
+                segment = name,
+                "fetched again after an access error: unchanged"
+            );
+            Instant::now() + REOPEN_BACKOFF
+        });
         if descriptor.incarnation == registry.control.own.incarnation() {
             // A peer serving this engine's own descriptor (anyone can fetch it from our
             // port): it is still the peer, reached over the network like any other.
@@ -650,6 +687,7 @@ impl Peers {
             by_addr: address_index(&descriptor),
             descriptor,
             stale: AtomicBool::new(false),
+            trusted_until,
         })
     }
 }

@@ -9,7 +9,10 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_bytes_eq, random, WAIT};
-use ferry_engine::{Engine, Error, ErrorKind, Location, Metadata, Tcp, TcpConfig};
+use ferry_engine::{
+    Engine, Error, ErrorKind, FailReason, Location, Metadata, RemoteStatus, TaskStatus, Tcp,
+    TcpConfig,
+};
 
 fn engine(metadata: &Metadata, name: &str, ttl: Duration) -> Result<Engine, Error> {
     Engine::builder()
@@ -244,6 +247,78 @@ mod http {
         let taker =
             engine(&m, "decode-2", Duration::from_secs(10)).expect("a dead engine's name is free");
         assert_eq!(taker.name(), "decode-2");
+    }
+
+    /// A descriptor whose keys its owner refuses (forged, or published by a faulty
+    /// owner) fails every task with an access error. The first one makes the engine
+    /// fetch the descriptor again; found unchanged, it is not fetched again for a second
+    /// (`reopened` would otherwise count one fetch per batch). `refresh_segment` fetches
+    /// regardless, and old handles follow what it found.
+    #[test]
+    fn a_peer_refusing_its_published_keys_is_fetched_again_once_a_second_at_most() {
+        let server = HttpServer::start(false);
+        let m = Metadata::Http { url: server.url() };
+        let ttl = Duration::from_secs(10);
+        let target = engine(&m, "kv-0", ttl).unwrap();
+        let kv = target.allocate(1 << 16, Location::host()).unwrap();
+        let initiator = engine(&m, "client-0", ttl).unwrap();
+        let local = initiator.allocate(4096, Location::host()).unwrap();
+        let publish = |descriptor: &ferry_engine::SegmentDescriptor| {
+            server.entries.lock().unwrap().insert(
+                "ferry/segments/kv-forged".into(),
+                serde_json::to_vec(descriptor).unwrap(),
+            );
+        };
+        let mut forged = target.descriptor();
+        forged
+            .buffers
+            .iter_mut()
+            .flat_map(|b| b.keys.iter_mut())
+            .for_each(|k| k.key ^= 1);
+        publish(&forged);
+        let seg = initiator.open_segment("kv-forged").unwrap();
+        let remote = seg.buffer(0).unwrap();
+
+        const BATCHES: u64 = 40;
+        let start = std::time::Instant::now();
+        for _ in 0..BATCHES {
+            let mut b = initiator.batch();
+            b.write(&local, 0, &remote, 0, 16).unwrap();
+            let batch = b.submit().unwrap();
+            assert!(batch.wait(WAIT).is_err());
+            let status = batch.task(0);
+            assert!(
+                matches!(
+                    status,
+                    Some(TaskStatus::Failed(FailReason::Remote(
+                        RemoteStatus::KeyMismatch | RemoteStatus::NotRegistered
+                    )))
+                ),
+                "{status:?}"
+            );
+        }
+        let seconds = start.elapsed().as_secs();
+        let stats = seg.stats();
+        assert_eq!((stats.failed, stats.completed), (BATCHES, 0), "{stats:?}");
+        // One fetch after the first refusal, then at most one a second; on a machine
+        // that ran the loop within a second, exactly one.
+        assert!(
+            (1..=2 + seconds).contains(&stats.reopened),
+            "{} fetches in {seconds} s over {BATCHES} batches",
+            stats.reopened
+        );
+
+        // The owner's real descriptor: an explicit refresh finds it at once.
+        publish(&target.descriptor());
+        initiator.refresh_segment("kv-forged").unwrap();
+        let data = random(16);
+        local.write_at(0, &data).unwrap();
+        let mut b = initiator.batch();
+        b.write(&local, 0, &remote, 0, 16).unwrap();
+        b.submit().unwrap().wait(WAIT).unwrap();
+        let mut got = vec![0u8; 16];
+        kv.read_at(0, &mut got).unwrap();
+        assert_bytes_eq(&got, &data, "after the refresh");
     }
 }
 
