@@ -41,6 +41,40 @@ const NEVER: u64 = u64::MAX;
 /// handles, so holding them costs no allocation.
 pub type Keep = [Option<Arc<dyn Any + Send + Sync>>; 2];
 
+/// What an operation in flight knows of the connection it was posted on: whether the
+/// connection still works (cleared when one of its operations times out, or when the
+/// transport finds it broken), and the peer's name, for logs about a failed operation.
+#[derive(Debug)]
+pub struct Link {
+    alive: AtomicBool,
+    peer: String,
+}
+
+impl Link {
+    /// A working connection to `peer` (as the engine names it: the segment's name).
+    pub fn new(peer: impl Into<String>) -> Arc<Link> {
+        Arc::new(Link {
+            alive: AtomicBool::new(true),
+            peer: peer.into(),
+        })
+    }
+
+    /// Whether the connection still works.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection broken: the engine replaces it at its next opening.
+    pub fn kill(&self) {
+        self.alive.store(false, Ordering::Release);
+    }
+
+    /// The peer, as logs name it.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
 /// Names one use of an entry: the index and the generation it had when acquired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpRef {
@@ -115,8 +149,8 @@ struct Pending {
     /// What must outlive the device's use of the operation besides the slice (e.g. the
     /// registration of its local memory); dropped when the slice is.
     keep: Keep,
-    /// The connection's health flag, cleared when the slice times out.
-    alive: Option<Arc<AtomicBool>>,
+    /// The connection, marked dead when the slice times out.
+    link: Option<Arc<Link>>,
     /// Its completion was read but held back (test knob): it arrives as soon as the
     /// slice has been timed out.
     held: bool,
@@ -298,13 +332,13 @@ impl OpTable {
     }
 
     /// Takes a free entry for `slice` and marks it in flight; returns the reference to
-    /// hand the device, or the slice back when every entry is in use. `alive` is the
-    /// connection's health flag, cleared if the slice times out; `keep` is held until
+    /// hand the device, or the slice back when every entry is in use. `link` is the
+    /// connection, marked dead if the slice times out; `keep` is held until
     /// the device gives the operation back.
     pub fn acquire(
         &self,
         slice: Slice,
-        alive: Option<Arc<AtomicBool>>,
+        link: Option<Arc<Link>>,
         keep: Keep,
     ) -> Result<OpRef, Slice> {
         let deadline = self.nanos(slice.deadline);
@@ -318,7 +352,7 @@ impl OpTable {
         entry.phase = Phase::InFlight(Pending {
             slice,
             keep,
-            alive,
+            link,
             held: false,
         });
         let op = OpRef {
@@ -327,6 +361,17 @@ impl OpTable {
         };
         self.due_ns.fetch_min(deadline, Ordering::AcqRel);
         Ok(op)
+    }
+
+    /// The connection of the operation at entry `index`, while the device holds it (in
+    /// flight or abandoned): for naming the peer when the device reports it failed. Takes
+    /// the lock; for error paths.
+    pub fn link_of(&self, index: u32) -> Option<Arc<Link>> {
+        let s = self.state();
+        match &s.entries.get(index as usize)?.phase {
+            Phase::InFlight(p) | Phase::Abandoned(p) => p.link.clone(),
+            Phase::Free => None,
+        }
     }
 
     /// Takes back an operation the device refused (it never held it): its slice, and
@@ -476,8 +521,8 @@ impl OpTable {
             let Phase::InFlight(p) = std::mem::replace(&mut entry.phase, Phase::Free) else {
                 continue;
             };
-            if let Some(alive) = &p.alive {
-                alive.store(false, Ordering::Release);
+            if let Some(link) = &p.link {
+                link.kill();
             }
             stop(&p.keep);
             s.stats.in_flight -= 1;
@@ -699,12 +744,12 @@ mod tests {
         let t = OpTable::new(4, 0);
         let rec = Record::default();
         let now = Instant::now();
-        let alive = Arc::new(AtomicBool::new(true));
+        let link = Link::new("peer");
         let kept = Arc::new(());
         let late = t
             .acquire(
                 slice(1, now + Duration::from_secs(1)),
-                Some(alive.clone()),
+                Some(link.clone()),
                 [Some(kept.clone()), None],
             )
             .unwrap();
@@ -716,10 +761,7 @@ mod tests {
         expire(&t, now + Duration::from_secs(2), &rec);
         expire(&t, now + Duration::from_secs(3), &rec);
         assert_eq!(rec.of(1), vec![Err(FailReason::TimedOut)]);
-        assert!(
-            !alive.load(Ordering::Acquire),
-            "the connection is marked dead"
-        );
+        assert!(!link.is_alive(), "the connection is marked dead");
         assert_eq!(
             Arc::strong_count(&kept),
             2,
@@ -727,6 +769,13 @@ mod tests {
         );
         let st = t.stats();
         assert_eq!((st.in_flight, st.abandoned, st.timed_out), (1, 1, 1));
+        // Its connection is still named while the device holds the operation; the
+        // entry without a connection names none.
+        assert_eq!(
+            t.link_of(late.index).map(|l| l.peer().to_string()),
+            Some("peer".into())
+        );
+        assert!(t.link_of(fine.index).is_none());
         // The abandoned entry is not handed out again while the device holds it.
         let c = t
             .acquire(slice(3, now + Duration::from_secs(60)), None, [None, None])
@@ -741,6 +790,10 @@ mod tests {
         finish_one(&t, late, None, &rec);
         finish_one(&t, fine, None, &rec);
         assert_eq!(rec.of(1), vec![Err(FailReason::TimedOut)], "reported once");
+        assert!(
+            t.link_of(late.index).is_none(),
+            "a free entry names no connection"
+        );
         assert_eq!(rec.of(2), vec![Ok(102)]);
         assert_eq!(
             Arc::strong_count(&kept),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_transport_api::ops::Link;
 use ferry_transport_api::{
     Access, Completions, Location, Opcode, RegionMemory, Slice, TransportError,
 };
@@ -673,7 +674,7 @@ impl Device {
 
     /// Posts one slice to `peer` with the remote region's `key` on this device. On
     /// `Ok` the slice will be reported exactly once: by its completion, by the deadline
-    /// sweep (then `alive` is cleared), or when the endpoint closes. On `Err` nothing was
+    /// sweep (then `link` is marked dead), or when the endpoint closes. On `Err` nothing was
     /// posted and nothing will be reported.
     pub(crate) fn post(
         &self,
@@ -681,7 +682,7 @@ impl Device {
         local: &Mr,
         key: u64,
         slice: Slice,
-        alive: Option<&Arc<AtomicBool>>,
+        link: Option<&Arc<Link>>,
     ) -> Result<(), PostError> {
         let remote = if self.has(fi::FI_MR_VIRT_ADDR) {
             slice.remote_addr
@@ -714,7 +715,7 @@ impl Device {
         // Every context taken is like a full queue: drive progress until one frees.
         let mut waiting = slice;
         let (op, ctx) = loop {
-            match self.ops.acquire(waiting, alive.cloned()) {
+            match self.ops.acquire(waiting, link.cloned()) {
                 Ok(taken) => break taken,
                 Err(back) => waiting = back,
             }
@@ -859,7 +860,11 @@ impl Device {
             drop(serial);
             // A fault fails every operation in flight at once: a few lines a second.
             if let Some(suppressed) = self.op_warns.admit() {
-                tracing::warn!(domain = %self.domain_name, error = %strerror(err.err), provider_error = %message, suppressed, "libfabric operation failed");
+                // The operation's connection names the peer (an error entry without a
+                // context, or one for an operation already ended, names none).
+                let link = self.ops.link_of(err.op_context);
+                let peer = link.as_ref().map_or("", |l| l.peer());
+                tracing::warn!(peer, domain = %self.domain_name, error = %strerror(err.err), provider_error = %message, suppressed, "libfabric operation failed");
             }
             if !err.op_context.is_null() {
                 let mut out = Outcomes::new();

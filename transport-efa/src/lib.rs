@@ -66,6 +66,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use fabric::{providers, ProviderInfo};
 use fabric::{Device, Mr, PostError};
+use ferry_transport_api::ops::Link;
 #[doc(hidden)]
 pub use ops::OpStats;
 
@@ -336,10 +337,9 @@ impl Transport for EfaTransport {
             .collect::<Result<Vec<_>, TransportError>>()?;
         let conn = Arc::new(EfaConnection {
             inner: self.inner.clone(),
-            name: peer.name().into(),
             paths,
             next: AtomicUsize::new(0),
-            alive: Arc::new(AtomicBool::new(true)),
+            link: Link::new(peer.name()),
         });
         peers.insert(endpoint.address.clone(), conn.clone());
         Ok(conn)
@@ -354,7 +354,7 @@ impl Transport for EfaTransport {
             return;
         }
         for (_, c) in self.inner.peers.lock().drain() {
-            c.alive.store(false, Ordering::Release);
+            c.link.kill();
         }
         let rails = self
             .inner
@@ -398,15 +398,13 @@ struct Path {
 /// A peer reached through the local rails (address-vector entries).
 struct EfaConnection {
     inner: Arc<Inner>,
-    /// The peer, as warnings name it.
-    name: Arc<str>,
     paths: Vec<Path>,
     /// Round-robin position over `paths`.
     next: AtomicUsize,
-    /// Cleared when an operation on it is lost (its deadline passed without a
-    /// completion) or the provider refuses a post: `connect` then replaces it. Each
-    /// operation in flight holds a clone.
-    alive: Arc<AtomicBool>,
+    /// Marked dead when an operation on it is lost (its deadline passed without a
+    /// completion) or the provider refuses a post: `connect` then replaces it. Names the
+    /// peer for warnings; each operation in flight holds a clone.
+    link: Arc<Link>,
 }
 
 impl Connection for EfaConnection {
@@ -415,7 +413,7 @@ impl Connection for EfaConnection {
             return Err(FailReason::Shutdown);
         }
         // Marked dead (a lost operation, a refused post): the engine reconnects.
-        if !self.alive.load(Ordering::Acquire) {
+        if !self.link.is_alive() {
             return Err(FailReason::ConnectionLost);
         }
         let local = self
@@ -442,15 +440,15 @@ impl Connection for EfaConnection {
                 Err(PostError::Fatal(libfabric_sys::FI_EIO as i32))
             } else {
                 path.device
-                    .post(path.peer, &local[path.local], key, slice, Some(&self.alive))
+                    .post(path.peer, &local[path.local], key, slice, Some(&self.link))
             };
         match posted {
             Ok(()) => Ok(()),
             Err(PostError::Closed) => Err(FailReason::Shutdown),
             Err(PostError::Fatal(code)) => {
-                self.alive.store(false, Ordering::Release);
+                self.link.kill();
                 if let Some(suppressed) = path.device.post_warns.admit() {
-                    tracing::warn!(peer = %self.name, error = %fabric::strerror(code), suppressed, "libfabric refused a post; the connection is replaced");
+                    tracing::warn!(peer = %self.link.peer(), error = %fabric::strerror(code), suppressed, "libfabric refused a post; the connection is replaced");
                 }
                 Err(fabric_error(code))
             }
@@ -459,7 +457,7 @@ impl Connection for EfaConnection {
     }
 
     fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire) && !self.inner.stop.load(Ordering::Acquire)
+        self.link.is_alive() && !self.inner.stop.load(Ordering::Acquire)
     }
 }
 

@@ -9,12 +9,11 @@
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use ferry_transport_api::ops::OpStats;
-use ferry_transport_api::ops::{OpRef, OpTable};
+use ferry_transport_api::ops::{Link, OpRef, OpTable};
 pub(crate) use ferry_transport_api::ops::{Outcomes, OUTCOMES};
 use ferry_transport_api::Slice;
 use libfabric_sys as fi;
@@ -86,9 +85,9 @@ impl OpSlab {
     pub(crate) fn acquire(
         &self,
         slice: Slice,
-        alive: Option<Arc<AtomicBool>>,
+        link: Option<Arc<Link>>,
     ) -> Result<(OpRef, *mut c_void), Slice> {
-        let op = self.table.acquire(slice, alive, [None, None])?;
+        let op = self.table.acquire(slice, link, [None, None])?;
         let ctx = self.context(op.index);
         // SAFETY: the entry was free, so the provider does not hold this context; it is
         // in bounds and aligned (an element of the contexts allocation).
@@ -97,6 +96,12 @@ impl OpSlab {
                 .write(fi::fi_context::default())
         };
         Ok((op, ctx))
+    }
+
+    /// The connection of the operation whose context is `ctx`, while the provider holds
+    /// it (for naming the peer of a failed operation).
+    pub(crate) fn link_of(&self, ctx: *mut c_void) -> Option<Arc<Link>> {
+        self.table.link_of(self.index_of(ctx)?)
     }
 
     /// Takes back an operation the provider refused: see [`OpTable::reclaim`].

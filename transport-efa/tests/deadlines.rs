@@ -445,3 +445,52 @@ fn shutdown_ends_a_slice_the_provider_never_completes() {
     );
     target.shutdown();
 }
+
+/// A WRITE through a key the target no longer has ends with the provider's error
+/// completion over `tcp;ofi_rxm` (the target refuses it), and the warning about the
+/// failed operation names the peer the connection was opened to, not only the device.
+#[test]
+fn a_failed_operation_is_logged_naming_its_peer() {
+    use ferry_transport_api::testing::{warnings, Direct, DIRECT_PEER};
+    warnings::install();
+    let config = providers_under_test()
+        .into_iter()
+        .find(|c| c.provider == "tcp;ofi_rxm")
+        .expect("tcp;ofi_rxm is under test");
+    let (target, target_ep, _target_rx) = start(config.clone());
+    let target = Arc::new(target);
+    let (initiator, _, rx) = start(config);
+    let (gone, keys) = target_region(&target, 4096);
+    target.deregister(&gone);
+    let source = local_region(&initiator, 4096);
+    let conn = initiator
+        .connect(&target_ep, &Direct(target.clone()))
+        .expect("connects");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    conn.post(slice(
+        Opcode::Write,
+        &source,
+        &gone,
+        &keys,
+        0,
+        4096,
+        1,
+        deadline,
+    ))
+    .expect("posted");
+    conn.flush();
+    let (_, result) = next(&rx);
+    assert!(
+        matches!(result, Err(ref r) if *r != FailReason::TimedOut),
+        "a refused WRITE ends with the provider's error: {result:?}"
+    );
+    let failed = warnings::starting_with("libfabric operation failed");
+    assert!(!failed.is_empty(), "the failure is logged");
+    for w in &failed {
+        assert_eq!(
+            w.fields.get("peer").map(String::as_str),
+            Some(DIRECT_PEER),
+            "{w:?}"
+        );
+    }
+}

@@ -2,10 +2,11 @@
 //! through the queue-pair exchange; and the peer's side of it (`accept`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use ferry_transport_api::ops::Link;
 use ferry_transport_api::{
     Connection, FailReason, Opcode, PeerControl, Protocol, RemoteStatus, Slice, TransportError,
 };
@@ -65,14 +66,14 @@ pub(crate) struct ConnInner {
     /// Per peer port, the flush word it lends (WRITEs are followed by a READ of it).
     flush: Vec<Option<FlushWord>>,
     next: AtomicU64,
-    alive: Arc<AtomicBool>,
+    link: Arc<Link>,
     /// Posts so far, for the fault knob.
     posts: AtomicU64,
 }
 
 impl Drop for RdmaConnection {
     fn drop(&mut self) {
-        if !self.inner.alive.load(Ordering::Acquire) {
+        if !self.inner.link.is_alive() {
             // Dead: whatever its queue pairs still hold (operations past their deadline)
             // completes with a flush error, so their memory is let go.
             for slot in self.inner.qps.iter().flatten() {
@@ -123,7 +124,7 @@ impl ConnInner {
         };
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let Some((p, slot)) = self.choose(preferred, n, shared.config.qps_per_pair.max(1)) else {
-            self.alive.store(false, Ordering::Release);
+            self.link.kill();
             return Err((FailReason::ConnectionLost, slice));
         };
         let pair = self.pairs[p];
@@ -147,7 +148,7 @@ impl ConnInner {
         if every > 0 && self.posts.fetch_add(1, Ordering::Relaxed) % every == every - 1 {
             // The fault knob: the queue pair fails as a NIC's would.
             slot.broken.store(true, Ordering::Release);
-            self.alive.store(false, Ordering::Release);
+            self.link.kill();
             slot.qp.fail();
             let code = libc::EIO;
             return Err((
@@ -191,8 +192,7 @@ impl Connection for RdmaConnection {
     }
 
     fn is_alive(&self) -> bool {
-        self.inner.alive.load(Ordering::Acquire)
-            && self.inner.shared.upgrade().is_some_and(|s| !s.is_shut())
+        self.inner.link.is_alive() && self.inner.shared.upgrade().is_some_and(|s| !s.is_shut())
     }
 }
 
@@ -220,7 +220,7 @@ pub(crate) fn open(
             break id;
         }
     };
-    let alive = Arc::new(AtomicBool::new(true));
+    let link = Link::new(peer.name());
     let per_pair = shared.config.qps_per_pair.max(1);
     if pairs.len() * per_pair > crate::exchange::MAX_QPS {
         return Err(TransportError::invalid(format!(
@@ -230,7 +230,6 @@ pub(crate) fn open(
         )));
     }
     let conn_cell: Arc<OnceLock<Weak<ConnInner>>> = Arc::new(OnceLock::new());
-    let peer_name: Arc<str> = peer.name().into();
     let mut qps: Vec<Vec<Arc<QpSlot>>> = Vec::with_capacity(pairs.len());
     let mut mine: Vec<QpAddr> = Vec::with_capacity(pairs.len() * per_pair);
     let verb = |e: crate::verbs::VerbError| TransportError::Unsupported {
@@ -242,13 +241,7 @@ pub(crate) fn open(
         let mut v = Vec::with_capacity(per_pair);
         for _ in 0..per_pair {
             let (slot, addr) = nic
-                .new_qp(
-                    true,
-                    pair.remote,
-                    alive.clone(),
-                    conn_cell.clone(),
-                    peer_name.clone(),
-                )
+                .new_qp(true, pair.remote, link.clone(), conn_cell.clone())
                 .map_err(verb)?;
             v.push(slot);
             mine.push(addr);
@@ -295,7 +288,7 @@ pub(crate) fn open(
         qps,
         flush,
         next: AtomicU64::new(0),
-        alive,
+        link,
         posts: AtomicU64::new(0),
     });
     let _ = conn_cell.set(Arc::downgrade(&inner));
@@ -397,25 +390,20 @@ pub(crate) fn accept(shared: &Arc<Shared>, body: &[u8]) -> Result<Vec<u8>, Trans
         what: "accepting an RDMA connection".into(),
         why: e.to_string(),
     };
-    let unused = Arc::new(AtomicBool::new(true));
     let no_conn = Arc::new(OnceLock::new());
     // Set up through the control port, which does not say who asked: the peer's own
     // connection id names it (these queue pairs only answer, and never post).
-    let asker: Arc<str> =
-        format!("the peer of accepted connection {:x}", request.connection).into();
+    let asker = Link::new(format!(
+        "the peer of accepted connection {:x}",
+        request.connection
+    ));
     let mut slots = Vec::with_capacity(request.qps.len());
     let mut answer = Vec::with_capacity(request.qps.len());
     let mut ports = Vec::new();
     for (i, q) in request.qps.iter().enumerate() {
         let nic = &nics[usize::from(q.peer_nic)];
         let (slot, mut addr) = nic
-            .new_qp(
-                false,
-                usize::from(q.nic),
-                unused.clone(),
-                no_conn.clone(),
-                asker.clone(),
-            )
+            .new_qp(false, usize::from(q.nic), asker.clone(), no_conn.clone())
             .map_err(verb)?;
         // Connecting to the addresses the peer sent (a GID of another kind, a LID on
         // Ethernet) can fail: a refusal that names the queue pair, not "unsupported".

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport_api::ops::{Keep, OpRef, OpTable, Outcomes, OUTCOMES};
+use ferry_transport_api::ops::{Keep, Link, OpRef, OpTable, Outcomes, OUTCOMES};
 use ferry_transport_api::{Completions, FailReason, Opcode, Protocol, RemoteStatus, Slice};
 use parking_lot::{Mutex, RwLock};
 use rdma_sys as ib;
@@ -72,14 +72,13 @@ pub(crate) struct QpSlot {
     pub(crate) nic: Arc<OpenNic>,
     /// Failed: it is in the error state and takes no more work.
     pub(crate) broken: AtomicBool,
-    /// Its connection's health: cleared when this queue pair fails, so the engine
-    /// reconnects (fresh queue pairs) on its next use.
-    pub(crate) alive: Arc<AtomicBool>,
+    /// Its connection's health, marked dead when this queue pair fails so the engine
+    /// reconnects (fresh queue pairs) on its next use; and whom it connects to, as
+    /// warnings name it.
+    pub(crate) link: Arc<Link>,
     /// Its connection (set once the connection exists; never for a queue pair a peer
     /// connected to), to retry a failed slice on another queue pair.
     pub(crate) conn: Arc<OnceLock<Weak<crate::conn::ConnInner>>>,
-    /// Whom it connects to, as warnings name it.
-    pub(crate) peer: Arc<str>,
 }
 
 impl Drop for QpSlot {
@@ -236,9 +235,8 @@ impl OpenNic {
         self: &Arc<Self>,
         sending: bool,
         peer_nic: usize,
-        alive: Arc<AtomicBool>,
+        link: Arc<Link>,
         conn: Arc<OnceLock<Weak<crate::conn::ConnInner>>>,
-        peer: Arc<str>,
     ) -> Result<(Arc<QpSlot>, QpAddr), VerbError> {
         let qp = Qp::new(&self.pd, &self.cq, if sending { self.depth } else { 1 })?;
         let psn = rand::random::<u32>() & 0xff_ffff;
@@ -256,9 +254,8 @@ impl OpenNic {
             qp,
             nic: self.clone(),
             broken: AtomicBool::new(false),
-            alive,
+            link,
             conn,
-            peer,
         });
         self.qps.write().insert(addr.qpn, Arc::downgrade(&slot));
         Ok((slot, addr))
@@ -336,7 +333,7 @@ impl OpenNic {
         // The operation holds its queue pair (never destroyed with work on it) and the
         // registration of its memory (its keys stay valid until it ends).
         let keep: Keep = [Some(qp.clone()), Some(reg.clone())];
-        let op_ref = match self.ops.acquire(slice, Some(qp.alive.clone()), keep) {
+        let op_ref = match self.ops.acquire(slice, Some(qp.link.clone()), keep) {
             Ok(r) => r,
             Err(slice) => {
                 return Posted::Full(Work {
@@ -414,9 +411,9 @@ impl OpenNic {
         match unsafe { qp.qp.post(&mut wr) } {
             Ok(()) => Posted::Yes,
             Err((error, nothing)) => {
-                tracing::warn!(peer = %qp.peer, nic = %self.info.label(), %error, "ibv_post_send refused a work request; the queue pair is failed");
+                tracing::warn!(peer = %qp.link.peer(), nic = %self.info.label(), %error, "ibv_post_send refused a work request; the queue pair is failed");
                 qp.broken.store(true, Ordering::Release);
-                qp.alive.store(false, Ordering::Release);
+                qp.link.kill();
                 if nothing {
                     match self.ops.reclaim(op_ref) {
                         Some((slice, false)) => {
@@ -491,7 +488,7 @@ impl OpenNic {
                 let stop_qp = |keep: &Keep| {
                     if let Some(slot) = qp_of(keep) {
                         slot.broken.store(true, Ordering::Release);
-                        slot.alive.store(false, Ordering::Release);
+                        slot.link.kill();
                         slot.qp.fail();
                     }
                 };
@@ -569,12 +566,12 @@ impl OpenNic {
             if w.status != ib::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
                 let peer = slot
                     .as_ref()
-                    .map_or("a queue pair already dropped", |s| &s.peer);
+                    .map_or("a queue pair already dropped", |s| s.link.peer());
                 tracing::warn!(peer, nic = %self.info.label(), status = w.status, vendor_error = w.vendor_err, qp = w.qp_num, "work completion failed; its queue pair is failed");
             }
             if let Some(slot) = slot {
                 slot.broken.store(true, Ordering::Release);
-                slot.alive.store(false, Ordering::Release);
+                slot.link.kill();
             }
         }
         let done = wc.iter().map(|w| {
