@@ -9,10 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_bytes_eq, random, WAIT};
-use ferry_engine::{
-    Engine, Error, ErrorKind, FailReason, Location, Metadata, RemoteStatus, TaskStatus, Tcp,
-    TcpConfig,
-};
+use ferry_engine::{Engine, Error, ErrorKind, Location, Metadata, Tcp, TcpConfig};
 
 fn engine(metadata: &Metadata, name: &str, ttl: Duration) -> Result<Engine, Error> {
     Engine::builder()
@@ -256,6 +253,7 @@ mod http {
     /// regardless, and old handles follow what it found.
     #[test]
     fn a_peer_refusing_its_published_keys_is_fetched_again_once_a_second_at_most() {
+        use ferry_engine::{FailReason, RemoteStatus, TaskStatus};
         let server = HttpServer::start(false);
         let m = Metadata::Http { url: server.url() };
         let ttl = Duration::from_secs(10);
