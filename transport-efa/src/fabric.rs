@@ -863,7 +863,9 @@ impl Device {
                 // The operation's connection names the peer (an error entry without a
                 // context, or one for an operation already ended, names none).
                 let link = self.ops.link_of(err.op_context);
-                let peer = link.as_ref().map_or("", |l| l.peer());
+                let peer = link
+                    .as_ref()
+                    .map_or("unknown (an operation no longer in flight)", |l| l.peer());
                 tracing::warn!(peer, domain = %self.domain_name, error = %strerror(err.err), provider_error = %message, suppressed, "libfabric operation failed");
             }
             if !err.op_context.is_null() {
