@@ -169,7 +169,9 @@ pub(crate) struct PeerInner {
     name: String,
     /// Shared by every opening of this name.
     pub(crate) counters: Arc<PeerCounters>,
-    descriptor: SegmentDescriptor,
+    /// Shared, so that the opening that replaces a stale one can compare with it
+    /// without a copy.
+    descriptor: Arc<SegmentDescriptor>,
     primary: Path,
     /// TCP, when the primary path is a fabric.
     fallback: Option<Path>,
@@ -336,7 +338,7 @@ impl PeerInner {
         PeerInner {
             name: descriptor.name.clone(),
             counters: Arc::default(),
-            descriptor,
+            descriptor: Arc::new(descriptor),
             primary,
             fallback,
             messenger: Messenger::Own(control),
@@ -468,9 +470,8 @@ impl Peers {
         };
         match found {
             Some(i) => {
-                if fresh.descriptor != peer.descriptor {
-                    tracing::info!(segment = %peer.name, "the peer changed; requests follow it to its new descriptor");
-                }
+                // Per request on an old handle: the opening itself was logged once.
+                tracing::debug!(segment = %peer.name, "a request on an old handle follows the peer's current opening");
                 Ok(Some((fresh, i)))
             }
             None => Err(Error::InvalidRequest(format!(
@@ -507,7 +508,10 @@ impl Peers {
     /// The cached peer for `name` if it is still usable. A dead or stale one is dropped
     /// from the cache; a stale one's descriptor comes back in the error, so that the
     /// fetch that replaces it can tell an unchanged descriptor.
-    fn cached(&self, name: &str) -> std::result::Result<Arc<PeerInner>, Option<SegmentDescriptor>> {
+    fn cached(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Arc<PeerInner>, Option<Arc<SegmentDescriptor>>> {
         let mut segments = self.segments.lock();
         match segments.get(name) {
             Some(s) if s.usable() => Ok(s.clone()),
@@ -588,7 +592,7 @@ impl Peers {
     /// Names and connects a peer (contract 3: the best transport both sides speak, with
     /// TCP as the fallback). `previous`: the descriptor of the stale opening this one
     /// replaces, if any.
-    fn connect(&self, name: &str, previous: Option<&SegmentDescriptor>) -> Result<PeerInner> {
+    fn connect(&self, name: &str, previous: Option<&Arc<SegmentDescriptor>>) -> Result<PeerInner> {
         let open_err = |source: SegmentError| Error::OpenSegment {
             segment: name.to_string(),
             source,
@@ -610,7 +614,7 @@ impl Peers {
                 fallback: None,
                 messenger: Messenger::Own(registry.control.clone()),
                 by_addr: address_index(&descriptor),
-                descriptor,
+                descriptor: Arc::new(descriptor),
                 stale: AtomicBool::new(false),
                 trusted_until: None,
             });
@@ -621,7 +625,7 @@ impl Peers {
         descriptor
             .validate()
             .map_err(|e| open_err(SegmentError::Invalid(e)))?;
-        let trusted_until = (previous == Some(&descriptor)).then(|| {
+        let trusted_until = previous.is_some_and(|p| **p == descriptor).then(|| {
             tracing::debug!(
                 segment = name,
                 "fetched again after an access error: unchanged"
@@ -685,7 +689,7 @@ impl Peers {
             fallback,
             messenger: Messenger::Lanes(tcp),
             by_addr: address_index(&descriptor),
-            descriptor,
+            descriptor: Arc::new(descriptor),
             stale: AtomicBool::new(false),
             trusted_until,
         })
